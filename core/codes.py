@@ -1,0 +1,69 @@
+"""Coded concepts radtriage writes into DICOM SR, defined once.
+
+Where DICOM/SNOMED/DCM has no code we use our private coding scheme `CODING_SCHEME` (a "99"
+prefix marks a private scheme, PS3.16 section 8.2). docs/conformance.md lists every code.
+Plain tuples here (core imports no DICOM library); `dicom_node` turns them into CodedConcepts.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+CODING_SCHEME = "99RADTRIAGE"
+CODING_SCHEME_NAME = "radtriage private codes"
+
+
+class Code(NamedTuple):
+    value: str
+    scheme: str
+    meaning: str
+
+
+# Concept names
+WAITING_LIST_PRIORITY = Code("RT001", CODING_SCHEME, "Waiting-list priority")
+CASE_LIKELIHOOD = Code("RT002", CODING_SCHEME, "AI csPCa case likelihood")
+LESION_LIKELIHOOD = Code("RT003", CODING_SCHEME, "AI csPCa lesion likelihood")
+AI_LESION_CATEGORY = Code("RT004", CODING_SCHEME, "AI lesion category (not PI-RADS)")
+NOT_ANALYSED_REASON = Code("RT005", CODING_SCHEME, "Reason not analysed by AI")
+PSA_DENSITY = Code("RT006", CODING_SCHEME, "PSA density")
+AI_SUMMARY = Code("RT007", CODING_SCHEME, "AI result summary")
+
+# Values of WAITING_LIST_PRIORITY, keyed by core.domain.Priority value
+PRIORITY_CODES: dict[str, Code] = {
+    "urgent": Code("RT101", CODING_SCHEME, "Urgent: AI suspects csPCa, report first"),
+    "soon": Code("RT102", CODING_SCHEME, "Soon: AI intermediate csPCa suspicion"),
+    "routine": Code("RT103", CODING_SCHEME, "Routine: AI low csPCa suspicion"),
+    "not_analysed": Code("RT104", CODING_SCHEME, "Not analysed by AI: needs manual triage"),
+}
+
+# Values of AI_LESION_CATEGORY
+LESION_CATEGORY_CODES: dict[str, Code] = {
+    "ai_high": Code("RT201", CODING_SCHEME, "AI high suspicion"),
+    "ai_intermediate": Code("RT202", CODING_SCHEME, "AI intermediate suspicion"),
+    "ai_low": Code("RT203", CODING_SCHEME, "AI low suspicion"),
+}
+
+# Values of NOT_ANALYSED_REASON, keyed by core.errors reason_code
+NOT_ANALYSED_REASONS: dict[str, Code] = {
+    "missing_t2w": Code("RT301", CODING_SCHEME, "No axial T2-weighted series"),
+    "missing_adc": Code("RT302", CODING_SCHEME, "No ADC series"),
+    "missing_hbv": Code("RT303", CODING_SCHEME, "No high b-value diffusion series"),
+    "not_mr": Code("RT304", CODING_SCHEME, "Not an MR study"),
+    "wrong_body_part": Code("RT305", CODING_SCHEME, "Not a prostate MRI"),
+    "undecodable_pixel_data": Code("RT306", CODING_SCHEME, "Images could not be decoded"),
+    "inconsistent_geometry": Code("RT307", CODING_SCHEME, "Series geometry inconsistent"),
+    "missing_slices": Code("RT308", CODING_SCHEME, "Series has missing slices"),
+    "inconsistent_spacing": Code("RT309", CODING_SCHEME, "Irregular slice spacing"),
+    "mixed_orientation": Code("RT310", CODING_SCHEME, "Mixed slice orientations"),
+    "image_quality": Code("RT311", CODING_SCHEME, "Image quality insufficient for AI"),
+    "model_failure": Code("RT312", CODING_SCHEME, "AI model failed"),
+    "malformed_dicom": Code("RT313", CODING_SCHEME, "Malformed DICOM"),
+    "not_dicom": Code("RT314", CODING_SCHEME, "Not DICOM"),
+    "invalid_input": Code("RT315", CODING_SCHEME, "Input not usable by the AI"),
+    "internal_error": Code("RT399", CODING_SCHEME, "Internal error"),
+}
+
+
+def not_analysed_reason(code: str) -> Code:
+    """The coded reason for an error `reason_code`, falling back to `invalid_input`."""
+    return NOT_ANALYSED_REASONS.get(code, NOT_ANALYSED_REASONS["invalid_input"])

@@ -1,0 +1,304 @@
+"""Frozen domain types shared by every package.
+
+Geometry follows ITK/SimpleITK conventions throughout, so a `Volume` compares directly with an MHA
+file read by SimpleITK:
+
+- `array` is indexed ``[z, y, x]`` (what ``sitk.GetArrayFromImage`` returns);
+- `spacing`, `origin` and `size` are in ``(x, y, z)`` order, millimetres, LPS patient coordinates;
+- `direction` is the row-major 3x3 matrix whose *columns* are the unit vectors of the x, y and z
+  voxel axes in LPS: ``point = origin + direction @ (spacing * index_xyz)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SeriesRole(StrEnum):
+    """What a series is used for by the models."""
+
+    T2W = "t2w"
+    ADC = "adc"
+    HBV = "hbv"
+    OTHER = "other"
+
+
+REQUIRED_ROLES: tuple[SeriesRole, ...] = (SeriesRole.T2W, SeriesRole.ADC, SeriesRole.HBV)
+
+
+class Priority(StrEnum):
+    """Waiting-list priority flag carried by every result."""
+
+    URGENT = "urgent"
+    SOON = "soon"
+    ROUTINE = "routine"
+    NOT_ANALYSED = "not_analysed"
+
+    @property
+    def rank(self) -> int:
+        """Worklist order, lowest first. A study the AI could not analyse has unknown risk and
+        must be read by a person, so it sorts straight after `urgent`."""
+        return _PRIORITY_RANK[self]
+
+
+_PRIORITY_RANK = {
+    Priority.URGENT: 0,
+    Priority.NOT_ANALYSED: 1,
+    Priority.SOON: 2,
+    Priority.ROUTINE: 3,
+}
+
+
+class StudyStatus(StrEnum):
+    """Job state of a study (persistent state machine in `dicom_node`)."""
+
+    RECEIVED = "received"
+    COMPLETE = "complete"
+    ANALYSING = "analysing"
+    REPORTED = "reported"
+    SENT = "sent"
+    FAILED = "failed"
+    NOT_APPLICABLE = "not_applicable"
+
+
+class ReferralUrgency(StrEnum):
+    """The referrer's own urgency. AI may raise a study above it, never below it.
+
+    From DICOM Requested Procedure Priority (0040,1003): STAT/HIGH -> urgent, MEDIUM -> soon,
+    ROUTINE/LOW/absent -> routine.
+    """
+
+    URGENT = "urgent"
+    SOON = "soon"
+    ROUTINE = "routine"
+
+    @classmethod
+    def from_dicom(cls, value: str | None) -> ReferralUrgency:
+        v = (value or "").strip().upper()
+        if v in {"STAT", "HIGH"}:
+            return cls.URGENT
+        if v == "MEDIUM":
+            return cls.SOON
+        return cls.ROUTINE
+
+
+@dataclass(frozen=True)
+class StudyRef:
+    """Identifies a study; `study_instance_uid` is mandatory."""
+
+    study_instance_uid: str
+    patient_id: str = ""
+    accession_number: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.study_instance_uid:
+            raise ValueError("study_instance_uid must be a non-empty UID")
+
+
+def _as_triple(name: str, value: Any) -> tuple[float, float, float]:
+    t = tuple(float(v) for v in value)
+    if len(t) != 3 or not all(math.isfinite(v) for v in t):
+        raise ValueError(f"{name} must be 3 finite numbers, got {value!r}")
+    return (t[0], t[1], t[2])
+
+
+@dataclass(frozen=True, eq=False)
+class Volume:
+    """A 3D image with its patient-space geometry (see the module docstring for conventions)."""
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    series_instance_uid: str = ""
+    frame_of_reference_uid: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.array, np.ndarray) or self.array.ndim != 3:
+            raise TypeError("array must be a 3D numpy array indexed [z, y, x]")
+        spacing = _as_triple("spacing", self.spacing)
+        if min(spacing) <= 0:
+            raise ValueError(f"spacing must be positive, got {spacing}")
+        origin = _as_triple("origin", self.origin)
+        direction = tuple(float(v) for v in self.direction)
+        if len(direction) != 9:
+            raise ValueError(f"direction must have 9 values, got {len(direction)}")
+        d = np.asarray(direction).reshape(3, 3)
+        if not np.allclose(d.T @ d, np.eye(3), atol=1e-3):
+            raise ValueError(f"direction must be orthonormal, got {direction}")
+        object.__setattr__(self, "spacing", spacing)
+        object.__setattr__(self, "origin", origin)
+        object.__setattr__(self, "direction", direction)
+
+    @property
+    def size(self) -> tuple[int, int, int]:
+        """Voxel counts in (x, y, z) order."""
+        z, y, x = self.array.shape
+        return (x, y, z)
+
+    @property
+    def direction_matrix(self) -> np.ndarray:
+        return np.asarray(self.direction, dtype=float).reshape(3, 3)
+
+    def affine(self) -> np.ndarray:
+        """4x4 matrix mapping a homogeneous (x, y, z, 1) voxel index to LPS millimetres."""
+        a = np.eye(4)
+        a[:3, :3] = self.direction_matrix @ np.diag(self.spacing)
+        a[:3, 3] = self.origin
+        return a
+
+    def index_to_lps(self, index_xyz: Any) -> np.ndarray:
+        """Continuous voxel index/indices (..., 3) in (x, y, z) order -> LPS millimetres."""
+        idx = np.asarray(index_xyz, dtype=float)
+        return idx @ (self.direction_matrix @ np.diag(self.spacing)).T + np.asarray(self.origin)
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        return float(np.prod(self.spacing)) / 1000.0
+
+    def with_array(self, array: np.ndarray) -> Volume:
+        """Same geometry, other voxels (e.g. a mask or likelihood map on this grid)."""
+        if array.shape != self.array.shape:
+            raise ValueError(f"array shape {array.shape} differs from {self.array.shape}")
+        return Volume(
+            array,
+            self.spacing,
+            self.origin,
+            self.direction,
+            self.series_instance_uid,
+            self.frame_of_reference_uid,
+        )
+
+    def geometry(self) -> dict[str, list[float] | list[int]]:
+        """The `inspect --json` geometry object: size, spacing, origin, direction."""
+        return {
+            "size": list(self.size),
+            "spacing": list(self.spacing),
+            "origin": list(self.origin),
+            "direction": list(self.direction),
+        }
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """One AI lesion candidate. `category` is the AI's own category, never a PI-RADS score."""
+
+    likelihood: float
+    volume_ml: float
+    centroid_mm: tuple[float, float, float]
+    sector: str | None = None
+    category: str = "ai_suspicious"
+    label: int = 0  # value of this lesion in `Prediction.lesion_labels`
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.likelihood <= 1.0:
+            raise ValueError(f"likelihood must be in [0, 1], got {self.likelihood}")
+        if self.volume_ml < 0:
+            raise ValueError(f"volume_ml must be >= 0, got {self.volume_ml}")
+        object.__setattr__(self, "centroid_mm", _as_triple("centroid_mm", self.centroid_mm))
+
+
+@dataclass(frozen=True, eq=False)
+class Prediction:
+    """What the models say about one study, on the T2W grid."""
+
+    case_likelihood: float
+    lesions: tuple[Lesion, ...] = ()
+    gland_volume_ml: float | None = None
+    likelihood_map: Volume | None = None  # float32 0..1 on the T2W grid
+    lesion_labels: Volume | None = None  # uint8/int labels on the T2W grid, 0 = background
+    gland_mask: Volume | None = None  # uint8 0/1 on the T2W grid
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.case_likelihood <= 1.0:
+            raise ValueError(f"case_likelihood must be in [0, 1], got {self.case_likelihood}")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Identity of a model version as recorded in results and SRs."""
+
+    name: str
+    version: str
+    sha256: str
+    clinical_use: bool = False  # False for demo models trained on synthetic data
+    intended_use: str = ""
+
+    @property
+    def disclaimer(self) -> str | None:
+        if self.clinical_use:
+            return None
+        return "NOT FOR CLINICAL USE: demonstration model trained on synthetic data."
+
+
+# --- result.json contract (DESIGN.md) -------------------------------------------------------
+
+
+class LesionResult(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    likelihood: float = Field(ge=0.0, le=1.0)
+    volume_ml: float = Field(ge=0.0)
+    centroid_mm: tuple[float, float, float]
+    sector: str | None = None
+    category: str
+
+    @classmethod
+    def from_lesion(cls, lesion: Lesion) -> LesionResult:
+        return cls(
+            likelihood=lesion.likelihood,
+            volume_ml=lesion.volume_ml,
+            centroid_mm=lesion.centroid_mm,
+            sector=lesion.sector,
+            category=lesion.category,
+        )
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    version: str
+    sha256: str
+
+
+class TriageResult(BaseModel):
+    """The per-study result: `result.json` and `GET /api/studies/{uid}`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    study_instance_uid: str = Field(min_length=1)
+    status: StudyStatus
+    priority: Priority
+    case_likelihood: float | None = Field(default=None, ge=0.0, le=1.0)
+    lesions: tuple[LesionResult, ...] = ()
+    gland_volume_ml: float | None = None
+    psa_density: float | None = None
+    model: ModelInfo | None = None
+    series_used: dict[str, str] = Field(default_factory=dict)
+    reason: dict[str, str] | None = None  # {"code", "message"} when not analysed
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+    disclaimer: str | None = None
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+@dataclass(frozen=True)
+class SeriesChoice:
+    """Why a series got its role: the explainable output of series selection."""
+
+    series_instance_uid: str
+    series_number: int | None
+    series_description: str
+    role: SeriesRole
+    reason: str
+    instances: int
+    score: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)

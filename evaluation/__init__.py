@@ -1,0 +1,1 @@
+"""Metrics, operating-point selection, reports, model comparison, waiting-list simulation."""

@@ -1,0 +1,54 @@
+"""Shared fixtures: real data in ../shared/data, real peer tools, free ports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("RADTRIAGE_SHARED_DATA", REPO.parent / "shared" / "data"))
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """`../shared/data` (real DICOM). Skips where a fresh clone has no ../shared beside it."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real test data not found at {SHARED_DATA} (clone has no ../shared/data)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def prostatex(shared_data: Path) -> Path:
+    path = shared_data / "prostatex" / "ProstateX-0001"
+    if not path.is_dir():
+        pytest.skip(f"ProstateX-0001 exam not found under {shared_data}")
+    return path
+
+
+def require_tool(name: str) -> str:
+    """Path of an external program. Skips locally when missing; in CI (where .ci/run installs
+    it) a missing tool is a failure, so no test silently stops running there."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} not installed (apt: see .ci/run)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def port() -> Iterator[int]:
+    yield free_port()

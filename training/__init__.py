@@ -1,0 +1,1 @@
+"""Datasets (synthetic phantoms, PI-CAI MHA, DICOM folders), MONAI training, ONNX export."""
