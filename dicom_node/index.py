@@ -1,0 +1,473 @@
+"""The index: patients, studies, series, instances, the job state and the outbox, in SQL.
+
+SQLAlchemy 2 ORM. SQLite by default (WAL journal, one writer at a time through a process
+lock), PostgreSQL by URL (``postgresql+psycopg://...``). The schema is owned by the alembic
+migrations in ``dicom_node/migrations``; `Index.__init__` upgrades the database to head.
+
+Times are UNIX epoch seconds (float, UTC). Read functions return plain dicts so the HTTP API and
+metrics can serialise them without touching ORM objects.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+from core.domain import ReferralUrgency, StudyStatus
+from core.errors import ConfigError
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+URGENCY_RANK = {ReferralUrgency.URGENT: 0, ReferralUrgency.SOON: 1, ReferralUrgency.ROUTINE: 2}
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Patient(Base):
+    __tablename__ = "patients"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_name: Mapped[str] = mapped_column(String(324), default="")
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_fk: Mapped[int] = mapped_column(ForeignKey("patients.id"), index=True)
+    accession_number: Mapped[str] = mapped_column(String(64), default="")
+    study_date: Mapped[str] = mapped_column(String(8), default="")
+    study_description: Mapped[str] = mapped_column(String(64), default="")
+    referral_urgency: Mapped[str] = mapped_column(String(16), default="routine")
+    urgency_rank: Mapped[int] = mapped_column(Integer, default=2)
+    status: Mapped[str] = mapped_column(String(16), default="received", index=True)
+    status_changed_at: Mapped[float] = mapped_column(Float)
+    first_received_at: Mapped[float] = mapped_column(Float)
+    last_received_at: Mapped[float] = mapped_column(Float)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    checked_instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    analysed_instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    result_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    documents_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    previous_sr_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    completed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    analysis_started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reported_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    patient: Mapped[Patient] = relationship()
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_fk: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    series_description: Mapped[str] = mapped_column(String(64), default="")
+    body_part_examined: Mapped[str] = mapped_column(String(16), default="")
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_fk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    study_fk: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    path: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    received_at: Mapped[float] = mapped_column(Float)
+
+
+class OutboxItem(Base):
+    __tablename__ = "outbox"
+    __table_args__ = (UniqueConstraint("destination", "sop_instance_uid"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float] = mapped_column(Float)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+OUTBOX_PENDING = "pending"
+OUTBOX_SENT = "sent"
+OUTBOX_DEAD = "dead"
+OUTBOX_STATES = (OUTBOX_PENDING, OUTBOX_SENT, OUTBOX_DEAD)
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What the SCP learned about one received instance (header fields + where it lies)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    transfer_syntax_uid: str
+    path: Path
+    size_bytes: int
+    patient_id: str = ""
+    patient_name: str = ""
+    accession_number: str = ""
+    study_date: str = ""
+    study_description: str = ""
+    modality: str = ""
+    series_number: int | None = None
+    series_description: str = ""
+    body_part_examined: str = ""
+    instance_number: int | None = None
+    requested_procedure_priority: str = ""
+    calling_ae_title: str = ""
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def make_engine(database_url: str) -> Engine:
+    """An engine for `database_url`; SQLite files get WAL and their folder is created."""
+    if database_url.startswith("sqlite"):
+        path = database_url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            database_url, connect_args={"check_same_thread": False, "timeout": 30}
+        )
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    if database_url.startswith("postgresql://"):
+        database_url = "postgresql+psycopg://" + database_url[len("postgresql://") :]
+    return create_engine(database_url, pool_pre_ping=True)
+
+
+def upgrade(engine: Engine) -> None:
+    """Apply the alembic migrations up to head."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, "head")
+
+
+class Index:
+    """The node's database. One per process; safe to share between threads."""
+
+    def __init__(self, database_url: str) -> None:
+        try:
+            self.engine = make_engine(database_url)
+            upgrade(self.engine)
+        except Exception as exc:  # a bad URL, an unreachable server, a newer schema
+            raise ConfigError(
+                f"cannot open the index database {database_url!r}: {exc}; "
+                "check storage.database_url"
+            ) from exc
+        self._write_lock = threading.RLock()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """A transaction that commits on success; writers are serialised (SQLite)."""
+        with (
+            self._write_lock,
+            Session(self.engine, expire_on_commit=False) as session,
+            session.begin(),
+        ):
+            yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as session:
+            yield session
+
+    # --- ingest ---------------------------------------------------------------------------
+
+    def add_instance(self, rec: InstanceRecord, now: float) -> bool:
+        """Index a received instance. Returns False for a duplicate SOP Instance UID (the
+        file was already indexed; nothing changes). A new instance for a study that was already
+        analysed sends the study back to ``received`` so it is analysed again."""
+        with self.write() as s:
+            if s.scalar(
+                select(Instance.id).where(Instance.sop_instance_uid == rec.sop_instance_uid)
+            ):
+                return False
+            study = s.scalar(
+                select(Study).where(Study.study_instance_uid == rec.study_instance_uid)
+            )
+            if study is None:
+                patient = s.scalar(select(Patient).where(Patient.patient_id == rec.patient_id))
+                if patient is None:
+                    patient = Patient(patient_id=rec.patient_id, patient_name=rec.patient_name)
+                    s.add(patient)
+                    s.flush()
+                urgency = ReferralUrgency.from_dicom(rec.requested_procedure_priority)
+                study = Study(
+                    study_instance_uid=rec.study_instance_uid,
+                    patient_fk=patient.id,
+                    accession_number=rec.accession_number,
+                    study_date=rec.study_date,
+                    study_description=rec.study_description,
+                    referral_urgency=urgency.value,
+                    urgency_rank=URGENCY_RANK[urgency],
+                    status=StudyStatus.RECEIVED.value,
+                    status_changed_at=now,
+                    first_received_at=now,
+                    last_received_at=now,
+                    instance_count=0,
+                    checked_instance_count=0,
+                    analysed_instance_count=0,
+                    attempts=0,
+                )
+                s.add(study)
+                s.flush()
+            elif rec.requested_procedure_priority:
+                urgency = ReferralUrgency.from_dicom(rec.requested_procedure_priority)
+                if URGENCY_RANK[urgency] < study.urgency_rank:
+                    study.referral_urgency = urgency.value
+                    study.urgency_rank = URGENCY_RANK[urgency]
+            series = s.scalar(
+                select(Series).where(Series.series_instance_uid == rec.series_instance_uid)
+            )
+            if series is None:
+                series = Series(
+                    series_instance_uid=rec.series_instance_uid,
+                    study_fk=study.id,
+                    modality=rec.modality,
+                    series_number=rec.series_number,
+                    series_description=rec.series_description,
+                    body_part_examined=rec.body_part_examined,
+                    instance_count=0,
+                )
+                s.add(series)
+                s.flush()
+            s.add(
+                Instance(
+                    sop_instance_uid=rec.sop_instance_uid,
+                    series_fk=series.id,
+                    study_fk=study.id,
+                    sop_class_uid=rec.sop_class_uid,
+                    transfer_syntax_uid=rec.transfer_syntax_uid,
+                    instance_number=rec.instance_number,
+                    path=str(rec.path),
+                    size_bytes=rec.size_bytes,
+                    calling_ae_title=rec.calling_ae_title,
+                    received_at=now,
+                )
+            )
+            series.instance_count += 1
+            study.instance_count += 1
+            study.last_received_at = now
+            if study.status in _RERUN_FROM:
+                study.status = StudyStatus.RECEIVED.value
+                study.status_changed_at = now
+            return True
+
+    def known_paths(self) -> set[str]:
+        with self.read() as s:
+            return set(s.scalars(select(Instance.path)))
+
+    # --- reads for the API and metrics -----------------------------------------------------
+
+    def instance_paths(self, study_instance_uid: str) -> list[Path]:
+        with self.read() as s:
+            rows = s.scalars(
+                select(Instance.path)
+                .join(Study, Instance.study_fk == Study.id)
+                .where(Study.study_instance_uid == study_instance_uid)
+                .order_by(Instance.id)
+            )
+            return [Path(p) for p in rows]
+
+    def list_studies(
+        self, status: StudyStatus | str | None = None, limit: int = 200
+    ) -> list[dict[str, Any]]:
+        """Studies, newest first, with status, referral urgency, counts and timings."""
+        with self.read() as s:
+            q = select(Study, Patient).join(Patient, Study.patient_fk == Patient.id)
+            if status is not None:
+                q = q.where(Study.status == str(status))
+            q = q.order_by(Study.first_received_at.desc()).limit(limit)
+            return [_study_dict(st, p) for st, p in s.execute(q)]
+
+    def get_study(self, study_instance_uid: str) -> dict[str, Any] | None:
+        """One study with its series and outbox items, or None."""
+        with self.read() as s:
+            row = s.execute(
+                select(Study, Patient)
+                .join(Patient, Study.patient_fk == Patient.id)
+                .where(Study.study_instance_uid == study_instance_uid)
+            ).first()
+            if row is None:
+                return None
+            study, patient = row
+            out = _study_dict(study, patient)
+            out["series"] = [
+                {
+                    "series_instance_uid": se.series_instance_uid,
+                    "series_number": se.series_number,
+                    "series_description": se.series_description,
+                    "modality": se.modality,
+                    "body_part_examined": se.body_part_examined,
+                    "instances": se.instance_count,
+                }
+                for se in s.scalars(
+                    select(Series).where(Series.study_fk == study.id).order_by(Series.id)
+                )
+            ]
+            out["outbox"] = self._outbox_rows(s, study_instance_uid=study_instance_uid)
+            return out
+
+    def outbox(
+        self, state: str | None = None, study_instance_uid: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Outbox items (``pending``, ``sent``, ``dead``), oldest first."""
+        with self.read() as s:
+            return self._outbox_rows(s, state=state, study_instance_uid=study_instance_uid)
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        return self.outbox(state=OUTBOX_DEAD)
+
+    @staticmethod
+    def _outbox_rows(
+        s: Session, state: str | None = None, study_instance_uid: str | None = None
+    ) -> list[dict[str, Any]]:
+        q = select(OutboxItem).order_by(OutboxItem.id)
+        if state is not None:
+            q = q.where(OutboxItem.state == state)
+        if study_instance_uid is not None:
+            q = q.where(OutboxItem.study_instance_uid == study_instance_uid)
+        return [
+            {
+                "id": o.id,
+                "study_instance_uid": o.study_instance_uid,
+                "destination": o.destination,
+                "sop_instance_uid": o.sop_instance_uid,
+                "sop_class_uid": o.sop_class_uid,
+                "path": o.path,
+                "state": o.state,
+                "attempts": o.attempts,
+                "next_attempt_at": o.next_attempt_at,
+                "last_error": o.last_error,
+                "created_at": o.created_at,
+                "sent_at": o.sent_at,
+            }
+            for o in s.scalars(q)
+        ]
+
+    def counts(self) -> dict[str, Any]:
+        """Numbers for /metrics: studies by status, instances, outbox items by state."""
+        with self.read() as s:
+            q_status = select(Study.status, func.count()).group_by(Study.status)
+            by_status = {row[0]: row[1] for row in s.execute(q_status)}
+            q_state = select(OutboxItem.state, func.count()).group_by(OutboxItem.state)
+            by_state = {row[0]: row[1] for row in s.execute(q_state)}
+            instances = s.scalar(select(func.count()).select_from(Instance)) or 0
+        return {
+            "studies": {st.value: int(by_status.get(st.value, 0)) for st in StudyStatus},
+            "instances": int(instances),
+            "outbox": {k: int(by_state.get(k, 0)) for k in OUTBOX_STATES},
+        }
+
+
+_RERUN_FROM = {
+    StudyStatus.REPORTED.value,
+    StudyStatus.SENT.value,
+    StudyStatus.FAILED.value,
+    StudyStatus.NOT_APPLICABLE.value,
+}
+
+
+def _study_dict(study: Study, patient: Patient) -> dict[str, Any]:
+    result = json.loads(study.result_json) if study.result_json else None
+
+    def ms(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else round((b - a) * 1000.0, 1)
+
+    return {
+        "study_instance_uid": study.study_instance_uid,
+        "patient_id": patient.patient_id,
+        "patient_name": patient.patient_name,
+        "accession_number": study.accession_number,
+        "study_date": study.study_date,
+        "study_description": study.study_description,
+        "status": study.status,
+        "referral_urgency": study.referral_urgency,
+        "priority": result.get("priority") if result else None,
+        "instances": study.instance_count,
+        "attempts": study.attempts,
+        "error": (
+            {"code": study.error_code, "message": study.error_message or ""}
+            if study.error_code
+            else None
+        ),
+        "result": result,
+        "documents": json.loads(study.documents_json) if study.documents_json else [],
+        "first_received_at": study.first_received_at,
+        "last_received_at": study.last_received_at,
+        "completed_at": study.completed_at,
+        "analysis_started_at": study.analysis_started_at,
+        "reported_at": study.reported_at,
+        "sent_at": study.sent_at,
+        "timings_ms": {
+            "receive": ms(study.first_received_at, study.last_received_at),
+            "wait_complete": ms(study.last_received_at, study.completed_at),
+            "queue": ms(study.completed_at, study.analysis_started_at),
+            "analysis": ms(study.analysis_started_at, study.reported_at),
+            "send": ms(study.reported_at, study.sent_at),
+        },
+    }

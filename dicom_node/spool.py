@@ -1,0 +1,196 @@
+"""The spool: received instances on disk, written atomically and durably.
+
+Layout under ``StorageSettings.root``::
+
+    spool/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm   accepted instances
+    quarantine/<time>_<SOPInstanceUID>.dcm + .reason.txt                refused instances
+    tmp/                                                                 half-written files
+    outbox/<StudyInstanceUID>/...                                        documents to send
+
+An instance is durable when `Spool.store` returns: data written to ``tmp/``, fsynced, renamed
+into place and the directory fsynced. Only then may the SCP answer C-STORE with success.
+
+The file is written from the bytes the peer sent (no decode/re-encode): 128-byte preamble,
+``DICM``, a File Meta Information group we encode here, then the data set exactly as received
+in the negotiated transfer syntax.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import time
+import uuid
+from pathlib import Path
+
+from core.errors import OutOfResourcesError
+
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1429.1"
+IMPLEMENTATION_VERSION_NAME = "RADTRIAGE_01"
+
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+
+
+def _element(group: int, element: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element (group 0002 is always encoded this way)."""
+    if vr in (b"OB",):
+        return struct.pack("<HH2sHI", group, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", group, element, vr, len(value)) + value
+
+
+def _ui(value: str) -> bytes:
+    raw = value.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def _text(value: str) -> bytes:
+    raw = value.encode("ascii", "replace")
+    return raw + b" " if len(raw) % 2 else raw
+
+
+def encode_file_meta(
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax_uid: str,
+    source_ae_title: str = "",
+) -> bytes:
+    """Preamble, ``DICM`` prefix and the File Meta Information group (PS3.10 section 7.1)."""
+    body = b"".join(
+        (
+            _element(0x0002, 0x0001, b"OB", b"\x00\x01"),
+            _element(0x0002, 0x0002, b"UI", _ui(sop_class_uid)),
+            _element(0x0002, 0x0003, b"UI", _ui(sop_instance_uid)),
+            _element(0x0002, 0x0010, b"UI", _ui(transfer_syntax_uid)),
+            _element(0x0002, 0x0012, b"UI", _ui(IMPLEMENTATION_CLASS_UID)),
+            _element(0x0002, 0x0013, b"SH", _text(IMPLEMENTATION_VERSION_NAME)),
+            _element(0x0002, 0x0016, b"AE", _text(source_ae_title.strip()))
+            if source_ae_title.strip()
+            else b"",
+        )
+    )
+    length = _element(0x0002, 0x0000, b"UL", struct.pack("<I", len(body)))
+    return _PREAMBLE + length + body
+
+
+def _safe_name(uid: str) -> str:
+    """UIDs are digits and dots; anything else (a broken sender) is replaced."""
+    cleaned = "".join(c if c.isdigit() or c == "." else "_" for c in uid.strip("\x00 "))
+    return cleaned[:64] or "unknown"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(target: Path, chunks: tuple[bytes, ...] | list[bytes], tmp_dir: Path) -> None:
+    """Write `chunks` to `target`: tmp file, fsync, rename, fsync of the target directory."""
+    tmp = tmp_dir / f"{uuid.uuid4().hex}.part"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+
+
+class Spool:
+    """Files of received instances. Thread-safe: every write goes through its own tmp file."""
+
+    def __init__(self, root: Path, low_water_mark_mb: int = 0) -> None:
+        self.root = Path(root)
+        self.low_water_mark_mb = low_water_mark_mb
+        self.spool_dir = self.root / "spool"
+        self.quarantine_dir = self.root / "quarantine"
+        self.tmp_dir = self.root / "tmp"
+        self.outbox_dir = self.root / "outbox"
+        for d in (self.spool_dir, self.quarantine_dir, self.tmp_dir, self.outbox_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._known_dirs: set[Path] = set()
+
+    def clean_tmp(self) -> int:
+        """Remove half-written files left by a crash; returns how many."""
+        n = 0
+        for part in self.tmp_dir.glob("*.part"):
+            part.unlink(missing_ok=True)
+            n += 1
+        return n
+
+    def free_mb(self) -> float:
+        return shutil.disk_usage(self.root).free / (1024 * 1024)
+
+    def check_space(self, incoming_bytes: int = 0) -> None:
+        """Raise `OutOfResourcesError` when storing would leave less than the low-water mark."""
+        free = self.free_mb() - incoming_bytes / (1024 * 1024)
+        if free < self.low_water_mark_mb:
+            raise OutOfResourcesError(
+                f"free disk at {self.root} is {free:.0f} MB, below the low-water mark of "
+                f"{self.low_water_mark_mb} MB; free disk space or lower "
+                "dicom.low_water_mark_mb, then resend"
+            )
+
+    def instance_path(
+        self, study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str
+    ) -> Path:
+        return (
+            self.spool_dir
+            / _safe_name(study_instance_uid)
+            / _safe_name(series_instance_uid)
+            / f"{_safe_name(sop_instance_uid)}.dcm"
+        )
+
+    def _ensure_dir(self, path: Path) -> None:
+        if path in self._known_dirs:
+            return
+        missing = [p for p in (path, *path.parents) if not p.exists() and self.root in p.parents]
+        path.mkdir(parents=True, exist_ok=True)
+        for created in reversed(missing):
+            fsync_dir(created.parent)
+        self._known_dirs.add(path)
+
+    def store(
+        self,
+        study_instance_uid: str,
+        series_instance_uid: str,
+        sop_instance_uid: str,
+        file_meta: bytes,
+        dataset: bytes,
+    ) -> Path:
+        """Durably write one instance and return its path. Raises `OutOfResourcesError`."""
+        self.check_space(len(file_meta) + len(dataset))
+        target = self.instance_path(study_instance_uid, series_instance_uid, sop_instance_uid)
+        self._ensure_dir(target.parent)
+        try:
+            write_atomic(target, (file_meta, dataset), self.tmp_dir)
+        except OSError as exc:
+            raise OutOfResourcesError(
+                f"could not write {target.name} to the spool: {exc}; check the disk under "
+                f"{self.root}, then resend"
+            ) from exc
+        return target
+
+    def quarantine(self, sop_instance_uid: str, data: bytes, reason: str) -> Path:
+        """Keep a refused instance with a reason file for a person to look at."""
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        name = f"{stamp}_{_safe_name(sop_instance_uid)}_{uuid.uuid4().hex[:6]}"
+        base = self.quarantine_dir / name
+        target = Path(f"{base}.dcm")
+        try:
+            write_atomic(target, (data,), self.tmp_dir)
+            write_atomic(Path(f"{base}.reason.txt"), (reason.encode() + b"\n",), self.tmp_dir)
+        except OSError:
+            return target  # disk full: the status already tells the sender; nothing to keep
+        return target
