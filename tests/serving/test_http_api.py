@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from core.domain import ModelInfo, Priority, StudyStatus, TriageResult
+from serving.http_api import ApiContext, AuditLog, ResultDirectory, create_app
+from serving.metrics import Metrics
+
+
+def _write(root: Path, uid: str, priority: Priority, likelihood: float | None) -> TriageResult:
+    result = TriageResult(
+        study_instance_uid=uid,
+        status=StudyStatus.REPORTED,
+        priority=priority,
+        case_likelihood=likelihood,
+        model=ModelInfo(name="det", version="1", sha256="0" * 64),
+        reason=None if likelihood is not None else {"code": "missing_t2w", "message": "no T2W"},
+        timings_ms={"total": 1200.0, "inference": 300.0},
+    )
+    (root / uid).mkdir(parents=True)
+    (root / uid / "result.json").write_text(result.model_dump_json())
+    age = {"1.2.3.1": 300, "1.2.3.2": 200, "1.2.3.3": 100}[uid]  # seconds ago
+    os.utime(root / uid / "result.json", (time.time() - age, time.time() - age))
+    return result
+
+
+def _client(tmp_path: Path, ready: bool = True) -> tuple[TestClient, Metrics]:
+    results = tmp_path / "results"
+    _write(results, "1.2.3.1", Priority.ROUTINE, 0.05)
+    _write(results, "1.2.3.2", Priority.URGENT, 0.9)
+    _write(results, "1.2.3.3", Priority.NOT_ANALYSED, None)
+    metrics = Metrics()
+    for doc in ResultDirectory(results).list_studies():
+        metrics.observe_result(
+            TriageResult.model_validate({k: v for k, v in doc.items() if k != "updated_at"})
+        )
+    ctx = ApiContext(
+        studies=ResultDirectory(results),
+        metrics=metrics,
+        audit=AuditLog(tmp_path / "audit.jsonl"),
+        models=lambda: {"loaded": {"detector": {"name": "det", "version": "1"}}},
+        outbox=lambda: [{"sop_instance_uid": "9.9", "destination": "pacs", "error": "refused"}],
+        ready=lambda: ready,
+    )
+    return TestClient(create_app(ctx)), metrics
+
+
+def test_operations_endpoints(tmp_path: Path) -> None:
+    client, _ = _client(tmp_path, ready=False)
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").status_code == 503
+    text = client.get("/metrics").text
+    assert 'radtriage_studies_total{priority="urgent",status="reported"} 1.0' in text
+    assert "radtriage_inference_seconds_bucket" in text
+    assert client.get("/api/models").json()["loaded"]["detector"]["version"] == "1"
+    assert client.get("/api/outbox").json()[0]["error"] == "refused"
+
+
+def test_studies_follow_the_result_schema(tmp_path: Path) -> None:
+    client, _ = _client(tmp_path)
+    uids = {d["study_instance_uid"] for d in client.get("/api/studies").json()}
+    assert uids == {"1.2.3.1", "1.2.3.2", "1.2.3.3"}
+    doc = client.get("/api/studies/1.2.3.3").json()
+    assert doc["priority"] == "not_analysed" and doc["reason"]["code"] == "missing_t2w"
+    assert client.get("/api/studies/4.5.6").status_code == 404
+
+
+def test_worklist_order_acknowledge_and_audited_override(tmp_path: Path) -> None:
+    client, _ = _client(tmp_path)
+    rows = client.get("/api/worklist").json()
+    assert [r["priority"] for r in rows] == ["urgent", "not_analysed", "routine"]
+    r = client.post("/api/worklist/1.2.3.1/override", json={"user": "dr_a", "priority": "urgent"})
+    assert r.status_code == 200
+    client.post("/api/worklist/1.2.3.2/acknowledge", json={"user": "dr_b"})
+    rows = client.get("/api/worklist").json()
+    assert [r["study_instance_uid"] for r in rows][:2] == ["1.2.3.1", "1.2.3.2"]  # older first
+    overridden = next(r for r in rows if r["study_instance_uid"] == "1.2.3.1")
+    assert overridden["overridden_by"] == "dr_a" and overridden["ai_priority"] == "routine"
+    assert rows[1]["acknowledged_by"] == "dr_b"
+    audit = client.get("/api/audit").json()
+    assert [e["action"] for e in audit] == ["override", "acknowledge"]
+    assert client.get("/api/studies/1.2.3.1").json()["priority"] == "routine"  # result untouched
+    bad = client.post("/api/worklist/1.2.3.1/override", json={"user": "x", "priority": "later"})
+    assert bad.status_code == 422
+    assert client.post("/api/worklist/7.7/acknowledge", json={"user": "x"}).status_code == 404
+    assert "Prostate MRI worklist" in client.get("/worklist").text
