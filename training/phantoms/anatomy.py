@@ -227,33 +227,25 @@ def _draw_anatomy(
     )
     a, b, c = radii
     side = 1 if rng.random() < 0.5 else -1
+
+    def at(offset: list[float], radii: list[float]) -> _Ellipsoid:
+        return _Ellipsoid(centre + np.array(offset), np.array(radii))
+
     structures: list[tuple[str, _Ellipsoid]] = [
-        ("fat", _Ellipsoid(centre + np.array([0, -10, 0]), np.array([a + 150, b + 110, 300.0]))),
-        ("muscle", _Ellipsoid(centre + np.array([0, 5, 0]), np.array([a + 75, b + 70, 200.0]))),
-        ("fat", _Ellipsoid(centre + np.array([0, 0, 0]), np.array([a + 28, b + 22, 200.0]))),
-        ("muscle", _Ellipsoid(centre + np.array([a + 38, 3, 0]), np.array([14.0, 32.0, 200.0]))),
-        ("muscle", _Ellipsoid(centre + np.array([-a - 38, 3, 0]), np.array([14.0, 32.0, 200.0]))),
-        ("bone", _Ellipsoid(centre + np.array([a + 62, 0, 0]), np.array([10.0, 40.0, 200.0]))),
-        ("bone", _Ellipsoid(centre + np.array([-a - 62, 0, 0]), np.array([10.0, 40.0, 200.0]))),
-        ("bone", _Ellipsoid(centre + np.array([0, -b - 30, 10]), np.array([26.0, 9.0, 24.0]))),
-        ("marrow", _Ellipsoid(centre + np.array([0, -b - 30, 10]), np.array([22.0, 6.0, 21.0]))),
-        ("bladder", _Ellipsoid(centre + np.array([0, -8, c + 32]), np.array([45.0, 35.0, 30.0]))),
-        (
-            "vesicle",
-            _Ellipsoid(centre + np.array([side * 14, b * 0.9, c + 6]), np.array([16.0, 6.0, 8.0])),
-        ),
-        (
-            "vesicle",
-            _Ellipsoid(centre + np.array([-side * 15, b * 0.9, c + 5]), np.array([15.0, 6.0, 8.0])),
-        ),
-        (
-            "vessel",
-            _Ellipsoid(centre + np.array([a * 0.75, b * 0.75, 0]), np.array([3.0, 3.0, 60.0])),
-        ),
-        (
-            "vessel",
-            _Ellipsoid(centre + np.array([-a * 0.75, b * 0.75, 0]), np.array([3.0, 3.0, 60.0])),
-        ),
+        ("fat", at([0, -10, 0], [a + 150, b + 110, 300.0])),
+        ("muscle", at([0, 5, 0], [a + 75, b + 70, 200.0])),
+        ("fat", at([0, 0, 0], [a + 28, b + 22, 200.0])),
+        ("muscle", at([a + 38, 3, 0], [14.0, 32.0, 200.0])),
+        ("muscle", at([-a - 38, 3, 0], [14.0, 32.0, 200.0])),
+        ("bone", at([a + 62, 0, 0], [10.0, 40.0, 200.0])),
+        ("bone", at([-a - 62, 0, 0], [10.0, 40.0, 200.0])),
+        ("bone", at([0, -b - 30, 10], [26.0, 9.0, 24.0])),
+        ("marrow", at([0, -b - 30, 10], [22.0, 6.0, 21.0])),
+        ("bladder", at([0, -8, c + 32], [45.0, 35.0, 30.0])),
+        ("vesicle", at([side * 14, b * 0.9, c + 6], [16.0, 6.0, 8.0])),
+        ("vesicle", at([-side * 15, b * 0.9, c + 5], [15.0, 6.0, 8.0])),
+        ("vessel", at([a * 0.75, b * 0.75, 0], [3.0, 3.0, 60.0])),
+        ("vessel", at([-a * 0.75, b * 0.75, 0], [3.0, 3.0, 60.0])),
     ]
     lumen_r = float(rng.uniform(4.0, 11.0))
     rectum_c = centre + np.array([rng.uniform(-4, 4), b + 16.0, 0.0])
