@@ -123,7 +123,12 @@ _ROLE_NAMES = {
 
 def inspect_study(source: Path, rules: SelectionRules | None = None) -> dict[str, Any]:
     """The `radtriage inspect --json` report (DESIGN.md schema); errors go into `error`."""
-    report: dict[str, Any] = {"study_instance_uid": None, "series": [], "volumes": {}, "error": None}
+    report: dict[str, Any] = {
+        "study_instance_uid": None,
+        "series": [],
+        "volumes": {},
+        "error": None,
+    }
     try:
         rules = rules or load_rules()
         scan = _scan(Path(source))

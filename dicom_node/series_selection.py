@@ -204,7 +204,9 @@ def series_features(series: SeriesInfo, rules: SelectionRules) -> dict[str, Any]
         image_type |= {str(v).upper() for v in (frame_type_item.get("FrameType") or ())}
     tokens = rules.tokens
     b_values = series.b_values
-    b_value = series.b_value if series.b_value is not None else (max(b_values) if b_values else None)
+    b_value = series.b_value
+    if b_value is None and b_values:
+        b_value = max(b_values)
     acquisition_contrast = str(h.get("AcquisitionContrast") or "").upper()
     is_adc = bool(image_type & tokens["adc"])
     is_diffusion = bool(image_type & tokens["diffusion"]) or bool(b_values and max(b_values) > 0)
@@ -462,9 +464,9 @@ def series_geometrically_complete(series: SeriesInfo) -> bool:
 
     Used by the DICOM node to decide that a study is complete before its quiet period ends.
     """
-    parts = [series.with_b_value(b) for b in series.b_values] if len(series.b_values) > 1 else [
-        series
-    ]
+    parts = (
+        [series.with_b_value(b) for b in series.b_values] if len(series.b_values) > 1 else [series]
+    )
     try:
         for part in parts:
             series_geometry(part)
