@@ -12,7 +12,8 @@ prostatitis patches are subtle look-alikes without the csPCa label (false-positi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from pydicom.uid import generate_uid
@@ -23,6 +24,7 @@ from core.domain import Volume
 VENDORS = ("siemens", "ge", "philips")
 ACQUIRED_B_VALUES = (50, 400, 800)
 HIGH_B_VALUE = 1400
+_VENDOR_SCALE = {"siemens": 1.0, "ge": 2.6, "philips": 1.5}  # T2W receiver scaling
 _UID_PREFIX = "1.2.826.0.1.3680043.10.1082."  # under pydicom's root; phantoms only
 
 # ADC (1e-6 mm^2/s) of each lesion grade in the peripheral zone; TZ is ~10% lower.
@@ -64,6 +66,7 @@ class PhantomCase:
     lesions: tuple[PhantomLesion, ...]
     age: int
     psa: float
+    _anatomy: Any = field(default=None, repr=False)  # for rendering further views (distractors)
 
     @property
     def is_cspca(self) -> bool:
@@ -427,7 +430,7 @@ def synthesize_case(
     study_uid = case_uid(seed, vendor, case_id, f"study|{cspca}")
     for_uid = case_uid(seed, vendor, case_id, f"frame|{cspca}")
     suid = lambda key: case_uid(seed, vendor, case_id, f"series|{key}|{cspca}")  # noqa: E731
-    scale = {"siemens": 1.0, "ge": 2.6, "philips": 1.5}[vendor]
+    scale = _VENDOR_SCALE[vendor]
 
     # T2W: tissue contrast x bias field + Rician noise.
     t2, masks = _render(anatomy, t2_grid, 0, edge_mm=0.8)
@@ -492,7 +495,18 @@ def synthesize_case(
         lesions=tuple(truth),
         age=int(rng.integers(48, 80)),
         psa=round(density * gvol, 1),
+        _anatomy=anatomy,
     )
+
+
+def render_t2w(case: PhantomCase, grid: Grid, rng: np.random.Generator) -> np.ndarray:
+    """T2W-weighted view of `case`'s anatomy on another grid (sagittal, coronal, localizer)."""
+    if case._anatomy is None:
+        raise ValueError("case has no anatomy to render; build it with synthesize_case")
+    scale = _VENDOR_SCALE[case.vendor]
+    img, _ = _render(case._anatomy, grid, 0, edge_mm=max(grid.spacing[:2]))
+    img = _rician(img * _bias(grid, rng, 0.2) * np.float32(scale), 14.0 * scale, rng)
+    return np.round(np.clip(img, 0, 4095)).astype(np.float32)
 
 
 def _fit_adc(dwi: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
