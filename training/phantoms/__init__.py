@@ -12,6 +12,7 @@ from training.phantoms.anatomy import (
     PhantomLesion,
     synthesize_case,
 )
+from training.phantoms.dicom_writer import generate_studies, write_study
 
 __all__ = [
     "ACQUIRED_B_VALUES",
@@ -19,5 +20,7 @@ __all__ = [
     "VENDORS",
     "PhantomCase",
     "PhantomLesion",
+    "generate_studies",
     "synthesize_case",
+    "write_study",
 ]
