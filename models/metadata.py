@@ -1,0 +1,182 @@
+"""`metadata.json` of one model version: the contract between training, export and serving.
+
+Serving reads only this file and `model.onnx` (no code from training), so everything the runtime
+needs to reproduce training-time pre/post-processing lives here: input grid (spacing, shape),
+channels, normalisation, output meaning, postprocessing parameters and operating thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from core.domain import ModelRef
+from core.errors import ModelError
+from core.priority import Thresholds
+
+METADATA_FILE = "metadata.json"
+MODEL_FILE = "model.onnx"
+MODEL_CARD_FILE = "model_card.md"
+NOT_FOR_CLINICAL_USE = "NOT FOR CLINICAL USE: demonstration model trained on synthetic data."
+CHANNELS = ("t2w", "adc", "hbv")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Normalisation(_Frozen):
+    """Per-channel intensity normalisation, computed over the model-grid crop."""
+
+    channel: Literal["t2w", "adc", "hbv"]
+    method: Literal["zscore", "none"] = "zscore"
+    clip: tuple[float, float] | None = Field(
+        default=(-5.0, 5.0), description="Clip after normalisation (None = no clipping)"
+    )
+
+
+class InputSpec(_Frozen):
+    """The model grid: a box of `shape_zyx` voxels of `spacing_xyz` mm, oriented like the T2W
+    series and centred on the centre of the T2W field of view (PI-CAI style centre crop)."""
+
+    spacing_xyz: tuple[float, float, float] = Field(description="mm, (x, y, z)")
+    shape_zyx: tuple[int, int, int] = Field(description="voxels, (z, y, x)")
+    channels: tuple[str, ...] = Field(description="Input channels in order, from t2w/adc/hbv")
+    normalisation: tuple[Normalisation, ...]
+    crop: Literal["t2w_center"] = "t2w_center"
+
+    @field_validator("channels")
+    @classmethod
+    def _known_channels(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [c for c in v if c not in CHANNELS]
+        if unknown or not v:
+            raise ValueError(f"channels must be a non-empty subset of {CHANNELS}, got {v}")
+        return v
+
+    @field_validator("spacing_xyz")
+    @classmethod
+    def _positive_spacing(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(v) <= 0:
+            raise ValueError(f"spacing_xyz must be positive, got {v}")
+        return v
+
+    def normalisation_for(self, channel: str) -> Normalisation:
+        for n in self.normalisation:
+            if n.channel == channel:
+                return n
+        return Normalisation(channel=channel)  # type: ignore[arg-type]
+
+    def same_grid(self, other: InputSpec) -> bool:
+        return (
+            self.spacing_xyz == other.spacing_xyz
+            and self.shape_zyx == other.shape_zyx
+            and self.crop == other.crop
+        )
+
+
+class TensorSpec(_Frozen):
+    """One ONNX input or output. Dynamic axes are named (e.g. ``"batch"``)."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: Literal["float32"] = "float32"
+
+
+class ThresholdSpec(_Frozen):
+    """Case-likelihood operating points; `source` says who chose them."""
+
+    urgent: float = Field(ge=0.0, le=1.0)
+    soon: float = Field(ge=0.0, le=1.0)
+    source: str = Field(description="e.g. 'provisional (training)' or 'radtriage evaluate ...'")
+
+    def as_thresholds(self) -> Thresholds:
+        return Thresholds(urgent=self.urgent, soon=self.soon)
+
+
+class PostprocessingSpec(_Frozen):
+    """How the output map becomes lesion candidates (models/postprocessing.py)."""
+
+    detection_threshold: float = Field(
+        default=0.25, ge=0.0, le=1.0, description="Likelihood that starts a lesion candidate"
+    )
+    min_lesion_volume_ml: float = Field(default=0.01, ge=0.0)
+    max_lesions: int = Field(default=5, gt=0)
+    gland_margin_mm: float | None = Field(
+        default=6.0, description="Ignore likelihood farther than this outside the gland; None=off"
+    )
+
+
+class ParityCheck(_Frozen):
+    max_abs_diff: float
+    tolerance: float
+    inputs: int
+    reference: str = "torch (eager, CPU)"
+
+
+class ModelMetadata(_Frozen):
+    """Everything the runtime knows about one model version."""
+
+    name: str = Field(min_length=1)
+    version: str = Field(min_length=1)
+    task: Literal["cspca_detection", "gland_segmentation"]
+    description: str = ""
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    input_spec: InputSpec
+    output_channels: tuple[str, ...] = Field(description="Meaning of each output channel")
+    postprocessing: PostprocessingSpec = Field(default_factory=PostprocessingSpec)
+    thresholds: ThresholdSpec | None = None
+    clinical_use: bool = False
+    intended_use: str = ""
+    disclaimer: str | None = NOT_FOR_CLINICAL_USE
+    training_data: dict[str, Any] = Field(default_factory=dict)
+    training: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    network: dict[str, Any] = Field(default_factory=dict)
+    parity: ParityCheck | None = None
+    opset: int | None = None
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size_bytes: int | None = None
+    created: str = ""
+    software: dict[str, str] = Field(default_factory=dict)
+    model_card: str = MODEL_CARD_FILE
+
+    @field_validator("disclaimer")
+    @classmethod
+    def _demo_models_say_so(cls, v: str | None, info: Any) -> str | None:
+        if not info.data.get("clinical_use", False) and not v:
+            raise ValueError("a model with clinical_use=false must carry a disclaimer")
+        return v
+
+    def model_ref(self) -> ModelRef:
+        return ModelRef(
+            name=self.name,
+            version=self.version,
+            sha256=self.sha256,
+            clinical_use=self.clinical_use,
+            intended_use=self.intended_use,
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2) + "\n"
+
+
+def read_metadata(path: Path) -> ModelMetadata:
+    """Read and validate `path` (a metadata.json); raise `ModelError` saying what is wrong."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ModelError(f"{path} does not exist: each model version needs one") from exc
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path} is not valid JSON ({exc}); re-export the model") from exc
+    try:
+        return ModelMetadata.model_validate(raw)
+    except ValidationError as exc:
+        raise ModelError(f"{path} is not a valid model metadata file: {exc}") from exc
+
+
+def write_metadata(path: Path, metadata: ModelMetadata) -> None:
+    path.write_text(metadata.to_json(), encoding="utf-8")

@@ -1,0 +1,109 @@
+"""MONAI networks for the two demo models, wrapped so the exported graph outputs probabilities.
+
+- csPCa detector: 3 channels (t2w, adc, hbv) -> 1 channel voxel-wise csPCa likelihood (sigmoid).
+- Prostate gland: channels -> 3 channels softmax (background, PZ, TZ); gland = PZ + TZ.
+
+Both are small 3D U-Nets with anisotropic first stride (MRI slices are ~3x thicker than pixels).
+The architecture is described by a `NetworkConfig` so training configs and metadata name it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from monai.networks.nets import UNet
+from torch import nn
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """A MONAI `UNet` description, stored in training configs and model metadata."""
+
+    in_channels: int
+    out_channels: int
+    channels: tuple[int, ...] = (8, 16, 32, 64)
+    strides: tuple[tuple[int, int, int], ...] = ((1, 2, 2), (2, 2, 2), (2, 2, 2))
+    num_res_units: int = 1
+    norm: str = "instance"
+    dropout: float = 0.0
+    activation: Literal["sigmoid", "softmax"] = "sigmoid"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.strides) != len(self.channels) - 1:
+            raise ValueError(
+                f"strides needs len(channels) - 1 = {len(self.channels) - 1} entries, "
+                f"got {len(self.strides)}"
+            )
+        if self.activation == "sigmoid" and self.out_channels != 1:
+            raise ValueError("activation 'sigmoid' is for a single output channel")
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["architecture"] = "monai.networks.nets.UNet"
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NetworkConfig:
+        d = {k: v for k, v in data.items() if k != "architecture"}
+        d["channels"] = tuple(d.get("channels", cls.channels))
+        if "strides" in d:
+            d["strides"] = tuple(tuple(s) for s in d["strides"])
+        return cls(**d)
+
+    def divisor_zyx(self) -> tuple[int, int, int]:
+        """The input shape must be divisible by this along (z, y, x)."""
+        out = [1, 1, 1]
+        for s in self.strides:
+            for i in range(3):
+                out[i] *= s[i]
+        return (out[0], out[1], out[2])
+
+
+class ProbabilityNet(nn.Module):
+    """A logits network followed by its output activation: what we export to ONNX."""
+
+    def __init__(self, net: nn.Module, activation: str) -> None:
+        super().__init__()
+        self.net = net
+        self.activation = activation
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.net(x)
+        if self.activation == "softmax":
+            return torch.softmax(y, dim=1)
+        return torch.sigmoid(y)
+
+
+def build_network(config: NetworkConfig) -> ProbabilityNet:
+    """The torch module for `config` (weights initialised by MONAI/torch defaults)."""
+    net = UNet(
+        spatial_dims=3,
+        in_channels=config.in_channels,
+        out_channels=config.out_channels,
+        channels=config.channels,
+        strides=config.strides,
+        num_res_units=config.num_res_units,
+        norm=config.norm,
+        dropout=config.dropout,
+    )
+    return ProbabilityNet(net, config.activation)
+
+
+def detector_config(**overrides: Any) -> NetworkConfig:
+    base: dict[str, Any] = {"in_channels": 3, "out_channels": 1, "activation": "sigmoid"}
+    return NetworkConfig(**{**base, **overrides})
+
+
+def gland_config(**overrides: Any) -> NetworkConfig:
+    base: dict[str, Any] = {"in_channels": 1, "out_channels": 3, "activation": "softmax"}
+    return NetworkConfig(**{**base, **overrides})
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

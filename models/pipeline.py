@@ -1,0 +1,133 @@
+"""The triage pipeline: prepare -> (gland, detector ONNX runs) -> finish, in separable steps so
+serving can batch `OnnxModel.run` across studies and evaluation can call each step directly.
+
+Both models run on one model grid (same spacing/shape/crop in their metadata, checked at
+construction), so one `PreparedCase` feeds both and outputs map back to the T2W grid once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from core.domain import Prediction, Volume
+from core.errors import InferenceError, ModelSignatureError
+from core.priority import Thresholds
+from models.metadata import InputSpec
+from models.onnx_runner import OnnxModel
+from models.postprocessing import (
+    extract_lesions,
+    gate_to_gland,
+    gland_volume_ml,
+    zones_from_probabilities,
+)
+from models.preprocessing import PreparedCase, prepare_case
+from models.repository import default_repository
+
+__all__ = ["TriagePipeline", "default_repository"]
+
+PROVISIONAL = Thresholds(urgent=0.5, soon=0.2)
+
+
+def _single(output: np.ndarray, channels: int, what: str) -> np.ndarray:
+    out = output[0] if output.ndim == 5 and output.shape[0] == 1 else output
+    if out.ndim != 4 or out.shape[0] != channels:
+        raise InferenceError(f"{what} output must be ({channels}, Z, Y, X), got {output.shape}")
+    return out
+
+
+class TriagePipeline:
+    """csPCa detector + gland model with shared pre/post-processing."""
+
+    def __init__(self, detector: OnnxModel, gland: OnnxModel) -> None:
+        d, g = detector.metadata, gland.metadata
+        if d.task != "cspca_detection" or g.task != "gland_segmentation":
+            raise ModelSignatureError(
+                f"need a cspca_detection and a gland_segmentation model, got {d.name} "
+                f"({d.task}) and {g.name} ({g.task})"
+            )
+        if not d.input_spec.same_grid(g.input_spec):
+            raise ModelSignatureError(
+                f"{d.name}:{d.version} and {g.name}:{g.version} use different model grids "
+                f"({d.input_spec.spacing_xyz} mm x {d.input_spec.shape_zyx} vs "
+                f"{g.input_spec.spacing_xyz} mm x {g.input_spec.shape_zyx}); retrain on one grid"
+            )
+        for channel in g.input_spec.channels:
+            if channel in d.input_spec.channels and (
+                g.input_spec.normalisation_for(channel) != d.input_spec.normalisation_for(channel)
+            ):
+                raise ModelSignatureError(f"models normalise channel {channel!r} differently")
+        if len(g.output_channels) != 3:
+            raise ModelSignatureError(f"{g.name} must output bg/PZ/TZ, got {g.output_channels}")
+        self.detector = detector
+        self.gland = gland
+        channels = tuple(dict.fromkeys(d.input_spec.channels + g.input_spec.channels))
+        rules = {n.channel: n for n in g.input_spec.normalisation + d.input_spec.normalisation}
+        self.spec = InputSpec(
+            spacing_xyz=d.input_spec.spacing_xyz,
+            shape_zyx=d.input_spec.shape_zyx,
+            channels=channels,
+            normalisation=tuple(rules[c] for c in channels if c in rules),
+            crop=d.input_spec.crop,
+        )
+        self.thresholds = d.thresholds.as_thresholds() if d.thresholds else PROVISIONAL
+
+    @classmethod
+    def from_repository(
+        cls,
+        repository: Path | None = None,
+        detector: str = "cspca_detector",
+        gland: str = "prostate_gland",
+        device: str = "auto",
+        threads: int | None = None,
+    ) -> TriagePipeline:
+        root = repository if repository is not None else default_repository()
+        return cls(
+            OnnxModel.load(root, detector, device=device, threads=threads),
+            OnnxModel.load(root, gland, device=device, threads=threads),
+        )
+
+    # --- separable steps --------------------------------------------------------------------
+
+    def prepare(self, t2w: Volume, adc: Volume, hbv: Volume) -> PreparedCase:
+        return prepare_case(t2w, adc, hbv, self.spec)
+
+    def gland_input(self, prepared: PreparedCase) -> np.ndarray:
+        """(C, Z, Y, X) for the gland model; stack several for one batched `run`."""
+        return prepared.model_input(self.gland.metadata.input_spec.channels)
+
+    def detector_input(self, prepared: PreparedCase) -> np.ndarray:
+        return prepared.model_input(self.detector.metadata.input_spec.channels)
+
+    def finish(
+        self, prepared: PreparedCase, gland_out: np.ndarray, detector_out: np.ndarray
+    ) -> Prediction:
+        """Model outputs ((3|1, Z, Y, X), batch axis optional) -> Prediction on the T2W grid."""
+        zones_grid = zones_from_probabilities(_single(gland_out, 3, "gland"))
+        likelihood_grid = _single(detector_out, 1, "detector")[0]
+        post = self.detector.metadata.postprocessing
+        gated = gate_to_gland(
+            likelihood_grid, zones_grid > 0, self.spec.spacing_xyz, post.gland_margin_mm
+        )
+        gated = np.clip(np.nan_to_num(gated, nan=0.0), 0.0, 1.0).astype(np.float32)
+        zones = prepared.to_reference(zones_grid, order=0)
+        likelihood = prepared.to_reference(gated, order=1)
+        likelihood = likelihood.with_array(np.clip(likelihood.array, 0.0, 1.0))
+        lesions, labels = extract_lesions(likelihood, zones, post, self.thresholds)
+        gland_mask = zones.with_array((zones.array > 0).astype(np.uint8))
+        volume = gland_volume_ml(gland_mask)
+        return Prediction(
+            case_likelihood=float(gated.max()),
+            lesions=lesions,
+            gland_volume_ml=volume if volume > 0 else None,
+            likelihood_map=likelihood,
+            lesion_labels=labels,
+            gland_mask=gland_mask,
+        )
+
+    def predict(self, t2w: Volume, adc: Volume, hbv: Volume) -> Prediction:
+        prepared = self.prepare(t2w, adc, hbv)
+        gland_out = self.gland.run(self.gland_input(prepared)[None])
+        detector_out = self.detector.run(self.detector_input(prepared)[None])
+        return self.finish(prepared, gland_out, detector_out)

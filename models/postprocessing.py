@@ -1,0 +1,126 @@
+"""Pure post-processing: model outputs -> gland/zones, lesion candidates, case likelihood.
+
+Choices (documented in the model card and DESIGN notes):
+- Gland = PZ + TZ of the gland model's arg-max, largest connected component.
+- The gland is the detector's region of interest: likelihood farther than `gland_margin_mm`
+  outside it is set to 0 (only when a plausible gland, >= `MIN_GLAND_ML`, was found; otherwise
+  the map is kept as is, so a failed gland model can never silence the detector).
+- Case likelihood = max of the (gated) likelihood map on the model grid (PI-CAI convention).
+- Lesion candidates: connected components of likelihood >= `detection_threshold` on the T2W grid;
+  likelihood = max inside the component, volume = voxel count x voxel volume, centroid = mean voxel
+  position in LPS mm. Sector = side (patient left/right), level (base/mid/apex by thirds of the
+  gland's superior-inferior extent) and zone (PZ/TZ by majority, + a/p half), e.g. "left mid PZp".
+- Lesion category from the model's case thresholds: >= urgent "ai_high", >= soon
+  "ai_intermediate", else "ai_low". Never a PI-RADS score.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from core.domain import Lesion, Volume
+from core.priority import Thresholds
+from models.metadata import PostprocessingSpec
+
+MIN_GLAND_ML = 5.0
+ZONE_NAMES = {1: "PZ", 2: "TZ"}
+
+
+def zones_from_probabilities(probabilities: np.ndarray) -> np.ndarray:
+    """(3, Z, Y, X) softmax (background, PZ, TZ) -> uint8 zones (0, 1 PZ, 2 TZ), keeping only
+    the largest connected gland component."""
+    if probabilities.ndim != 4 or probabilities.shape[0] != 3:
+        raise ValueError(f"expected (3, Z, Y, X) probabilities, got {probabilities.shape}")
+    zones = np.argmax(probabilities, axis=0).astype(np.uint8)
+    return zones * largest_component(zones > 0).astype(np.uint8)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return mask.astype(bool)
+    sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
+    return labels == (int(np.argmax(sizes)) + 1)
+
+
+def gate_to_gland(
+    likelihood: np.ndarray,
+    gland: np.ndarray,
+    spacing_xyz: tuple[float, float, float],
+    margin_mm: float | None,
+) -> np.ndarray:
+    """Zero the likelihood farther than `margin_mm` outside a plausible gland (see module doc)."""
+    voxel_ml = float(np.prod(spacing_xyz)) / 1000.0
+    if margin_mm is None or float(gland.sum()) * voxel_ml < MIN_GLAND_ML:
+        return likelihood
+    distance = ndimage.distance_transform_edt(~gland.astype(bool), sampling=spacing_xyz[::-1])
+    return np.where(distance <= margin_mm, likelihood, 0.0).astype(np.float32)
+
+
+def category(likelihood: float, thresholds: Thresholds) -> str:
+    if likelihood >= thresholds.urgent:
+        return "ai_high"
+    if likelihood >= thresholds.soon:
+        return "ai_intermediate"
+    return "ai_low"
+
+
+def gland_volume_ml(gland: Volume) -> float:
+    return float(np.count_nonzero(gland.array)) * gland.voxel_volume_ml
+
+
+def sector(component: np.ndarray, centroid_mm: np.ndarray, zones: Volume) -> str | None:
+    """PI-RADS-style sector of a lesion (see module doc); None when it lies outside the gland."""
+    in_gland = zones.array[component]
+    in_gland = in_gland[in_gland > 0]
+    if in_gland.size == 0:
+        return None
+    zone = ZONE_NAMES.get(int(np.bincount(in_gland).argmax()), "PZ")
+    gland_idx = np.argwhere(zones.array > 0)[:, ::-1]  # (x, y, z)
+    gland_mm = zones.index_to_lps(gland_idx)
+    centre = gland_mm.mean(axis=0)
+    side = "left" if centroid_mm[0] >= centre[0] else "right"  # LPS: +x is patient left
+    half = "p" if centroid_mm[1] >= centre[1] else "a"  # LPS: +y is posterior
+    s_lo, s_hi = float(gland_mm[:, 2].min()), float(gland_mm[:, 2].max())
+    frac = (float(centroid_mm[2]) - s_lo) / max(s_hi - s_lo, 1e-6)  # 0 inferior .. 1 superior
+    level = "apex" if frac < 1 / 3 else "mid" if frac < 2 / 3 else "base"
+    return f"{side} {level} {zone}{half}"
+
+
+def extract_lesions(
+    likelihood: Volume,
+    zones: Volume | None,
+    spec: PostprocessingSpec,
+    thresholds: Thresholds,
+) -> tuple[tuple[Lesion, ...], Volume]:
+    """Lesion candidates of a likelihood map (T2W grid) and their label volume (uint8)."""
+    lmap = likelihood.array
+    labels, n = ndimage.label(lmap >= spec.detection_threshold)
+    candidates = []
+    if n:
+        index = np.arange(1, n + 1)
+        peaks = ndimage.maximum(lmap, labels, index)
+        counts = ndimage.sum_labels(np.ones_like(labels), labels, index)
+        for lab, peak, count in zip(index, peaks, counts, strict=True):
+            volume = float(count) * likelihood.voxel_volume_ml
+            if volume >= spec.min_lesion_volume_ml:
+                candidates.append((float(peak), int(lab), volume))
+    candidates.sort(key=lambda c: -c[0])
+    out_labels = np.zeros(lmap.shape, dtype=np.uint8)
+    lesions = []
+    for new_label, (peak, lab, volume) in enumerate(candidates[: spec.max_lesions], start=1):
+        component = labels == lab
+        out_labels[component] = new_label
+        centroid = likelihood.index_to_lps(np.argwhere(component).mean(axis=0)[::-1])
+        lesions.append(
+            Lesion(
+                likelihood=min(max(peak, 0.0), 1.0),
+                volume_ml=volume,
+                centroid_mm=tuple(float(c) for c in centroid),  # type: ignore[arg-type]
+                sector=sector(component, centroid, zones) if zones is not None else None,
+                category=category(peak, thresholds),
+                label=new_label,
+            )
+        )
+    return tuple(lesions), likelihood.with_array(out_labels)
