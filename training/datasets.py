@@ -1,0 +1,207 @@
+"""Training data on the model grid, from three sources, all through `models.preprocessing`:
+
+- synthetic phantoms (`training.phantoms.synthesize_case`), made in memory;
+- the PI-CAI layout: `<images>/<patient_id>/<patient_id>_<study_id>_{t2w,adc,hbv}.mha` with
+  `picai_labels`-style masks and a `marksheet.csv`;
+- DICOM study folders (read by `dicom_node.inspect.load_study_volumes`) with masks beside them:
+  `<study>/masks/{lesions,gland,zones}.{mha,nii.gz}` (any grid in the same patient coordinates).
+
+Every source yields `TrainingCase`s: the same prepared image serving computes, plus labels
+resampled (nearest neighbour) onto the model grid.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from core.domain import Volume
+from core.errors import InputError
+from models.metadata import InputSpec
+from models.preprocessing import from_sitk, labels_to_grid, prepare_case
+
+_MASK_SUFFIXES = (".nii.gz", ".mha", ".nii", ".nrrd")
+
+
+@dataclass(frozen=True, eq=False)
+class TrainingCase:
+    """One case on the model grid. `zones`: 0 background, 1 PZ, 2 TZ (when `has_zones`; else
+    only gland 0/1); `lesions`: 0/1 csPCa voxels."""
+
+    case_id: str
+    image: np.ndarray  # (C, Z, Y, X) float32, channels of the spec
+    channels: tuple[str, ...]
+    zones: np.ndarray  # (Z, Y, X) uint8
+    lesions: np.ndarray  # (Z, Y, X) uint8
+    is_cspca: bool
+    has_zones: bool = True
+
+
+def case_from_volumes(
+    case_id: str,
+    t2w: Volume,
+    adc: Volume,
+    hbv: Volume,
+    spec: InputSpec,
+    *,
+    lesion_mask: Volume | None,
+    zone_mask: Volume | None = None,
+    gland_mask: Volume | None = None,
+    is_cspca: bool | None = None,
+) -> TrainingCase:
+    """Prepare the image like serving does and put the labels on the same model grid."""
+    prepared = prepare_case(t2w, adc, hbv, spec)
+    shape = spec.shape_zyx
+    lesions = (
+        (labels_to_grid(lesion_mask, prepared.grid) > 0).astype(np.uint8)
+        if lesion_mask is not None
+        else np.zeros(shape, np.uint8)
+    )
+    if zone_mask is not None:
+        zones, has_zones = labels_to_grid(zone_mask, prepared.grid), True
+    elif gland_mask is not None:
+        zones, has_zones = (labels_to_grid(gland_mask, prepared.grid) > 0).astype(np.uint8), False
+    else:
+        zones, has_zones = np.zeros(shape, np.uint8), False
+    positive = bool(lesions.any()) if is_cspca is None else is_cspca
+    image, channels = prepared.image, prepared.channels
+    return TrainingCase(case_id, image, channels, zones, lesions, positive, has_zones)
+
+
+def phantom_case(seed: int, spec: InputSpec, vendor: str = "siemens") -> TrainingCase:
+    from training.phantoms import synthesize_case
+
+    case = synthesize_case(seed, vendor=vendor)
+    cspca_labels = [lesion.label for lesion in case.lesions if lesion.is_cspca]
+    lesion_mask = case.lesion_mask.with_array(
+        np.isin(case.lesion_mask.array, cspca_labels).astype(np.uint8)
+    )
+    return case_from_volumes(
+        f"phantom-{vendor}-{seed}",
+        case.t2w,
+        case.adc,
+        case.hbv,
+        spec,
+        lesion_mask=lesion_mask,
+        zone_mask=case.zone_mask,
+        is_cspca=case.is_cspca,
+    )
+
+
+def phantom_cases(
+    spec: InputSpec, seeds: Iterable[int], vendors: Sequence[str] = ("siemens", "ge", "philips")
+) -> list[TrainingCase]:
+    """Phantoms for `seeds`, vendors in rotation (deterministic)."""
+    return [phantom_case(s, spec, vendors[i % len(vendors)]) for i, s in enumerate(seeds)]
+
+
+def read_volume(path: Path) -> Volume:
+    """An MHA/NIfTI/NRRD file as a Volume (SimpleITK; ITK/LPS geometry)."""
+    try:
+        return from_sitk(sitk.ReadImage(str(path)))
+    except RuntimeError as exc:
+        raise InputError(f"cannot read image {path}: {exc}") from exc
+
+
+def _find_mask(folder: Path, stem: str) -> Path | None:
+    for suffix in _MASK_SUFFIXES:
+        p = folder / f"{stem}{suffix}"
+        if p.is_file():
+            return p
+    return None
+
+
+def read_marksheet(path: Path) -> dict[str, bool]:
+    """PI-CAI marksheet.csv -> {"<patient_id>_<study_id>": case_csPCa}."""
+    with path.open(newline="", encoding="utf-8") as f:
+        return {
+            f"{row['patient_id']}_{row['study_id']}": row["case_csPCa"].strip().upper() == "YES"
+            for row in csv.DictReader(f)
+        }
+
+
+def picai_cases(
+    spec: InputSpec,
+    images: Path,
+    labels: Path,
+    marksheet: Path,
+    *,
+    lesion_dir: str = "csPCa_lesion_delineations/human_expert/resampled",
+    zone_dir: str | None = "anatomical_delineations/zonal_pz_tz/AI/Yuan23",
+    gland_dir: str | None = "anatomical_delineations/whole_gland/AI/Bosma22b",
+    zone_labels: tuple[int, int] = (1, 2),
+) -> list[TrainingCase]:
+    """Cases listed in `marksheet` from a PI-CAI layout. `zone_labels` are the (PZ, TZ) values
+    of the zonal masks; cases without a lesion mask are negatives with an empty mask only when
+    the marksheet says so."""
+    out = []
+    for case_id, positive in read_marksheet(marksheet).items():
+        patient = case_id.split("_")[0]
+        folder = images / patient
+        paths = {c: folder / f"{case_id}_{c}.mha" for c in ("t2w", "adc", "hbv")}
+        missing = [str(p) for p in paths.values() if not p.is_file()]
+        if missing:
+            raise InputError(f"PI-CAI case {case_id} lacks {missing}")
+        vols = {c: read_volume(p) for c, p in paths.items()}
+        lesion_path = _find_mask(labels / lesion_dir, case_id)
+        if lesion_path is None and positive:
+            raise InputError(f"csPCa-positive case {case_id} has no lesion mask in {lesion_dir}")
+        lesion = read_volume(lesion_path) if lesion_path else None
+        zones = gland = None
+        zone_path = _find_mask(labels / zone_dir, case_id) if zone_dir else None
+        if zone_path is not None:
+            z = read_volume(zone_path)
+            pz, tz = zone_labels
+            arr = np.where(z.array == pz, 1, np.where(z.array == tz, 2, 0)).astype(np.uint8)
+            zones = z.with_array(arr)
+        elif gland_dir and (gland_path := _find_mask(labels / gland_dir, case_id)) is not None:
+            gland = read_volume(gland_path)
+        out.append(
+            case_from_volumes(
+                case_id,
+                vols["t2w"],
+                vols["adc"],
+                vols["hbv"],
+                spec,
+                lesion_mask=lesion,
+                zone_mask=zones,
+                gland_mask=gland,
+                is_cspca=positive,
+            )
+        )
+    return out
+
+
+def dicom_cases(spec: InputSpec, root: Path) -> list[TrainingCase]:
+    """Every sub-folder of `root` holding a DICOM study and a `masks/` folder."""
+    from dicom_node.inspect import load_study_volumes
+
+    out = []
+    for study in sorted(p for p in root.iterdir() if p.is_dir()):
+        masks = study / "masks"
+        if not masks.is_dir():
+            continue
+        vols = load_study_volumes(study)
+        lesion_path = _find_mask(masks, "lesions")
+        zone_path = _find_mask(masks, "zones")
+        gland_path = _find_mask(masks, "gland")
+        out.append(
+            case_from_volumes(
+                study.name,
+                vols.t2w,
+                vols.adc,
+                vols.hbv,
+                spec,
+                lesion_mask=read_volume(lesion_path) if lesion_path else None,
+                zone_mask=read_volume(zone_path) if zone_path else None,
+                gland_mask=read_volume(gland_path) if gland_path else None,
+            )
+        )
+    if not out:
+        raise InputError(f"no study folders with a masks/ sub-folder under {root}")
+    return out
