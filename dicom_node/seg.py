@@ -13,7 +13,9 @@ the T2W source image at the same position, so viewers overlay it on the T2W seri
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import highdicom as hd
 import numpy as np
@@ -26,6 +28,15 @@ from dicom_node import dicom_codes as dc
 MANUFACTURER = "radtriage"
 GLAND_LABEL = "Prostate gland"
 _POSITION_TOLERANCE = 0.25  # voxels
+
+
+@contextmanager
+def copying_source_names() -> Iterator[None]:
+    """Silence highdicom's person-name style warning for names we copy verbatim from the
+    source images (e.g. ``ProstateX-0001``): not ours to fix, and PACS accept them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person")
+        yield
 
 
 def stable_uid(*parts: str) -> str:
@@ -209,21 +220,22 @@ def build_seg(
     fingerprint = hashlib.sha256(np.ascontiguousarray(pixel_array).tobytes()).hexdigest()
     series_uid = stable_uid("seg-series", study_uid, model.sha256, fingerprint)
     disclaimer = " NOT FOR CLINICAL USE" if not model.clinical_use else ""
-    return hd.seg.Segmentation(
-        source_images=list(source_images),
-        pixel_array=pixel_array,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[d for _, d in masks],
-        series_instance_uid=series_uid,
-        series_number=series_number,
-        sop_instance_uid=stable_uid("seg", series_uid),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=model.name[:64],
-        software_versions=model.version[:64],
-        device_serial_number=(model.sha256 or "unknown")[:64],
-        content_label="AI_CSPCA",
-        content_description=f"AI csPCa lesions and gland.{disclaimer}"[:64],
-        series_description=f"AI csPCa segmentation{disclaimer}"[:64],
-        content_creator_name=None,
-    )
+    with copying_source_names():
+        return hd.seg.Segmentation(
+            source_images=list(source_images),
+            pixel_array=pixel_array,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=[d for _, d in masks],
+            series_instance_uid=series_uid,
+            series_number=series_number,
+            sop_instance_uid=stable_uid("seg", series_uid),
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            manufacturer_model_name=model.name[:64],
+            software_versions=model.version[:64],
+            device_serial_number=(model.sha256 or "unknown")[:64],
+            content_label="AI_CSPCA",
+            content_description=f"AI csPCa lesions and gland.{disclaimer}"[:64],
+            series_description=f"AI csPCa segmentation{disclaimer}"[:64],
+            content_creator_name=None,
+        )

@@ -48,7 +48,7 @@ from core import codes
 from core.domain import LesionResult, ModelRef, Prediction, Priority, TriageResult
 from core.errors import InputError
 from dicom_node import dicom_codes as dc
-from dicom_node.seg import MANUFACTURER, segment_tracking_uid, stable_uid
+from dicom_node.seg import MANUFACTURER, copying_source_names, segment_tracking_uid, stable_uid
 
 __all__ = ["build_triage_sr", "stable_uid", "summary_text"]
 
@@ -468,23 +468,24 @@ def build_triage_sr(
         previous = [predecessor]
     label = "NOT ANALYSED" if priority is Priority.NOT_ANALYSED else priority.value.upper()
     description = f"AI triage {label}" + (" - NOT FOR CLINICAL USE" if disclaimer else "")
-    return hd.sr.Comprehensive3DSR(
-        evidence=datasets,
-        content=report,
-        series_instance_uid=stable_uid("sr-series", result.study_instance_uid),
-        series_number=series_number,
-        sop_instance_uid=sop_uid,
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        is_complete=priority is not Priority.NOT_ANALYSED,
-        is_final=False,
-        is_verified=False,
-        previous_versions=previous,
-        series_description=description[:64],
-        specific_character_set=_character_set(datasets[0], result, model),
-        coding_schemes=[
-            hd.coding_schemes.CodingSchemeIdentificationItem(
-                designator=codes.CODING_SCHEME, name=codes.CODING_SCHEME_NAME
-            )
-        ],
-    )
+    with copying_source_names():
+        return hd.sr.Comprehensive3DSR(
+            evidence=datasets,
+            content=report,
+            series_instance_uid=stable_uid("sr-series", result.study_instance_uid),
+            series_number=series_number,
+            sop_instance_uid=sop_uid,
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            is_complete=priority is not Priority.NOT_ANALYSED,
+            is_final=False,
+            is_verified=False,
+            previous_versions=previous,
+            series_description=description[:64],
+            specific_character_set=_character_set(datasets[0], result, model),
+            coding_schemes=[
+                hd.coding_schemes.CodingSchemeIdentificationItem(
+                    designator=codes.CODING_SCHEME, name=codes.CODING_SCHEME_NAME
+                )
+            ],
+        )

@@ -231,3 +231,81 @@ def test_evidence_without_type2_patient_attributes(study, tmp_path: Path) -> Non
         bare.append(copy)
     sr = build_triage_sr(not_analysed(study), evidence={"study": bare}, model=None)
     assert validate(sr, tmp_path).priority == "not_analysed"
+
+
+def test_prostatex_sr_references_the_series_used(prostatex: Path, tmp_path: Path) -> None:
+    """ProstateX-0001 through the server's own study loading; a fixed prediction with the
+    PI-CAI AI whole-gland mask (when present) and one lesion inside the gland."""
+    import numpy as np
+
+    from core.domain import Lesion
+    from dicom_node.inspect import load_study_volumes
+
+    volumes = load_study_volumes(prostatex)
+    t2w = volumes.t2w
+    gland_file = (
+        prostatex.parent
+        / "labels/anatomical_delineations/whole_gland/AI/Bosma22b/10795_1000811.nii.gz"
+    )
+    if gland_file.is_file():
+        import SimpleITK as sitk
+
+        gland = (sitk.GetArrayFromImage(sitk.ReadImage(str(gland_file))) > 0).astype(np.uint8)
+    else:
+        gland = np.zeros(t2w.array.shape, np.uint8)
+        gland[6:13, 150:230, 150:230] = 1
+    zyx = np.argwhere(gland).mean(axis=0).round().astype(int)
+    labels = np.zeros_like(gland)
+    labels[zyx[0], zyx[1] - 6 : zyx[1] + 6, zyx[2] - 6 : zyx[2] + 6] = 1
+    idx = np.argwhere(labels == 1)
+    lesion = Lesion(
+        likelihood=0.64,
+        volume_ml=len(idx) * t2w.voxel_volume_ml,
+        centroid_mm=tuple(t2w.index_to_lps(idx[:, ::-1].mean(axis=0))),
+        sector="TZa-R-mid",
+        category="ai_intermediate",
+        label=1,
+    )
+    prediction = Prediction(
+        case_likelihood=0.64,
+        lesions=(lesion,),
+        gland_volume_ml=float(gland.sum()) * t2w.voxel_volume_ml,
+        gland_mask=t2w.with_array(gland),
+        lesion_labels=t2w.with_array(labels),
+    )
+    evidence = {role.value: headers for role, headers in volumes.headers.items()}
+    seg = build_seg(evidence["t2w"], prediction, DEMO_MODEL)
+    assert seg is not None
+    seg_path = tmp_path / "seg.dcm"
+    seg.save_as(seg_path)
+    assert dciodvfy_errors(seg_path) == []
+
+    result = TriageResult(
+        study_instance_uid=volumes.study_instance_uid,
+        status="reported",
+        priority="soon",
+        case_likelihood=prediction.case_likelihood,
+        lesions=(LesionResult.from_lesion(lesion),),
+        gland_volume_ml=prediction.gland_volume_ml,
+        psa_density=0.18,
+        model=ModelInfo(name=DEMO_MODEL.name, version=DEMO_MODEL.version, sha256=DEMO_MODEL.sha256),
+        series_used=volumes.series_used,
+        disclaimer=DEMO_MODEL.disclaimer,
+    )
+    sr = build_triage_sr(result, evidence=evidence, model=DEMO_MODEL, seg=seg)
+    got = validate(sr, tmp_path)
+    assert set(got.referenced_series) == set(volumes.series_used.values())
+    assert len(got.referenced_series) == 3
+    assert got.psa_density == pytest.approx(0.18)
+    assert got.lesions[0].sector == "TZa-R-mid"
+    assert got.lesions[0].centroid_mm == pytest.approx(lesion.centroid_mm, abs=1e-3)
+    assert sr.PatientID == "ProstateX-0001"
+    # every instance of the three series is evidence, none of the others
+    referenced = {
+        inst.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for inst in series.ReferencedSOPSequence
+    }
+    used = {ds.SOPInstanceUID for headers in evidence.values() for ds in headers}
+    assert referenced == used | {seg.SOPInstanceUID}
