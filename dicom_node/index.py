@@ -25,12 +25,15 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    case,
     create_engine,
     event,
     func,
+    insert,
     select,
+    update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 from core.domain import ReferralUrgency, StudyStatus
@@ -216,6 +219,7 @@ class Index:
                 "check storage.database_url"
             ) from exc
         self._write_lock = threading.RLock()
+        self._series_ids: dict[str, tuple[int, int]] = {}
 
     def close(self) -> None:
         self.engine.dispose()
@@ -240,25 +244,71 @@ class Index:
     def add_instance(self, rec: InstanceRecord, now: float) -> bool:
         """Index a received instance. Returns False for a duplicate SOP Instance UID (the
         file was already indexed; nothing changes). A new instance for a study that was already
-        analysed sends the study back to ``received`` so it is analysed again."""
-        with self.write() as s:
-            if s.scalar(
+        analysed sends the study back to ``received`` so it is analysed again.
+
+        SQLAlchemy Core with a cache of series -> (study, series) row ids: this runs once per
+        C-STORE, so it is one SELECT, one INSERT and two UPDATEs in one transaction."""
+        with self._write_lock, self.engine.begin() as conn:
+            dup = conn.execute(
                 select(Instance.id).where(Instance.sop_instance_uid == rec.sop_instance_uid)
-            ):
+            ).first()
+            if dup is not None:
                 return False
-            study = s.scalar(
-                select(Study).where(Study.study_instance_uid == rec.study_instance_uid)
+            ids = self._series_ids.get(rec.series_instance_uid)
+            if ids is None:
+                ids = self._create_series(conn, rec, now)
+                self._series_ids[rec.series_instance_uid] = ids
+            study_id, series_id = ids
+            conn.execute(
+                insert(Instance).values(
+                    sop_instance_uid=rec.sop_instance_uid,
+                    series_fk=series_id,
+                    study_fk=study_id,
+                    sop_class_uid=rec.sop_class_uid,
+                    transfer_syntax_uid=rec.transfer_syntax_uid,
+                    instance_number=rec.instance_number,
+                    path=str(rec.path),
+                    size_bytes=rec.size_bytes,
+                    calling_ae_title=rec.calling_ae_title,
+                    received_at=now,
+                )
             )
-            if study is None:
-                patient = s.scalar(select(Patient).where(Patient.patient_id == rec.patient_id))
-                if patient is None:
-                    patient = Patient(patient_id=rec.patient_id, patient_name=rec.patient_name)
-                    s.add(patient)
-                    s.flush()
-                urgency = ReferralUrgency.from_dicom(rec.requested_procedure_priority)
-                study = Study(
+            conn.execute(
+                update(Series)
+                .where(Series.id == series_id)
+                .values(instance_count=Series.instance_count + 1)
+            )
+            rerun = Study.status.in_(_RERUN_FROM)
+            conn.execute(
+                update(Study)
+                .where(Study.id == study_id)
+                .values(
+                    instance_count=Study.instance_count + 1,
+                    last_received_at=now,
+                    status=case((rerun, StudyStatus.RECEIVED.value), else_=Study.status),
+                    status_changed_at=case((rerun, now), else_=Study.status_changed_at),
+                )
+            )
+            return True
+
+    def _create_series(self, conn: Connection, rec: InstanceRecord, now: float) -> tuple[int, int]:
+        """Get or create the patient, study and series rows of `rec`; returns row ids."""
+        urgency = ReferralUrgency.from_dicom(rec.requested_procedure_priority)
+        row = conn.execute(
+            select(Study.id, Study.urgency_rank).where(
+                Study.study_instance_uid == rec.study_instance_uid
+            )
+        ).first()
+        if row is None:
+            patient_id = conn.scalar(select(Patient.id).where(Patient.patient_id == rec.patient_id))
+            if patient_id is None:
+                patient_id = conn.execute(
+                    insert(Patient).values(patient_id=rec.patient_id, patient_name=rec.patient_name)
+                ).inserted_primary_key[0]  # type: ignore[index]
+            study_id = conn.execute(
+                insert(Study).values(
                     study_instance_uid=rec.study_instance_uid,
-                    patient_fk=patient.id,
+                    patient_fk=patient_id,
                     accession_number=rec.accession_number,
                     study_date=rec.study_date,
                     study_description=rec.study_description,
@@ -273,49 +323,31 @@ class Index:
                     analysed_instance_count=0,
                     attempts=0,
                 )
-                s.add(study)
-                s.flush()
-            elif rec.requested_procedure_priority:
-                urgency = ReferralUrgency.from_dicom(rec.requested_procedure_priority)
-                if URGENCY_RANK[urgency] < study.urgency_rank:
-                    study.referral_urgency = urgency.value
-                    study.urgency_rank = URGENCY_RANK[urgency]
-            series = s.scalar(
-                select(Series).where(Series.series_instance_uid == rec.series_instance_uid)
-            )
-            if series is None:
-                series = Series(
+            ).inserted_primary_key[0]  # type: ignore[index]
+        else:
+            study_id = row.id
+            if rec.requested_procedure_priority and URGENCY_RANK[urgency] < row.urgency_rank:
+                conn.execute(
+                    update(Study)
+                    .where(Study.id == study_id)
+                    .values(referral_urgency=urgency.value, urgency_rank=URGENCY_RANK[urgency])
+                )
+        series_id = conn.scalar(
+            select(Series.id).where(Series.series_instance_uid == rec.series_instance_uid)
+        )
+        if series_id is None:
+            series_id = conn.execute(
+                insert(Series).values(
                     series_instance_uid=rec.series_instance_uid,
-                    study_fk=study.id,
+                    study_fk=study_id,
                     modality=rec.modality,
                     series_number=rec.series_number,
                     series_description=rec.series_description,
                     body_part_examined=rec.body_part_examined,
                     instance_count=0,
                 )
-                s.add(series)
-                s.flush()
-            s.add(
-                Instance(
-                    sop_instance_uid=rec.sop_instance_uid,
-                    series_fk=series.id,
-                    study_fk=study.id,
-                    sop_class_uid=rec.sop_class_uid,
-                    transfer_syntax_uid=rec.transfer_syntax_uid,
-                    instance_number=rec.instance_number,
-                    path=str(rec.path),
-                    size_bytes=rec.size_bytes,
-                    calling_ae_title=rec.calling_ae_title,
-                    received_at=now,
-                )
-            )
-            series.instance_count += 1
-            study.instance_count += 1
-            study.last_received_at = now
-            if study.status in _RERUN_FROM:
-                study.status = StudyStatus.RECEIVED.value
-                study.status_changed_at = now
-            return True
+            ).inserted_primary_key[0]  # type: ignore[index]
+        return int(study_id), int(series_id)
 
     def known_paths(self) -> set[str]:
         with self.read() as s:

@@ -22,6 +22,7 @@ import shutil
 import struct
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 from core.errors import OutOfResourcesError
@@ -87,7 +88,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(target: Path, chunks: tuple[bytes, ...] | list[bytes], tmp_dir: Path) -> None:
+def write_atomic(target: Path, chunks: Sequence[bytes | memoryview], tmp_dir: Path) -> None:
     """Write `chunks` to `target`: tmp file, fsync, rename, fsync of the target directory."""
     tmp = tmp_dir / f"{uuid.uuid4().hex}.part"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -167,7 +168,7 @@ class Spool:
         series_instance_uid: str,
         sop_instance_uid: str,
         file_meta: bytes,
-        dataset: bytes,
+        dataset: bytes | memoryview,
     ) -> Path:
         """Durably write one instance and return its path. Raises `OutOfResourcesError`."""
         self.check_space(len(file_meta) + len(dataset))

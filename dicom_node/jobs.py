@@ -1,0 +1,231 @@
+"""The per-study job: a persistent state machine in the index, and the analysis worker.
+
+::
+
+    received --(assembler: complete)--> complete --(worker claims)--> analysing
+    analysing --(analyser returns)--> reported --(sender: all sent)--> sent
+    analysing --(analyser raises)--> failed        reported --(dead letter)--> failed
+    received --(assembler: no prostate MRI)--> not_applicable
+    reported | sent | failed | not_applicable --(late instance)--> received   (re-run)
+    analysing --(restart after a crash)--> complete                           (resume)
+
+Every change is a compare-and-set UPDATE (``WHERE status IN (allowed sources)``), so the SCP,
+assembler, worker and sender threads never overwrite each other's decisions. The work queue is
+ordered by referral urgency (Requested Procedure Priority), then by age (first instance).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import pydicom
+from sqlalchemy import insert, select, update
+
+from core.domain import StudyStatus, TriageResult
+from core.errors import RadtriageError
+from dicom_node.index import OUTBOX_PENDING, Index, OutboxItem, Study
+from dicom_node.spool import Spool, write_atomic
+
+log = logging.getLogger(__name__)
+
+S = StudyStatus
+
+# For each target status, the statuses a study may move from.
+TRANSITIONS: dict[StudyStatus, frozenset[StudyStatus]] = {
+    S.COMPLETE: frozenset({S.RECEIVED, S.ANALYSING}),
+    S.ANALYSING: frozenset({S.COMPLETE}),
+    S.REPORTED: frozenset({S.ANALYSING}),
+    S.SENT: frozenset({S.REPORTED}),
+    S.FAILED: frozenset({S.ANALYSING, S.REPORTED}),
+    S.NOT_APPLICABLE: frozenset({S.RECEIVED}),
+    S.RECEIVED: frozenset({S.ANALYSING, S.REPORTED, S.SENT, S.FAILED, S.NOT_APPLICABLE}),
+}
+
+SR_MODALITY = "SR"
+
+
+@dataclass(frozen=True)
+class AnalysisOutput:
+    """What an analysis produces: the result and the DICOM documents (SR, SEG) to send."""
+
+    result: TriageResult
+    documents: list[Path]
+
+
+class Analyser(Protocol):
+    """The analysis seam, injected by the composition root (`serving`).
+
+    Called from the node's worker thread with every instance file of the study, and the SR of
+    the previous analysis when this is a re-run (its SOP Instance UID goes into the new SR's
+    Predecessor Documents Sequence). Return `AnalysisOutput`; a study that cannot be analysed
+    is returned as a "not analysed" result with its SR, not raised. Raise only when the
+    analysis itself broke (the study becomes ``failed``)."""
+
+    def __call__(
+        self, study_instance_uid: str, instance_paths: list[Path], previous_sr: Path | None
+    ) -> AnalysisOutput: ...
+
+
+def transition(index: Index, study_instance_uid: str, to: StudyStatus, **values: Any) -> bool:
+    """Move a study to `to` if its current status allows it; returns whether it moved."""
+    sources = [s.value for s in TRANSITIONS[to]]
+    with index.write() as s:
+        res = s.execute(
+            update(Study)
+            .where(Study.study_instance_uid == study_instance_uid, Study.status.in_(sources))
+            .values(status=to.value, status_changed_at=values.pop("now", time.time()), **values)
+        )
+        return bool(getattr(res, "rowcount", 0))
+
+
+def recover(index: Index, now: float) -> list[str]:
+    """After a restart: every study left ``analysing`` goes back to ``complete``."""
+    with index.write() as s:
+        uids = list(
+            s.scalars(select(Study.study_instance_uid).where(Study.status == S.ANALYSING.value))
+        )
+    for uid in uids:
+        transition(index, uid, S.COMPLETE, now=now)
+    return uids
+
+
+@dataclass(frozen=True)
+class Claim:
+    study_instance_uid: str
+    instance_count: int
+    previous_sr: Path | None
+
+
+def claim_next(index: Index, now: float) -> Claim | None:
+    """Take the most urgent, then oldest, ``complete`` study and mark it ``analysing``."""
+    with index.write() as s:
+        study = s.scalars(
+            select(Study)
+            .where(Study.status == S.COMPLETE.value)
+            .order_by(Study.urgency_rank, Study.first_received_at, Study.id)
+            .limit(1)
+        ).first()
+        if study is None:
+            return None
+        study.status = S.ANALYSING.value
+        study.status_changed_at = now
+        study.analysis_started_at = now
+        study.attempts += 1
+        study.analysed_instance_count = study.instance_count
+        previous = Path(study.previous_sr_path) if study.previous_sr_path else None
+        return Claim(study.study_instance_uid, study.instance_count, previous)
+
+
+def _document_uids(path: Path) -> tuple[str, str, str]:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.get("Modality", ""))
+
+
+def record_report(
+    index: Index,
+    spool: Spool,
+    claim: Claim,
+    output: AnalysisOutput,
+    destinations: list[str],
+    now: float,
+) -> None:
+    """Keep the documents under the storage root, queue them for every destination and move
+    the study to ``reported`` (or back to ``received`` when instances arrived meanwhile)."""
+    uid = claim.study_instance_uid
+    kept: list[tuple[Path, str, str, str]] = []
+    folder = spool.outbox_dir / uid
+    folder.mkdir(parents=True, exist_ok=True)
+    for doc in output.documents:
+        sop_uid, sop_class, modality = _document_uids(doc)
+        target = folder / f"{sop_uid}.dcm"
+        if not target.exists():
+            write_atomic(target, (doc.read_bytes(),), spool.tmp_dir)
+        kept.append((target, sop_uid, sop_class, modality))
+    sr = next((p for p, _, _, m in kept if m == SR_MODALITY), None)
+    with index.write() as s:
+        study = s.scalars(select(Study).where(Study.study_instance_uid == uid)).one()
+        if study.status != S.ANALYSING.value:
+            log.warning("study %s left analysing (%s) before its report", uid, study.status)
+            return
+        late = study.instance_count > claim.instance_count
+        study.status = S.RECEIVED.value if late else S.REPORTED.value
+        study.status_changed_at = now
+        study.reported_at = now
+        study.result_json = json.dumps(output.result.to_json_dict())
+        study.documents_json = json.dumps([str(p) for p, *_ in kept])
+        study.error_code = None
+        study.error_message = None
+        if sr is not None:
+            study.previous_sr_path = str(sr)
+        for path, sop_uid, sop_class, _ in kept:
+            for dest in destinations:
+                exists = s.scalar(
+                    select(OutboxItem.id).where(
+                        OutboxItem.destination == dest, OutboxItem.sop_instance_uid == sop_uid
+                    )
+                )
+                if exists is None:
+                    s.execute(
+                        insert(OutboxItem).values(
+                            study_instance_uid=uid,
+                            destination=dest,
+                            sop_instance_uid=sop_uid,
+                            sop_class_uid=sop_class,
+                            path=str(path),
+                            state=OUTBOX_PENDING,
+                            attempts=0,
+                            next_attempt_at=now,
+                            created_at=now,
+                        )
+                    )
+        if late:
+            log.info("study %s got new instances during analysis: analysing again", uid)
+
+
+class JobWorker:
+    """Runs the analyser on claimed studies, one at a time, in the calling thread."""
+
+    def __init__(
+        self,
+        index: Index,
+        spool: Spool,
+        analyse: Analyser,
+        destinations: list[str],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.index = index
+        self.spool = spool
+        self.analyse = analyse
+        self.destinations = destinations
+        self.clock = clock
+
+    def run_once(self) -> str | None:
+        """Analyse the next study, if any; returns its StudyInstanceUID."""
+        claim = claim_next(self.index, self.clock())
+        if claim is None:
+            return None
+        uid = claim.study_instance_uid
+        try:
+            paths = self.index.instance_paths(uid)
+            output = self.analyse(uid, paths, claim.previous_sr)
+            record_report(self.index, self.spool, claim, output, self.destinations, self.clock())
+        except Exception as exc:
+            err = exc if isinstance(exc, RadtriageError) else None
+            code = err.reason_code if err else "internal_error"
+            message = err.message if err else f"{type(exc).__name__}: {exc}"
+            log.exception("analysis of study %s failed", uid)
+            transition(
+                self.index,
+                uid,
+                S.FAILED,
+                now=self.clock(),
+                error_code=code,
+                error_message=message,
+            )
+        return uid

@@ -1,0 +1,251 @@
+"""`DicomNode`: the SCP, assembler, job worker and sender, wired and run as threads.
+
+The analysis is injected (`Analyser`, defined in `dicom_node.jobs`): the composition root in
+`serving` passes one that calls the models; tests pass their own.
+
+Start-up is also crash recovery: half-written spool files are removed, spool files missing from
+the index (acknowledged, then the process died before indexing) are indexed, studies left
+``analysing`` go back to ``complete``, and the outbox resumes where it stopped.
+
+Run standalone (used by the crash tests)::
+
+    python -m dicom_node.node --config node.toml --analyser package.module:factory
+
+where ``factory(settings) -> Analyser``. SIGTERM/SIGINT stop it gracefully.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pydicom
+
+from core.domain import StudyStatus
+from core.errors import ConfigError, RadtriageError
+from core.settings import Settings, load_settings
+from dicom_node.assembler import Assembler
+from dicom_node.index import Index
+from dicom_node.jobs import Analyser, AnalysisOutput, JobWorker, recover
+from dicom_node.scp import StorageSCP, StoreHandler, record_from_header
+from dicom_node.sender import Sender
+from dicom_node.spool import Spool
+
+__all__ = ["Analyser", "AnalysisOutput", "DicomNode", "reconcile"]
+
+log = logging.getLogger(__name__)
+
+
+def reconcile(spool: Spool, index: Index, now: float) -> int:
+    """Index every spooled instance the index lacks; returns how many were added."""
+    known = index.known_paths()
+    added = 0
+    for path in sorted(spool.spool_dir.glob("*/*/*.dcm")):
+        if str(path) in known:
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            rec = record_from_header(
+                ds,
+                sop_class_uid=str(ds.file_meta.MediaStorageSOPClassUID),
+                sop_instance_uid=str(ds.file_meta.MediaStorageSOPInstanceUID),
+                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                path=path,
+                size_bytes=path.stat().st_size,
+                calling_ae_title=str(ds.file_meta.get("SourceApplicationEntityTitle", "")),
+            )
+        except Exception as exc:
+            log.error("spooled file %s is unreadable (%s); moving it to quarantine", path, exc)
+            spool.quarantine(path.stem, path.read_bytes(), f"unreadable after restart: {exc}")
+            path.unlink(missing_ok=True)
+            continue
+        if index.add_instance(rec, now):
+            added += 1
+    return added
+
+
+class _Loop(threading.Thread):
+    """Calls `step` until stopped; sleeps `interval` when a step found nothing to do."""
+
+    def __init__(
+        self, name: str, step: Callable[[], Any], interval: float, wake: threading.Event
+    ) -> None:
+        super().__init__(name=name, daemon=True)
+        self.step = step
+        self.interval = interval
+        self.wake = wake
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                busy = self.step()
+            except Exception:
+                log.exception("%s step failed; continuing", self.name)
+                busy = None
+            if not busy:
+                self.wake.wait(self.interval)
+                self.wake.clear()
+
+
+class DicomNode:
+    """The DICOM side of radtriage. `start()` binds the port and starts the threads;
+    `stop()` stops accepting, lets the running analysis and send finish, and returns."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        analyse: Analyser,
+        *,
+        poll_interval_s: float = 0.2,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.analyse = analyse
+        self.poll_interval_s = poll_interval_s
+        self.clock = clock
+        d = settings.dicom
+        self.spool = Spool(settings.storage.root, d.low_water_mark_mb)
+        self.index = Index(settings.storage.database_url)
+        self._work = threading.Event()
+        self._send = threading.Event()
+        self.handler = StoreHandler(self.spool, self.index, on_stored=self._on_stored, clock=clock)
+        self.scp = StorageSCP(d, self.handler)
+        self.assembler = Assembler(self.index, d.stable_age_s, clock=clock)
+        self.worker = JobWorker(
+            self.index, self.spool, analyse, [x.name for x in d.destinations], clock=clock
+        )
+        self.sender = Sender(
+            self.index, list(d.destinations), settings.sender, d.ae_title, d.tls, clock=clock
+        )
+        self._loops: list[_Loop] = []
+
+    @property
+    def port(self) -> int:
+        return self.scp.port
+
+    def _on_stored(self, _study_instance_uid: str) -> None:
+        pass  # the assembler polls; nothing to do per instance
+
+    def _assemble(self) -> bool:
+        if self.assembler.poll():
+            self._work.set()
+        return False
+
+    def _analyse(self) -> bool:
+        uid = self.worker.run_once()
+        if uid is not None:
+            self._send.set()
+        return uid is not None
+
+    def _deliver(self) -> bool:
+        return self.sender.run_once() > 0
+
+    def start(self) -> None:
+        now = self.clock()
+        removed = self.spool.clean_tmp()
+        added = reconcile(self.spool, self.index, now)
+        resumed = recover(self.index, now)
+        if removed or added or resumed:
+            log.info(
+                "recovered: %d partial files removed, %d spooled instances indexed, "
+                "%d studies resumed",
+                removed,
+                added,
+                len(resumed),
+            )
+        self.scp.start()
+        self._loops = [
+            _Loop("radtriage-assembler", self._assemble, self.poll_interval_s, threading.Event()),
+            _Loop("radtriage-worker", self._analyse, self.poll_interval_s, self._work),
+            _Loop("radtriage-sender", self._deliver, self.poll_interval_s, self._send),
+        ]
+        for loop in self._loops:
+            loop.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.scp.stop()
+        for loop in self._loops:
+            loop.stopping.set()
+            loop.wake.set()
+        for loop in self._loops:
+            loop.join(timeout)
+        self._loops = []
+        self.index.close()
+
+    def __enter__(self) -> DicomNode:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- reads for the HTTP API and metrics ---------------------------------------------------
+
+    def list_studies(self, status: StudyStatus | str | None = None) -> list[dict[str, Any]]:
+        return self.index.list_studies(status)
+
+    def get_study(self, study_instance_uid: str) -> dict[str, Any] | None:
+        return self.index.get_study(study_instance_uid)
+
+    def outbox(self, state: str | None = None) -> list[dict[str, Any]]:
+        return self.index.outbox(state)
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        return self.index.dead_letters()
+
+    def counts(self) -> dict[str, Any]:
+        out = self.index.counts()
+        stats = self.handler.stats
+        out["ingest"] = {
+            "stored": stats.stored,
+            "duplicates": stats.duplicates,
+            "bytes": stats.bytes,
+            "refused": {f"0x{k:04X}": v for k, v in (stats.refused or {}).items()},
+        }
+        return out
+
+
+def _load_factory(spec: str) -> Callable[[Settings], Analyser]:
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise ConfigError(f"--analyser must be 'package.module:factory', got {spec!r}")
+    try:
+        return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot load analyser factory {spec!r}: {exc}") from exc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dicom_node.node", description=__doc__)
+    parser.add_argument("--config", type=Path, help="settings TOML")
+    parser.add_argument("--analyser", required=True, help="package.module:factory")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        settings = load_settings(args.config)
+        node = DicomNode(settings, _load_factory(args.analyser)(settings))
+        node.start()
+    except RadtriageError as exc:
+        log.error("%s", exc.message)
+        return 2
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    print(f"READY {node.port}", flush=True)
+    stop.wait()
+    node.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,230 @@
+"""Real DICOM peers for tests and benchmarks: DCMTK tools and Orthanc on loopback, plus a
+generator of classic MR series (pydicom) to send through them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+
+def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 20.0) -> None:
+    """Block until something listens on `port` (or raise TimeoutError)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+def make_mr_series(
+    out_dir: Path,
+    n_slices: int,
+    *,
+    study_instance_uid: str | None = None,
+    series_instance_uid: str | None = None,
+    rows: int = 64,
+    columns: int = 64,
+    patient_id: str = "RT-TEST-0001",
+    series_number: int = 1,
+    series_description: str = "t2_tse_tra",
+    requested_procedure_priority: str | None = None,
+    body_part_examined: str = "PROSTATE",
+    seed: int = 0,
+) -> list[Path]:
+    """Write an axial classic MR series (one file per slice, Explicit VR Little Endian)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    study_uid = study_instance_uid or generate_uid()
+    series_uid = series_instance_uid or generate_uid()
+    frame_uid = generate_uid(entropy_srcs=[study_uid, "frame"])
+    paths = []
+    for i in range(n_slices):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        sop_uid = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = MRImageStorage
+        ds.SOPInstanceUID = sop_uid
+        ds.PatientName = "Test^Radtriage"
+        ds.PatientID = patient_id
+        ds.PatientBirthDate = "19580101"
+        ds.PatientSex = "M"
+        ds.StudyInstanceUID = study_uid
+        ds.StudyDate = "20260101"
+        ds.StudyTime = "120000"
+        ds.AccessionNumber = "ACC" + patient_id[-4:]
+        ds.StudyID = "1"
+        ds.ReferringPhysicianName = ""
+        ds.StudyDescription = "MRI prostate"
+        ds.SeriesInstanceUID = series_uid
+        ds.SeriesNumber = series_number
+        ds.SeriesDescription = series_description
+        ds.Modality = "MR"
+        ds.BodyPartExamined = body_part_examined
+        ds.FrameOfReferenceUID = frame_uid
+        ds.Manufacturer = "radtriage-tests"
+        ds.InstanceNumber = i + 1
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
+        ds.ScanningSequence = "SE"
+        ds.SequenceVariant = "SK"
+        ds.ScanOptions = ""
+        ds.MRAcquisitionType = "2D"
+        ds.EchoTime = 100.0
+        ds.RepetitionTime = 4000.0
+        ds.EchoTrainLength = 16
+        ds.MagneticFieldStrength = 3.0
+        ds.ImagesInAcquisition = n_slices
+        ds.SliceThickness = 3.0
+        ds.SpacingBetweenSlices = 3.0
+        ds.PixelSpacing = [0.5, 0.5]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.ImagePositionPatient = [-16.0, -16.0, -30.0 + 3.0 * i]
+        ds.SliceLocation = -30.0 + 3.0 * i
+        if requested_procedure_priority:
+            ds.RequestedProcedurePriority = requested_procedure_priority
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows = rows
+        ds.Columns = columns
+        ds.BitsAllocated = 16
+        ds.BitsStored = 12
+        ds.HighBit = 11
+        ds.PixelRepresentation = 0
+        ds.PixelData = rng.integers(0, 4096, (rows, columns), dtype=np.uint16).tobytes()
+        path = out_dir / f"MR{series_number:03d}_{i:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def storescu(
+    files: Sequence[Path],
+    port: int,
+    *,
+    called: str = "RADTRIAGE",
+    calling: str = "STORESCU",
+    extra: Sequence[str] = (),
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
+    """Send `files` with DCMTK storescu in one association."""
+    exe = shutil.which("storescu") or "storescu"
+    cmd = [exe, "-aet", calling, "-aec", called, *extra, "127.0.0.1", str(port)]
+    cmd += [str(f) for f in files]
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@contextmanager
+def storescp(out_dir: Path, port: int, aet: str = "STORESCP") -> Iterator[subprocess.Popen[bytes]]:
+    """DCMTK storescp accepting everything into `out_dir` (flat, one file per instance)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    exe = shutil.which("storescp") or "storescp"
+    proc = subprocess.Popen(
+        [exe, "-aet", aet, "-od", str(out_dir), "--fork", "+xa", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "TCP_NODELAY": "1"},
+        start_new_session=True,
+    )
+    try:
+        wait_port(port)
+        yield proc
+    finally:
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is None:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+class Orthanc:
+    """An Orthanc PACS on loopback with its own config, storage and index in `workdir`."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        dicom_port: int,
+        http_port: int,
+        aet: str = "ORTHANC",
+        modalities: dict[str, tuple[str, str, int]] | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.dicom_port = dicom_port
+        self.http_port = http_port
+        self.aet = aet
+        self.modalities = modalities or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "Name": "radtriage-test-pacs",
+            "DicomAet": self.aet,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "index"),
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "DicomModalities": {
+                name: [aet, host, port] for name, (aet, host, port) in self.modalities.items()
+            },
+            "Plugins": [],
+            "StorageCompression": False,
+            "HttpTimeout": 60,
+            "DicomScuTimeout": 30,
+            "ConcurrentJobs": 2,
+            "StableAge": 2,
+        }
+
+    def __enter__(self) -> Orthanc:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cfg = self.workdir / "orthanc.json"
+        cfg.write_text(json.dumps(self.config(), indent=2))
+        exe = shutil.which("Orthanc") or "Orthanc"
+        log = (self.workdir / "orthanc.log").open("wb")
+        self.proc = subprocess.Popen(
+            [exe, str(cfg)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+        try:
+            wait_port(self.http_port, timeout=60)
+            wait_port(self.dicom_port, timeout=60)
+        except TimeoutError:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+            self.proc = None
