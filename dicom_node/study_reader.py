@@ -9,6 +9,7 @@ completeness check need no pixel data.
 from __future__ import annotations
 
 import math
+import os
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -367,9 +368,17 @@ def _iter_files(source: Path | Iterable[Path]) -> Iterator[Path]:
             return
         if not root.is_dir():
             raise NotDicomError(f"{root}: no such file or folder")
-        for p in sorted(root.rglob("*")):
-            if p.is_file() and not p.name.startswith("."):
-                yield p
+        visited: set[str] = set()
+        for folder, dirs, names in os.walk(root, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in visited:  # a symlink loop
+                dirs.clear()
+                continue
+            visited.add(real)
+            dirs.sort()
+            for name in sorted(names):
+                if not name.startswith("."):
+                    yield Path(folder) / name
         return
     for p in source:
         yield Path(p)
