@@ -373,7 +373,7 @@ class PipelineEngine:
 
     def __init__(self, pipeline: Any) -> None:
         self.pipeline = pipeline
-        self._thresholds = detector_thresholds(pipeline.detector.metadata)
+        self._thresholds: Thresholds = pipeline.thresholds
 
     @classmethod
     def load(cls, models: ModelSettings, *, device: str = "auto") -> PipelineEngine:
@@ -397,13 +397,3 @@ class PipelineEngine:
 
     def predict(self, t2w: Volume, adc: Volume, hbv: Volume) -> EngineOutput:
         return EngineOutput(self.pipeline.predict(t2w, adc, hbv), {"detector": 1, "gland": 1})
-
-
-def detector_thresholds(metadata: Any) -> Thresholds:
-    """Operating thresholds from the detector's metadata.json; refuse a model without them."""
-    if metadata.thresholds is None:
-        raise ModelError(
-            f"detector {metadata.name}:{metadata.version} has no thresholds in metadata.json; "
-            "run `radtriage evaluate` to choose them before serving it"
-        )
-    return metadata.thresholds.as_thresholds()  # type: ignore[no-any-return]
