@@ -109,7 +109,7 @@ def _direct(group: Dataset, name: tuple[str, str], value_type: str) -> list[Data
 def _first_num(group: Dataset, name: tuple[str, str], **where: tuple[str, str]) -> float | None:
     for item in _direct(group, name, "NUM"):
         if "site" in where:
-            sites = [_code(m)[:2] for m in _children(item) if _code(m) is not None]
+            sites = [c[:2] for m in _children(item) if (c := _code(m)) is not None]
             if where["site"] not in sites:
                 continue
         return _num(item)
