@@ -41,6 +41,7 @@ LESION_CATEGORY_CODES: dict[str, Code] = {
     "ai_high": Code("RT201", CODING_SCHEME, "AI high suspicion"),
     "ai_intermediate": Code("RT202", CODING_SCHEME, "AI intermediate suspicion"),
     "ai_low": Code("RT203", CODING_SCHEME, "AI low suspicion"),
+    "ai_suspicious": Code("RT204", CODING_SCHEME, "AI suspicious, not graded"),
 }
 
 # Values of NOT_ANALYSED_REASON, keyed by core.errors reason_code
