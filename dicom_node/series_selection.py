@@ -20,7 +20,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from core.domain import SeriesChoice, SeriesRole
-from core.errors import ConfigError, GeometryError, RadtriageError
+from core.errors import ConfigError, RadtriageError
 from dicom_node.study_reader import SeriesInfo, StudyScan
 from dicom_node.volumes import series_geometry
 
@@ -414,8 +414,9 @@ def select_series(scan: StudyScan, rules: SelectionRules | None = None) -> Selec
             role = SeriesRole.OTHER
             candidate_notes = [n for n in notes[uid] if "candidate" in n]
             relevant = ("adc", "hbv") if cands[0].features["is_diffusion"] else ("t2w",)
-            failed = [n for n in notes[uid] if n.split(":")[0][4:] in relevant]
-            reason = "other: " + "; ".join(candidate_notes or _dedupe(failed or notes[uid])[:2])
+            failed_notes = [n for n in notes[uid] if n.split(":")[0][4:] in relevant]
+            shown = candidate_notes or _dedupe(failed_notes or notes[uid])[:2]
+            reason = "other: " + "; ".join(shown)
             if len(s.b_values) > 1:
                 reason += f" (b-values {'/'.join(f'{b:g}' for b in s.b_values)})"
             details = {"b_values": cands[0].features["b_values"]}
@@ -470,6 +471,6 @@ def series_geometrically_complete(series: SeriesInfo) -> bool:
     try:
         for part in parts:
             series_geometry(part)
-    except (GeometryError, RadtriageError):
+    except RadtriageError:
         return False
     return True
