@@ -342,6 +342,7 @@ class StorageSCP:
         if address not in allowed:
             log.warning("association from %s rejected: address not allowed", address)
             event.assoc.acse.send_reject(0x01, 0x01, 0x01)
+            event.assoc.kill()  # waits until the A-ASSOCIATE-RJ has gone out
 
     def start(self) -> None:
         from pynetdicom import AE, _config, evt

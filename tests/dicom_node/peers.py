@@ -228,3 +228,74 @@ class Orthanc:
         if self.proc is not None:
             _stop(self.proc)
             self.proc = None
+
+
+# --- a small analyser at the node's seam (the real one is wired in serving) --------------------
+
+
+class RecordingAnalyser:
+    """Writes a minimal Comprehensive SR (highdicom) per call and records every call.
+
+    UIDs are stable per (study, number of instances) so a resend carries the same SOP Instance
+    UID. `fail` makes it raise (to test the ``failed`` state)."""
+
+    def __init__(self, out_dir: Path, fail: bool = False) -> None:
+        self.out_dir = out_dir
+        self.fail = fail
+        self.calls: list[tuple[str, int, Path | None]] = []
+
+    def __call__(
+        self, study_instance_uid: str, instance_paths: list[Path], previous_sr: Path | None
+    ) -> Any:
+        import highdicom as hd
+        import pydicom
+        from pydicom.sr.codedict import codes
+
+        from core.domain import Priority, StudyStatus, TriageResult
+        from dicom_node.jobs import AnalysisOutput
+
+        self.calls.append((study_instance_uid, len(instance_paths), previous_sr))
+        if self.fail:
+            raise RuntimeError("test analyser told to fail")
+        evidence = pydicom.dcmread(instance_paths[0], stop_before_pixels=True)
+        root = hd.sr.ContainerContentItem(name=codes.DCM.ImagingMeasurementReport)
+        root.ContentSequence = [
+            hd.sr.TextContentItem(
+                name=codes.DCM.Finding,
+                value=f"test analysis of {len(instance_paths)} instances",
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        ]
+        key = [study_instance_uid, str(len(instance_paths))]
+        sr = hd.sr.ComprehensiveSR(
+            evidence=[evidence],
+            content=root,
+            series_instance_uid=pydicom.uid.generate_uid(entropy_srcs=[*key, "series"]),
+            series_number=901,
+            sop_instance_uid=pydicom.uid.generate_uid(entropy_srcs=[*key, "sr"]),
+            instance_number=1,
+            manufacturer="radtriage-tests",
+            previous_versions=([pydicom.dcmread(previous_sr)] if previous_sr is not None else None),
+        )
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"{sr.SOPInstanceUID}.dcm"
+        sr.save_as(path)
+        result = TriageResult(
+            study_instance_uid=study_instance_uid,
+            status=StudyStatus.REPORTED,
+            priority=Priority.ROUTINE,
+            case_likelihood=0.1,
+        )
+        return AnalysisOutput(result=result, documents=[path])
+
+
+def make_recording_analyser(settings: Any) -> RecordingAnalyser:
+    """Factory for ``python -m dicom_node.node --analyser``."""
+    return RecordingAnalyser(Path(settings.storage.root) / "test-analyser")
+
+
+def encoded_dataset(path: Path) -> bytes:
+    """The data set of a DICOM file as it travels in a C-STORE (file meta stripped)."""
+    raw = path.read_bytes()
+    group_length = int.from_bytes(raw[140:144], "little")  # (0002,0000) UL value
+    return raw[144 + group_length :]
