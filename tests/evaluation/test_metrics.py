@@ -189,3 +189,29 @@ def test_bootstrap_helpers() -> None:
 def test_picai_import_prints_nothing(capsys: pytest.CaptureFixture[str]) -> None:
     picai_eval_module()
     assert capsys.readouterr().out == ""
+
+
+def test_fast_ap_equals_picai_eval_ap() -> None:
+    """The bootstrap's AP is picai_eval's AP (random lesion results, ties and zero scores)."""
+    from evaluation.metrics import picai_ap
+
+    metrics_cls = picai_eval_module().Metrics
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(60):
+        results = {
+            str(i): [
+                (int(rng.random() < 0.4), float(rng.choice([0.0, rng.random(), 0.5])), 0.0)
+                for _ in range(int(rng.integers(0, 4)))
+            ]
+            for i in range(int(rng.integers(2, 30)))
+        }
+        m = metrics_cls(lesion_results=results)
+        flat = m.lesion_results_flat
+        y = np.array([t for t, _, _ in flat], float)
+        if not y.any():
+            continue
+        s = np.array([c for _, c, _ in flat], float)
+        assert picai_ap(y, s) == pytest.approx(m.AP, abs=1e-12)
+        checked += 1
+    assert checked > 30

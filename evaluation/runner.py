@@ -1,0 +1,210 @@
+"""Labelled data sources and inference: turn `--data` into `CaseRecord`s with the server's code.
+
+`--data` is either `phantoms:N[:SEED]` (synthetic cases from `training.phantoms`, seeds
+SEED..SEED+N-1, vendors in rotation; default SEED 100000, outside the training seeds) or a
+folder read by `training.datasets` (PI-CAI MHA layout or DICOM folders with masks).
+
+Inference goes through `models.pipeline.TriagePipeline`, the same pre/post-processing and ONNX
+runner the server uses, so evaluation measures what would run in production.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from core.domain import Prediction, Volume
+from core.errors import InputError
+from evaluation.metrics import CaseRecord, detection_map_from_prediction
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PHANTOM_SEED = 100_000  # training uses seeds below this
+
+
+@dataclass(frozen=True, eq=False)
+class LabelledCase:
+    """One exam with ground truth; masks are on the T2W grid."""
+
+    case_id: str
+    t2w: Volume
+    adc: Volume
+    hbv: Volume
+    is_cspca: bool
+    lesion_mask: Volume | None = None  # csPCa lesions (ISUP >= 2) only, 0/1
+    gland_mask: Volume | None = None
+    vendor: str | None = None
+    scanner: str | None = None
+    field_strength: str | None = None
+
+
+class Predictor(Protocol):
+    def predict(self, t2w: Volume, adc: Volume, hbv: Volume) -> Prediction: ...
+
+
+def phantom_cases(n: int, seed: int = DEFAULT_PHANTOM_SEED) -> Iterator[LabelledCase]:
+    """`n` synthetic cases (label drawn by the phantom generator, ~40% csPCa)."""
+    from training.phantoms import VENDORS, synthesize_case
+    from training.phantoms.vendors import FLAVOURS
+
+    for i in range(n):
+        vendor = VENDORS[i % len(VENDORS)]
+        case = synthesize_case(seed + i, vendor=vendor)
+        cspca_labels = [lesion.label for lesion in case.lesions if lesion.is_cspca]
+        mask = np.isin(case.lesion_mask.array, cspca_labels).astype(np.uint8)
+        flavour = FLAVOURS.get(vendor)
+        yield LabelledCase(
+            case_id=f"{case.case_id}-{vendor}",
+            t2w=case.t2w,
+            adc=case.adc,
+            hbv=case.hbv,
+            is_cspca=case.is_cspca,
+            lesion_mask=case.lesion_mask.with_array(mask),
+            gland_mask=case.gland_mask,
+            vendor=vendor,
+            scanner=f"{flavour.manufacturer} {flavour.model}" if flavour else None,
+            field_strength=f"{flavour.field_strength:g}T" if flavour else None,
+        )
+
+
+def parse_phantom_spec(spec: str) -> tuple[int, int] | None:
+    """`phantoms:N[:SEED]` -> (N, SEED); None when `spec` is not a phantom spec."""
+    if not spec.startswith("phantoms:"):
+        return None
+    parts = spec.split(":")[1:]
+    try:
+        n = int(parts[0])
+        seed = int(parts[1]) if len(parts) > 1 else DEFAULT_PHANTOM_SEED
+    except (IndexError, ValueError) as exc:
+        raise InputError(f"--data {spec!r} must look like phantoms:N or phantoms:N:SEED") from exc
+    if n <= 0 or len(parts) > 2:
+        raise InputError(f"--data {spec!r}: N must be a positive integer (phantoms:N[:SEED])")
+    return n, seed
+
+
+def load_cases(spec: str) -> Iterator[LabelledCase]:
+    """The labelled cases named by `--data`."""
+    phantom = parse_phantom_spec(spec)
+    if phantom is not None:
+        yield from phantom_cases(*phantom)
+        return
+    path = Path(spec)
+    if not path.exists():
+        raise InputError(f"--data {spec}: no such folder (or use phantoms:N[:SEED])")
+    yield from _dataset_cases(path)
+
+
+def _dataset_cases(path: Path) -> Iterator[LabelledCase]:
+    """Cases from `training.datasets` (PI-CAI MHA layout or DICOM folders with masks)."""
+    try:
+        from training import datasets
+    except ImportError as exc:
+        raise InputError(
+            f"--data {path}: reading labelled folders needs training.datasets, which is not "
+            "available in this build; use phantoms:N[:SEED]"
+        ) from exc
+    loader = getattr(datasets, "open_dataset", None) or getattr(datasets, "load_dataset", None)
+    if loader is None:
+        raise InputError(f"--data {path}: training.datasets offers no dataset loader")
+    for item in loader(path):
+        yield _from_dataset_item(item)
+
+
+def _from_dataset_item(item: Any) -> LabelledCase:
+    """Adapt a `training.datasets` case (duck-typed: t2w/adc/hbv Volumes, masks, labels)."""
+    lesion = getattr(item, "lesion_mask", None)
+    lesions = getattr(item, "lesions", None)
+    if lesion is not None and lesions:
+        keep = [x.label for x in lesions if getattr(x, "is_cspca", True)]
+        lesion = lesion.with_array(np.isin(lesion.array, keep).astype(np.uint8))
+    elif lesion is not None:
+        lesion = lesion.with_array((np.asarray(lesion.array) > 0).astype(np.uint8))
+    is_cspca = getattr(item, "is_cspca", None)
+    if is_cspca is None:
+        is_cspca = bool(lesion is not None and np.any(lesion.array))
+    fs = getattr(item, "field_strength", None)
+    return LabelledCase(
+        case_id=str(getattr(item, "case_id", "")),
+        t2w=item.t2w,
+        adc=item.adc,
+        hbv=item.hbv,
+        is_cspca=bool(is_cspca),
+        lesion_mask=lesion,
+        gland_mask=getattr(item, "gland_mask", None),
+        vendor=getattr(item, "vendor", None),
+        scanner=getattr(item, "scanner", None),
+        field_strength=None if fs in (None, "") else str(fs),
+    )
+
+
+def load_pipeline(
+    detector: str, gland: str = "prostate_gland", repository: Path | str | None = None
+) -> Predictor:
+    """The server's inference pipeline for `detector` (NAME or NAME:VERSION)."""
+    from models.pipeline import TriagePipeline
+
+    root = Path(repository) if repository is not None else None
+    return TriagePipeline.from_repository(repository=root, detector=detector, gland=gland)
+
+
+def _thumbnail(t2w: np.ndarray, likelihood: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    z = (
+        int(np.argmax(likelihood.reshape(likelihood.shape[0], -1).max(axis=1)))
+        if (likelihood is not None and likelihood.shape == t2w.shape)
+        else t2w.shape[0] // 2
+    )
+    overlay = likelihood[z] if likelihood is not None and likelihood.shape == t2w.shape else None
+    return t2w[z].astype(np.float32), (
+        overlay.astype(np.float32) if overlay is not None else np.zeros_like(t2w[z], np.float32)
+    )
+
+
+def run_case(predictor: Predictor, case: LabelledCase) -> CaseRecord:
+    """Run one case through the pipeline and pair its outputs with the ground truth."""
+    prediction = predictor.predict(case.t2w, case.adc, case.hbv)
+    det = None
+    if prediction.lesion_labels is not None or prediction.likelihood_map is not None:
+        det = detection_map_from_prediction(prediction)
+    lesion = case.lesion_mask.array if case.lesion_mask is not None else None
+    if det is not None and lesion is None:
+        lesion = np.zeros(det.shape, np.uint8)
+    if det is not None and lesion is not None and det.shape != lesion.shape:
+        raise InputError(
+            f"case {case.case_id}: prediction grid {det.shape} differs from the lesion mask grid "
+            f"{lesion.shape}; masks must be on the T2W grid"
+        )
+    lik_map = prediction.likelihood_map.array if prediction.likelihood_map is not None else None
+    image, overlay = _thumbnail(np.asarray(case.t2w.array), lik_map)
+    return CaseRecord(
+        case_id=case.case_id,
+        is_cspca=case.is_cspca,
+        likelihood=float(prediction.case_likelihood),
+        detection_map=det,
+        lesion_mask=lesion,
+        gland_pred=(prediction.gland_mask.array if prediction.gland_mask is not None else None),
+        gland_true=case.gland_mask.array if case.gland_mask is not None else None,
+        vendor=case.vendor,
+        scanner=case.scanner,
+        field_strength=case.field_strength,
+        image=image,
+        overlay=overlay,
+        extra={
+            "n_lesions_predicted": len(prediction.lesions),
+            "gland_volume_ml": prediction.gland_volume_ml,
+        },
+    )
+
+
+def run_cases(predictor: Predictor, cases: Iterable[LabelledCase]) -> list[CaseRecord]:
+    records = []
+    for i, case in enumerate(cases, 1):
+        records.append(run_case(predictor, case))
+        log.info("evaluated %d cases (last: %s)", i, case.case_id)
+    if not records:
+        raise InputError("the data source held no cases to evaluate")
+    return records

@@ -1,0 +1,219 @@
+"""`radtriage evaluate`: PI-CAI metrics, priority thresholds, HTML report, model comparison."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from core.errors import InputError
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="evaluate a model on labelled cases (PI-CAI metrics, thresholds, report)",
+        description="Run the server's inference pipeline on labelled cases and report case-level "
+        "AUROC/AP, the PI-CAI ranking score, lesion FROC, sensitivity/specificity at the priority "
+        "thresholds, calibration, gland Dice and subgroups, with seeded bootstrap 95%% CIs.",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help="phantoms:N[:SEED] (default SEED 100000) or a labelled dataset folder",
+    )
+    p.add_argument("--model", default="cspca_detector", help="detector NAME[:VERSION]")
+    p.add_argument("--gland", default="prostate_gland", help="gland model NAME[:VERSION]")
+    p.add_argument("--repository", type=Path, help="model repository (default: bundled)")
+    p.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("A", "B"),
+        help="compare two detector versions (NAME:VERSION) on the same cases",
+    )
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--out", type=Path, help="also write the JSON here")
+    p.add_argument("--report", type=Path, metavar="OUT.html", help="write the HTML report")
+    p.add_argument(
+        "--write-thresholds",
+        action="store_true",
+        help="write the thresholds chosen on these cases into the model's metadata",
+    )
+    p.add_argument("--target-sensitivity", type=float, default=0.95)
+    p.add_argument(
+        "--confidence", type=float, default=0.95, help="confidence of the sensitivity lower bound"
+    )
+    p.add_argument("--urgent-specificity", type=float, default=0.90)
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.set_defaults(func=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    from evaluation.runner import load_cases, load_pipeline, run_cases
+
+    if args.bootstrap < 10:
+        raise InputError("--bootstrap must be at least 10")
+    cases = list(load_cases(args.data))
+    if not cases:
+        raise InputError(f"--data {args.data} held no cases")
+
+    def records_for(ref: str) -> list[Any]:
+        return run_cases(load_pipeline(ref, args.gland, args.repository), cases)
+
+    doc = _compare(args, records_for) if args.compare else _evaluate(args, records_for(args.model))
+    if args.out:
+        args.out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(_text(doc))
+    return 0
+
+
+def _repository(args: argparse.Namespace) -> Any:
+    from models.repository import ModelRepository
+
+    return ModelRepository(args.repository)
+
+
+def _evaluate(args: argparse.Namespace, records: list[Any]) -> dict[str, Any]:
+    from evaluation.metrics import evaluate_records, json_safe
+    from evaluation.operating_points import choose_thresholds
+    from evaluation.report import render_html
+    from models.metadata import METADATA_FILE, ThresholdSpec, read_metadata, write_metadata
+
+    version = _repository(args).resolve(args.model)
+    md = version.metadata
+    choice = choose_thresholds(
+        [r.likelihood for r in records],
+        [r.is_cspca for r in records],
+        target_sensitivity=args.target_sensitivity,
+        confidence=args.confidence,
+        urgent_specificity=args.urgent_specificity,
+    )
+    written = None
+    if args.write_thresholds:
+        if not choice.meets_target:
+            raise InputError(
+                f"refusing to write thresholds: {choice.n_cspca} csPCa cases cannot show "
+                f"sensitivity >= {choice.target_sensitivity} with {choice.confidence:.0%} "
+                f"confidence (needs >= {choice.min_cspca_needed}); evaluate on more cases"
+            )
+        source = (
+            f"radtriage evaluate --data {args.data} (n={choice.n_cases}, "
+            f"{choice.n_cspca} csPCa): {choice.rule}"
+        )
+        spec = ThresholdSpec(
+            urgent=choice.thresholds.urgent, soon=choice.thresholds.soon, source=source
+        )
+        path = version.path / METADATA_FILE
+        # only the "thresholds" key changes; the sha256 covers model.onnx, not this file
+        write_metadata(path, read_metadata(path).model_copy(update={"thresholds": spec}))
+        md = read_metadata(path)
+        written = str(path)
+    if md.thresholds is not None:
+        thresholds, source = md.thresholds.as_thresholds(), md.thresholds.source
+    else:
+        thresholds, source = choice.thresholds, "chosen on these cases (model has none)"
+    ev = evaluate_records(records, thresholds, n_bootstrap=args.bootstrap, seed=args.seed)
+    summary = dict(ev.summary)
+    summary["operating_points"] = json_safe(choice.to_dict())
+    summary["thresholds_source"] = source
+    summary["thresholds_written_to"] = written
+    summary["model"] = {
+        "name": md.name,
+        "version": md.version,
+        "sha256": md.sha256,
+        "clinical_use": md.clinical_use,
+    }
+    summary["data"] = args.data
+    if args.report:
+        ev = type(ev)(ev.records, ev.metrics, summary)
+        context = {
+            "model": f"{md.name}:{md.version}",
+            "data": args.data,
+            "thresholds": source,
+            "disclaimer": md.disclaimer or "",
+        }
+        args.report.write_text(render_html(ev, context=context), encoding="utf-8")
+        summary["report"] = str(args.report)
+    return summary
+
+
+def _compare(args: argparse.Namespace, records_for: Any) -> dict[str, Any]:
+    from evaluation.compare import compare_records
+    from evaluation.metrics import evaluate_records, json_safe
+    from evaluation.report import render_comparison_html
+
+    a_ref, b_ref = args.compare
+    repo = _repository(args)
+    for ref in (a_ref, b_ref):
+        repo.resolve(ref)
+    ra, rb = records_for(a_ref), records_for(b_ref)
+    ea = evaluate_records(ra, n_bootstrap=args.bootstrap, seed=args.seed)
+    eb = evaluate_records(rb, n_bootstrap=args.bootstrap, seed=args.seed)
+    comparison = json_safe(compare_records(ra, rb, n_bootstrap=args.bootstrap, seed=args.seed))
+    keys = (
+        "n_cases",
+        "n_cspca",
+        "auroc",
+        "auroc_ci",
+        "ap",
+        "ap_ci",
+        "picai_score",
+        "picai_score_ci",
+        "calibration",
+    )
+    doc = {
+        "a": {"model": a_ref, **{k: ea.summary[k] for k in keys}},
+        "b": {"model": b_ref, **{k: eb.summary[k] for k in keys}},
+        "difference_b_minus_a": comparison,
+        "data": args.data,
+    }
+    if args.report:
+        args.report.write_text(
+            render_comparison_html(ea, eb, comparison, labels=(a_ref, b_ref)), encoding="utf-8"
+        )
+        doc["report"] = str(args.report)
+    return doc
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _text(doc: dict[str, Any]) -> str:
+    if "difference_b_minus_a" in doc:
+        d = doc["difference_b_minus_a"]["picai_score"]
+        lo, hi = d["difference"]["ci"]
+        return (
+            f"A {doc['a']['model']}: PI-CAI score {_fmt(doc['a']['picai_score'])}\n"
+            f"B {doc['b']['model']}: PI-CAI score {_fmt(doc['b']['picai_score'])}\n"
+            f"B - A: {_fmt(d['difference']['value'])} (95% CI {_fmt(lo)} to {_fmt(hi)}), "
+            f"p = {_fmt(d['p_value'])}"
+        )
+    lines = [
+        f"{doc['model']['name']}:{doc['model']['version']} on {doc['data']}: "
+        f"{doc['n_cases']} cases, {doc['n_cspca']} csPCa",
+        f"AUROC {_fmt(doc['auroc'])} ({_fmt(doc['auroc_ci'][0])}-{_fmt(doc['auroc_ci'][1])})",
+        f"AP ({doc['ap_level']}) {_fmt(doc['ap'])}  PI-CAI score {_fmt(doc['picai_score'])}",
+        f"ECE {_fmt(doc['calibration']['ece'])}",
+    ]
+    for name, p in (doc.get("thresholds") or {}).items():
+        lines.append(
+            f"{name} >= {p['threshold']:.3f}: sensitivity {_fmt(p['sensitivity'])} "
+            f"({_fmt(p['sensitivity_ci'][0])}-{_fmt(p['sensitivity_ci'][1])}), specificity "
+            f"{_fmt(p['specificity'])}"
+        )
+    op = doc["operating_points"]
+    lines.append(
+        f"chosen here: soon {op['soon']:.3f}, urgent {op['urgent']:.3f} "
+        f"(target met: {op['meets_target']})"
+    )
+    if doc.get("thresholds_written_to"):
+        lines.append(f"thresholds written to {doc['thresholds_written_to']}")
+    if doc.get("report"):
+        lines.append(f"report: {doc['report']}")
+    return "\n".join(lines)
