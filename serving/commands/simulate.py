@@ -40,6 +40,12 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--referral-to-scan-days", type=int, default=d.referral_to_scan_days)
     p.add_argument("--fds-days", type=int, default=d.fds_days)
+    p.add_argument(
+        "--escalate-within-days",
+        type=int,
+        default=d.escalate_within_days,
+        help="raise to at least soon this many days before the FDS breach",
+    )
     p.add_argument("--urgent-threshold", type=float, default=d.urgent_threshold)
     p.add_argument("--soon-threshold", type=float, default=d.soon_threshold)
     p.add_argument("--sensitivity-urgent", type=float, default=d.sensitivity_urgent)
@@ -102,6 +108,7 @@ def handle(args: argparse.Namespace) -> int:
             referral_mix=_mix(args.referral_mix),
             referral_to_scan_days=args.referral_to_scan_days,
             fds_days=args.fds_days,
+            escalate_within_days=args.escalate_within_days,
             urgent_threshold=thresholds.get("urgent", args.urgent_threshold),
             soon_threshold=thresholds.get("soon", args.soon_threshold),
             sensitivity_urgent=args.sensitivity_urgent,
