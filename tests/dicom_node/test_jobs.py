@@ -1,0 +1,120 @@
+"""The persistent job state machine and the analysis worker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from core.domain import StudyStatus
+from dicom_node.index import Index, InstanceRecord
+from dicom_node.jobs import JobWorker, claim_next, recover, transition
+from dicom_node.spool import Spool
+
+from .peers import RecordingAnalyser, make_mr_series
+
+S = StudyStatus
+
+
+def _index_series(index: Index, files: list[Path], now: float, priority: str = "") -> str:
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        index.add_instance(
+            InstanceRecord(
+                sop_instance_uid=ds.SOPInstanceUID,
+                sop_class_uid=ds.SOPClassUID,
+                series_instance_uid=ds.SeriesInstanceUID,
+                study_instance_uid=ds.StudyInstanceUID,
+                transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+                path=f,
+                size_bytes=f.stat().st_size,
+                patient_id=ds.PatientID,
+                modality="MR",
+                requested_procedure_priority=priority,
+            ),
+            now,
+        )
+    return str(ds.StudyInstanceUID)
+
+
+@pytest.fixture
+def index(tmp_path: Path) -> Index:
+    return Index(f"sqlite:///{tmp_path}/index.db")
+
+
+def test_transitions_are_compare_and_set(index: Index, tmp_path: Path) -> None:
+    uid = _index_series(index, make_mr_series(tmp_path / "a", 2), 1.0)
+    assert not transition(index, uid, S.ANALYSING)  # received -> analysing is not allowed
+    assert not transition(index, uid, S.SENT)
+    assert transition(index, uid, S.COMPLETE)
+    assert not transition(index, uid, S.COMPLETE)  # complete -> complete is not listed
+    assert index.get_study(uid)["status"] == "complete"  # type: ignore[index]
+
+
+def test_queue_orders_by_referral_urgency_then_age(index: Index, tmp_path: Path) -> None:
+    old_routine = _index_series(index, make_mr_series(tmp_path / "a", 1, seed=1), 1.0)
+    new_stat = _index_series(index, make_mr_series(tmp_path / "b", 1, seed=2), 5.0, "STAT")
+    older_routine = _index_series(index, make_mr_series(tmp_path / "c", 1, seed=3), 0.5)
+    for uid in (old_routine, new_stat, older_routine):
+        transition(index, uid, S.COMPLETE)
+    order = [claim_next(index, 10.0) for _ in range(4)]
+    assert [c.study_instance_uid if c else None for c in order] == [
+        new_stat,
+        older_routine,
+        old_routine,
+        None,
+    ]
+
+
+def test_restart_resumes_studies_left_analysing(index: Index, tmp_path: Path) -> None:
+    uid = _index_series(index, make_mr_series(tmp_path / "a", 1), 1.0)
+    transition(index, uid, S.COMPLETE)
+    assert claim_next(index, 2.0) is not None
+    assert recover(index, 3.0) == [uid]
+    assert index.get_study(uid)["status"] == "complete"  # type: ignore[index]
+
+
+def test_worker_reports_queues_documents_and_reruns_late_studies(
+    index: Index, tmp_path: Path
+) -> None:
+    spool = Spool(tmp_path / "var")
+    analyser = RecordingAnalyser(tmp_path / "sr")
+    worker = JobWorker(index, spool, analyser, ["pacs", "archive"])
+    files = make_mr_series(tmp_path / "a", 3)
+    uid = _index_series(index, files, 1.0)
+    transition(index, uid, S.COMPLETE)
+    assert worker.run_once() == uid
+    study = index.get_study(uid)
+    assert study is not None and study["status"] == "reported"
+    assert study["result"]["priority"] == "routine"
+    assert [o["destination"] for o in study["outbox"]] == ["pacs", "archive"]
+    first_sr = Path(study["documents"][0])
+    assert first_sr.is_file() and spool.outbox_dir in first_sr.parents
+    # a late instance: back to received; the re-run gets the previous SR to supersede
+    late = make_mr_series(tmp_path / "late", 1, study_instance_uid=uid, series_number=2)
+    _index_series(index, late, 9.0)
+    assert index.get_study(uid)["status"] == "received"  # type: ignore[index]
+    transition(index, uid, S.COMPLETE)
+    worker.run_once()
+    assert analyser.calls[-1] == (uid, 4, first_sr)
+    rerun_sr = pydicom.dcmread(index.get_study(uid)["documents"][0])  # type: ignore[index]
+    predecessor = rerun_sr.PredecessorDocumentsSequence[0]
+    assert predecessor.ReferencedSeriesSequence[0].ReferencedSOPSequence[
+        0
+    ].ReferencedSOPInstanceUID == (pydicom.dcmread(first_sr).SOPInstanceUID)
+    assert len(index.outbox()) == 4  # both SRs, both destinations
+
+
+def test_worker_failure_marks_study_failed(index: Index, tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "var")
+    worker = JobWorker(index, spool, RecordingAnalyser(tmp_path / "sr", fail=True), [])
+    uid = _index_series(index, make_mr_series(tmp_path / "a", 1), 1.0)
+    transition(index, uid, S.COMPLETE)
+    worker.run_once()
+    study = index.get_study(uid)
+    assert study is not None and study["status"] == "failed"
+    assert study["error"] == {
+        "code": "internal_error",
+        "message": "RuntimeError: test analyser told to fail",
+    }
