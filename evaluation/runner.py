@@ -100,46 +100,59 @@ def load_cases(spec: str) -> Iterator[LabelledCase]:
 
 
 def _dataset_cases(path: Path) -> Iterator[LabelledCase]:
-    """Cases from `training.datasets` (PI-CAI MHA layout or DICOM folders with masks)."""
-    try:
-        from training import datasets
-    except ImportError as exc:
+    """DICOM study folders with masks, as `training.datasets.dicom_cases` reads them:
+    `<study>/masks/{lesions,gland}.{mha,nii.gz}` (any grid in the same patient coordinates),
+    optional `<study>/ground_truth.json` with `is_cspca`/`vendor`. Unlike training, the images
+    stay native: the pipeline under test does the preprocessing."""
+    from dicom_node.inspect import load_study_volumes
+    from models.preprocessing import resample_to_reference
+    from training.datasets import _find_mask, read_volume
+
+    studies = [p for p in sorted(path.iterdir()) if p.is_dir() and (p / "masks").is_dir()]
+    if not studies:
         raise InputError(
-            f"--data {path}: reading labelled folders needs training.datasets, which is not "
-            "available in this build; use phantoms:N[:SEED]"
-        ) from exc
-    loader = getattr(datasets, "open_dataset", None) or getattr(datasets, "load_dataset", None)
-    if loader is None:
-        raise InputError(f"--data {path}: training.datasets offers no dataset loader")
-    for item in loader(path):
-        yield _from_dataset_item(item)
+            f"--data {path}: no study folders with a masks/ sub-folder (DICOM study + "
+            "masks/lesions.mha); or use phantoms:N[:SEED]"
+        )
+    for study in studies:
+        vols = load_study_volumes(study)
+        masks: dict[str, Volume | None] = {}
+        for stem in ("lesions", "gland"):
+            found = _find_mask(study / "masks", stem)
+            masks[stem] = (
+                resample_to_reference(read_volume(found), vols.t2w, order=0) if found else None
+            )
+        truth: dict[str, Any] = {}
+        if (study / "ground_truth.json").is_file():
+            import json
 
-
-def _from_dataset_item(item: Any) -> LabelledCase:
-    """Adapt a `training.datasets` case (duck-typed: t2w/adc/hbv Volumes, masks, labels)."""
-    lesion = getattr(item, "lesion_mask", None)
-    lesions = getattr(item, "lesions", None)
-    if lesion is not None and lesions:
-        keep = [x.label for x in lesions if getattr(x, "is_cspca", True)]
-        lesion = lesion.with_array(np.isin(lesion.array, keep).astype(np.uint8))
-    elif lesion is not None:
-        lesion = lesion.with_array((np.asarray(lesion.array) > 0).astype(np.uint8))
-    is_cspca = getattr(item, "is_cspca", None)
-    if is_cspca is None:
-        is_cspca = bool(lesion is not None and np.any(lesion.array))
-    fs = getattr(item, "field_strength", None)
-    return LabelledCase(
-        case_id=str(getattr(item, "case_id", "")),
-        t2w=item.t2w,
-        adc=item.adc,
-        hbv=item.hbv,
-        is_cspca=bool(is_cspca),
-        lesion_mask=lesion,
-        gland_mask=getattr(item, "gland_mask", None),
-        vendor=getattr(item, "vendor", None),
-        scanner=getattr(item, "scanner", None),
-        field_strength=None if fs in (None, "") else str(fs),
-    )
+            truth = json.loads((study / "ground_truth.json").read_text(encoding="utf-8"))
+        lesion = masks["lesions"]
+        if lesion is not None:
+            labels = np.asarray(lesion.array)
+            listed = truth.get("lesions")
+            keep = (
+                np.isin(labels, [x["label"] for x in listed if x.get("cspca", True)])
+                if listed
+                else labels > 0
+            )  # ISUP 1 lesions in a phantom's label map are not csPCa
+            lesion = lesion.with_array(keep.astype(np.uint8))
+        gland = masks["gland"]
+        if gland is not None:
+            gland = gland.with_array((np.asarray(gland.array) > 0).astype(np.uint8))
+        is_cspca = truth.get("is_cspca", truth.get("label"))
+        if is_cspca is None:
+            is_cspca = bool(lesion is not None and np.any(lesion.array))
+        yield LabelledCase(
+            case_id=study.name,
+            t2w=vols.t2w,
+            adc=vols.adc,
+            hbv=vols.hbv,
+            is_cspca=bool(is_cspca),
+            lesion_mask=lesion,
+            gland_mask=gland,
+            vendor=truth.get("vendor"),
+        )
 
 
 def load_pipeline(

@@ -156,3 +156,17 @@ def test_promotion_gate_refuses_a_worse_candidate_unless_forced(cases, tmp_path)
     better = check_promotion(repo, "det", "2", cases, predictor_factory=factory, n_bootstrap=100)
     assert better.allowed and not better.forced
     assert check_promotion(repo, "det", "1", cases, predictor_factory=factory).allowed
+
+
+def test_dicom_folder_source_reads_phantom_studies(tmp_path) -> None:
+    """`--data DIR`: DICOM studies + masks/ + ground_truth.json, as `radtriage phantom` writes."""
+    phantoms = pytest.importorskip("training.phantoms")
+    from evaluation.runner import load_cases
+
+    phantoms.generate_studies(tmp_path, 2, seed=100_500)
+    cases = list(load_cases(str(tmp_path)))
+    assert len(cases) == 2
+    for c in cases:
+        assert c.lesion_mask.array.shape == c.t2w.array.shape
+        assert bool(c.lesion_mask.array.any()) == c.is_cspca
+        assert c.vendor is not None
