@@ -5,7 +5,9 @@ Rules, in order:
 2. AI priority from the model's calibrated thresholds (`urgent` >= t_urgent > `soon` >= t_soon).
 3. The referral's own urgency is a floor: AI raises, never lowers.
 4. Waiting time against the NHS 28-day Faster Diagnosis Standard: within `escalate_within_days`
-   of the breach a study is at least `soon`; at or past the breach it is `urgent`.
+   of the breach a study is at least `soon`; within `urgent_within_days` of it (or past it) it is
+   `urgent`. Escalating only to `soon` does nothing once the AI puts most studies at `soon` or
+   above, so a study about to breach must jump the whole queue.
 
 Thresholds come from the model's metadata (chosen by `radtriage evaluate`), never from code.
 """
@@ -38,10 +40,14 @@ class Thresholds:
 class WaitingPolicy:
     fds_days: int = 28
     escalate_within_days: int = 7
+    urgent_within_days: int = 3
 
     def __post_init__(self) -> None:
-        if self.fds_days <= 0 or not 0 <= self.escalate_within_days <= self.fds_days:
-            raise ValueError("need fds_days > 0 and 0 <= escalate_within_days <= fds_days")
+        if not 0 <= self.urgent_within_days <= self.escalate_within_days <= self.fds_days:
+            raise ValueError(
+                "need 0 <= urgent_within_days <= escalate_within_days <= fds_days, got "
+                f"{self.urgent_within_days}, {self.escalate_within_days}, {self.fds_days}"
+            )
 
 
 @dataclass(frozen=True)
@@ -86,7 +92,7 @@ def decide_priority(
         result = floor
         reasons.append(f"referral urgency {referral.value} is the floor")
     if days_waited is not None:
-        if days_waited >= policy.fds_days:
+        if days_waited >= policy.fds_days - policy.urgent_within_days:
             wait_floor = Priority.URGENT
         elif days_waited >= policy.fds_days - policy.escalate_within_days:
             wait_floor = Priority.SOON

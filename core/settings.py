@@ -98,7 +98,12 @@ class SenderSettings(_Section):
 
 class TriageSettings(_Section):
     fds_days: int = Field(default=28, gt=0, description="Faster Diagnosis Standard clock, days")
-    escalate_within_days: int = Field(default=7, ge=0)
+    escalate_within_days: int = Field(
+        default=7, ge=0, description="Days before the FDS breach when a study becomes `soon`"
+    )
+    urgent_within_days: int = Field(
+        default=3, ge=0, description="Days before the FDS breach when a study becomes `urgent`"
+    )
 
 
 class Settings(_Section):

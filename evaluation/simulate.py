@@ -52,6 +52,7 @@ class SimulationParams:
     referral_to_scan_days: int = 14
     fds_days: int = 28
     escalate_within_days: int = 7
+    urgent_within_days: int = 3
     # the AI model: thresholds and measured operating points (from `radtriage evaluate`)
     urgent_threshold: float = 0.6
     soon_threshold: float = 0.3
@@ -91,7 +92,7 @@ class SimulationParams:
 
     @property
     def policy(self) -> WaitingPolicy:
-        return WaitingPolicy(self.fds_days, self.escalate_within_days)
+        return WaitingPolicy(self.fds_days, self.escalate_within_days, self.urgent_within_days)
 
     @property
     def report_deadline_days(self) -> int:

@@ -257,7 +257,7 @@ def _result(
     days_waited: int | None,
 ) -> TriageResult:
     referral = referral_urgency(ds for group in evidence.values() for ds in group)
-    policy = WaitingPolicy(triage.fds_days, triage.escalate_within_days)
+    policy = WaitingPolicy(triage.fds_days, triage.escalate_within_days, triage.urgent_within_days)
     common: dict[str, Any] = {
         "study_instance_uid": uid,
         "model": ModelInfo(name=model.name, version=model.version, sha256=model.sha256),

@@ -46,6 +46,12 @@ def register(subparsers: Any) -> None:
         default=d.escalate_within_days,
         help="raise to at least soon this many days before the FDS breach",
     )
+    p.add_argument(
+        "--urgent-within-days",
+        type=int,
+        default=d.urgent_within_days,
+        help="raise to urgent this many days before the FDS breach",
+    )
     p.add_argument("--urgent-threshold", type=float, default=d.urgent_threshold)
     p.add_argument("--soon-threshold", type=float, default=d.soon_threshold)
     p.add_argument("--sensitivity-urgent", type=float, default=d.sensitivity_urgent)
@@ -109,6 +115,7 @@ def handle(args: argparse.Namespace) -> int:
             referral_to_scan_days=args.referral_to_scan_days,
             fds_days=args.fds_days,
             escalate_within_days=args.escalate_within_days,
+            urgent_within_days=args.urgent_within_days,
             urgent_threshold=thresholds.get("urgent", args.urgent_threshold),
             soon_threshold=thresholds.get("soon", args.soon_threshold),
             sensitivity_urgent=args.sensitivity_urgent,

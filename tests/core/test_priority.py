@@ -39,10 +39,14 @@ def test_referral_urgency_is_a_floor() -> None:
 
 
 def test_waiting_time_escalates() -> None:
-    policy = WaitingPolicy(fds_days=28, escalate_within_days=7)
+    policy = WaitingPolicy(fds_days=28, escalate_within_days=7, urgent_within_days=3)
     assert decide_priority(0.0, T, days_waited=20, policy=policy).priority is Priority.ROUTINE
     assert decide_priority(0.0, T, days_waited=21, policy=policy).priority is Priority.SOON
-    assert decide_priority(0.0, T, days_waited=28, policy=policy).priority is Priority.URGENT
+    assert decide_priority(0.4, T, days_waited=24, policy=policy).priority is Priority.SOON
+    assert decide_priority(0.4, T, days_waited=25, policy=policy).priority is Priority.URGENT
+    assert decide_priority(0.0, T, days_waited=40, policy=policy).priority is Priority.URGENT
+    with pytest.raises(ValueError, match="urgent_within_days"):
+        WaitingPolicy(fds_days=28, escalate_within_days=2, urgent_within_days=3)
 
 
 def test_invalid_thresholds_rejected() -> None:
