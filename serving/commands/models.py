@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 from pathlib import Path
@@ -29,6 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pro.add_argument("ref", help="NAME:VERSION")
     pro.add_argument("--force", action="store_true", help="promote despite a failed gate")
     pro.add_argument("--reason", default="", help="why (required with --force)")
+    pro.add_argument("--data", default=None, help="labelled cases for the gate (see evaluate)")
     pro.add_argument("--json", action="store_true")
     pro.set_defaults(func=run_promote)
 
@@ -50,25 +50,26 @@ def run_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_gate(root: Path, ref: str) -> dict[str, Any] | None:
-    """Call evaluation.promotion.check_promotion if it exists; None when it does not."""
+def _run_gate(root: Path, ref: str, data: str | None, force_reason: str | None) -> Any:
+    """The evaluation gate's verdict (evaluation.promotion.check_promotion); None when that
+    module is not installed."""
     try:
-        from evaluation.promotion import check_promotion  # type: ignore[import-not-found]
+        from evaluation.promotion import check_promotion
     except ImportError:
         return None
+    from core.errors import InputError
+    from models.repository import ModelRepository
+
     name, _, version = ref.partition(":")
-    offered = {"repository": root, "root": root, "ref": ref, "name": name, "version": version}
-    params = inspect.signature(check_promotion).parameters
-    kwargs = {k: v for k, v in offered.items() if k in params}
-    result = check_promotion(**kwargs)
-    if isinstance(result, bool):
-        return {"passed": result, "reasons": []}
-    if isinstance(result, dict):
-        passed = bool(result.get("passed", result.get("ok", False)))
-        return {**result, "passed": passed}
-    passed = bool(getattr(result, "passed", getattr(result, "ok", False)))
-    reasons = getattr(result, "reasons", None) or getattr(result, "message", "")
-    return {"passed": passed, "reasons": reasons if isinstance(reasons, list) else [str(reasons)]}
+    current = ModelRepository(root).promoted(name)
+    if data is None and current not in (None, version):
+        if force_reason is None:
+            raise InputError(
+                f"{name}:{current} is promoted: give --data (e.g. a labelled folder or "
+                "phantoms:N:SEED) so the evaluation gate can compare, or --force --reason TEXT"
+            )
+        return None
+    return check_promotion(root, name, version, data or "", force_reason=force_reason)
 
 
 def run_promote(args: argparse.Namespace) -> int:
@@ -82,20 +83,19 @@ def run_promote(args: argparse.Namespace) -> int:
         raise InputError("--force needs --reason TEXT saying why the gate is overridden")
     repo = ModelRepository(args.repository)
     repo.verify(args.ref)
-    gate = _run_gate(repo.root, args.ref)
-    if gate is None:
-        log.warning("no evaluation gate available (evaluation.promotion); promoting %s unchecked",
-                    args.ref)
-        gate = {"passed": None, "reasons": ["no evaluation gate ran"]}
-    elif not gate["passed"] and not args.force:
-        raise ModelError(
-            f"evaluation gate refused {args.ref}: {gate.get('reasons')}; fix the model or "
-            "re-run with --force --reason TEXT"
-        )
+    force_reason = args.reason if args.force else None
+    verdict = _run_gate(repo.root, args.ref, args.data, force_reason)
+    if verdict is None:
+        log.warning("no evaluation gate ran for %s; promoting without one", args.ref)
+        gate: dict[str, Any] = {"allowed": None, "reason": "no evaluation gate ran"}
+    else:
+        gate = verdict.to_dict()
+        if not verdict.allowed:
+            raise ModelError(f"evaluation gate refused {args.ref}: {verdict.reason}")
     entry = repo.promote(args.ref, reason=args.reason, forced=args.force, gate=gate)
     if args.json:
         print(json.dumps(entry, default=str))
     else:
         prev = entry["previous"] or "none"
-        print(f"promoted {name}:{version} (was {prev}); gate: {gate}")
+        print(f"promoted {name}:{version} (was {prev}); gate: {gate['reason']}")
     return 0

@@ -1,0 +1,149 @@
+"""Model repository, loader integrity/signature checks, `radtriage models` and `export` output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from core.errors import (
+    InputError,
+    ModelIntegrityError,
+    ModelNotFoundError,
+    ModelSignatureError,
+)
+from models.metadata import METADATA_FILE, MODEL_FILE, read_metadata
+from models.onnx_runner import OnnxModel
+from models.repository import ModelRepository, sha256_file
+from serving.cli import main
+from tests.models.conftest import SPEC_ZYX
+
+
+def test_export_writes_self_describing_version(tiny_repo: Path) -> None:
+    folder = tiny_repo / "cspca_detector" / "1.0.0"
+    md = read_metadata(folder / METADATA_FILE)
+    assert md.sha256 == sha256_file(folder / MODEL_FILE)
+    assert md.size_bytes == (folder / MODEL_FILE).stat().st_size
+    assert md.parity is not None and md.parity.max_abs_diff <= 1e-3
+    assert md.opset is not None and md.opset >= 17
+    assert md.inputs[0].shape == ("batch", 3, *SPEC_ZYX)
+    assert md.disclaimer and "NOT FOR CLINICAL USE" in md.disclaimer
+    assert md.thresholds is not None and md.thresholds.source == "test"
+    card = (folder / "model_card.md").read_text()
+    assert "NOT FOR CLINICAL USE" in card and md.sha256 in card
+    graph = onnx.load(str(folder / MODEL_FILE))
+    assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 17
+
+
+def test_load_and_run_dynamic_batch(tiny_repo: Path) -> None:
+    model = OnnxModel.load(tiny_repo, "cspca_detector:1.0.0", device="cpu", threads=1)
+    assert model.providers == ["CPUExecutionProvider"]
+    assert model.ref.version == "1.0.0" and not model.ref.clinical_use
+    for n in (1, 3):
+        out = model.run(np.zeros((n, 3, *SPEC_ZYX), np.float32))
+        assert out.shape == (n, 1, *SPEC_ZYX)
+        assert out.min() >= 0.0 and out.max() <= 1.0
+
+
+def test_corrupted_model_is_refused_naming_file_and_sha(tiny_repo: Path) -> None:
+    folder = tiny_repo / "cspca_detector" / "1.0.0"
+    expected = read_metadata(folder / METADATA_FILE).sha256
+    data = bytearray((folder / MODEL_FILE).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (folder / MODEL_FILE).write_bytes(bytes(data))
+    with pytest.raises(ModelIntegrityError) as err:
+        OnnxModel.load(tiny_repo, "cspca_detector:1.0.0", device="cpu")
+    assert str(folder / MODEL_FILE) in err.value.message
+    assert expected in err.value.message
+
+
+def test_swapped_model_is_refused(tiny_repo: Path) -> None:
+    a = tiny_repo / "cspca_detector" / "1.0.0"
+    b = tiny_repo / "cspca_detector" / "1.1.0"
+    shutil.copyfile(b / MODEL_FILE, a / MODEL_FILE)  # a valid ONNX file, but not this version's
+    with pytest.raises(ModelIntegrityError, match=read_metadata(a / METADATA_FILE).sha256):
+        OnnxModel.load(tiny_repo, "cspca_detector:1.0.0", device="cpu")
+
+
+def test_missing_model_file_is_refused(tiny_repo: Path) -> None:
+    (tiny_repo / "prostate_gland" / "1.0.0" / MODEL_FILE).unlink()
+    with pytest.raises(ModelIntegrityError, match="missing"):
+        OnnxModel.load(tiny_repo, "prostate_gland:1.0.0", device="cpu")
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda md: md["inputs"][0].update(name="t2w_adc_hbv"),
+        lambda md: md["inputs"][0].update(shape=["batch", 3, 8, 64, 64]),
+        lambda md: md["outputs"][0].update(name="logits"),
+    ],
+    ids=["input-name", "input-shape", "output-name"],
+)
+def test_signature_mismatch_is_refused(tiny_repo: Path, edit) -> None:  # type: ignore[no-untyped-def]
+    path = tiny_repo / "cspca_detector" / "1.0.0" / METADATA_FILE
+    md = json.loads(path.read_text())
+    edit(md)
+    path.write_text(json.dumps(md))  # sha256 still matches: only the signature is wrong
+    with pytest.raises(ModelSignatureError, match="metadata"):
+        OnnxModel.load(tiny_repo, "cspca_detector:1.0.0", device="cpu")
+
+
+def test_resolve_and_promote(tiny_repo: Path) -> None:
+    repo = ModelRepository(tiny_repo)
+    assert repo.names() == ["cspca_detector", "prostate_gland"]
+    assert repo.versions("cspca_detector") == ["1.0.0", "1.1.0"]
+    with pytest.raises(ModelNotFoundError, match="no promoted version"):
+        repo.resolve("cspca_detector")
+    with pytest.raises(ModelNotFoundError, match="not found"):
+        repo.resolve("cspca_detector:9.9")
+    with pytest.raises(ModelNotFoundError, match="no model named"):
+        repo.resolve("nope")
+    with pytest.raises(InputError):
+        repo.resolve("bad name:1")
+    repo.promote("cspca_detector:1.0.0", reason="first")
+    repo.promote("cspca_detector:1.1.0", reason="better")
+    assert repo.resolve("cspca_detector").metadata.version == "1.1.0"
+    log = repo.promotion_log("cspca_detector")
+    assert [e["version"] for e in log] == ["1.0.0", "1.1.0"]
+    assert log[1]["previous"] == "1.0.0" and log[1]["reason"] == "better"
+
+
+def test_promote_refuses_a_corrupted_version(tiny_repo: Path) -> None:
+    (tiny_repo / "prostate_gland" / "1.0.0" / MODEL_FILE).write_bytes(b"not onnx")
+    with pytest.raises(ModelIntegrityError):
+        ModelRepository(tiny_repo).promote("prostate_gland:1.0.0")
+    assert ModelRepository(tiny_repo).promoted("prostate_gland") is None
+
+
+def test_models_cli_list_and_promote(tiny_repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["models", "--repository", str(tiny_repo)]
+    assert main([*base, "promote", "cspca_detector:1.1.0", "--json"]) == 0
+    entry = json.loads(capsys.readouterr().out)
+    assert entry["version"] == "1.1.0" and entry["gate"]["allowed"] is True
+    assert main([*base, "list", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["models"]
+    promoted = {(r["name"], r["version"]) for r in rows if r["promoted"]}
+    assert promoted == {("cspca_detector", "1.1.0")}
+    assert main([*base, "promote", "cspca_detector", "--json"]) == 2  # needs NAME:VERSION
+    assert main([*base, "promote", "cspca_detector:1.0.0", "--force"]) == 2  # needs --reason
+    capsys.readouterr()
+    assert main([*base, "list"]) == 0
+    assert "* cspca_detector:1.1.0" in capsys.readouterr().out
+
+
+def test_bundled_repository_is_valid() -> None:
+    repo = ModelRepository()
+    if not repo.names():
+        pytest.skip("no bundled models yet")
+    for name in ("cspca_detector", "prostate_gland"):
+        version = repo.verify(name)
+        md = version.metadata
+        assert md.size_bytes is not None and md.size_bytes < 20_000_000
+        assert not md.clinical_use and md.training_data.get("synthetic") is True
+        assert md.parity is not None and md.parity.max_abs_diff <= 1e-3
