@@ -1,0 +1,253 @@
+"""Ingest benchmark: DCMTK storescu (1 and 4 parallel associations, TCP_NODELAY=1) sending a
+generated classic MR series into our SCP, DCMTK storescp and Orthanc, in one run.
+
+Also measures, for our node, the time from the last instance received to the result SR
+accepted by the destination (a storescp), with the small test analyser at the seam (so it is
+the node's own overhead: completeness check, queue, outbox and C-STORE; not model time).
+
+    .venv/bin/python -m benchmarks.ingest [--instances 320] [--rows 256] [--repeats 1]
+
+Writes ``benchmarks/results/ingest.json``. Our SCP fsyncs every file and its directory before
+answering; storescp and Orthanc (defaults) do not, which the JSON records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any
+
+from tests.dicom_node.peers import Orthanc, make_mr_series, storescp, wait_port
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "ingest.json"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def null_analyser(settings: Any) -> Any:
+    """Analyser factory for ingest runs: the study never gets analysed there anyway."""
+    from tests.dicom_node.peers import RecordingAnalyser
+
+    return RecordingAnalyser(Path(settings.storage.root) / "sr")
+
+
+def _node_config(workdir: Path, port: int, stable_age_s: float, dest_port: int | None) -> Path:
+    cfg = workdir / "node.toml"
+    text = f"""
+[dicom]
+port = {port}
+stable_age_s = {stable_age_s}
+low_water_mark_mb = 0
+max_associations = 16
+[storage]
+root = "{workdir / "var"}"
+database_url = "sqlite:///{workdir / "var" / "index.db"}"
+[sender]
+initial_backoff_s = 0.2
+"""
+    if dest_port is not None:
+        text += f"""
+[[dicom.destinations]]
+name = "pacs"
+ae_title = "STORESCP"
+host = "127.0.0.1"
+port = {dest_port}
+"""
+    cfg.write_text(text)
+    return cfg
+
+
+@contextmanager
+def our_node(
+    workdir: Path, port: int, stable_age_s: float = 3600, dest_port: int | None = None
+) -> Iterator[subprocess.Popen[str]]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = _node_config(workdir, port, stable_age_s, dest_port)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dicom_node.node",
+            "--config",
+            str(cfg),
+            "--analyser",
+            "benchmarks.ingest:null_analyser",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("READY"):
+            raise RuntimeError(f"node did not start: {line!r}")
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def _send(files: Sequence[Path], port: int, called: str, parallel: int) -> float:
+    exe = shutil.which("storescu") or "storescu"
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    chunks = [list(files[i::parallel]) for i in range(parallel)]
+
+    def one(chunk: list[Path]) -> None:
+        cmd = [exe, "-aec", called, "127.0.0.1", str(port), *map(str, chunk)]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+        if r.returncode != 0:
+            raise RuntimeError(f"storescu failed: {r.stderr[-1000:]}")
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(parallel) as pool:
+        list(pool.map(one, chunks))
+    return time.perf_counter() - t0
+
+
+Target = Callable[[Path, int], AbstractContextManager[Any]]
+
+
+def _targets() -> dict[str, tuple[Target, str]]:
+    def ours(work: Path, port: int) -> AbstractContextManager[Any]:
+        return our_node(work, port)
+
+    def dcmtk(work: Path, port: int) -> AbstractContextManager[Any]:
+        return storescp(work / "in", port, aet="STORESCP")
+
+    @contextmanager
+    def orthanc(work: Path, port: int) -> Iterator[Orthanc]:
+        with Orthanc(work, port, _free_port()) as o:
+            yield o
+
+    return {
+        "radtriage": (ours, "RADTRIAGE"),
+        "storescp": (dcmtk, "STORESCP"),
+        "orthanc": (orthanc, "ORTHANC"),
+    }
+
+
+def _sr_latency(files: Sequence[Path], root: Path) -> dict[str, float]:
+    """Last instance received -> SR accepted by the destination, for our node."""
+    from dicom_node.index import Index
+
+    port, dest = _free_port(), _free_port()
+    work = root / "latency"
+    with storescp(work / "dest", dest, aet="STORESCP"), our_node(work, port, 1.0, dest):
+        _send(files, port, "RADTRIAGE", 1)
+        index = Index(f"sqlite:///{work / 'var' / 'index.db'}")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            [study] = index.list_studies()
+            if study["status"] == "sent":
+                break
+            time.sleep(0.1)
+        else:
+            raise RuntimeError(f"SR not sent: {study}")
+        t = study["timings_ms"]
+        return {
+            "last_instance_to_sr_accepted_s": round(
+                study["sent_at"] - study["last_received_at"], 3
+            ),
+            "of_which_quiet_period_s": 1.0,
+            "wait_complete_ms": t["wait_complete"],
+            "queue_ms": t["queue"],
+            "analysis_ms": t["analysis"],
+            "send_ms": t["send"],
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--instances", type=int, default=320)
+    parser.add_argument("--rows", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    for tool in ("storescu", "storescp", "Orthanc"):
+        if shutil.which(tool) is None:
+            print(f"{tool} not installed", file=sys.stderr)
+            return 2
+    root = Path(tempfile.mkdtemp(prefix="radtriage-bench-"))
+    try:
+        files = make_mr_series(root / "series", args.instances, rows=args.rows, columns=args.rows)
+        total_mb = sum(f.stat().st_size for f in files) / 1e6
+        runs: dict[str, dict[str, Any]] = {}
+        for name, (target, aet) in _targets().items():
+            for parallel in (1, 4):
+                best = float("inf")
+                for rep in range(args.repeats):
+                    work = root / f"{name}-{parallel}-{rep}"
+                    port = _free_port()
+                    with target(work, port):
+                        wait_port(port)
+                        best = min(best, _send(files, port, aet, parallel))
+                    shutil.rmtree(work, ignore_errors=True)
+                runs.setdefault(name, {})[f"{parallel}_sender"] = {
+                    "seconds": round(best, 3),
+                    "instances_per_s": round(len(files) / best, 1),
+                    "mb_per_s": round(total_mb / best, 2),
+                }
+                print(name, parallel, runs[name][f"{parallel}_sender"], flush=True)
+        ratios = {
+            f"radtriage_vs_{peer}_{p}_sender": round(
+                runs["radtriage"][f"{p}_sender"]["instances_per_s"]
+                / runs[peer][f"{p}_sender"]["instances_per_s"],
+                3,
+            )
+            for peer in ("storescp", "orthanc")
+            for p in (1, 4)
+        }
+        latency = _sr_latency(files[:60], root)
+        result = {
+            "series": {
+                "instances": len(files),
+                "rows": args.rows,
+                "columns": args.rows,
+                "megabytes": round(total_mb, 2),
+                "transfer_syntax": "Explicit VR Little Endian",
+            },
+            "runs": runs,
+            "ratios": ratios,
+            "sr_latency": latency,
+            "notes": (
+                "radtriage fsyncs each file and directory and indexes it in SQLite before "
+                "the success status; storescp (--fork) and Orthanc (defaults, SQLite index) "
+                "do not fsync per instance. Best of --repeats runs."
+            ),
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+            },
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps({"ratios": ratios, "sr_latency": latency}, indent=2))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
