@@ -6,6 +6,9 @@
 - DICOM study folders (read by `dicom_node.inspect.load_study_volumes`) with masks beside them:
   `<study>/masks/{lesions,gland,zones}.{mha,nii.gz}` (any grid in the same patient coordinates).
 
+`open_dataset(path)` yields native-grid `RawCase`s (evaluation uses it); `*_cases` put them on
+the model grid as `TrainingCase`s.
+
 Every source yields `TrainingCase`s: the same prepared image serving computes, plus labels
 resampled (nearest neighbour) onto the model grid.
 """
@@ -13,7 +16,7 @@ resampled (nearest neighbour) onto the model grid.
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,8 +128,37 @@ def read_marksheet(path: Path) -> dict[str, bool]:
         }
 
 
-def picai_cases(
-    spec: InputSpec,
+@dataclass(frozen=True, eq=False)
+class RawCase:
+    """One labelled case on its native grids (what `open_dataset` yields; evaluation reads it).
+
+    `lesion_mask` holds csPCa lesions (> 0); `zone_mask` 0/1 PZ/2 TZ; `gland_mask` 0/1."""
+
+    case_id: str
+    t2w: Volume
+    adc: Volume
+    hbv: Volume
+    lesion_mask: Volume | None
+    zone_mask: Volume | None
+    gland_mask: Volume | None
+    is_cspca: bool | None
+
+
+def training_case(raw: RawCase, spec: InputSpec) -> TrainingCase:
+    return case_from_volumes(
+        raw.case_id,
+        raw.t2w,
+        raw.adc,
+        raw.hbv,
+        spec,
+        lesion_mask=raw.lesion_mask,
+        zone_mask=raw.zone_mask,
+        gland_mask=raw.gland_mask,
+        is_cspca=raw.is_cspca,
+    )
+
+
+def iter_picai(
     images: Path,
     labels: Path,
     marksheet: Path,
@@ -135,11 +167,9 @@ def picai_cases(
     zone_dir: str | None = "anatomical_delineations/zonal_pz_tz/AI/Yuan23",
     gland_dir: str | None = "anatomical_delineations/whole_gland/AI/Bosma22b",
     zone_labels: tuple[int, int] = (1, 2),
-) -> list[TrainingCase]:
+) -> Iterator[RawCase]:
     """Cases listed in `marksheet` from a PI-CAI layout. `zone_labels` are the (PZ, TZ) values
-    of the zonal masks; cases without a lesion mask are negatives with an empty mask only when
-    the marksheet says so."""
-    out = []
+    of the zonal masks. A csPCa-positive case without a lesion mask is an error."""
     for case_id, positive in read_marksheet(marksheet).items():
         patient = case_id.split("_")[0]
         folder = images / patient
@@ -159,49 +189,54 @@ def picai_cases(
             pz, tz = zone_labels
             arr = np.where(z.array == pz, 1, np.where(z.array == tz, 2, 0)).astype(np.uint8)
             zones = z.with_array(arr)
-        elif gland_dir and (gland_path := _find_mask(labels / gland_dir, case_id)) is not None:
-            gland = read_volume(gland_path)
-        out.append(
-            case_from_volumes(
-                case_id,
-                vols["t2w"],
-                vols["adc"],
-                vols["hbv"],
-                spec,
-                lesion_mask=lesion,
-                zone_mask=zones,
-                gland_mask=gland,
-                is_cspca=positive,
-            )
+            gland = z.with_array((arr > 0).astype(np.uint8))
+        if gland_dir and (gland_path := _find_mask(labels / gland_dir, case_id)) is not None:
+            g = read_volume(gland_path)
+            gland = g.with_array((g.array > 0).astype(np.uint8))
+        yield RawCase(
+            case_id, vols["t2w"], vols["adc"], vols["hbv"], lesion, zones, gland, positive
         )
-    return out
 
 
-def dicom_cases(spec: InputSpec, root: Path) -> list[TrainingCase]:
+def picai_cases(spec: InputSpec, images: Path, labels: Path, marksheet: Path) -> list[TrainingCase]:
+    """`iter_picai` on the model grid."""
+    return [training_case(r, spec) for r in iter_picai(images, labels, marksheet)]
+
+
+def iter_dicom(root: Path) -> Iterator[RawCase]:
     """Every sub-folder of `root` holding a DICOM study and a `masks/` folder."""
     from dicom_node.inspect import load_study_volumes
 
-    out = []
+    found = False
     for study in sorted(p for p in root.iterdir() if p.is_dir()):
         masks = study / "masks"
         if not masks.is_dir():
             continue
+        found = True
         vols = load_study_volumes(study)
-        lesion_path = _find_mask(masks, "lesions")
-        zone_path = _find_mask(masks, "zones")
-        gland_path = _find_mask(masks, "gland")
-        out.append(
-            case_from_volumes(
-                study.name,
-                vols.t2w,
-                vols.adc,
-                vols.hbv,
-                spec,
-                lesion_mask=read_volume(lesion_path) if lesion_path else None,
-                zone_mask=read_volume(zone_path) if zone_path else None,
-                gland_mask=read_volume(gland_path) if gland_path else None,
-            )
+        paths = {k: _find_mask(masks, k) for k in ("lesions", "zones", "gland")}
+        read = {k: read_volume(p) if p else None for k, p in paths.items()}
+        gland = read["gland"]
+        if gland is None and read["zones"] is not None:
+            gland = read["zones"].with_array((read["zones"].array > 0).astype(np.uint8))
+        yield RawCase(
+            study.name, vols.t2w, vols.adc, vols.hbv, read["lesions"], read["zones"], gland, None
         )
-    if not out:
+    if not found:
         raise InputError(f"no study folders with a masks/ sub-folder under {root}")
-    return out
+
+
+def dicom_cases(spec: InputSpec, root: Path) -> list[TrainingCase]:
+    """`iter_dicom` on the model grid."""
+    return [training_case(r, spec) for r in iter_dicom(root)]
+
+
+def open_dataset(path: Path) -> Iterator[RawCase]:
+    """A labelled folder: PI-CAI layout when it holds `marksheet.csv` (with `images/` and
+    `labels/`), else DICOM study folders with `masks/`."""
+    path = Path(path)
+    if (path / "marksheet.csv").is_file():
+        return iter_picai(path / "images", path / "labels", path / "marksheet.csv")
+    if not path.is_dir():
+        raise InputError(f"{path} is not a folder")
+    return iter_dicom(path)
