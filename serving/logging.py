@@ -83,5 +83,7 @@ def configure_json_logging(level: int = logging.INFO, stream: IO[str] | None = N
 
 
 def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:
-    """Log `event` with structured `fields` (PHI keys are dropped by the formatter)."""
-    logger.log(level, event, extra=scrub(fields))
+    """Log `event` with structured `fields` (PHI keys dropped; a field named like a LogRecord
+    attribute, e.g. ``message``, gets a trailing underscore)."""
+    safe = {(f"{k}_" if k in _STANDARD_ATTRS else k): v for k, v in scrub(fields).items()}
+    logger.log(level, event, extra=safe)

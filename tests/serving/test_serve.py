@@ -1,0 +1,130 @@
+"""Ray Serve integration: real Ray (local, 2 CPUs), real ONNX Runtime, phantom DICOM studies.
+
+Ray starts once for the module; every test talks to the same running application.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.settings import Settings
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def settings(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    root = tmp_path_factory.mktemp("var")
+    return Settings.model_validate(
+        {
+            "storage": {"root": str(root), "database_url": f"sqlite:///{root}/radtriage.db"},
+            "models": {"repository": str(model_repository), "shadow": "cspca_detector:2"},
+            "serving": {
+                "max_batch_size": 4,
+                "batch_wait_timeout_s": 1.0,
+                "num_cpus_per_replica": 0.25,
+                "device": "cpu",
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def app(settings: Settings) -> Iterator[object]:
+    from serving.deployments import APP_NAME, build_app
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        serve.start(http_options={"location": "NoServer"})
+        handle = serve.run(build_app(settings), name=APP_NAME, route_prefix=None)
+        yield handle
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_concurrent_studies_are_batched_and_answered(
+    app, phantoms: dict[str, Path], tmp_path: Path
+) -> None:
+    studies = {
+        "pos": phantoms["positive"],
+        "neg": phantoms["negative"],
+        "no_t2w": phantoms["no_t2w"],
+        "pos2": phantoms["positive"],
+    }
+    responses = {
+        key: app.analyse.remote(str(path), str(tmp_path / key)) for key, path in studies.items()
+    }
+    out = {key: r.result(timeout_s=120) for key, r in responses.items()}
+    assert out["pos"].result.priority == "urgent"
+    assert out["pos2"].result.priority == "urgent"
+    assert out["neg"].result.priority == "routine"
+    assert out["no_t2w"].result.priority == "not_analysed"
+    assert out["no_t2w"].result.reason["code"] == "missing_t2w"
+    for key in studies:
+        assert (tmp_path / key / "result.json").is_file()
+        assert (tmp_path / key / "sr.dcm").is_file()
+    sizes = [a.batch_sizes.get("detector", 0) for a in out.values()]
+    assert max(sizes) > 1, f"no batching observed: {sizes}"
+
+
+def test_bad_item_in_a_batch_fails_alone(app) -> None:
+    detector = serve.get_deployment_handle("detector", app_name="radtriage")
+    good = np.zeros((3, 16, 64, 64), np.float32)
+    nan = good.copy()
+    nan[0, 0, 0, 0] = np.nan
+    wrong_shape = np.zeros((3, 8, 64, 64), np.float32)
+    items = [good, nan, good + 1, wrong_shape, good - 1]
+    results = [r.result(timeout_s=60) for r in [detector.infer.remote(x) for x in items]]
+    assert [r.ok for r in results] == [True, False, True, False, True]
+    assert "NaN" in results[1].error["message"]
+    assert "expects batches of shape" in results[3].error["message"]
+    assert results[0].raise_for_error()["output"].shape == (1, 16, 64, 64)
+    assert max(r.batch_size for r in results) > 1
+
+
+def test_models_and_shadow_comparisons(app, phantoms: dict[str, Path], tmp_path: Path) -> None:
+    models = app.models.remote().result(timeout_s=30)
+    assert models["detector"]["version"] == "1" and models["shadow"]["version"] == "2"
+    assert models["detector"]["thresholds"]["urgent"] == 0.5
+    analysis = app.analyse.remote(str(phantoms["positive"]), str(tmp_path)).result(timeout_s=60)
+    assert analysis.result.model.version == "1"  # shadow never reaches the result
+    deadline = time.monotonic() + 60
+    log: list[dict] = []
+    while time.monotonic() < deadline and not log:
+        log = app.shadow_comparisons.remote().result(timeout_s=30)
+        time.sleep(0.5)
+    assert log and log[-1]["shadow_model"] == "cspca_detector:2"
+    assert 0.0 <= log[-1]["shadow_likelihood"] <= 1.0
+
+
+def test_rolling_update_swaps_versions_and_refuses_a_corrupt_one(
+    app, settings: Settings, model_repository: Path
+) -> None:
+    """New versions arrive through user_config; a tampered file never replaces a good model."""
+    from serving.deployments import APP_NAME, build_app, model_config
+
+    corrupt = model_repository / "cspca_detector" / "3"
+    shutil.copytree(model_repository / "cspca_detector" / "1", corrupt)
+    meta = (corrupt / "metadata.json").read_text().replace('"version": "1"', '"version": "3"')
+    (corrupt / "metadata.json").write_text(meta)
+    with (corrupt / "model.onnx").open("ab") as f:
+        f.write(b"tampered")
+    refs = {**model_config(settings), "detector": "cspca_detector:2", "shadow": "cspca_detector:3"}
+    try:
+        serve.run(build_app(settings, refs), name=APP_NAME, route_prefix=None)
+        models = app.models.remote().result(timeout_s=30)
+        assert models["detector"]["version"] == "2" and models["detector"]["last_error"] is None
+        assert models["shadow"]["version"] == "2"  # still the verified one it had
+        assert models["shadow"]["last_error"]["code"] == "model_integrity"
+    finally:
+        shutil.rmtree(corrupt)
