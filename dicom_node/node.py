@@ -116,7 +116,7 @@ class DicomNode:
         self.index = Index(settings.storage.database_url)
         self._work = threading.Event()
         self._send = threading.Event()
-        self.handler = StoreHandler(self.spool, self.index, on_stored=self._on_stored, clock=clock)
+        self.handler = StoreHandler(self.spool, self.index, clock=clock)
         self.scp = StorageSCP(d, self.handler)
         self.assembler = Assembler(self.index, d.stable_age_s, clock=clock)
         self.worker = JobWorker(
@@ -130,9 +130,6 @@ class DicomNode:
     @property
     def port(self) -> int:
         return self.scp.port
-
-    def _on_stored(self, _study_instance_uid: str) -> None:
-        pass  # the assembler polls; nothing to do per instance
 
     def _assemble(self) -> bool:
         if self.assembler.poll():

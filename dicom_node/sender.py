@@ -134,9 +134,10 @@ class Sender:
         if dest.tls:
             from dicom_node.scp import client_ssl_context
 
-            tls_args = (client_ssl_context(self.tls), "")
+            # no server_hostname: DICOM peers are addressed by IP, trust comes from the CA
+            tls_args = (client_ssl_context(self.tls), None)
         try:
-            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
+            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)  # type: ignore[arg-type]
         except Exception as exc:  # socket errors, TLS errors
             assoc = None
             error = f"cannot connect to {dest.name} ({dest.host}:{dest.port}): {exc}"

@@ -184,3 +184,81 @@ def test_handler_statuses_for_bad_data_sets(tmp_path: Path) -> None:
     assert len(reasons) == 2
     assert any("0xA900" in r and "SOP Instance UID" in r for r in reasons)
     assert any("0xC210" in r for r in reasons)
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    openssl = require_tool("openssl")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=radtriage-test",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def test_dicom_tls_with_client_certificates(make_scp: object, tmp_path: Path) -> None:
+    from pynetdicom import AE
+
+    from core.settings import Destination, SenderSettings, TlsSettings
+    from dicom_node.scp import client_ssl_context
+    from dicom_node.sender import Sender
+
+    cert, key = _self_signed(tmp_path)
+    tls = TlsSettings(certfile=cert, keyfile=key, cafile=cert)  # mutual TLS
+    node = make_scp(tls=tls)  # type: ignore[operator]
+
+    ae = AE(ae_title="TLSSCU")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate(
+        "127.0.0.1", node.port, ae_title="RADTRIAGE", tls_args=(client_ssl_context(tls), None)
+    )
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0
+    assoc.release()
+
+    plain = _echo(node.port)  # no TLS: the handshake fails, nothing is accepted
+    assert plain.returncode != 0
+
+    anonymous = AE(ae_title="ANON")
+    anonymous.add_requested_context("1.2.840.10008.1.1")
+    no_cert = client_ssl_context(None)
+    no_cert.load_verify_locations(cafile=str(cert))
+    refused = anonymous.associate(
+        "127.0.0.1", node.port, ae_title="RADTRIAGE", tls_args=(no_cert, None)
+    )
+    assert not refused.is_established  # a client without a certificate is refused
+
+    # the sender speaks TLS to a TLS destination
+    from core.domain import StudyStatus
+    from dicom_node.jobs import JobWorker, transition
+
+    from .peers import RecordingAnalyser
+    from .test_jobs import _index_series
+
+    index = Index(f"sqlite:///{tmp_path}/sender.db")
+    uid = _index_series(index, make_mr_series(tmp_path / "src", 1), 1.0)
+    transition(index, uid, StudyStatus.COMPLETE)
+    JobWorker(
+        index, Spool(tmp_path / "out"), RecordingAnalyser(tmp_path / "sr"), ["tls"]
+    ).run_once()
+    dest = Destination(name="tls", ae_title="RADTRIAGE", host="127.0.0.1", port=node.port, tls=True)
+    assert Sender(index, [dest], SenderSettings(), "RADTRIAGE", tls=tls).run_once() == 1
+    assert node.index.counts()["instances"] == 1
