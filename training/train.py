@@ -309,8 +309,12 @@ def train_model(
     seed: int,
     resume: bool = False,
     progress: bool = True,
+    stop_at: int | None = None,
 ) -> tuple[ProbabilityNet, dict[str, Any]]:
-    """Train one model for `mc.steps` steps; return the net and its final validation metrics."""
+    """Train one model for `mc.steps` steps; return the net and its final validation metrics.
+
+    `stop_at` ends this run early after that step (with a checkpoint), as an interruption
+    would; `resume=True` then continues to exactly where an uninterrupted run would be."""
     from monai.utils import set_determinism
 
     folder = out / mc.name
@@ -354,7 +358,8 @@ def train_model(
             _log(log_path, {"step": done, "loss": float(loss.item()), "lr": lr})
         if done % mc.validate_every == 0 and done != mc.steps:
             _log(log_path, {"step": done, **validate(net, val, mc)})
-        if done % mc.checkpoint_every == 0 or done == mc.steps:
+        stopping = stop_at is not None and done >= stop_at
+        if done % mc.checkpoint_every == 0 or done == mc.steps or stopping:
             elapsed = seconds + time.perf_counter() - t0
             state = {
                 "model": net.state_dict(),
@@ -366,6 +371,9 @@ def train_model(
             }
             torch.save(state, ckpt_path.with_suffix(".tmp"))
             ckpt_path.with_suffix(".tmp").replace(ckpt_path)
+        if stopping:
+            bar.close()
+            return net.eval(), {"stopped_at": done}
     metrics = validate(net, val, mc)
     total = seconds + time.perf_counter() - t0
     metrics.update(
