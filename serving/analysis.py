@@ -169,12 +169,11 @@ def _write_json_atomic(path: Path, text: str) -> None:
 
 
 def _study_uid(evidence: Sequence[Dataset], fallback: str | None) -> str:
-    if fallback:
-        return fallback
+    """The StudyInstanceUID the files carry (they are what the SR cites), else `fallback`."""
     for ds in evidence:
         if ds.get("StudyInstanceUID"):
             return str(ds.StudyInstanceUID)
-    return ""
+    return fallback or ""
 
 
 def analyse_study(
@@ -199,7 +198,12 @@ def analyse_study(
     try:
         from dicom_node.inspect import load_study_volumes
 
-        volumes = load_study_volumes(source)
+        if isinstance(source, (str, Path)):
+            volumes = load_study_volumes(Path(source))
+        else:
+            from dicom_node.study_reader import scan_study
+
+            volumes = load_study_volumes(scan_study([Path(p) for p in source]))
         clock.lap("load")
         output = engine.predict(volumes.t2w, volumes.adc, volumes.hbv)
         prediction, batch_sizes = output.prediction, output.batch_sizes

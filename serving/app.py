@@ -1,0 +1,281 @@
+"""The composition root: settings -> models (Ray Serve or in-process) + DicomNode + HTTP.
+
+This is the only module that wires packages together. `RadtriageApp.analyse` is the analyser
+the DicomNode calls for each complete study; it runs `serving.analysis.analyse_study` either in
+the Ray Serve ingress (`backend="ray"`) or in this process (`backend="local"`, no Ray: small
+installs and tests). HTTP is uvicorn in this process rather than a Serve FastAPI ingress because
+the API reads the node's SQL index and writes the worklist audit log, which live here; Serve
+then only does inference and needs no HTTP proxy.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from core.domain import ModelRef
+from core.errors import ModelError
+from core.settings import Settings
+from serving.analysis import PipelineEngine, StudyAnalysis, analyse_study
+from serving.http_api import ApiContext, AuditLog, create_app
+from serving.logging import log_event
+from serving.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["ray", "local"]
+
+
+class IndexStudies:
+    """`http_api.StudySource` over the DicomNode's index: result.json of analysed studies, with
+    the job status kept current (reported -> sent). No patient identifiers leave here."""
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+
+    @staticmethod
+    def _doc(row: dict[str, Any]) -> dict[str, Any] | None:
+        result = row.get("result")
+        if not result:
+            return None
+        at = row.get("reported_at") or row.get("last_received_at")
+        updated = datetime.fromtimestamp(at, UTC).isoformat() if at else None
+        return {**result, "status": row["status"], "updated_at": updated}
+
+    def list_studies(self) -> list[dict[str, Any]]:
+        return [d for row in self.node.list_studies() if (d := self._doc(row)) is not None]
+
+    def get_study(self, study_instance_uid: str) -> dict[str, Any] | None:
+        row = self.node.get_study(study_instance_uid)
+        return self._doc(row) if row else None
+
+
+class RadtriageApp:
+    """Everything `radtriage serve` runs, built from one Settings object."""
+
+    def __init__(self, settings: Settings, *, backend: Backend = "ray") -> None:
+        self.settings = settings
+        self.backend = backend
+        self.metrics = Metrics()
+        self.results_root = Path(settings.storage.root) / "results"
+        self.audit = AuditLog(Path(settings.storage.root) / "audit.jsonl")
+        self._engine: PipelineEngine | None = None
+        self._handle: Any = None
+        self._refs: dict[str, str] = {}
+        self._ready = False
+        self._lock = threading.Lock()
+        self.node: Any = None
+
+    # --- models ---------------------------------------------------------------------------
+
+    def start_models(self) -> None:
+        """Load, verify and warm the models (Ray Serve app or in-process pipeline)."""
+        from serving.deployments import model_config
+
+        self._refs = model_config(self.settings)
+        if self.backend == "local":
+            self._engine = PipelineEngine.load(
+                self.settings.models, device=self.settings.serving.device
+            )
+        else:
+            self._deploy(self._refs)
+        self._ready = True
+        self._record_models()
+
+    def _deploy(self, refs: dict[str, str]) -> None:
+        import ray
+        from ray import serve
+
+        from serving.deployments import APP_NAME, build_app
+
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, configure_logging=False)
+        serve.start(http_options={"location": "NoServer"})
+        self._handle = serve.run(build_app(self.settings, refs), name=APP_NAME, route_prefix=None)
+
+    def loaded_models(self) -> dict[str, dict[str, Any]]:
+        if self._engine is not None:
+            p = self._engine.pipeline
+            return {
+                role: {
+                    "name": m.ref.name,
+                    "version": m.ref.version,
+                    "sha256": m.ref.sha256,
+                    "providers": m.providers,
+                }
+                for role, m in (("detector", p.detector), ("gland", p.gland))
+            }
+        if self._handle is not None:
+            return self._handle.models.remote().result(timeout_s=30)  # type: ignore[no-any-return]
+        return {}
+
+    def _record_models(self) -> None:
+        refs = {
+            role: ModelRef(info["name"], info["version"], info["sha256"])
+            for role, info in self.loaded_models().items()
+        }
+        self.metrics.set_models(refs)
+
+    def models_info(self) -> dict[str, Any]:
+        """`/api/models`: what is loaded and every version in the repository."""
+        from models.repository import ModelRepository
+
+        return {
+            "loaded": self.loaded_models(),
+            "requested": dict(self._refs),
+            "available": ModelRepository(self.settings.models.repository).listing(),
+        }
+
+    def check_promotions(self) -> dict[str, str]:
+        """Roll out newly promoted versions of models configured without a version (Serve:
+        rolling update through user_config, no restart). Returns the roles that changed."""
+        from models.repository import ModelRepository, parse_ref
+
+        repo = ModelRepository(self.settings.models.repository)
+        loaded = self.loaded_models()
+        changed: dict[str, str] = {}
+        for role in ("detector", "gland"):
+            name, version = parse_ref(getattr(self.settings.models, role))
+            if version is not None:
+                continue  # pinned in the config
+            promoted = repo.promoted(name)
+            if promoted and loaded.get(role, {}).get("version") != promoted:
+                changed[role] = f"{name}:{promoted}"
+        if not changed:
+            return {}
+        refs = {**self._refs, **changed}
+        log_event(log, "rolling out promoted models", **changed)
+        if self.backend == "local":
+            models = self.settings.models.model_copy(update=changed)
+            self._engine = PipelineEngine.load(models, device=self.settings.serving.device)
+        else:
+            self._deploy(refs)
+        self._refs = refs
+        self._record_models()
+        return changed
+
+    def ready(self) -> bool:
+        return self._ready
+
+    # --- analysis (the DicomNode's Analyser) ------------------------------------------------
+
+    def analyse_path(
+        self,
+        source: Path | list[Path],
+        out_dir: Path,
+        *,
+        study_instance_uid: str | None = None,
+        previous_sr: Path | None = None,
+    ) -> StudyAnalysis:
+        self.metrics.queue_depth.inc()
+        try:
+            if self._engine is not None:
+                analysis = analyse_study(
+                    source,
+                    out_dir,
+                    self._engine,
+                    triage=self.settings.triage,
+                    study_instance_uid=study_instance_uid,
+                    previous_sr=previous_sr,
+                )
+            elif self._handle is not None:
+                src = str(source) if isinstance(source, Path) else [str(p) for p in source]
+                analysis = self._handle.analyse.remote(
+                    src,
+                    str(out_dir),
+                    study_instance_uid,
+                    str(previous_sr) if previous_sr else None,
+                ).result(timeout_s=600)
+            else:
+                raise ModelError("models are not loaded yet; call start_models() first")
+        finally:
+            self.metrics.queue_depth.dec()
+        self.metrics.observe_result(analysis.result)
+        for model, size in analysis.batch_sizes.items():
+            self.metrics.batch_size.labels(model).observe(size)
+        return analysis
+
+    def analyse(
+        self, study_instance_uid: str, instance_paths: list[Path], previous_sr: Path | None
+    ) -> Any:
+        """`dicom_node.jobs.Analyser`: results go to <storage.root>/results/<uid>/."""
+        from dicom_node.jobs import AnalysisOutput
+
+        analysis = self.analyse_path(
+            instance_paths,
+            self.results_root / study_instance_uid,
+            study_instance_uid=study_instance_uid,
+            previous_sr=previous_sr,
+        )
+        return AnalysisOutput(result=analysis.result, documents=analysis.documents)
+
+    # --- HTTP and lifecycle -----------------------------------------------------------------
+
+    def http_app(self) -> Any:
+        from serving.http_api import ResultDirectory
+
+        studies = (
+            IndexStudies(self.node) if self.node is not None else ResultDirectory(self.results_root)
+        )
+        ctx = ApiContext(
+            studies=studies,
+            metrics=self.metrics,
+            audit=self.audit,
+            models=self.models_info,
+            outbox=(lambda: self.node.dead_letters()) if self.node is not None else list,
+            ready=self.ready,
+        )
+        return create_app(ctx)
+
+    def serve_forever(self, promotion_poll_s: float = 30.0) -> None:
+        """Start everything; return after SIGTERM/SIGINT once in-flight work has finished."""
+        import uvicorn
+
+        from dicom_node.node import DicomNode
+
+        self.start_models()
+        self.node = DicomNode(self.settings, self.analyse)
+        self.node.start()
+        stop = threading.Event()
+
+        def poll_promotions() -> None:
+            while not stop.wait(promotion_poll_s):
+                try:
+                    self.check_promotions()
+                except Exception:
+                    log.exception("promotion check failed; keeping the loaded models")
+
+        threading.Thread(target=poll_promotions, name="radtriage-promotions", daemon=True).start()
+        h = self.settings.http
+        server = uvicorn.Server(
+            uvicorn.Config(self.http_app(), host=h.host, port=h.port, log_config=None)
+        )
+        log_event(
+            log,
+            "radtriage serving",
+            http=f"http://{h.host}:{h.port}",
+            dicom_port=self.node.port,
+            backend=self.backend,
+        )
+        try:
+            server.run()  # uvicorn turns SIGTERM/SIGINT into a graceful shutdown
+        finally:
+            stop.set()
+            self._ready = False
+            started = time.monotonic()
+            self.node.stop()
+            self.shutdown()
+            log_event(log, "radtriage stopped", drain_s=round(time.monotonic() - started, 1))
+
+    def shutdown(self) -> None:
+        if self._handle is not None:
+            import ray
+            from ray import serve
+
+            serve.shutdown()
+            ray.shutdown()
+            self._handle = None

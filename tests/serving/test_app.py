@@ -1,0 +1,52 @@
+"""Composition root without Ray (backend="local"): analysis, metrics, models, promotions, HTTP."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pydicom
+from fastapi.testclient import TestClient
+
+from core.settings import Settings
+from models.repository import ModelRepository
+from serving.app import RadtriageApp
+
+
+def test_local_app_analyses_reports_metrics_and_rolls_out_promotions(
+    model_repository: Path, phantoms: dict[str, Path], tmp_path: Path
+) -> None:
+    repo = shutil.copytree(model_repository, tmp_path / "models")
+    settings = Settings.model_validate(
+        {
+            "storage": {"root": str(tmp_path / "var")},
+            "models": {"repository": str(repo)},
+            "serving": {"device": "cpu"},
+        }
+    )
+    app = RadtriageApp(settings, backend="local")
+    client = TestClient(app.http_app())
+    assert client.get("/readyz").status_code == 503
+    app.start_models()
+    assert client.get("/readyz").status_code == 200
+
+    files = sorted(p for p in phantoms["positive"].rglob("*") if p.is_file())
+    uid = str(pydicom.dcmread(next(p for p in files if p.suffix == ".dcm")).StudyInstanceUID)
+    output = app.analyse(uid, files, None)  # instance paths, as the DicomNode passes them
+    assert output.result.priority == "urgent"
+    assert output.documents and all(p.is_file() for p in output.documents)
+    doc = client.get(f"/api/studies/{output.result.study_instance_uid}").json()
+    assert doc["priority"] == "urgent"
+
+    metrics = client.get("/metrics").text
+    assert 'radtriage_studies_total{priority="urgent",status="reported"} 1.0' in metrics
+    assert 'radtriage_model_info{name="cspca_detector",role="detector"' in metrics
+    assert "radtriage_queue_depth 0.0" in metrics
+
+    assert app.check_promotions() == {}
+    ModelRepository(repo).promote("cspca_detector:2", reason="test", user="test")
+    assert app.check_promotions() == {"detector": "cspca_detector:2"}
+    models = client.get("/api/models").json()
+    assert models["loaded"]["detector"]["version"] == "2"
+    assert {(m["name"], m["version"]) for m in models["available"]} >= {("cspca_detector", "2")}
+    assert 'version="2"' in client.get("/metrics").text
