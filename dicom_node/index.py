@@ -255,9 +255,9 @@ class Index:
             if dup is not None:
                 return False
             ids = self._series_ids.get(rec.series_instance_uid)
+            created = ids is None
             if ids is None:
                 ids = self._create_series(conn, rec, now)
-                self._series_ids[rec.series_instance_uid] = ids
             study_id, series_id = ids
             conn.execute(
                 insert(Instance).values(
@@ -278,18 +278,18 @@ class Index:
                 .where(Series.id == series_id)
                 .values(instance_count=Series.instance_count + 1)
             )
-            rerun = Study.status.in_(_RERUN_FROM)
-            conn.execute(
-                update(Study)
-                .where(Study.id == study_id)
-                .values(
-                    instance_count=Study.instance_count + 1,
-                    last_received_at=now,
-                    status=case((rerun, StudyStatus.RECEIVED.value), else_=Study.status),
-                    status_changed_at=case((rerun, now), else_=Study.status_changed_at),
-                )
-            )
-            return True
+            values: dict[str, Any] = {
+                "instance_count": Study.instance_count + 1,
+                "last_received_at": now,
+            }
+            if rec.modality.upper() == "MR":  # a late SR/KO/PR (e.g. our own SR) is no reason
+                rerun = Study.status.in_(_RERUN_FROM)
+                values["status"] = case((rerun, StudyStatus.RECEIVED.value), else_=Study.status)
+                values["status_changed_at"] = case((rerun, now), else_=Study.status_changed_at)
+            conn.execute(update(Study).where(Study.id == study_id).values(**values))
+        if created:  # cache row ids only once they are committed
+            self._series_ids[rec.series_instance_uid] = ids
+        return True
 
     def _create_series(self, conn: Connection, rec: InstanceRecord, now: float) -> tuple[int, int]:
         """Get or create the patient, study and series rows of `rec`; returns row ids."""
@@ -348,6 +348,19 @@ class Index:
                 )
             ).inserted_primary_key[0]  # type: ignore[index]
         return int(study_id), int(series_id)
+
+    @staticmethod
+    def mr_instance_count(s: Session, study_id: int) -> int:
+        """Instances of MR series in a study: what analysis reads, so what triggers re-runs."""
+        return int(
+            s.scalar(
+                select(func.count())
+                .select_from(Instance)
+                .join(Series, Instance.series_fk == Series.id)
+                .where(Instance.study_fk == study_id, func.upper(Series.modality) == "MR")
+            )
+            or 0
+        )
 
     def known_paths(self) -> set[str]:
         with self.read() as s:

@@ -98,7 +98,7 @@ def recover(index: Index, now: float) -> list[str]:
 @dataclass(frozen=True)
 class Claim:
     study_instance_uid: str
-    instance_count: int
+    mr_instances: int  # MR instances when analysis started: more later means a re-run
     previous_sr: Path | None
 
 
@@ -119,7 +119,7 @@ def claim_next(index: Index, now: float) -> Claim | None:
         study.attempts += 1
         study.analysed_instance_count = study.instance_count
         previous = Path(study.previous_sr_path) if study.previous_sr_path else None
-        return Claim(study.study_instance_uid, study.instance_count, previous)
+        return Claim(study.study_instance_uid, Index.mr_instance_count(s, study.id), previous)
 
 
 def _document_uids(path: Path) -> tuple[str, str, str]:
@@ -153,7 +153,7 @@ def record_report(
         if study.status != S.ANALYSING.value:
             log.warning("study %s left analysing (%s) before its report", uid, study.status)
             return
-        late = study.instance_count > claim.instance_count
+        late = Index.mr_instance_count(s, study.id) > claim.mr_instances
         study.status = S.RECEIVED.value if late else S.REPORTED.value
         study.status_changed_at = now
         study.reported_at = now

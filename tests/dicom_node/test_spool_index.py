@@ -112,3 +112,14 @@ def test_late_instance_sends_analysed_study_back_to_received(tmp_path: Path) -> 
     index.add_instance(_record("1.2"), 2.0)
     study = index.get_study("1.2.3")
     assert study is not None and study["status"] == "received"
+
+
+def test_late_non_mr_instance_does_not_trigger_a_rerun(tmp_path: Path) -> None:
+    """PACS may route our own SR back to us: that must not start an analysis loop."""
+    index = Index(f"sqlite:///{tmp_path}/index.db")
+    index.add_instance(_record("1.1"), 1.0)
+    with index.write() as s:
+        s.query(Study).update({"status": StudyStatus.SENT.value})
+    index.add_instance(_record("1.2", series="1.2.3.9", modality="SR"), 2.0)
+    study = index.get_study("1.2.3")
+    assert study is not None and study["status"] == "sent" and study["instances"] == 2
