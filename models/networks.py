@@ -87,7 +87,7 @@ def build_network(config: NetworkConfig) -> ProbabilityNet:
         in_channels=config.in_channels,
         out_channels=config.out_channels,
         channels=config.channels,
-        strides=config.strides,
+        strides=config.strides,  # type: ignore[arg-type]  # per-axis strides are supported
         num_res_units=config.num_res_units,
         norm=config.norm,
         dropout=config.dropout,

@@ -19,7 +19,7 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -100,7 +100,7 @@ def load_config(path: Path, overrides: dict[str, Any] | None = None) -> TrainCon
             if "channels" in net_kwargs:
                 net_kwargs["channels"] = tuple(net_kwargs["channels"])
             out = 1 if name == DETECTOR else 3
-            act = "sigmoid" if name == DETECTOR else "softmax"
+            act: Literal["sigmoid", "softmax"] = "sigmoid" if name == DETECTOR else "softmax"
             network = NetworkConfig(
                 in_channels=len(channels), out_channels=out, activation=act, **net_kwargs
             )
