@@ -444,6 +444,26 @@ def export_trained(
     )
 
 
+def _promote_first(repository: Path, name: str, version: str) -> bool:
+    """Promote a freshly trained model only when nothing is promoted yet: replacing a promoted
+    version is the evaluation gate's decision (`radtriage models promote`)."""
+    from models.repository import ModelRepository
+
+    repo = ModelRepository(repository)
+    current = repo.promoted(name)
+    if current not in (None, version):
+        log.warning(
+            "%s:%s is promoted; not replacing it with %s (use radtriage models promote)",
+            name,
+            current,
+            version,
+        )
+        return False
+    gate = {"allowed": True, "reason": f"{name} had no promoted version (first training run)"}
+    repo.promote(f"{name}:{version}", reason="trained by radtriage train", gate=gate)
+    return True
+
+
 def run_training(
     config: TrainConfig,
     out: Path,
@@ -484,12 +504,7 @@ def run_training(
                 }
             )
             if config.promote:
-                from models.repository import ModelRepository
-
-                ModelRepository(repo).promote(
-                    f"{mc.name}:{config.version}", reason="trained by radtriage train", gate=None
-                )
-                entry["promoted"] = True
+                entry["promoted"] = _promote_first(repo, mc.name, config.version)
         summary["models"][mc.name] = entry
     summary["total_seconds"] = round(time.perf_counter() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
