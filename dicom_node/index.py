@@ -25,12 +25,12 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
-    case,
     create_engine,
     event,
     func,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Connection, Engine
@@ -246,13 +246,10 @@ class Index:
         file was already indexed; nothing changes). A new instance for a study that was already
         analysed sends the study back to ``received`` so it is analysed again.
 
-        SQLAlchemy Core with a cache of series -> (study, series) row ids: this runs once per
-        C-STORE, so it is one SELECT, one INSERT and two UPDATEs in one transaction."""
+        This runs once per C-STORE, so it uses prepared SQL text and a cache of series ->
+        (study, series) row ids: one SELECT, one INSERT and two UPDATEs in one transaction."""
         with self._write_lock, self.engine.begin() as conn:
-            dup = conn.execute(
-                select(Instance.id).where(Instance.sop_instance_uid == rec.sop_instance_uid)
-            ).first()
-            if dup is not None:
+            if conn.execute(_SQL_DUPLICATE, {"sop": rec.sop_instance_uid}).first() is not None:
                 return False
             ids = self._series_ids.get(rec.series_instance_uid)
             created = ids is None
@@ -260,33 +257,25 @@ class Index:
                 ids = self._create_series(conn, rec, now)
             study_id, series_id = ids
             conn.execute(
-                insert(Instance).values(
-                    sop_instance_uid=rec.sop_instance_uid,
-                    series_fk=series_id,
-                    study_fk=study_id,
-                    sop_class_uid=rec.sop_class_uid,
-                    transfer_syntax_uid=rec.transfer_syntax_uid,
-                    instance_number=rec.instance_number,
-                    path=str(rec.path),
-                    size_bytes=rec.size_bytes,
-                    calling_ae_title=rec.calling_ae_title,
-                    received_at=now,
-                )
+                _SQL_INSERT_INSTANCE,
+                {
+                    "sop": rec.sop_instance_uid,
+                    "series": series_id,
+                    "study": study_id,
+                    "cls": rec.sop_class_uid,
+                    "ts": rec.transfer_syntax_uid,
+                    "num": rec.instance_number,
+                    "path": str(rec.path),
+                    "size": rec.size_bytes,
+                    "aet": rec.calling_ae_title,
+                    "now": now,
+                },
             )
-            conn.execute(
-                update(Series)
-                .where(Series.id == series_id)
-                .values(instance_count=Series.instance_count + 1)
-            )
-            values: dict[str, Any] = {
-                "instance_count": Study.instance_count + 1,
-                "last_received_at": now,
-            }
-            if rec.modality.upper() == "MR":  # a late SR/KO/PR (e.g. our own SR) is no reason
-                rerun = Study.status.in_(_RERUN_FROM)
-                values["status"] = case((rerun, StudyStatus.RECEIVED.value), else_=Study.status)
-                values["status_changed_at"] = case((rerun, now), else_=Study.status_changed_at)
-            conn.execute(update(Study).where(Study.id == study_id).values(**values))
+            conn.execute(_SQL_COUNT_SERIES, {"series": series_id})
+            # only a new MR instance re-opens an analysed study: a late SR/KO/PR (e.g. our own
+            # SR routed back by PACS) is no reason to analyse again
+            rerun_sql = _SQL_COUNT_STUDY_MR if rec.modality.upper() == "MR" else _SQL_COUNT_STUDY
+            conn.execute(rerun_sql, {"study": study_id, "now": now})
         if created:  # cache row ids only once they are committed
             self._series_ids[rec.series_instance_uid] = ids
         return True
@@ -469,12 +458,32 @@ class Index:
         }
 
 
-_RERUN_FROM = {
+_RERUN_FROM = (
     StudyStatus.REPORTED.value,
     StudyStatus.SENT.value,
     StudyStatus.FAILED.value,
     StudyStatus.NOT_APPLICABLE.value,
-}
+)
+
+# The ingest hot path as plain SQL (portable: SQLite and PostgreSQL), built once.
+_SQL_DUPLICATE = text("SELECT id FROM instances WHERE sop_instance_uid = :sop")
+_SQL_INSERT_INSTANCE = text(
+    "INSERT INTO instances (sop_instance_uid, series_fk, study_fk, sop_class_uid, "
+    "transfer_syntax_uid, instance_number, path, size_bytes, calling_ae_title, received_at) "
+    "VALUES (:sop, :series, :study, :cls, :ts, :num, :path, :size, :aet, :now)"
+)
+_SQL_COUNT_SERIES = text("UPDATE series SET instance_count = instance_count + 1 WHERE id = :series")
+_SQL_COUNT_STUDY = text(
+    "UPDATE studies SET instance_count = instance_count + 1, last_received_at = :now "
+    "WHERE id = :study"
+)
+_RERUN_IN = ", ".join(f"'{s}'" for s in _RERUN_FROM)
+_SQL_COUNT_STUDY_MR = text(
+    "UPDATE studies SET instance_count = instance_count + 1, last_received_at = :now, "
+    f"status = CASE WHEN status IN ({_RERUN_IN}) THEN 'received' ELSE status END, "
+    f"status_changed_at = CASE WHEN status IN ({_RERUN_IN}) THEN :now "
+    "ELSE status_changed_at END WHERE id = :study"
+)
 
 
 def _study_dict(study: Study, patient: Patient) -> dict[str, Any]:
