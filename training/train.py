@@ -54,6 +54,7 @@ class ModelTrainConfig:
     validate_every: int = 100
     checkpoint_every: int = 50
     positive_fraction: float = 0.5  # detector: share of csPCa-positive cases per batch
+    pos_weight: float = 1.0  # detector: BCE weight of lesion voxels (they are ~0.2% of the box)
 
 
 @dataclass(frozen=True)
@@ -219,11 +220,25 @@ def _batch(
     return torch.stack(images), torch.stack(labels)
 
 
-def _loss(name: str) -> torch.nn.Module:
+class _DiceWeightedBCE(torch.nn.Module):
+    """Soft Dice over the batch + BCE with extra weight on the rare lesion voxels."""
+
+    def __init__(self, pos_weight: float) -> None:
+        super().__init__()
+        from monai.losses import DiceLoss
+
+        self.dice = DiceLoss(sigmoid=True, batch=True)
+        self.bce = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor([pos_weight]))
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.dice(logits, target) + self.bce(logits, target)
+
+
+def _loss(mc: ModelTrainConfig) -> torch.nn.Module:
     from monai.losses import DiceCELoss
 
-    if name == DETECTOR:
-        return DiceCELoss(sigmoid=True, batch=True)
+    if mc.name == DETECTOR:
+        return _DiceWeightedBCE(mc.pos_weight)
     return DiceCELoss(softmax=True, to_onehot_y=True, batch=True)
 
 
@@ -338,7 +353,7 @@ def train_model(
         log.info("resuming %s at step %d from %s", mc.name, start, ckpt_path)
     elif log_path.exists():
         log_path.unlink()
-    loss_fn = _loss(mc.name)
+    loss_fn = _loss(mc)
     net.train()
     bar = tqdm(
         range(start, mc.steps), desc=mc.name, initial=start, total=mc.steps, disable=not progress
@@ -436,7 +451,9 @@ def export_trained(
             "steps": mc.steps,
             "batch_size": mc.batch_size,
             "learning_rate": mc.learning_rate,
-            "loss": "monai DiceCELoss",
+            "loss": f"soft Dice + BCE (pos_weight {mc.pos_weight})"
+            if mc.name == DETECTOR
+            else "monai DiceCELoss (softmax)",
             "augmentation": "flip L-R, intensity scale/shift, Gaussian noise (MONAI)",
         },
         metrics=metrics,
@@ -486,9 +503,9 @@ def run_training(
         "models": {},
     }
     repo = repository if repository is not None else config.repository
-    for i, mc in enumerate(config.models):
+    for mc in config.models:
         net, metrics = train_model(
-            mc, train, val, out, seed=config.seed + i, resume=resume, progress=progress
+            mc, train, val, out, seed=config.seed, resume=resume, progress=progress
         )
         entry: dict[str, Any] = {"metrics": metrics}
         if export:
