@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -14,6 +19,7 @@ from core.domain import StudyStatus
 from core.errors import OutOfResourcesError
 from dicom_node.index import Base, Index, InstanceRecord, Study
 from dicom_node.spool import Spool, encode_file_meta
+from tests.conftest import free_port
 
 from .peers import encoded_dataset, make_mr_series
 
@@ -123,3 +129,71 @@ def test_late_non_mr_instance_does_not_trigger_a_rerun(tmp_path: Path) -> None:
     index.add_instance(_record("1.2", series="1.2.3.9", modality="SR"), 2.0)
     study = index.get_study("1.2.3")
     assert study is not None and study["status"] == "sent" and study["instances"] == 2
+
+
+@pytest.fixture
+def postgresql_url() -> Iterator[str]:
+    """A throwaway PostgreSQL server (skips where PostgreSQL is not installed)."""
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if initdb is None or pg_ctl is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not installed")
+    top = Path(tempfile.mkdtemp(prefix="radtriage-pg-"))  # not under pytest's 0700 tmp
+    data = top / "pg"
+    data.mkdir()
+    run_as: list[str] = []
+    if os.geteuid() == 0:  # postgres refuses to run as root
+        runuser = shutil.which("runuser")
+        if runuser is None:
+            pytest.skip("running as root without runuser: cannot start PostgreSQL")
+        run_as = [runuser, "-u", "postgres", "--"]
+        shutil.chown(top, "postgres")
+        shutil.chown(data, "postgres")
+    port = free_port()
+    subprocess.run(
+        [*run_as, initdb, "-A", "trust", "-U", "postgres", "-D", str(data)],
+        check=True,
+        capture_output=True,
+    )
+    options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1"
+    # the server inherits pg_ctl's stdout/stderr: give it a log file, not our pipes
+    start = [*run_as, pg_ctl, "-D", str(data), "-l", str(top / "pg.log"), "-o", options]
+    subprocess.run(
+        [*start, "-w", "start"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=60,
+    )
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(
+            [*run_as, pg_ctl, "-D", str(data), "-m", "immediate", "stop"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
+        )
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def test_index_on_postgresql(postgresql_url: str) -> None:
+    from dicom_node.jobs import claim_next, transition
+
+    index = Index(postgresql_url)
+    with index.engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+    assert index.add_instance(_record("1.1"), 1.0)
+    assert not index.add_instance(_record("1.1"), 1.5)
+    assert index.add_instance(
+        _record("2.1", study="2.2", series="2.2.1", requested_procedure_priority="STAT"), 2.0
+    )
+    assert transition(index, "1.2.3", StudyStatus.COMPLETE)
+    assert transition(index, "2.2", StudyStatus.COMPLETE)
+    claim = claim_next(index, 3.0)
+    assert claim is not None and claim.study_instance_uid == "2.2"  # urgent first
+    with index.write() as s:
+        s.query(Study).update({"status": StudyStatus.SENT.value})
+    index.add_instance(_record("1.2"), 4.0)  # late MR instance: re-run
+    assert index.get_study("1.2.3")["status"] == "received"  # type: ignore[index]
+    assert index.counts()["instances"] == 3
+    index.close()
