@@ -75,6 +75,8 @@ class Study(Base):
     checked_instance_count: Mapped[int] = mapped_column(Integer, default=0)
     analysed_instance_count: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    analysis_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    retry_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     result_json: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -482,7 +484,9 @@ _SQL_COUNT_STUDY_MR = text(
     "UPDATE studies SET instance_count = instance_count + 1, last_received_at = :now, "
     f"status = CASE WHEN status IN ({_RERUN_IN}) THEN 'received' ELSE status END, "
     f"status_changed_at = CASE WHEN status IN ({_RERUN_IN}) THEN :now "
-    "ELSE status_changed_at END WHERE id = :study"
+    "ELSE status_changed_at END, "
+    f"analysis_failures = CASE WHEN status IN ({_RERUN_IN}) THEN 0 "
+    "ELSE analysis_failures END WHERE id = :study"
 )
 
 
@@ -504,6 +508,7 @@ def _study_dict(study: Study, patient: Patient) -> dict[str, Any]:
         "priority": result.get("priority") if result else None,
         "instances": study.instance_count,
         "attempts": study.attempts,
+        "retry_at": study.retry_at,
         "error": (
             {"code": study.error_code, "message": study.error_message or ""}
             if study.error_code

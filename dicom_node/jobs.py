@@ -4,7 +4,9 @@
 
     received --(assembler: complete)--> complete --(worker claims)--> analysing
     analysing --(analyser returns)--> reported --(sender: all sent)--> sent
-    analysing --(analyser raises)--> failed        reported --(dead letter)--> failed
+    analysing --(analyser raises)--> complete, retried after a backoff (10 s, 20 s, ...)
+    analysing --(analyser raised MAX_ANALYSIS_FAILURES times in a row)--> failed
+    reported --(dead letter)--> failed
     received --(assembler: no prostate MRI)--> not_applicable
     reported | sent | failed | not_applicable --(late instance)--> received   (re-run)
     analysing --(restart after a crash)--> complete                           (resume)
@@ -48,6 +50,8 @@ TRANSITIONS: dict[StudyStatus, frozenset[StudyStatus]] = {
 }
 
 SR_MODALITY = "SR"
+MAX_ANALYSIS_FAILURES = 3
+RETRY_BACKOFF_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,10 @@ def claim_next(index: Index, now: float) -> Claim | None:
     with index.write() as s:
         study = s.scalars(
             select(Study)
-            .where(Study.status == S.COMPLETE.value)
+            .where(
+                Study.status == S.COMPLETE.value,
+                (Study.retry_at.is_(None)) | (Study.retry_at <= now),
+            )
             .order_by(Study.urgency_rank, Study.first_received_at, Study.id)
             .limit(1)
         ).first()
@@ -161,6 +168,8 @@ def record_report(
         study.documents_json = json.dumps([str(p) for p, *_ in kept])
         study.error_code = None
         study.error_message = None
+        study.analysis_failures = 0
+        study.retry_at = None
         if sr is not None:
             study.previous_sr_path = str(sr)
         for path, sop_uid, sop_class, _ in kept:
@@ -220,12 +229,25 @@ class JobWorker:
             code = err.reason_code if err else "internal_error"
             message = err.message if err else f"{type(exc).__name__}: {exc}"
             log.exception("analysis of study %s failed", uid)
-            transition(
-                self.index,
-                uid,
-                S.FAILED,
-                now=self.clock(),
-                error_code=code,
-                error_message=message,
-            )
+            self._analysis_failed(uid, code, message)
         return uid
+
+    def _analysis_failed(self, uid: str, code: str, message: str) -> None:
+        """Back to ``complete`` with a retry time, or ``failed`` after too many failures."""
+        now = self.clock()
+        with self.index.read() as s:
+            failures = 1 + (
+                s.scalar(select(Study.analysis_failures).where(Study.study_instance_uid == uid))
+                or 0
+            )
+        values: dict[str, Any] = {
+            "now": now,
+            "error_code": code,
+            "error_message": message,
+            "analysis_failures": failures,
+        }
+        if failures < MAX_ANALYSIS_FAILURES:
+            retry_at = now + RETRY_BACKOFF_S * 2 ** (failures - 1)
+            transition(self.index, uid, S.COMPLETE, retry_at=retry_at, **values)
+        else:
+            transition(self.index, uid, S.FAILED, retry_at=None, **values)

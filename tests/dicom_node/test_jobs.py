@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pydicom
@@ -106,15 +107,31 @@ def test_worker_reports_queues_documents_and_reruns_late_studies(
     assert len(index.outbox()) == 4  # both SRs, both destinations
 
 
-def test_worker_failure_marks_study_failed(index: Index, tmp_path: Path) -> None:
+def test_failed_analysis_is_retried_with_backoff_then_failed(index: Index, tmp_path: Path) -> None:
+    now = [time.time()]
     spool = Spool(tmp_path / "var")
-    worker = JobWorker(index, spool, RecordingAnalyser(tmp_path / "sr", fail=True), [])
+    analyser = RecordingAnalyser(tmp_path / "sr", fail=True)
+    worker = JobWorker(index, spool, analyser, [], clock=lambda: now[0])
     uid = _index_series(index, make_mr_series(tmp_path / "a", 1), 1.0)
     transition(index, uid, S.COMPLETE)
-    worker.run_once()
+    assert worker.run_once() == uid
     study = index.get_study(uid)
-    assert study is not None and study["status"] == "failed"
+    assert study is not None and study["status"] == "complete"
+    assert study["retry_at"] == pytest.approx(now[0] + 10)
     assert study["error"] == {
         "code": "internal_error",
         "message": "RuntimeError: test analyser told to fail",
     }
+    assert worker.run_once() is None  # not due yet
+    now[0] += 10
+    assert worker.run_once() == uid  # second failure: retry in 20 s
+    now[0] += 20
+    assert worker.run_once() == uid  # third failure: give up
+    study = index.get_study(uid)
+    assert study is not None and study["status"] == "failed" and len(analyser.calls) == 3
+    analyser.fail = False  # a late instance gives it another chance, which succeeds
+    _index_series(index, make_mr_series(tmp_path / "b", 1, study_instance_uid=uid), now[0])
+    transition(index, uid, S.COMPLETE)
+    assert worker.run_once() == uid
+    study = index.get_study(uid)
+    assert study is not None and study["status"] == "reported" and study["error"] is None
