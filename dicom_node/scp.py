@@ -43,6 +43,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
@@ -95,15 +96,22 @@ def read_header(data: io.BytesIO | bytes, transfer_syntax_uid: str) -> Dataset:
 
 
 def _str(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
+    """An element's value as text. Raw ASCII values are decoded directly (this runs for every
+    C-STORE); anything else goes through pydicom's conversion (character sets, sequences)."""
+    tag = tag_for_keyword(keyword)
+    if tag is None or tag not in ds:
+        return ""
+    raw = ds.get_item(tag).value
+    if isinstance(raw, bytes) and raw.isascii():
+        return raw.decode("ascii").strip("\x00 ")
+    value = ds[tag].value
     return "" if value is None else str(value).strip()
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
-    value = ds.get(keyword)
     try:
-        return None if value in (None, "") else int(value)
-    except (TypeError, ValueError):
+        return int(float(_str(ds, keyword).split("\\")[0]))
+    except (ValueError, OverflowError):
         return None
 
 
