@@ -42,8 +42,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def null_analyser(settings: Any) -> Any:
-    """Analyser factory for ingest runs: the study never gets analysed there anyway."""
+def bench_analyser(settings: Any) -> Any:
+    """Analyser factory: the small test analyser (a minimal SR), so latency is node overhead."""
     from tests.dicom_node.peers import RecordingAnalyser
 
     return RecordingAnalyser(Path(settings.storage.root) / "sr")
@@ -89,7 +89,7 @@ def our_node(
             "--config",
             str(cfg),
             "--analyser",
-            "benchmarks.ingest:null_analyser",
+            "benchmarks.ingest:bench_analyser",
         ],
         cwd=REPO,
         stdout=subprocess.PIPE,
