@@ -112,7 +112,7 @@ class Spool:
     """Files of received instances. Thread-safe: every write goes through its own tmp file."""
 
     def __init__(self, root: Path, low_water_mark_mb: int = 0) -> None:
-        self.root = Path(root)
+        self.root = Path(root).resolve()  # the index stores absolute paths
         self.low_water_mark_mb = low_water_mark_mb
         self.spool_dir = self.root / "spool"
         self.quarantine_dir = self.root / "quarantine"
