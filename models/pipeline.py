@@ -20,7 +20,9 @@ from models.postprocessing import (
     extract_lesions,
     gate_to_gland,
     gland_volume_ml,
+    zone_probabilities,
     zones_from_probabilities,
+    zones_from_pz_tz,
 )
 from models.preprocessing import PreparedCase, prepare_case
 from models.repository import default_repository
@@ -104,14 +106,17 @@ class TriagePipeline:
         self, prepared: PreparedCase, gland_out: np.ndarray, detector_out: np.ndarray
     ) -> Prediction:
         """Model outputs ((3|1, Z, Y, X), batch axis optional) -> Prediction on the T2W grid."""
-        zones_grid = zones_from_probabilities(_single(gland_out, 3, "gland"))
+        probabilities = _single(gland_out, 3, "gland")
+        zones_grid = zones_from_probabilities(probabilities)
         likelihood_grid = _single(detector_out, 1, "detector")[0]
         post = self.detector.metadata.postprocessing
         gated = gate_to_gland(
             likelihood_grid, zones_grid > 0, self.spec.spacing_xyz, post.gland_margin_mm
         )
         gated = np.clip(np.nan_to_num(gated, nan=0.0), 0.0, 1.0).astype(np.float32)
-        zones = prepared.to_reference(zones_grid, order=0)
+        pz_tz = zone_probabilities(probabilities, zones_grid)
+        pz, tz = (prepared.to_reference(p).array for p in pz_tz)
+        zones = prepared.reference.with_array(zones_from_pz_tz(pz, tz))
         likelihood = prepared.to_reference(gated, order=1)
         likelihood = likelihood.with_array(np.clip(likelihood.array, 0.0, 1.0))
         lesions, labels = extract_lesions(likelihood, zones, post, self.thresholds)

@@ -12,7 +12,9 @@ from models.postprocessing import (
     category,
     extract_lesions,
     gate_to_gland,
+    zone_probabilities,
     zones_from_probabilities,
+    zones_from_pz_tz,
 )
 
 THRESHOLDS = Thresholds(urgent=0.6, soon=0.3)
@@ -87,3 +89,18 @@ def test_gate_to_gland_only_with_a_plausible_gland() -> None:
     tiny[5, 20, 20] = True  # implausible gland: the map is not silenced
     assert np.all(gate_to_gland(lmap, tiny, (1.0, 1.0, 2.0), margin_mm=3.0) == 1.0)
     assert np.all(gate_to_gland(lmap, gland, (1.0, 1.0, 2.0), margin_mm=None) == 1.0)
+
+
+def test_zones_from_pz_tz() -> None:
+    pz = np.array([0.6, 0.3, 0.1, 0.0], np.float32)
+    tz = np.array([0.1, 0.3, 0.3, 0.0], np.float32)
+    assert zones_from_pz_tz(pz, tz).tolist() == [1, 1, 0, 0]
+    probs = np.zeros((3, 4, 8, 8), np.float32)
+    probs[0] = 1.0
+    zones = np.zeros((4, 8, 8), np.uint8)
+    zones[1:3, 2:6, 2:6] = 1
+    probs[:, 1:3, 2:6, 2:6] = [[[[0.1]]], [[[0.8]]], [[[0.1]]]]
+    probs[:, 0, 7, 7] = [0.0, 1.0, 0.0]  # outside the kept component and its margin
+    restricted = zone_probabilities(probs, zones)
+    assert restricted.shape == (2, 4, 8, 8) and restricted[0, 0, 7, 7] == 0.0
+    assert restricted[0, 1, 3, 3] == pytest.approx(0.8)
