@@ -16,6 +16,7 @@ resampled (nearest neighbour) onto the model grid.
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,11 +220,25 @@ def iter_dicom(root: Path) -> Iterator[RawCase]:
         gland = read["gland"]
         if gland is None and read["zones"] is not None:
             gland = read["zones"].with_array((read["zones"].array > 0).astype(np.uint8))
+        lesions, is_cspca = _cspca_only(study, read["lesions"])
         yield RawCase(
-            study.name, vols.t2w, vols.adc, vols.hbv, read["lesions"], read["zones"], gland, None
+            study.name, vols.t2w, vols.adc, vols.hbv, lesions, read["zones"], gland, is_cspca
         )
     if not found:
         raise InputError(f"no study folders with a masks/ sub-folder under {root}")
+
+
+def _cspca_only(study: Path, lesions: Volume | None) -> tuple[Volume | None, bool | None]:
+    """With a `ground_truth.json` (as `radtriage phantom` writes), keep only the lesion labels
+    it marks csPCa and take the case label from it; otherwise every lesion voxel is csPCa."""
+    truth_path = study / "ground_truth.json"
+    if not truth_path.is_file():
+        return lesions, None
+    truth = json.loads(truth_path.read_text(encoding="utf-8"))
+    keep = [int(x["label"]) for x in truth.get("lesions", []) if x.get("cspca")]
+    if lesions is not None:
+        lesions = lesions.with_array(np.isin(lesions.array, keep).astype(np.uint8))
+    return lesions, bool(keep)
 
 
 def dicom_cases(spec: InputSpec, root: Path) -> list[TrainingCase]:

@@ -62,3 +62,25 @@ def test_picai_layout_with_real_prostatex(prostatex: Path, tmp_path: Path) -> No
     assert (case.zones > 0).sum() * np.prod(SPEC.spacing_xyz) / 1000 == pytest.approx(
         gland_ml, rel=0.15
     )
+
+
+def test_dicom_folders_with_masks(tmp_path: Path) -> None:
+    """`radtriage phantom` output (DICOM + masks/ + ground_truth.json) read as a dataset."""
+    from training.phantoms import synthesize_case
+    from training.phantoms.dicom_writer import write_study
+
+    seeds = (900_011, 900_010)  # csPCa-positive with two lesions; negative
+    for seed in seeds:
+        write_study(synthesize_case(seed), tmp_path, distractors=False)
+    raws = {r.case_id: r for r in open_dataset(tmp_path)}
+    assert len(raws) == 2
+    for seed in seeds:
+        truth = synthesize_case(seed)
+        raw = raws[truth.case_id]
+        assert raw.is_cspca == truth.is_cspca
+        assert raw.t2w.array.shape == truth.t2w.array.shape
+        assert raw.lesion_mask is not None and raw.gland_mask is not None
+        cspca = np.isin(truth.lesion_mask.array, [x.label for x in truth.lesions if x.is_cspca])
+        assert np.array_equal(raw.lesion_mask.array > 0, cspca)
+        case = training_case(raw, SPEC)
+        assert case.has_zones and case.lesions.any() == truth.is_cspca
