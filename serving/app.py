@@ -11,6 +11,8 @@ then only does inference and needs no HTTP proxy.
 from __future__ import annotations
 
 import logging
+import math
+import os
 import threading
 import time
 from datetime import UTC, datetime
@@ -90,10 +92,17 @@ class RadtriageApp:
         import ray
         from ray import serve
 
-        from serving.deployments import APP_NAME, build_app
+        from serving.deployments import APP_NAME, build_app, required_cpus
 
         if not ray.is_initialized():
-            ray.init(include_dashboard=False, configure_logging=False)
+            kwargs: dict[str, Any] = {}
+            if not os.environ.get("RAY_ADDRESS"):
+                # A local single-node Ray: Ray's CPUs are scheduling tokens, so declare at least
+                # what the app requests, or the model replicas never get scheduled on a small
+                # host (2 cores: 2.75 requested). ONNX Runtime threads share the cores anyway.
+                cores = os.cpu_count() or 1
+                kwargs["num_cpus"] = max(cores, math.ceil(required_cpus(self.settings)))
+            ray.init(include_dashboard=False, configure_logging=False, **kwargs)
         serve.start(http_options={"location": "NoServer"})
         self._handle = serve.run(build_app(self.settings, refs), name=APP_NAME, route_prefix=None)
 

@@ -326,6 +326,17 @@ def model_config(settings: Settings) -> dict[str, str]:
     return config
 
 
+#: Logical CPUs of the deployments that are not models (pre/post-processing and the ingress).
+STAGE_CPUS = 0.75
+
+
+def required_cpus(settings: Settings) -> float:
+    """Logical CPUs the application asks Ray for (models x replicas + the other stages)."""
+    s = settings.serving
+    n_models = 3 if settings.models.shadow else 2
+    return STAGE_CPUS + n_models * s.replicas * s.num_cpus_per_replica
+
+
 def build_app(settings: Settings, refs: dict[str, str] | None = None) -> Any:
     """The bound Serve application for `settings`, serving the model versions in `refs`.
 
