@@ -42,6 +42,11 @@ def prostatex(shared_data: Path) -> Path:
     return path
 
 
+# Debian keeps PostgreSQL's server programs (initdb, pg_ctl) off PATH.
+for _pg_bin in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)[:1]:
+    os.environ["PATH"] = f"{os.environ.get('PATH', '')}{os.pathsep}{_pg_bin}"
+
+
 def require_tool(name: str) -> str:
     """Path of an external program. Skips locally when missing; in CI (where .ci/run installs
     it) a missing tool is a failure, so no test silently stops running there."""

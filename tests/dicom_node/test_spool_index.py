@@ -19,7 +19,7 @@ from core.domain import StudyStatus
 from core.errors import OutOfResourcesError
 from dicom_node.index import Base, Index, InstanceRecord, Study
 from dicom_node.spool import Spool, encode_file_meta
-from tests.conftest import free_port
+from tests.conftest import free_port, require_tool
 
 from .peers import encoded_dataset, make_mr_series
 
@@ -133,10 +133,9 @@ def test_late_non_mr_instance_does_not_trigger_a_rerun(tmp_path: Path) -> None:
 
 @pytest.fixture
 def postgresql_url() -> Iterator[str]:
-    """A throwaway PostgreSQL server (skips where PostgreSQL is not installed)."""
-    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
-    if initdb is None or pg_ctl is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not installed")
+    """A throwaway PostgreSQL server (skips locally where PostgreSQL is not installed; .ci/run
+    installs it and puts its bin folder on PATH)."""
+    initdb, pg_ctl = require_tool("initdb"), require_tool("pg_ctl")
     top = Path(tempfile.mkdtemp(prefix="radtriage-pg-"))  # not under pytest's 0700 tmp
     data = top / "pg"
     data.mkdir()
