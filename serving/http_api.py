@@ -136,7 +136,11 @@ class ApiContext:
 
 
 def worklist_rows(studies: list[dict[str, Any]], state: dict[str, dict[str, Any]]) -> list[dict]:
-    """Worklist order: effective priority (override, else AI) by `Priority.rank`, oldest first."""
+    """Worklist order: effective priority (override, else AI) by `Priority.rank`, oldest first.
+
+    Each row carries what the page shows: likelihood, status, reason (not analysed), lesion count
+    and largest lesion, model version, acknowledgement, the latest override and the disclaimer.
+    """
     rows = []
     for doc in studies:
         uid = doc["study_instance_uid"]
@@ -144,17 +148,32 @@ def worklist_rows(studies: list[dict[str, Any]], state: dict[str, dict[str, Any]
         override = entry.get("override")
         effective = Priority(override["priority"]) if override else Priority(doc["priority"])
         reason = doc.get("reason") or {}
+        lesions = doc.get("lesions") or []
+        largest = max(lesions, key=lambda lesion: lesion["volume_ml"], default=None)
+        model = doc.get("model") or {}
         rows.append(
             {
                 "study_instance_uid": uid,
                 "priority": effective.value,
                 "ai_priority": doc["priority"],
                 "overridden_by": override["user"] if override else None,
+                "override_comment": override.get("comment") if override else None,
+                "overridden_at": override["at"] if override else None,
                 "case_likelihood": doc.get("case_likelihood"),
                 "status": doc["status"],
                 "reason": reason.get("message"),
+                "reason_code": reason.get("code"),
+                "lesion_count": len(lesions),
+                "largest_lesion": (
+                    {k: largest.get(k) for k in ("volume_ml", "likelihood", "sector")}
+                    if largest
+                    else None
+                ),
+                "gland_volume_ml": doc.get("gland_volume_ml"),
+                "model": {"name": model["name"], "version": model["version"]} if model else None,
                 "updated_at": doc.get("updated_at"),
                 "acknowledged_by": entry.get("acknowledged_by"),
+                "acknowledged_at": entry.get("acknowledged_at"),
                 "disclaimer": doc.get("disclaimer"),
             }
         )
