@@ -17,7 +17,10 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 from typing import Any, Literal
+
+import uvicorn
 
 from core.domain import ModelRef
 from core.errors import ModelError
@@ -54,6 +57,15 @@ class IndexStudies:
     def get_study(self, study_instance_uid: str) -> dict[str, Any] | None:
         row = self.node.get_study(study_instance_uid)
         return self._doc(row) if row else None
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn re-raises the SIGTERM/SIGINT it caught once it has stopped, which kills the
+    process before `serve_forever` drains the DICOM node. We own the shutdown: swallow it."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()
 
 
 class RadtriageApp:
@@ -242,8 +254,6 @@ class RadtriageApp:
 
     def serve_forever(self, promotion_poll_s: float = 30.0) -> None:
         """Start everything; return after SIGTERM/SIGINT once in-flight work has finished."""
-        import uvicorn
-
         from dicom_node.node import DicomNode
 
         self.start_models()
@@ -260,7 +270,7 @@ class RadtriageApp:
 
         threading.Thread(target=poll_promotions, name="radtriage-promotions", daemon=True).start()
         h = self.settings.http
-        server = uvicorn.Server(
+        server = DrainingServer(
             uvicorn.Config(self.http_app(), host=h.host, port=h.port, log_config=None)
         )
         log_event(

@@ -120,7 +120,9 @@ class Override(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user: str = Field(min_length=1, max_length=64)
     priority: Priority
-    comment: str = Field(default="", max_length=500)
+    comment: str = Field(
+        min_length=1, max_length=500, description="Why the AI priority is overridden (audited)"
+    )
 
 
 @dataclass

@@ -73,7 +73,12 @@ def test_worklist_order_acknowledge_and_audited_override(tmp_path: Path) -> None
     client, _ = _client(tmp_path)
     rows = client.get("/api/worklist").json()
     assert [r["priority"] for r in rows] == ["urgent", "not_analysed", "routine"]
-    r = client.post("/api/worklist/1.2.3.1/override", json={"user": "dr_a", "priority": "urgent"})
+    no_reason = {"user": "dr_a", "priority": "urgent"}
+    assert client.post("/api/worklist/1.2.3.1/override", json=no_reason).status_code == 422
+    r = client.post(
+        "/api/worklist/1.2.3.1/override",
+        json={"user": "dr_a", "priority": "urgent", "comment": "clinical concern"},
+    )
     assert r.status_code == 200
     client.post("/api/worklist/1.2.3.2/acknowledge", json={"user": "dr_b"})
     rows = client.get("/api/worklist").json()

@@ -225,12 +225,6 @@ def test_sigterm_stops_it_and_everything_it_started(lifecycle: Lifecycle) -> Non
     assert lifecycle.left_in_session == {}, "processes left in the server's session"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="uvicorn >= 0.29 re-raises the captured SIGTERM after shutdown: the process exits "
-    "15 (Ray's handler) or -15 (--local: before the node drains); serving/app.py must not let "
-    "uvicorn re-raise it",
-)
 def test_sigterm_exits_zero_after_draining(lifecycle: Lifecycle) -> None:
     assert lifecycle.returncode == 0, lifecycle.log_tail
     assert "radtriage stopped" in lifecycle.log_tail
