@@ -77,8 +77,8 @@ def process_name(pid: int) -> str:
     words = [a.decode(errors="replace") for a in argv if a]
     if not words:
         return "?"
-    if words[0].startswith("ray::"):
-        return words[0].split(" ")[0][:60]
+    if words[0].startswith("ray::"):  # e.g. ray::ServeReplica:app:Name.handle_request
+        return words[0].split(" ")[0].split(".")[0][:60]
     program = Path(words[0]).name
     if program.startswith("python") and len(words) > 2 and words[1] == "-m":
         return f"python -m {words[2]}"
