@@ -40,6 +40,13 @@ class TlsSettings(_Section):
 
 class DicomSettings(_Section):
     ae_title: str = Field(default="RADTRIAGE", max_length=16)
+    node_id: str | None = Field(
+        default=None,
+        max_length=64,
+        description="Names this DICOM node's studies in an index shared by several nodes "
+        "(one per hospital, PostgreSQL); each node analyses, sends and lists only its own. "
+        "None = the AE title",
+    )
     bind_address: str = Field(default="127.0.0.1", description="Address the SCP listens on")
     port: int = Field(default=11112, gt=0, lt=65536)
     allowed_calling_aets: list[str] = Field(
@@ -88,6 +95,18 @@ class ServingSettings(_Section):
     batch_wait_timeout_s: float = Field(default=0.05, ge=0)
     num_cpus_per_replica: float = Field(default=1.0, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    deploy: bool = Field(
+        default=True,
+        description="True: deploy the Serve app (and own it: roll out promotions, delete it at "
+        "shutdown). False: attach to the app `app_name` already running on the Ray cluster at "
+        "RAY_ADDRESS, deployed by another `radtriage serve` (several DICOM nodes, one "
+        "inference cluster)",
+    )
+    app_name: str = Field(
+        default="radtriage",
+        min_length=1,
+        description="Name of the Serve application deployed or attached to",
+    )
 
 
 class SenderSettings(_Section):

@@ -64,7 +64,7 @@ class Decision:
 
 
 class Assembler:
-    """Decides, on each `poll`, which ``received`` studies move on."""
+    """Decides, on each `poll`, which of this node's ``received`` studies move on."""
 
     def __init__(
         self,
@@ -93,7 +93,7 @@ class Assembler:
                     Study.last_received_at,
                     Study.instance_count,
                     Study.checked_instance_count,
-                ).where(Study.status == StudyStatus.RECEIVED.value)
+                ).where(Study.status == StudyStatus.RECEIVED.value, self.index.mine(Study.node_id))
             ).all()
         decisions = []
         for row in studies:

@@ -4,6 +4,11 @@ SQLAlchemy 2 ORM. SQLite by default (WAL journal, one writer at a time through a
 lock), PostgreSQL by URL (``postgresql+psycopg://...``). The schema is owned by the alembic
 migrations in ``dicom_node/migrations``; `Index.__init__` upgrades the database to head.
 
+Several DICOM nodes may share one database (one node per hospital, PostgreSQL): every study and
+outbox row records the ``node_id`` of the node that received it, and an `Index` opened with a
+``node_id`` assembles, claims, sends, recovers and lists only its own rows (the instance files
+lie in that node's spool). An `Index` without ``node_id`` sees every row (tools, tests).
+
 Times are UNIX epoch seconds (float, UTC). Read functions return plain dicts so the HTTP API and
 metrics can serialise them without touching ORM objects.
 """
@@ -11,6 +16,7 @@ metrics can serialise them without touching ORM objects.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,15 +37,29 @@ from sqlalchemy import (
     insert,
     select,
     text,
+    true,
     update,
 )
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    InstrumentedAttribute,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+)
 
 from core.domain import ReferralUrgency, StudyStatus
 from core.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+#: ``node_id`` of rows written before migration 0003 (or by an `Index` without a node id);
+#: a node adopts them when it starts (`Index.adopt_unowned`).
+UNOWNED = ""
 
 URGENCY_RANK = {ReferralUrgency.URGENT: 0, ReferralUrgency.SOON: 1, ReferralUrgency.ROUTINE: 2}
 
@@ -68,6 +88,7 @@ class Study(Base):
     referral_urgency: Mapped[str] = mapped_column(String(16), default="routine")
     urgency_rank: Mapped[int] = mapped_column(Integer, default=2)
     status: Mapped[str] = mapped_column(String(16), default="received", index=True)
+    node_id: Mapped[str] = mapped_column(String(64), default=UNOWNED, server_default="", index=True)
     status_changed_at: Mapped[float] = mapped_column(Float)
     first_received_at: Mapped[float] = mapped_column(Float)
     last_received_at: Mapped[float] = mapped_column(Float)
@@ -133,6 +154,7 @@ class OutboxItem(Base):
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)
     state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    node_id: Mapped[str] = mapped_column(String(64), default=UNOWNED, server_default="", index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[float] = mapped_column(Float)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -209,9 +231,16 @@ def upgrade(engine: Engine) -> None:
 
 
 class Index:
-    """The node's database. One per process; safe to share between threads."""
+    """The node's database. One per process; safe to share between threads.
 
-    def __init__(self, database_url: str) -> None:
+    `node_id` names the DICOM node this process runs when several share the database: its new
+    studies and outbox rows carry it, and the node's reads (`mine`) see only those rows. None
+    (tools, single-node tests) sees and writes every row as unowned."""
+
+    def __init__(self, database_url: str, node_id: str | None = None) -> None:
+        if node_id is not None and not node_id.strip():
+            raise ConfigError("node_id must not be empty; set dicom.node_id or dicom.ae_title")
+        self.node_id = node_id
         try:
             self.engine = make_engine(database_url)
             upgrade(self.engine)
@@ -225,6 +254,29 @@ class Index:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    @property
+    def owner(self) -> str:
+        """The ``node_id`` written on new rows."""
+        return self.node_id if self.node_id is not None else UNOWNED
+
+    def mine(self, column: InstrumentedAttribute[str]) -> Any:
+        """WHERE clause on a ``node_id`` column: this node's rows (every row without node_id)."""
+        return true() if self.node_id is None else column == self.node_id
+
+    def adopt_unowned(self) -> int:
+        """Give this node the rows without an owner (written before migration 0003, by a single
+        node); returns how many studies it took. Called once at node start-up."""
+        if self.node_id is None:
+            return 0
+        with self.write() as s:
+            res = s.execute(
+                update(Study).where(Study.node_id == UNOWNED).values(node_id=self.node_id)
+            )
+            s.execute(
+                update(OutboxItem).where(OutboxItem.node_id == UNOWNED).values(node_id=self.node_id)
+            )
+            return int(getattr(res, "rowcount", 0) or 0)
 
     @contextmanager
     def write(self) -> Iterator[Session]:
@@ -286,7 +338,7 @@ class Index:
         """Get or create the patient, study and series rows of `rec`; returns row ids."""
         urgency = ReferralUrgency.from_dicom(rec.requested_procedure_priority)
         row = conn.execute(
-            select(Study.id, Study.urgency_rank).where(
+            select(Study.id, Study.urgency_rank, Study.node_id).where(
                 Study.study_instance_uid == rec.study_instance_uid
             )
         ).first()
@@ -306,6 +358,7 @@ class Index:
                     referral_urgency=urgency.value,
                     urgency_rank=URGENCY_RANK[urgency],
                     status=StudyStatus.RECEIVED.value,
+                    node_id=self.owner,
                     status_changed_at=now,
                     first_received_at=now,
                     last_received_at=now,
@@ -317,6 +370,15 @@ class Index:
             ).inserted_primary_key[0]  # type: ignore[index]
         else:
             study_id = row.id
+            if row.node_id != self.owner:
+                log.warning(
+                    "study %s was first received by DICOM node %r: this node (%r) indexes the "
+                    "instance but that node analyses the study, so its files must be readable "
+                    "there (send a study to one node only)",
+                    rec.study_instance_uid,
+                    row.node_id,
+                    self.owner,
+                )
             if rec.requested_procedure_priority and URGENCY_RANK[urgency] < row.urgency_rank:
                 conn.execute(
                     update(Study)
@@ -370,11 +432,14 @@ class Index:
             return [Path(p) for p in rows]
 
     def list_studies(
-        self, status: StudyStatus | str | None = None, limit: int = 200
+        self, status: StudyStatus | str | None = None, limit: int = 200, all_nodes: bool = False
     ) -> list[dict[str, Any]]:
-        """Studies, newest first, with status, referral urgency, counts and timings."""
+        """This node's studies (every node's with `all_nodes`), newest first, with status,
+        referral urgency, counts and timings."""
         with self.read() as s:
             q = select(Study, Patient).join(Patient, Study.patient_fk == Patient.id)
+            if not all_nodes:
+                q = q.where(self.mine(Study.node_id))
             if status is not None:
                 q = q.where(Study.status == str(status))
             q = q.order_by(Study.first_received_at.desc()).limit(limit)
@@ -411,18 +476,25 @@ class Index:
     def outbox(
         self, state: str | None = None, study_instance_uid: str | None = None
     ) -> list[dict[str, Any]]:
-        """Outbox items (``pending``, ``sent``, ``dead``), oldest first."""
+        """This node's outbox items (``pending``, ``sent``, ``dead``), oldest first."""
         with self.read() as s:
-            return self._outbox_rows(s, state=state, study_instance_uid=study_instance_uid)
+            return self._outbox_rows(
+                s, state=state, study_instance_uid=study_instance_uid, node=self.mine
+            )
 
     def dead_letters(self) -> list[dict[str, Any]]:
         return self.outbox(state=OUTBOX_DEAD)
 
     @staticmethod
     def _outbox_rows(
-        s: Session, state: str | None = None, study_instance_uid: str | None = None
+        s: Session,
+        state: str | None = None,
+        study_instance_uid: str | None = None,
+        node: Any = None,
     ) -> list[dict[str, Any]]:
         q = select(OutboxItem).order_by(OutboxItem.id)
+        if node is not None:
+            q = q.where(node(OutboxItem.node_id))
         if state is not None:
             q = q.where(OutboxItem.state == state)
         if study_instance_uid is not None:
@@ -431,6 +503,7 @@ class Index:
             {
                 "id": o.id,
                 "study_instance_uid": o.study_instance_uid,
+                "node_id": o.node_id,
                 "destination": o.destination,
                 "sop_instance_uid": o.sop_instance_uid,
                 "sop_class_uid": o.sop_class_uid,
@@ -446,13 +519,26 @@ class Index:
         ]
 
     def counts(self) -> dict[str, Any]:
-        """Numbers for /metrics: studies by status, instances, outbox items by state."""
+        """Numbers for /metrics (this node's): studies by status, instances, outbox by state."""
         with self.read() as s:
-            q_status = select(Study.status, func.count()).group_by(Study.status)
+            q_status = (
+                select(Study.status, func.count())
+                .where(self.mine(Study.node_id))
+                .group_by(Study.status)
+            )
             by_status = {row[0]: row[1] for row in s.execute(q_status)}
-            q_state = select(OutboxItem.state, func.count()).group_by(OutboxItem.state)
+            q_state = (
+                select(OutboxItem.state, func.count())
+                .where(self.mine(OutboxItem.node_id))
+                .group_by(OutboxItem.state)
+            )
             by_state = {row[0]: row[1] for row in s.execute(q_state)}
-            instances = s.scalar(select(func.count()).select_from(Instance)) or 0
+            q_instances = select(func.count()).select_from(Instance)
+            if self.node_id is not None:
+                q_instances = q_instances.join(Study, Instance.study_fk == Study.id).where(
+                    Study.node_id == self.node_id
+                )
+            instances = s.scalar(q_instances) or 0
         return {
             "studies": {st.value: int(by_status.get(st.value, 0)) for st in StudyStatus},
             "instances": int(instances),
@@ -498,6 +584,7 @@ def _study_dict(study: Study, patient: Patient) -> dict[str, Any]:
 
     return {
         "study_instance_uid": study.study_instance_uid,
+        "node_id": study.node_id,
         "patient_id": patient.patient_id,
         "patient_name": patient.patient_name,
         "accession_number": study.accession_number,

@@ -14,6 +14,8 @@
 Every change is a compare-and-set UPDATE (``WHERE status IN (allowed sources)``), so the SCP,
 assembler, worker and sender threads never overwrite each other's decisions. The work queue is
 ordered by referral urgency (Requested Procedure Priority), then by age (first instance).
+With several DICOM nodes on one database, a node claims and recovers only the studies it
+received (`Index.mine`): their files are in its spool.
 """
 
 from __future__ import annotations
@@ -89,10 +91,14 @@ def transition(index: Index, study_instance_uid: str, to: StudyStatus, **values:
 
 
 def recover(index: Index, now: float) -> list[str]:
-    """After a restart: every study left ``analysing`` goes back to ``complete``."""
+    """After a restart: every study of this node left ``analysing`` goes back to ``complete``."""
     with index.write() as s:
         uids = list(
-            s.scalars(select(Study.study_instance_uid).where(Study.status == S.ANALYSING.value))
+            s.scalars(
+                select(Study.study_instance_uid).where(
+                    Study.status == S.ANALYSING.value, index.mine(Study.node_id)
+                )
+            )
         )
     for uid in uids:
         transition(index, uid, S.COMPLETE, now=now)
@@ -107,12 +113,13 @@ class Claim:
 
 
 def claim_next(index: Index, now: float) -> Claim | None:
-    """Take the most urgent, then oldest, ``complete`` study and mark it ``analysing``."""
+    """Take this node's most urgent, then oldest, ``complete`` study; mark it ``analysing``."""
     with index.write() as s:
         study = s.scalars(
             select(Study)
             .where(
                 Study.status == S.COMPLETE.value,
+                index.mine(Study.node_id),
                 (Study.retry_at.is_(None)) | (Study.retry_at <= now),
             )
             .order_by(Study.urgency_rank, Study.first_received_at, Study.id)
@@ -183,6 +190,7 @@ def record_report(
                     s.execute(
                         insert(OutboxItem).values(
                             study_instance_uid=uid,
+                            node_id=study.node_id,
                             destination=dest,
                             sop_instance_uid=sop_uid,
                             sop_class_uid=sop_class,

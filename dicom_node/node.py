@@ -7,6 +7,10 @@ Start-up is also crash recovery: half-written spool files are removed, spool fil
 the index (acknowledged, then the process died before indexing) are indexed, studies left
 ``analysing`` go back to ``complete``, and the outbox resumes where it stopped.
 
+Several nodes (one per hospital, each with its own AE title, port and spool) may share one
+PostgreSQL index: each node is named by ``dicom.node_id`` (default: its AE title) and touches only
+the studies it received (see `dicom_node.index`). See docs/scaling.md.
+
 Run standalone (used by the crash tests)::
 
     python -m dicom_node.node --config node.toml --analyser package.module:factory
@@ -113,7 +117,8 @@ class DicomNode:
         self.clock = clock
         d = settings.dicom
         self.spool = Spool(settings.storage.root, d.low_water_mark_mb)
-        self.index = Index(settings.storage.database_url)
+        self.node_id = d.node_id or d.ae_title
+        self.index = Index(settings.storage.database_url, node_id=self.node_id)
         self._work = threading.Event()
         self._send = threading.Event()
         self.handler = StoreHandler(self.spool, self.index, clock=clock)
@@ -148,6 +153,9 @@ class DicomNode:
     def start(self) -> None:
         now = self.clock()
         removed = self.spool.clean_tmp()
+        adopted = self.index.adopt_unowned()
+        if adopted:
+            log.info("node %s adopted %d studies indexed before node ids", self.node_id, adopted)
         added = reconcile(self.spool, self.index, now)
         resumed = recover(self.index, now)
         if removed or added or resumed:
@@ -186,8 +194,11 @@ class DicomNode:
 
     # --- reads for the HTTP API and metrics ---------------------------------------------------
 
-    def list_studies(self, status: StudyStatus | str | None = None) -> list[dict[str, Any]]:
-        return self.index.list_studies(status)
+    def list_studies(
+        self, status: StudyStatus | str | None = None, all_nodes: bool = False
+    ) -> list[dict[str, Any]]:
+        """This node's studies; every node's on the shared index with `all_nodes`."""
+        return self.index.list_studies(status, all_nodes=all_nodes)
 
     def get_study(self, study_instance_uid: str) -> dict[str, Any] | None:
         return self.index.get_study(study_instance_uid)

@@ -75,12 +75,16 @@ class Sender:
         self.clock = clock
 
     def run_once(self) -> int:
-        """Send every due item; returns how many were sent."""
+        """Send every due item of this node; returns how many were sent."""
         now = self.clock()
         with self.index.read() as s:
             rows = s.scalars(
                 select(OutboxItem)
-                .where(OutboxItem.state == OUTBOX_PENDING, OutboxItem.next_attempt_at <= now)
+                .where(
+                    OutboxItem.state == OUTBOX_PENDING,
+                    OutboxItem.next_attempt_at <= now,
+                    self.index.mine(OutboxItem.node_id),
+                )
                 .order_by(OutboxItem.id)
             ).all()
         by_dest: dict[str, list[_Due]] = defaultdict(list)

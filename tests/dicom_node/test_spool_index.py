@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -19,9 +14,9 @@ from core.domain import StudyStatus
 from core.errors import OutOfResourcesError
 from dicom_node.index import Base, Index, InstanceRecord, Study
 from dicom_node.spool import Spool, encode_file_meta
-from tests.conftest import free_port, require_tool
 
 from .peers import encoded_dataset, make_mr_series
+from .pg import postgresql_server  # noqa: F401  (the postgresql_url fixture)
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 EXPLICIT = "1.2.840.10008.1.2.1"
@@ -129,50 +124,6 @@ def test_late_non_mr_instance_does_not_trigger_a_rerun(tmp_path: Path) -> None:
     index.add_instance(_record("1.2", series="1.2.3.9", modality="SR"), 2.0)
     study = index.get_study("1.2.3")
     assert study is not None and study["status"] == "sent" and study["instances"] == 2
-
-
-@pytest.fixture
-def postgresql_url() -> Iterator[str]:
-    """A throwaway PostgreSQL server (skips locally where PostgreSQL is not installed; .ci/run
-    installs it and puts its bin folder on PATH)."""
-    initdb, pg_ctl = require_tool("initdb"), require_tool("pg_ctl")
-    top = Path(tempfile.mkdtemp(prefix="radtriage-pg-"))  # not under pytest's 0700 tmp
-    data = top / "pg"
-    data.mkdir()
-    run_as: list[str] = []
-    if os.geteuid() == 0:  # postgres refuses to run as root
-        runuser = shutil.which("runuser")
-        if runuser is None:
-            pytest.skip("running as root without runuser: cannot start PostgreSQL")
-        run_as = [runuser, "-u", "postgres", "--"]
-        shutil.chown(top, "postgres")
-        shutil.chown(data, "postgres")
-    port = free_port()
-    subprocess.run(
-        [*run_as, initdb, "-A", "trust", "-U", "postgres", "-D", str(data)],
-        check=True,
-        capture_output=True,
-    )
-    options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1"
-    # the server inherits pg_ctl's stdout/stderr: give it a log file, not our pipes
-    start = [*run_as, pg_ctl, "-D", str(data), "-l", str(top / "pg.log"), "-o", options]
-    subprocess.run(
-        [*start, "-w", "start"],
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        timeout=60,
-    )
-    try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run(
-            [*run_as, pg_ctl, "-D", str(data), "-m", "immediate", "stop"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=60,
-        )
-        shutil.rmtree(top, ignore_errors=True)
 
 
 def test_index_on_postgresql(postgresql_url: str) -> None:
