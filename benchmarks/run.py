@@ -60,7 +60,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     ),
     Benchmark(
         "end_to_end",
-        ("--levels", "20:2,10:3,5:6,3:8,2:10"),
+        ("--levels", "20:3,10:3,5:6,3:8,2:10"),
         ("--levels", "5:2,2:3"),
         420,
         "real `radtriage serve` (Ray Serve) under a stream of studies; memory of its tree",
@@ -238,7 +238,7 @@ def render_inference(d: dict[str, Any]) -> str:
     stages = ", ".join(f"{k} {_fmt(v, 0)} ms" for k, v in one["median_stage_ms"].items())
     return "\n".join(
         [
-            f"Detector {det['source']}, input {'x'.join(map(str, det['input_shape']))} "
+            f"Detector: {det['source']}; input {'x'.join(map(str, det['input_shape']))} "
             f"(channels, z, y, x), {d['machine'].get('threads')} threads.",
             "",
             table(
@@ -426,11 +426,15 @@ def render(results: Path) -> str:
             out += [RENDERERS[bench.name](d, peers), ""]
         except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
             out += [f"Results file present but not in the expected shape ({exc!r}).", ""]
-        when = d.get("date")
-        seconds = info.get("seconds") if info else None
-        if when or seconds:
-            extra = f" in {seconds} s" if seconds else ""
-            out += [f"<sub>measured {when or ''}{extra}</sub>", ""]
+        notes = []
+        if d.get("date"):
+            notes.append(f"measured {d['date']}")
+        if info and info.get("seconds"):
+            notes.append(
+                f"took {info['seconds']} s with {' '.join(info.get('args', [])) or 'its defaults'}"
+            )
+        if notes:
+            out += [f"<sub>{'; '.join(notes)}</sub>", ""]
     return "\n".join(out).rstrip() + "\n"
 
 
