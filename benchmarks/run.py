@@ -278,6 +278,7 @@ def render_end_to_end(d: dict[str, Any], peers: dict[str, Any]) -> str:
                 _fmt(lv["turnaround_growth_s"]),
                 "**yes**" if lv["queue_grows"] else "no",
                 _fmt(lv["departures_per_hour"]),
+                _fmt(lv.get("load_average_1m"), 2),
             ]
         )
     st = d["study"]
@@ -287,7 +288,8 @@ def render_end_to_end(d: dict[str, Any], peers: dict[str, Any]) -> str:
         f"Server ready (models warm) {_fmt(d['server_ready_s'])} s after start.",
         "",
         "Latency = last instance received by the node -> SR accepted by the PACS; turnaround = "
-        "sender's first byte -> SR at the PACS. Times in seconds.",
+        "sender's first byte -> SR at the PACS. Times in seconds; load = the host's 1-minute "
+        "load average at the end of the level (other work on a shared machine).",
         "",
         table(
             [
@@ -304,6 +306,7 @@ def render_end_to_end(d: dict[str, Any], peers: dict[str, Any]) -> str:
                 "growth",
                 "queue grows",
                 "departures /h",
+                "load 1 min",
             ],
             rows,
         ),
