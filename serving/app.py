@@ -6,6 +6,11 @@ the Ray Serve ingress (`backend="ray"`) or in this process (`backend="local"`, n
 installs and tests). HTTP is uvicorn in this process rather than a Serve FastAPI ingress because
 the API reads the node's SQL index and writes the worklist audit log, which live here; Serve
 then only does inference and needs no HTTP proxy.
+
+Several DICOM nodes (one per hospital) share one inference cluster: one `radtriage serve`
+deploys the Serve app (``serving.deploy = true``, the default) and owns it; the others run with
+``serving.deploy = false`` and RAY_ADDRESS set, and attach to that app by name
+(``serving.app_name``) instead of deploying their own. See docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any, Literal
 import uvicorn
 
 from core.domain import ModelRef
-from core.errors import ModelError
+from core.errors import ConfigError, ModelError
 from core.settings import Settings
 from serving.analysis import PipelineEngine, StudyAnalysis, analyse_study
 from serving.http_api import ApiContext, AuditLog, create_app
@@ -95,6 +100,8 @@ class RadtriageApp:
             self._engine = PipelineEngine.load(
                 self.settings.models, device=self.settings.serving.device
             )
+        elif not self.settings.serving.deploy:
+            self._attach()
         else:
             self._deploy(self._refs)
         self._ready = True
@@ -116,7 +123,31 @@ class RadtriageApp:
                 kwargs["num_cpus"] = max(cores, math.ceil(required_cpus(self.settings)))
             ray.init(include_dashboard=False, configure_logging=False, **kwargs)
         serve.start(http_options={"location": "NoServer"})
-        self._handle = serve.run(build_app(self.settings, refs), name=APP_NAME, route_prefix=None)
+        app = build_app(self.settings, refs)
+        name = self.settings.serving.app_name or APP_NAME
+        self._handle = serve.run(app, name=name, route_prefix=None)
+
+    def _attach(self) -> None:
+        """Use the Serve app another `radtriage serve` deployed on the cluster at RAY_ADDRESS."""
+        import ray
+        from ray import serve
+
+        name = self.settings.serving.app_name
+        address = os.environ.get("RAY_ADDRESS")
+        if not ray.is_initialized():
+            if not address:
+                raise ConfigError(
+                    "serving.deploy = false attaches to a Serve app on a running Ray cluster: "
+                    "set RAY_ADDRESS (e.g. 10.0.0.5:6379), or set serving.deploy = true"
+                )
+            ray.init(include_dashboard=False, configure_logging=False)
+        try:
+            self._handle = serve.get_app_handle(name)
+        except Exception as exc:  # RayServeException: no such application (yet)
+            raise ModelError(
+                f"no Serve application {name!r} runs on the Ray cluster at {address}: start the "
+                f"`radtriage serve` that deploys it (serving.deploy = true) first ({exc})"
+            ) from exc
 
     def loaded_models(self) -> dict[str, dict[str, Any]]:
         if self._engine is not None:
@@ -156,6 +187,8 @@ class RadtriageApp:
         rolling update through user_config, no restart). Returns the roles that changed."""
         from models.repository import ModelRepository, parse_ref
 
+        if self.backend != "local" and not self.settings.serving.deploy:
+            return {}  # attached: the node that deployed the app rolls out promotions
         repo = ModelRepository(self.settings.models.repository)
         loaded = self.loaded_models()
         changed: dict[str, str] = {}
@@ -291,10 +324,16 @@ class RadtriageApp:
             log_event(log, "radtriage stopped", drain_s=round(time.monotonic() - started, 1))
 
     def shutdown(self) -> None:
+        """Leave Ray. A deploying app removes its Serve app (all of Serve on a local Ray it
+        started); an attached one leaves the shared app running for the other nodes."""
         if self._handle is not None:
             import ray
             from ray import serve
 
-            serve.shutdown()
+            if self.settings.serving.deploy:
+                if os.environ.get("RAY_ADDRESS"):
+                    serve.delete(self.settings.serving.app_name)
+                else:
+                    serve.shutdown()
             ray.shutdown()
             self._handle = None

@@ -1,0 +1,190 @@
+"""A two-node Ray cluster on loopback, started with `ray start` as an operator would: the model
+replicas spread over both nodes, and a second `radtriage serve` attaches to the one Serve app.
+
+Both raylets run on this host (own ports, one temp dir). The head runs the dashboard because
+Ray's state API (`ray.util.state.list_actors`, which says where each replica runs) is served by
+it; a production head can leave it off. Each `ray start --block` runs in its
+own session, and the test ends exactly those process groups: `ray stop --force` would stop every
+Ray on the machine, including other tests'. Token authentication (on by default for `ray start`
+in Ray 2.5x+) is turned off for this loopback cluster (RAY_AUTH_MODE=disabled).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from core.errors import ConfigError, ModelError
+from core.settings import Settings
+from tests.conftest import free_port
+
+ray = pytest.importorskip("ray")
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _ports() -> list[str]:
+    names = (
+        "node-manager-port",
+        "object-manager-port",
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "metrics-export-port",
+        "runtime-env-agent-port",
+    )
+    return [arg for name in names for arg in (f"--{name}", str(free_port()))]
+
+
+def _end(proc: subprocess.Popen[bytes]) -> None:
+    """End one `ray start --block` and everything it started (its process group)."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        if proc.poll() is not None:
+            break
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+    with contextlib.suppress(ProcessLookupError):  # daemons left after `ray start` exits
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[str]:
+    """Head (2 CPUs, resource rt_head) + worker node (2 CPUs); yields the head address."""
+    temp = Path(tempfile.mkdtemp(prefix="rt-ray-", dir="/tmp"))  # short: unix socket paths
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    common = ["--num-cpus", "2", "--temp-dir", str(temp), "--disable-usage-stats", "--block"]
+    head_cmd = [RAY, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1"]
+    # the dashboard serves the state API (ray.util.state.list_actors) the test reads
+    head_cmd += ["--resources", '{"rt_head": 1}', "--include-dashboard=true"]
+    head_cmd += ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(free_port())]
+    head_cmd += ["--ray-client-server-port", str(free_port()), *common, *_ports()]
+    worker_cmd = [RAY, "start", "--address", address, "--node-ip-address", "127.0.0.1"]
+    worker_cmd += [*common, *_ports()]
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for cmd, log in ((head_cmd, "head.log"), (worker_cmd, "worker.log")):
+            with open(temp / log, "wb") as out:
+                procs.append(
+                    subprocess.Popen(
+                        cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                    )
+                )
+            time.sleep(3 if log == "head.log" else 0)
+        os.environ["RAY_ADDRESS"] = address
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        ray.init(configure_logging=False, log_to_driver=False)
+        deadline = time.monotonic() + 90
+        while sum(n["Alive"] for n in ray.nodes()) < 2:
+            assert time.monotonic() < deadline, (temp / "worker.log").read_text()[-2000:]
+            time.sleep(0.5)
+        ray.shutdown()
+        yield address
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        os.environ.pop("RAY_ADDRESS", None)
+        os.environ.pop("RAY_AUTH_MODE", None)
+        for proc in reversed(procs):
+            _end(proc)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _settings(model_repository: Path, root: Path, **serving: object) -> Settings:
+    return Settings.model_validate(
+        {
+            "storage": {"root": str(root), "database_url": f"sqlite:///{root}/radtriage.db"},
+            "models": {"repository": str(model_repository)},
+            "serving": {
+                "replicas": 2,
+                "num_cpus_per_replica": 0.25,
+                "batch_wait_timeout_s": 0.01,
+                "device": "cpu",
+                **serving,
+            },
+        }
+    )
+
+
+def test_attach_without_a_cluster_address_is_a_config_error(
+    model_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from serving.app import RadtriageApp
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if ray.is_initialized():
+        pytest.skip("Ray already initialised in this process")
+    app = RadtriageApp(_settings(model_repository, tmp_path, deploy=False))
+    with pytest.raises(ConfigError, match="RAY_ADDRESS"):
+        app.start_models()
+
+
+@pytest.mark.integration
+def test_replicas_spread_over_nodes_and_a_second_server_attaches(
+    ray_cluster: str, model_repository: Path, phantoms: dict[str, Path], tmp_path: Path
+) -> None:
+    from ray import serve
+    from ray.util.state import list_actors
+
+    from serving.app import RadtriageApp
+
+    owner = RadtriageApp(_settings(model_repository, tmp_path / "a"))
+    owner.start_models()  # ray.init(RAY_ADDRESS) + serve.run: the one app of the cluster
+    try:
+        replicas = [
+            a
+            for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000, detail=True)
+            if a.class_name.startswith("ServeReplica:radtriage:")
+        ]
+        nodes = {a.class_name.rsplit(":", 1)[1]: set() for a in replicas}
+        for a in replicas:
+            nodes[a.class_name.rsplit(":", 1)[1]].add(a.node_id)
+        detectors = [a for a in replicas if a.class_name.endswith(":detector")]
+        assert len(detectors) == 2
+        assert len(nodes["detector"]) == 2, f"detector replicas on one node: {nodes}"
+        assert {n["NodeID"] for n in ray.nodes() if n["Alive"]} >= nodes["detector"]
+
+        first = owner.analyse_path(phantoms["positive"], tmp_path / "pos")
+        assert first.result.priority == "urgent"
+
+        attached = RadtriageApp(_settings(model_repository, tmp_path / "b", deploy=False))
+        attached.start_models()  # no deployment: a handle to the running app
+        assert attached.loaded_models() == owner.loaded_models()
+        assert attached.check_promotions() == {}  # the owner rolls out promotions
+        second = attached.analyse_path(phantoms["negative"], tmp_path / "neg")
+        assert second.result.priority == "routine"
+        assert (tmp_path / "neg" / "sr.dcm").is_file()
+
+        missing = RadtriageApp(
+            _settings(model_repository, tmp_path / "c", deploy=False, app_name="elsewhere")
+        )
+        with pytest.raises(ModelError, match="elsewhere"):
+            missing.start_models()
+
+        attached.shutdown()  # leaves Ray, not the shared app
+        ray.init(configure_logging=False, log_to_driver=False)
+        assert serve.status().applications["radtriage"].status == "RUNNING"
+    finally:
+        owner.shutdown()  # RAY_ADDRESS set: deletes its app, keeps the cluster
+    ray.init(configure_logging=False, log_to_driver=False)
+    try:
+        assert "radtriage" not in serve.status().applications
+    finally:
+        ray.shutdown()
