@@ -5,7 +5,9 @@
     received --(assembler: complete)--> complete --(worker claims)--> analysing
     analysing --(analyser returns)--> reported --(sender: all sent)--> sent
     analysing --(analyser raises)--> complete, retried after a backoff (10 s, 20 s, ...)
-    analysing --(analyser raised MAX_ANALYSIS_FAILURES times in a row)--> failed
+    analysing --(analyser raised MAX_ANALYSIS_FAILURES times in a row)--> reported, with a
+                coded "not analysed" SR built here (safety net: PACS always hears of the study);
+                failed only if even that SR cannot be built
     reported --(dead letter)--> failed
     received --(assembler: no prostate MRI)--> not_applicable
     reported | sent | failed | not_applicable --(late instance)--> received   (re-run)
@@ -31,7 +33,7 @@ from typing import Any, Protocol
 import pydicom
 from sqlalchemy import insert, select, update
 
-from core.domain import StudyStatus, TriageResult
+from core.domain import Priority, StudyStatus, TriageResult
 from core.errors import RadtriageError
 from dicom_node.index import OUTBOX_PENDING, Index, OutboxItem, Study
 from dicom_node.spool import Spool, write_atomic
@@ -205,6 +207,38 @@ def record_report(
             log.info("study %s got new instances during analysis: analysing again", uid)
 
 
+def not_analysed_fallback(
+    claim: Claim, paths: list[Path], code: str, message: str, out_dir: Path
+) -> AnalysisOutput:
+    """A coded "not analysed" SR for a study the analyser itself keeps failing on (models or
+    inference cluster down), built from the study's own headers: never silent, never dropped."""
+    from dicom_node.sr import build_triage_sr
+
+    evidence = []
+    for path in paths[:2000]:
+        try:
+            evidence.append(pydicom.dcmread(path, stop_before_pixels=True))
+        except Exception:  # an unreadable instance is simply not cited as evidence
+            continue
+    uid = claim.study_instance_uid
+    result = TriageResult(
+        study_instance_uid=uid,
+        status=S.FAILED,
+        priority=Priority.NOT_ANALYSED,
+        reason={
+            "code": code,
+            "message": f"AI analysis failed {MAX_ANALYSIS_FAILURES} times: {message}",
+        },
+    )
+    previous = claim.previous_sr
+    predecessor = pydicom.dcmread(previous) if previous and previous.is_file() else None
+    sr = build_triage_sr(result, evidence={"study": evidence}, model=None, predecessor=predecessor)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"{sr.SOPInstanceUID}.dcm"
+    sr.save_as(target, enforce_file_format=True)
+    return AnalysisOutput(result=result, documents=[target])
+
+
 class JobWorker:
     """Runs the analyser on claimed studies, one at a time, in the calling thread."""
 
@@ -228,6 +262,7 @@ class JobWorker:
         if claim is None:
             return None
         uid = claim.study_instance_uid
+        paths: list[Path] = []
         try:
             paths = self.index.instance_paths(uid)
             output = self.analyse(uid, paths, claim.previous_sr)
@@ -237,11 +272,13 @@ class JobWorker:
             code = err.reason_code if err else "internal_error"
             message = err.message if err else f"{type(exc).__name__}: {exc}"
             log.exception("analysis of study %s failed", uid)
-            self._analysis_failed(uid, code, message)
+            self._analysis_failed(claim, paths, code, message)
         return uid
 
-    def _analysis_failed(self, uid: str, code: str, message: str) -> None:
-        """Back to ``complete`` with a retry time, or ``failed`` after too many failures."""
+    def _analysis_failed(self, claim: Claim, paths: list[Path], code: str, message: str) -> None:
+        """Back to ``complete`` with a retry time; after too many failures, report the study as
+        not analysed (coded SR to PACS); ``failed`` only if even that cannot be done."""
+        uid = claim.study_instance_uid
         now = self.clock()
         with self.index.read() as s:
             failures = 1 + (
@@ -257,5 +294,13 @@ class JobWorker:
         if failures < MAX_ANALYSIS_FAILURES:
             retry_at = now + RETRY_BACKOFF_S * 2 ** (failures - 1)
             transition(self.index, uid, S.COMPLETE, retry_at=retry_at, **values)
-        else:
+            return
+        try:
+            output = not_analysed_fallback(claim, paths, code, message, self.spool.tmp_dir)
+            record_report(self.index, self.spool, claim, output, self.destinations, now)
+            for document in output.documents:  # record_report keeps its own copy in the spool
+                document.unlink(missing_ok=True)
+            log.warning("study %s reported as not analysed after %d failures", uid, failures)
+        except Exception:
+            log.exception("study %s: not even a not-analysed SR could be built", uid)
             transition(self.index, uid, S.FAILED, retry_at=None, **values)

@@ -12,6 +12,7 @@ from core.domain import StudyStatus
 from dicom_node.index import Index, InstanceRecord
 from dicom_node.jobs import JobWorker, claim_next, recover, transition
 from dicom_node.spool import Spool
+from dicom_node.sr_reader import read_triage_sr
 
 from .peers import RecordingAnalyser, make_mr_series
 
@@ -107,11 +108,13 @@ def test_worker_reports_queues_documents_and_reruns_late_studies(
     assert len(index.outbox()) == 4  # both SRs, both destinations
 
 
-def test_failed_analysis_is_retried_with_backoff_then_failed(index: Index, tmp_path: Path) -> None:
+def test_failed_analysis_is_retried_then_reported_not_analysed(
+    index: Index, tmp_path: Path
+) -> None:
     now = [time.time()]
     spool = Spool(tmp_path / "var")
     analyser = RecordingAnalyser(tmp_path / "sr", fail=True)
-    worker = JobWorker(index, spool, analyser, [], clock=lambda: now[0])
+    worker = JobWorker(index, spool, analyser, ["pacs"], clock=lambda: now[0])
     uid = _index_series(index, make_mr_series(tmp_path / "a", 1), 1.0)
     transition(index, uid, S.COMPLETE)
     assert worker.run_once() == uid
@@ -126,9 +129,15 @@ def test_failed_analysis_is_retried_with_backoff_then_failed(index: Index, tmp_p
     now[0] += 10
     assert worker.run_once() == uid  # second failure: retry in 20 s
     now[0] += 20
-    assert worker.run_once() == uid  # third failure: give up
+    assert worker.run_once() == uid  # third failure: give up, but never silently
     study = index.get_study(uid)
-    assert study is not None and study["status"] == "failed" and len(analyser.calls) == 3
+    assert study is not None and study["status"] == "reported" and len(analyser.calls) == 3
+    assert study["result"]["priority"] == "not_analysed"
+    assert study["result"]["reason"]["code"] == "internal_error"
+    (item,) = index.outbox()
+    sr = read_triage_sr(pydicom.dcmread(item["path"]))
+    assert sr.priority == "not_analysed" and sr.study_instance_uid == uid
+    assert sr.reason is not None and "failed 3 times" in sr.reason["message"]
     analyser.fail = False  # a late instance gives it another chance, which succeeds
     _index_series(index, make_mr_series(tmp_path / "b", 1, study_instance_uid=uid), now[0])
     transition(index, uid, S.COMPLETE)
