@@ -25,13 +25,16 @@ import numpy as np
 OUT = Path(__file__).with_name("results") / "inference.json"
 
 
-def _timed(fn: Any, repeats: int) -> list[float]:
-    fn()  # warm-up
-    times = []
+def _timed_pair(a: Any, b: Any, repeats: int) -> tuple[list[float], list[float]]:
+    """Time `a` and `b` alternately (after one warm-up each), so that load from elsewhere on a
+    shared machine falls on both alike rather than on whichever ran during a spike."""
+    a(), b()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
+        for fn, out in ((a, times[0]), (b, times[1])):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
     return times
 
 
@@ -128,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         x = rng.normal(size=(batch, *x1.shape[1:])).astype(np.float32)
         xt = torch.from_numpy(x)
         with torch.inference_mode():
-            t_torch = _timed(lambda xt=xt: det(xt), args.repeats)
-        t_ort = _timed(lambda x=x: onnx.run(x), args.repeats)
+            t_torch, t_ort = _timed_pair(
+                lambda xt=xt: det(xt), lambda x=x: onnx.run(x), args.repeats
+            )
         with torch.inference_mode():
             diff = float(np.abs(det(xt).numpy() - onnx.run(x)).max())
         rows.append(
@@ -183,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             "median_stage_ms": {k: round(statistics.median(v), 1) for k, v in stages.items()},
             "note": "sequential, one process, threads as above; phantom studies (classic MR)",
         },
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
