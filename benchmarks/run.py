@@ -312,8 +312,8 @@ def render_end_to_end(d: dict[str, Any], peers: dict[str, Any]) -> str:
         ),
         "",
         f"Sustainable rate (the last level before the queue first grew): "
-        f"**{_fmt(d['sustainable_studies_per_hour'])} studies/hour**; capacity "
-        f"({d['capacity_source']}): **{_fmt(d['capacity_studies_per_hour'])} studies/hour**.",
+        f"**{_fmt(d['sustainable_studies_per_hour'])} studies/hour**; capacity: "
+        f"**{_fmt(d['capacity_studies_per_hour'])} studies/hour** ({d['capacity_source']}).",
     ]
     inference = peers.get("inference")
     if inference:
