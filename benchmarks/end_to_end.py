@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             "capacity_studies_per_hour": capacity,
             "capacity_source": (
-                "highest departure rate of an overloaded level (outside load only slows it)"
+                "highest departure rate of an overloaded level; outside load only lowers it"
                 if overloaded
                 else "3600 / median analysis time (no level overloaded the server)"
             ),
