@@ -331,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     machine = _machine()
     server: subprocess.Popen[bytes] | None = None
     sampler: TreeSampler | None = None
-    pacs = TimedPacs(root / "pacs").start()
+    pacs = TimedPacs(root / "pacs")
+    pacs.start()
     names: dict[int, str] = {}
     try:
         _say("writing base phantoms")
