@@ -95,6 +95,12 @@ class ServingSettings(_Section):
     batch_wait_timeout_s: float = Field(default=0.05, ge=0)
     num_cpus_per_replica: float = Field(default=1.0, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    concurrent_studies: int = Field(
+        default=4,
+        gt=0,
+        description="Studies a DICOM node analyses at once; more than one lets Ray Serve batch "
+        "the models across studies (max_batch_size)",
+    )
     deploy: bool = Field(
         default=True,
         description="True: deploy the Serve app (and own it: roll out promotions, delete it at "

@@ -169,7 +169,11 @@ class DicomNode:
         self.scp.start()
         self._loops = [
             _Loop("radtriage-assembler", self._assemble, self.poll_interval_s, threading.Event()),
-            _Loop("radtriage-worker", self._analyse, self.poll_interval_s, self._work),
+            *(
+                # claims are compare-and-set, so several workers never take the same study
+                _Loop(f"radtriage-worker-{i}", self._analyse, self.poll_interval_s, self._work)
+                for i in range(self.settings.serving.concurrent_studies)
+            ),
             _Loop("radtriage-sender", self._deliver, self.poll_interval_s, self._send),
         ]
         for loop in self._loops:

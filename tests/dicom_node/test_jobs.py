@@ -144,3 +144,31 @@ def test_failed_analysis_is_retried_then_reported_not_analysed(
     assert worker.run_once() == uid
     study = index.get_study(uid)
     assert study is not None and study["status"] == "reported" and study["error"] is None
+
+
+def test_workers_analyse_different_studies_concurrently(index: Index, tmp_path: Path) -> None:
+    """Several workers (serving.concurrent_studies) feed Ray Serve's batching: each claims a
+    different study, and they really run at the same time (the barrier needs all four)."""
+    import threading
+
+    spool = Spool(tmp_path / "var")
+    recorder = RecordingAnalyser(tmp_path / "sr")
+    barrier = threading.Barrier(4, timeout=30)
+
+    def analyser(uid: str, paths: list[Path], previous: Path | None) -> object:
+        barrier.wait()  # raises BrokenBarrierError unless 4 analyses overlap
+        return recorder(uid, paths, previous)
+
+    worker = JobWorker(index, spool, analyser, [])
+    uids = []
+    for i in range(4):
+        uids.append(_index_series(index, make_mr_series(tmp_path / f"s{i}", 1), 1.0 + i))
+        transition(index, uids[-1], S.COMPLETE)
+    done: list[str | None] = []
+    threads = [threading.Thread(target=lambda: done.append(worker.run_once())) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(done) == sorted(uids)  # type: ignore[type-var]
+    assert all(index.get_study(u)["status"] == "reported" for u in uids)  # type: ignore[index]
