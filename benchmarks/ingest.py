@@ -28,7 +28,9 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
-from tests.dicom_node.peers import Orthanc, make_mr_series, storescp, wait_port
+from serving.pacs import OrthancPacs as Orthanc
+from serving.pacs import wait_port
+from tests.dicom_node.peers import make_mr_series, storescp
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "ingest.json"

@@ -1,17 +1,13 @@
-"""Real DICOM peers for tests and benchmarks: DCMTK tools and Orthanc on loopback, plus a
-generator of classic MR series (pydicom) to send through them."""
+"""Real DICOM peers for tests and benchmarks: DCMTK tools on loopback (Orthanc comes from
+`serving.pacs`, shared with the demo), plus a generator of classic MR series (pydicom)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +15,9 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-
-def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 20.0) -> None:
-    """Block until something listens on `port` (or raise TimeoutError)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            s.settimeout(0.2)
-            if s.connect_ex((host, port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+from serving.pacs import OrthancPacs as Orthanc  # noqa: F401 - re-exported for the tests
+from serving.pacs import stop_process as _stop
+from serving.pacs import wait_port
 
 
 def make_mr_series(
@@ -149,85 +137,6 @@ def storescp(out_dir: Path, port: int, aet: str = "STORESCP") -> Iterator[subpro
         yield proc
     finally:
         _stop(proc)
-
-
-def _stop(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        with suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-
-
-class Orthanc:
-    """An Orthanc PACS on loopback with its own config, storage and index in `workdir`."""
-
-    def __init__(
-        self,
-        workdir: Path,
-        dicom_port: int,
-        http_port: int,
-        aet: str = "ORTHANC",
-        modalities: dict[str, tuple[str, str, int]] | None = None,
-    ) -> None:
-        self.workdir = workdir
-        self.dicom_port = dicom_port
-        self.http_port = http_port
-        self.aet = aet
-        self.modalities = modalities or {}
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "Name": "radtriage-test-pacs",
-            "DicomAet": self.aet,
-            "DicomPort": self.dicom_port,
-            "HttpPort": self.http_port,
-            "StorageDirectory": str(self.workdir / "storage"),
-            "IndexDirectory": str(self.workdir / "index"),
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "DicomCheckCalledAet": False,
-            "DicomModalities": {
-                name: [aet, host, port] for name, (aet, host, port) in self.modalities.items()
-            },
-            "Plugins": [],
-            "StorageCompression": False,
-            "HttpTimeout": 60,
-            "DicomScuTimeout": 30,
-            "ConcurrentJobs": 2,
-            "StableAge": 2,
-        }
-
-    def __enter__(self) -> Orthanc:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        cfg = self.workdir / "orthanc.json"
-        cfg.write_text(json.dumps(self.config(), indent=2))
-        exe = shutil.which("Orthanc") or "Orthanc"
-        log = (self.workdir / "orthanc.log").open("wb")
-        self.proc = subprocess.Popen(
-            [exe, str(cfg)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log.close()
-        try:
-            wait_port(self.http_port, timeout=60)
-            wait_port(self.dicom_port, timeout=60)
-        except TimeoutError:
-            self.__exit__(None, None, None)
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None:
-            _stop(self.proc)
-            self.proc = None
 
 
 # --- a small analyser at the node's seam (the real one is wired in serving) --------------------
