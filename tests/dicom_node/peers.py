@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
+from dicom_node.index import Index, InstanceRecord
 from serving.pacs import OrthancPacs as Orthanc  # noqa: F401 - re-exported for the tests
 from serving.pacs import stop_process as _stop
 from serving.pacs import wait_port
@@ -208,3 +210,25 @@ def encoded_dataset(path: Path) -> bytes:
     raw = path.read_bytes()
     group_length = int.from_bytes(raw[140:144], "little")  # (0002,0000) UL value
     return raw[144 + group_length :]
+
+
+def index_series(index: Index, files: list[Path], now: float, priority: str = "") -> str:
+    """Index these MR files as if the SCP had received them; returns the StudyInstanceUID."""
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        index.add_instance(
+            InstanceRecord(
+                sop_instance_uid=ds.SOPInstanceUID,
+                sop_class_uid=ds.SOPClassUID,
+                series_instance_uid=ds.SeriesInstanceUID,
+                study_instance_uid=ds.StudyInstanceUID,
+                transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+                path=f,
+                size_bytes=f.stat().st_size,
+                patient_id=ds.PatientID,
+                modality="MR",
+                requested_procedure_priority=priority,
+            ),
+            now,
+        )
+    return str(ds.StudyInstanceUID)

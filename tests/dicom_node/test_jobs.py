@@ -9,35 +9,14 @@ import pydicom
 import pytest
 
 from core.domain import StudyStatus
-from dicom_node.index import Index, InstanceRecord
+from dicom_node.index import Index
 from dicom_node.jobs import JobWorker, claim_next, recover, transition
 from dicom_node.spool import Spool
 from dicom_node.sr_reader import read_triage_sr
 
-from .peers import RecordingAnalyser, make_mr_series
+from .peers import RecordingAnalyser, index_series, make_mr_series
 
 S = StudyStatus
-
-
-def _index_series(index: Index, files: list[Path], now: float, priority: str = "") -> str:
-    for f in files:
-        ds = pydicom.dcmread(f, stop_before_pixels=True)
-        index.add_instance(
-            InstanceRecord(
-                sop_instance_uid=ds.SOPInstanceUID,
-                sop_class_uid=ds.SOPClassUID,
-                series_instance_uid=ds.SeriesInstanceUID,
-                study_instance_uid=ds.StudyInstanceUID,
-                transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
-                path=f,
-                size_bytes=f.stat().st_size,
-                patient_id=ds.PatientID,
-                modality="MR",
-                requested_procedure_priority=priority,
-            ),
-            now,
-        )
-    return str(ds.StudyInstanceUID)
 
 
 @pytest.fixture
@@ -46,7 +25,7 @@ def index(tmp_path: Path) -> Index:
 
 
 def test_transitions_are_compare_and_set(index: Index, tmp_path: Path) -> None:
-    uid = _index_series(index, make_mr_series(tmp_path / "a", 2), 1.0)
+    uid = index_series(index, make_mr_series(tmp_path / "a", 2), 1.0)
     assert not transition(index, uid, S.ANALYSING)  # received -> analysing is not allowed
     assert not transition(index, uid, S.SENT)
     assert transition(index, uid, S.COMPLETE)
@@ -55,9 +34,9 @@ def test_transitions_are_compare_and_set(index: Index, tmp_path: Path) -> None:
 
 
 def test_queue_orders_by_referral_urgency_then_age(index: Index, tmp_path: Path) -> None:
-    old_routine = _index_series(index, make_mr_series(tmp_path / "a", 1, seed=1), 1.0)
-    new_stat = _index_series(index, make_mr_series(tmp_path / "b", 1, seed=2), 5.0, "STAT")
-    older_routine = _index_series(index, make_mr_series(tmp_path / "c", 1, seed=3), 0.5)
+    old_routine = index_series(index, make_mr_series(tmp_path / "a", 1, seed=1), 1.0)
+    new_stat = index_series(index, make_mr_series(tmp_path / "b", 1, seed=2), 5.0, "STAT")
+    older_routine = index_series(index, make_mr_series(tmp_path / "c", 1, seed=3), 0.5)
     for uid in (old_routine, new_stat, older_routine):
         transition(index, uid, S.COMPLETE)
     order = [claim_next(index, 10.0) for _ in range(4)]
@@ -70,7 +49,7 @@ def test_queue_orders_by_referral_urgency_then_age(index: Index, tmp_path: Path)
 
 
 def test_restart_resumes_studies_left_analysing(index: Index, tmp_path: Path) -> None:
-    uid = _index_series(index, make_mr_series(tmp_path / "a", 1), 1.0)
+    uid = index_series(index, make_mr_series(tmp_path / "a", 1), 1.0)
     transition(index, uid, S.COMPLETE)
     assert claim_next(index, 2.0) is not None
     assert recover(index, 3.0) == [uid]
@@ -84,7 +63,7 @@ def test_worker_reports_queues_documents_and_reruns_late_studies(
     analyser = RecordingAnalyser(tmp_path / "sr")
     worker = JobWorker(index, spool, analyser, ["pacs", "archive"])
     files = make_mr_series(tmp_path / "a", 3)
-    uid = _index_series(index, files, 1.0)
+    uid = index_series(index, files, 1.0)
     transition(index, uid, S.COMPLETE)
     assert worker.run_once() == uid
     study = index.get_study(uid)
@@ -95,7 +74,7 @@ def test_worker_reports_queues_documents_and_reruns_late_studies(
     assert first_sr.is_file() and spool.outbox_dir in first_sr.parents
     # a late instance: back to received; the re-run gets the previous SR to supersede
     late = make_mr_series(tmp_path / "late", 1, study_instance_uid=uid, series_number=2)
-    _index_series(index, late, 9.0)
+    index_series(index, late, 9.0)
     assert index.get_study(uid)["status"] == "received"  # type: ignore[index]
     transition(index, uid, S.COMPLETE)
     worker.run_once()
@@ -115,7 +94,7 @@ def test_failed_analysis_is_retried_then_reported_not_analysed(
     spool = Spool(tmp_path / "var")
     analyser = RecordingAnalyser(tmp_path / "sr", fail=True)
     worker = JobWorker(index, spool, analyser, ["pacs"], clock=lambda: now[0])
-    uid = _index_series(index, make_mr_series(tmp_path / "a", 1), 1.0)
+    uid = index_series(index, make_mr_series(tmp_path / "a", 1), 1.0)
     transition(index, uid, S.COMPLETE)
     assert worker.run_once() == uid
     study = index.get_study(uid)
@@ -139,7 +118,7 @@ def test_failed_analysis_is_retried_then_reported_not_analysed(
     assert sr.priority == "not_analysed" and sr.study_instance_uid == uid
     assert sr.reason is not None and "failed 3 times" in sr.reason["message"]
     analyser.fail = False  # a late instance gives it another chance, which succeeds
-    _index_series(index, make_mr_series(tmp_path / "b", 1, study_instance_uid=uid), now[0])
+    index_series(index, make_mr_series(tmp_path / "b", 1, study_instance_uid=uid), now[0])
     transition(index, uid, S.COMPLETE)
     assert worker.run_once() == uid
     study = index.get_study(uid)
@@ -162,7 +141,7 @@ def test_workers_analyse_different_studies_concurrently(index: Index, tmp_path: 
     worker = JobWorker(index, spool, analyser, [])
     uids = []
     for i in range(4):
-        uids.append(_index_series(index, make_mr_series(tmp_path / f"s{i}", 1), 1.0 + i))
+        uids.append(index_series(index, make_mr_series(tmp_path / f"s{i}", 1), 1.0 + i))
         transition(index, uids[-1], S.COMPLETE)
     done: list[str | None] = []
     threads = [threading.Thread(target=lambda: done.append(worker.run_once())) for _ in range(4)]

@@ -19,38 +19,21 @@ from sqlalchemy import text
 from core.domain import StudyStatus
 from core.errors import ConfigError
 from core.settings import Settings
-from dicom_node.index import MIGRATIONS, UNOWNED, Index, InstanceRecord, make_engine
+from dicom_node.index import MIGRATIONS, UNOWNED, Index, make_engine
 from dicom_node.jobs import JobWorker, claim_next, recover, transition
 from dicom_node.node import DicomNode
 from dicom_node.sender import Sender
 from dicom_node.spool import Spool
 from tests.conftest import free_port, require_tool
 
-from .peers import RecordingAnalyser, make_mr_series, storescp, storescu
+from .peers import RecordingAnalyser, index_series, make_mr_series, storescp, storescu
 from .pg import postgresql_server  # noqa: F401  (provides the postgresql_url fixture)
 
 S = StudyStatus
 
 
 def _add_study(index: Index, folder: Path, now: float, seed: int) -> str:
-    files = make_mr_series(folder, 2, seed=seed)
-    for f in files:
-        ds = pydicom.dcmread(f, stop_before_pixels=True)
-        index.add_instance(
-            InstanceRecord(
-                sop_instance_uid=ds.SOPInstanceUID,
-                sop_class_uid=ds.SOPClassUID,
-                series_instance_uid=ds.SeriesInstanceUID,
-                study_instance_uid=ds.StudyInstanceUID,
-                transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
-                path=f,
-                size_bytes=f.stat().st_size,
-                patient_id=ds.PatientID,
-                modality="MR",
-            ),
-            now,
-        )
-    return str(ds.StudyInstanceUID)
+    return index_series(index, make_mr_series(folder, 2, seed=seed), now)
 
 
 def test_two_indexes_on_one_postgresql_keep_to_their_own_studies(
