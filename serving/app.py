@@ -202,7 +202,7 @@ class RadtriageApp:
         if not changed:
             return {}
         refs = {**self._refs, **changed}
-        log_event(log, "rolling out promoted models", **changed)
+        log_event(log, "rolling out promoted models", models=changed)
         if self.backend == "local":
             models = self.settings.models.model_copy(update=changed)
             self._engine = PipelineEngine.load(models, device=self.settings.serving.device)

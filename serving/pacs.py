@@ -25,6 +25,8 @@ from typing import Any
 
 from core.errors import DestinationError
 
+VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
+
 
 def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0) -> None:
     """Block until something accepts TCP connections on host:port; TimeoutError otherwise."""
@@ -207,11 +209,10 @@ class LocalPacs:
 
     def start(self) -> LocalPacs:
         from pynetdicom import AE, AllStoragePresentationContexts, evt
-        from pynetdicom.sop_class import Verification
 
         ae = AE(ae_title=self.aet)
         ae.supported_contexts = AllStoragePresentationContexts
-        ae.add_supported_context(Verification)
+        ae.add_supported_context(VERIFICATION_SOP_CLASS)
         self.root.mkdir(parents=True, exist_ok=True)
         self._server = ae.start_server(
             ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
