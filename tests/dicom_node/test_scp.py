@@ -250,11 +250,10 @@ def test_dicom_tls_with_client_certificates(make_scp: object, tmp_path: Path) ->
     from core.domain import StudyStatus
     from dicom_node.jobs import JobWorker, transition
 
-    from .peers import RecordingAnalyser
-    from .test_jobs import _index_series
+    from .peers import RecordingAnalyser, index_series
 
     index = Index(f"sqlite:///{tmp_path}/sender.db")
-    uid = _index_series(index, make_mr_series(tmp_path / "src", 1), 1.0)
+    uid = index_series(index, make_mr_series(tmp_path / "src", 1), 1.0)
     transition(index, uid, StudyStatus.COMPLETE)
     JobWorker(
         index, Spool(tmp_path / "out"), RecordingAnalyser(tmp_path / "sr"), ["tls"]

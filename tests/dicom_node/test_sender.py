@@ -16,8 +16,7 @@ from dicom_node.sender import Sender, backoff_s
 from dicom_node.spool import Spool
 from tests.conftest import free_port, require_tool
 
-from .peers import RecordingAnalyser, make_mr_series, storescp
-from .test_jobs import _index_series
+from .peers import RecordingAnalyser, index_series, make_mr_series, storescp
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +30,7 @@ class Clock:
 
 
 def _reported_study(tmp_path: Path, index: Index, destinations: list[str]) -> str:
-    uid = _index_series(index, make_mr_series(tmp_path / "src", 2), 1.0)
+    uid = index_series(index, make_mr_series(tmp_path / "src", 2), 1.0)
     transition(index, uid, StudyStatus.COMPLETE)
     worker = JobWorker(
         index, Spool(tmp_path / "var"), RecordingAnalyser(tmp_path / "sr"), destinations
