@@ -212,14 +212,9 @@ def not_analysed_fallback(
 ) -> AnalysisOutput:
     """A coded "not analysed" SR for a study the analyser itself keeps failing on (models or
     inference cluster down), built from the study's own headers: never silent, never dropped."""
-    from dicom_node.sr import build_triage_sr
+    from dicom_node.sr import build_triage_sr, read_evidence
 
-    evidence = []
-    for path in paths[:2000]:
-        try:
-            evidence.append(pydicom.dcmread(path, stop_before_pixels=True))
-        except Exception:  # an unreadable instance is simply not cited as evidence
-            continue
+    evidence = read_evidence(paths)
     uid = claim.study_instance_uid
     result = TriageResult(
         study_instance_uid=uid,

@@ -46,6 +46,7 @@ from core.errors import (
 )
 from core.priority import Thresholds, WaitingPolicy, decide_priority
 from core.settings import ModelSettings, TriageSettings
+from dicom_node.sr import read_evidence
 from serving.logging import log_event
 
 log = logging.getLogger(__name__)
@@ -107,21 +108,6 @@ def _paths(source: Path | Sequence[Path]) -> list[Path]:
             return [root]
         return sorted(p for p in root.rglob("*") if p.is_file())
     return [Path(p) for p in source]
-
-
-def read_evidence(source: Path | Sequence[Path], limit: int = 2000) -> list[Dataset]:
-    """Headers of the study's readable DICOM instances (no pixels), for SR evidence."""
-    import pydicom
-
-    out: list[Dataset] = []
-    for path in _paths(source)[:limit]:
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception:  # evidence is best-effort: unreadable files are simply not cited
-            continue
-        if "SOPInstanceUID" in ds and "StudyInstanceUID" in ds and "SOPClassUID" in ds:
-            out.append(ds)
-    return out
 
 
 def referral_urgency(headers: Iterable[Dataset]) -> ReferralUrgency:
@@ -219,7 +205,7 @@ def analyse_study(
         evidence = {role.value: list(volumes.headers.get(role, [])) for role in REQUIRED_ROLES}
         uid = volumes.study_instance_uid
     else:
-        evidence = {"study": read_evidence(source)}
+        evidence = {"study": read_evidence(_paths(source))}
         uid = _study_uid(evidence["study"], study_instance_uid)
     uid = uid or study_instance_uid or "unknown"
 

@@ -86,7 +86,7 @@ def _series_uid(path: Path) -> str:
 
 
 def _instances(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*.dcm") if "masks" not in p.parts)
+    return sorted(folder.rglob("*.dcm"))
 
 
 def write_config(
