@@ -34,6 +34,7 @@ from serving.analysis import PipelineEngine, StudyAnalysis, analyse_study
 from serving.http_api import ApiContext, AuditLog, create_app
 from serving.logging import log_event
 from serving.metrics import Metrics
+from serving.ray_local import init_local_ray
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +115,14 @@ class RadtriageApp:
         from serving.deployments import APP_NAME, build_app, required_cpus
 
         if not ray.is_initialized():
-            kwargs: dict[str, Any] = {}
-            if not os.environ.get("RAY_ADDRESS"):
+            if os.environ.get("RAY_ADDRESS"):
+                ray.init(include_dashboard=False, configure_logging=False)
+            else:
                 # A local single-node Ray: Ray's CPUs are scheduling tokens, so declare at least
                 # what the app requests, or the model replicas never get scheduled on a small
                 # host (2 cores: 2.75 requested). ONNX Runtime threads share the cores anyway.
                 cores = os.cpu_count() or 1
-                kwargs["num_cpus"] = max(cores, math.ceil(required_cpus(self.settings)))
-            ray.init(include_dashboard=False, configure_logging=False, **kwargs)
+                init_local_ray(max(cores, math.ceil(required_cpus(self.settings))))
         serve.start(http_options={"location": "NoServer"})
         app = build_app(self.settings, refs)
         name = self.settings.serving.app_name or APP_NAME

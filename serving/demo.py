@@ -170,25 +170,29 @@ def push_direct(study: DemoStudy, port: int) -> None:
 def wait_results(
     studies: list[DemoStudy], base_url: str, sr_in_pacs: Callable[[str], bool], timeout: float
 ) -> None:
-    """Poll the API for each result and the PACS for each SR until all are back."""
+    """Poll the PACS for each SR and the API for each study until every study has ended.
+
+    A study has ended once its SR is in the PACS and the node has marked it `sent` (the PACS
+    acknowledged the SR and the SEG), or once the node gave up on it (`failed`).
+    """
     deadline = time.monotonic() + timeout
     pending = {s.study_instance_uid: s for s in studies}
     while pending and time.monotonic() < deadline:
         for uid, study in list(pending.items()):
             _refresh(study, base_url)
-            if sr_in_pacs(uid):
+            if study.sr_at is None and sr_in_pacs(uid):
                 study.sr_at = time.monotonic()
-                del pending[uid]
                 _say(
                     f"  SR back in PACS for {study.folder.name} "
                     f"({study.sr_at - study.pushed_at:.1f} s after the push)"
                 )
+            status = (study.result or {}).get("status")
+            if (study.sr_at is not None and status == "sent") or status == "failed":
+                del pending[uid]
         time.sleep(0.5)
     for study in pending.values():
-        _say(f"  no SR in PACS for {study.folder.name} after {timeout:.0f} s")
-    time.sleep(1.0)  # the sender marks a study `sent` once the PACS has acknowledged the SR
-    for study in studies:
-        _refresh(study, base_url)
+        status = (study.result or {}).get("status", "unknown")
+        _say(f"  {study.folder.name} not sent to the PACS after {timeout:.0f} s (status {status})")
 
 
 def _refresh(study: DemoStudy, base_url: str) -> None:

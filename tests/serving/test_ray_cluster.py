@@ -60,6 +60,19 @@ def _end(proc: subprocess.Popen[bytes]) -> None:
             continue
     with contextlib.suppress(ProcessLookupError):  # daemons left after `ray start` exits
         os.killpg(proc.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30  # the next test's Ray starts on a host free of this one
+    while _group_running(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether a process of group `pgid` still runs (zombies, dead but not reaped, do not)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                return True
+    return False
 
 
 @pytest.fixture(scope="module")

@@ -41,8 +41,9 @@ def settings(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -
 @pytest.fixture(scope="module")
 def app(settings: Settings) -> Iterator[object]:
     from serving.deployments import APP_NAME, build_app
+    from serving.ray_local import init_local_ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    init_local_ray(num_cpus=2, log_to_driver=False)
     try:
         serve.start(http_options={"location": "NoServer"})
         handle = serve.run(build_app(settings), name=APP_NAME, route_prefix=None)

@@ -144,7 +144,7 @@ def lifecycle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lifecycle]:
 
     proc = _start(config, log)
     try:
-        deadline = time.monotonic() + 150
+        deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
             health, ready = _status(base + "/healthz"), _status(base + "/readyz")
             out.health.append((time.monotonic(), health, ready))
@@ -154,7 +154,7 @@ def lifecycle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lifecycle]:
         wait_ready(base, proc, log, timeout=5)
 
         push_direct(study, dicom_port)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             if _status(f"{base}/api/studies/{out.study_instance_uid}") == 200:
                 out.first_result = _get(f"{base}/api/studies/{out.study_instance_uid}")

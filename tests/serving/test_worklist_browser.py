@@ -7,6 +7,7 @@ phantom, a negative one, and a negative one whose T2W series was removed before 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -91,17 +92,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         )
     base_url = f"http://127.0.0.1:{http_port}"
     try:
-        wait_ready(base_url, proc, log, timeout=120)
+        wait_ready(base_url, proc, log, timeout=240)
         for study in studies.values():
             push_direct(study, dicom_port)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240
         rows: list[dict[str, Any]] = []
         while time.monotonic() < deadline:
             rows = _get(base_url + "/api/worklist")
             if len(rows) == 3 and all(r["status"] in {"sent", "failed"} for r in rows):
                 break
             time.sleep(1.0)
-        assert len(rows) == 3, f"results after 120 s: {rows}; see {log}"
+        assert len(rows) == 3, f"results after 240 s: {rows}; see {log}"
         yield Server(base_url, {k: s.study_instance_uid for k, s in studies.items()}, work)
     finally:
         stop_process(proc, timeout=30)
@@ -237,3 +238,130 @@ def test_screenshot_renders(server: Server, tmp_path: Path) -> None:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert (width, height) == (1400, 700)
+
+
+DEVTOOLS = ("--remote-debugging-port=0",)  # the port is written to <profile>/DevToolsActivePort
+
+
+class _DevTools:
+    """A page of a headless Chromium driven over the DevTools protocol, as a user drives it:
+    mouse clicks at the centre of visible elements and typed text, not calls into the page."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self._id = 0
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        self._id += 1
+        self.ws.send(json.dumps({"id": self._id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.ws.recv(timeout=60))
+            if message.get("id") == self._id:
+                assert "error" not in message, message["error"]
+                return dict(message["result"])
+
+    def js(self, expression: str) -> Any:
+        result = self.call(
+            "Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True
+        )
+        assert "exceptionDetails" not in result, result["exceptionDetails"]
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 30.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while not (value := self.js(expression)):
+            assert time.monotonic() < deadline, f"still false after {timeout:.0f} s: {expression}"
+            time.sleep(0.2)
+        return value
+
+    def click(self, selector: str) -> None:
+        box = self.wait_for(
+            f"(() => {{ const e = document.querySelector({json.dumps(selector)});"
+            " if (!e) return null; const r = e.getBoundingClientRect();"
+            " return r.width && r.height ? [r.x + r.width / 2, r.y + r.height / 2] : null; })()"
+        )
+        x, y = box
+        hit = self.js(
+            f"document.elementFromPoint({x}, {y})"
+            f"?.closest({json.dumps(selector)}) === document.querySelector({json.dumps(selector)})"
+        )
+        assert hit, f"{selector} is covered by another element"
+        for kind in ("mousePressed", "mouseReleased"):
+            self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+
+    def type(self, selector: str, text: str) -> None:
+        self.js(
+            f"(e => {{ e.focus(); e.select(); }})(document.querySelector({json.dumps(selector)}))"
+        )
+        self.call("Input.insertText", text=text)
+
+
+@contextlib.contextmanager
+def _browser(url: str, profile: Path) -> Iterator[_DevTools]:
+    """Headless Chromium on `url`, with its DevTools connection to the page."""
+    from websockets.sync.client import connect
+
+    exe = require_tool("chromium")
+    flags = [f for f in CHROMIUM_FLAGS if not f.startswith("--virtual-time-budget")]
+    proc = subprocess.Popen(
+        [exe, *flags, "--window-size=1400,900", f"--user-data-dir={profile}", *DEVTOOLS, url],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 60
+        while not (port_file.is_file() and port_file.read_text().strip()):
+            assert time.monotonic() < deadline and proc.poll() is None, "no DevTools port"
+            time.sleep(0.2)
+        port = port_file.read_text().split()[0]
+        pages = [t for t in _get(f"http://127.0.0.1:{port}/json/list") if t["type"] == "page"]
+        with connect(pages[0]["webSocketDebuggerUrl"], max_size=None) as ws:
+            yield _DevTools(ws)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_a_radiologist_acknowledges_and_overrides_with_the_mouse(
+    server: Server, tmp_path: Path
+) -> None:
+    uid = server.uids["no_t2w"]
+    row = f'tr[data-uid="{uid}"]'
+    before = len(_get(server.base_url + "/api/audit"))
+    with _browser(server.base_url + "/worklist", tmp_path / "profile") as page:
+        page.wait_for("document.querySelectorAll('tr[data-uid]').length === 3")
+        page.type("#user", "dr_mouse")
+
+        page.click(f"{row} button.ack")
+        page.wait_for(f"document.querySelector('{row} .acknowledged-by')?.textContent")
+        assert page.js(f"document.querySelector('{row} .acknowledged-by').textContent") == (
+            "\u2713 dr_mouse"
+        )
+
+        page.click(f"{row} button.override")
+        assert page.wait_for("document.getElementById('override-dialog').open")
+        options = page.js(
+            "[...document.querySelectorAll('#override-priority option')].map(o => o.value)"
+        )
+        assert options == ["urgent", "soon", "routine"]  # every priority but the current one
+        page.click("#override-form button[type=submit]")  # no reason given yet
+        time.sleep(0.5)
+        assert page.js("document.getElementById('override-dialog').open"), "saved without reason"
+        assert len(_get(server.base_url + "/api/audit")) == before + 1  # only the acknowledge
+
+        page.type("#override-comment", "Prior biopsy Gleason 3+4, T2W to be repeated")
+        page.click("#override-form button[type=submit]")  # first option: urgent
+        page.wait_for("!document.getElementById('override-dialog').open")
+        page.wait_for(f"document.querySelector('{row}')?.dataset.priority === 'urgent'")
+        note = page.js(f"document.querySelector('{row} .override-note').textContent")
+        assert note == "override by dr_mouse (AI: not analysed)"
+
+    audit = _get(server.base_url + "/api/audit")[before:]
+    assert [(e["action"], e["user"]) for e in audit] == [
+        ("acknowledge", "dr_mouse"),
+        ("override", "dr_mouse"),
+    ]
+    assert audit[1]["priority"] == "urgent" and audit[1]["ai_priority"] == "not_analysed"
+    assert audit[1]["comment"] == "Prior biopsy Gleason 3+4, T2W to be repeated"
+    assert _get(f"{server.base_url}/api/studies/{uid}")["priority"] == "not_analysed"
