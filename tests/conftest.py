@@ -63,3 +63,14 @@ def require_tool(name: str) -> str:
 @pytest.fixture
 def port() -> Iterator[int]:
     yield free_port()
+
+
+RUN_LAST = ("tests/serving/test_ray_cluster.py",)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the multi-node Ray test last: it connects this process to a remote cluster, and
+    Ray keeps process-wide state (auth mode, config) that an in-process local Ray started
+    afterwards (tests/serving/test_serve.py) should not inherit."""
+    last = [item for item in items if item.nodeid.startswith(RUN_LAST)]
+    items[:] = [item for item in items if item not in last] + last
