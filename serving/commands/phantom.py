@@ -21,6 +21,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the first study (default 0)")
     p.add_argument("--vendor", choices=("siemens", "ge", "philips"), default="siemens")
     p.add_argument("--enhanced", action="store_true", help="Enhanced MR multi-frame files")
+    p.add_argument(
+        "--dce",
+        action="store_true",
+        help="add a dynamic contrast-enhanced T1 series (6 phases, classic MR): a distractor",
+    )
     label = p.add_mutually_exclusive_group()
     label.add_argument("--positive", action="store_true", help="every study has csPCa")
     label.add_argument("--negative", action="store_true", help="no study has csPCa")
@@ -37,7 +42,13 @@ def handle(args: argparse.Namespace) -> int:
         raise InputError(f"--out {args.out} exists and is not a folder; choose a folder path")
     cspca = True if args.positive else False if args.negative else None
     folders = generate_studies(
-        args.out, args.studies, args.seed, vendor=args.vendor, enhanced=args.enhanced, cspca=cspca
+        args.out,
+        args.studies,
+        args.seed,
+        vendor=args.vendor,
+        enhanced=args.enhanced,
+        cspca=cspca,
+        dce=args.dce,
     )
     if args.json:
         studies = []
@@ -58,6 +69,7 @@ def handle(args: argparse.Namespace) -> int:
                     "out": str(args.out),
                     "vendor": args.vendor,
                     "enhanced": args.enhanced,
+                    "dce": args.dce,
                     "studies": studies,
                 }
             )

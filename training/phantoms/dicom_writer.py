@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ class Frame:
     pixel_spacing: tuple[float, float]  # (between rows, between columns), mm
     thickness: float
     b_value: float | None = None
+    temporal_position: int | None = None  # 1-based phase of a dynamic series
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class SeriesData:
     style: SeriesStyle
     series_instance_uid: str
     frames: list[Frame]
-    kind: str  # "t2" | "dwi" | "adc" | "loc": sets sequence parameters
+    kind: str  # "t2" | "dwi" | "adc" | "loc" | "dce": sets sequence parameters
     params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -68,7 +69,13 @@ _SEQUENCE: dict[str, tuple[list[str], list[str], float, float, int, float]] = {
     "dwi": (["EP"], ["SK", "SP"], 2700.0, 63.0, 48, 90.0),
     "adc": (["EP"], ["SK", "SP"], 2700.0, 63.0, 48, 90.0),
     "loc": (["GR"], ["SP"], 8.6, 4.0, 1, 20.0),
+    "dce": (["GR"], ["SP", "SS"], 4.5, 1.6, 1, 12.0),
 }
+
+# Dynamic contrast-enhanced T1 (a distractor: never an input of the models).
+DCE_PHASES = 6
+DCE_PHASE_S = 12.0  # temporal resolution
+DCE_AGENT = "Gadobutrol"
 
 
 def ds_list(values: Sequence[float]) -> list[DSfloat]:
@@ -113,8 +120,24 @@ _COR = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])  # cols: +
 _AX = np.eye(3)
 
 
-def plan_series(case: PhantomCase, *, distractors: bool = True) -> list[SeriesData]:
-    """Every series of the exam as frames, in acquisition order."""
+def _dce_frames(case: PhantomCase) -> list[Frame]:
+    """A low-resolution axial T1 dynamic: every slice at each of `DCE_PHASES` time points, the
+    gland enhancing after the bolus (wash-in), with fresh noise per phase."""
+    base = _view(case, _AX, (128, 128, 16), (1.5, 1.5, 3.0), "dce")
+    rng = _rng("dce", case.seed, case.vendor)
+    frames = []
+    for phase in range(1, DCE_PHASES + 1):
+        uptake = 1.0 + 0.9 * (1.0 - np.exp(-max(phase - 2, 0) / 1.5))  # bolus after phase 2
+        noise = rng.normal(0, 6.0, base.array.shape).astype(np.float32)
+        vol = base.with_array(np.clip(0.5 * base.array * uptake + noise, 0, 4095))
+        frames += [replace(f, temporal_position=phase) for f in volume_frames(vol)]
+    return frames
+
+
+def plan_series(
+    case: PhantomCase, *, distractors: bool = True, dce: bool = False
+) -> list[SeriesData]:
+    """Every series of the exam as frames, in acquisition order (`dce`: add a DCE series)."""
     flavour = FLAVOURS[case.vendor]
     st = flavour.series
     out: list[SeriesData] = []
@@ -156,6 +179,8 @@ def plan_series(case: PhantomCase, *, distractors: bool = True) -> list[SeriesDa
                 "t2w_repeat", st["t2w_repeat"], case.uid("t2w_repeat"), volume_frames(repeat), "t2"
             )
         )
+    if dce:
+        out.append(SeriesData("dce", st["dce"], case.uid("dce"), _dce_frames(case), "dce"))
     return out
 
 
@@ -227,7 +252,7 @@ def _classic_instance(
     ds.ScanningSequence = seq[0]
     ds.SequenceVariant = seq[1]
     ds.ScanOptions = "PFP" if series.kind in ("dwi", "adc") else ""
-    ds.MRAcquisitionType = "2D"
+    ds.MRAcquisitionType = "3D" if series.kind == "dce" else "2D"
     name = series.style.sequence_name
     if name:
         ds.SequenceName = name.format(b=int(frame.b_value or 0))
@@ -265,8 +290,25 @@ def _classic_instance(
         flavour.tag_b_value(ds, frame.b_value)
     elif series.kind == "adc":  # ADC maps carry the highest b used for the fit
         flavour.tag_b_value(ds, max(case.dwi))
+    if frame.temporal_position is not None:
+        _tag_dynamic(ds, series, frame.temporal_position)
     ds.PixelData = np.ascontiguousarray(np.minimum(frame.pixels, 4095)).tobytes()
     return ds
+
+
+def _tag_dynamic(ds: Dataset, series: SeriesData, phase: int) -> None:
+    """Contrast/Bolus and temporal attributes of one phase of a dynamic series."""
+    ds.ContrastBolusAgent = DCE_AGENT
+    ds.ContrastBolusRoute = "IV"
+    ds.ContrastBolusVolume = 7.5
+    ds.TemporalPositionIdentifier = phase
+    ds.NumberOfTemporalPositions = max(f.temporal_position or 1 for f in series.frames)
+    ds.TemporalResolution = DCE_PHASE_S * 1000.0
+    start = dt.datetime.strptime(ds.SeriesTime, "%H%M%S")
+    ds.AcquisitionTime = (start + dt.timedelta(seconds=DCE_PHASE_S * (phase - 1))).strftime(
+        "%H%M%S"
+    )
+    ds.ContentTime = ds.AcquisitionTime
 
 
 def save(ds: Dataset, path: Path) -> None:
@@ -335,14 +377,23 @@ def ground_truth(case: PhantomCase, series: list[SeriesData], enhanced: bool) ->
 
 
 def write_study(
-    case: PhantomCase, out_dir: Path, *, enhanced: bool = False, distractors: bool = True
+    case: PhantomCase,
+    out_dir: Path,
+    *,
+    enhanced: bool = False,
+    distractors: bool = True,
+    dce: bool = False,
 ) -> Path:
-    """Write `case` as a DICOM study under `out_dir/<case_id>/`; return that folder."""
+    """Write `case` as a DICOM study under `out_dir/<case_id>/`; return that folder.
+
+    `dce` adds a dynamic contrast-enhanced series, always as classic MR images (also with
+    `enhanced`: the Enhanced writer has no temporal dimension).
+    """
     study_dir = Path(out_dir) / case.case_id
-    series = plan_series(case, distractors=distractors)
+    series = plan_series(case, distractors=distractors, dce=dce)
     for s in series:
         folder = study_dir / f"{s.style.number:03d}_{s.key}"
-        if enhanced:
+        if enhanced and s.kind != "dce":
             from training.phantoms.enhanced import write_enhanced_series
 
             write_enhanced_series(case, s, folder)
@@ -369,13 +420,17 @@ def generate_studies(
     vendor: str = "siemens",
     enhanced: bool = False,
     cspca: bool | None = None,
+    dce: bool = False,
 ) -> list[Path]:
     """`n` studies with seeds `seed, seed+1, ...`; returns their folders."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     return [
         write_study(
-            synthesize_case(seed + i, vendor=vendor, cspca=cspca), out_dir, enhanced=enhanced
+            synthesize_case(seed + i, vendor=vendor, cspca=cspca),
+            out_dir,
+            enhanced=enhanced,
+            dce=dce,
         )
         for i in range(n)
     ]

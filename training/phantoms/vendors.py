@@ -13,6 +13,8 @@ from pydicom.dataset import Dataset
 
 # Series keys written for every study; `t2w`, `dwi`, `adc`, `hbv` are the diagnostic ones.
 SERIES_KEYS = ("localizer", "t2w_sag", "t2w_cor", "t2w", "dwi", "adc", "hbv", "t2w_repeat")
+# Written on request (`radtriage phantom --dce`): a dynamic contrast-enhanced T1 series.
+OPTIONAL_SERIES_KEYS = ("dce",)
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,9 @@ _SIEMENS = Flavour(
             "*ep_b50_800",
         ),
         "t2w_repeat": SeriesStyle("t2_tse_tra", 8, ("ORIGINAL", "PRIMARY", "M", "NORM")),
+        "dce": SeriesStyle(
+            "t1_twist_tra_dyn", 9, ("ORIGINAL", "PRIMARY", "M", "ND", "NORM"), "*fl3d1"
+        ),
     },
 )
 
@@ -97,6 +102,7 @@ _GE = Flavour(
         ),
         "hbv": SeriesStyle("Ax DWI b1400 calc", 501, ("DERIVED", "PRIMARY", "DIFFUSION", "CALC")),
         "t2w_repeat": SeriesStyle("Ax T2 FRFSE", 6, ("ORIGINAL", "PRIMARY", "OTHER")),
+        "dce": SeriesStyle("Ax DCE DISCO", 7, ("ORIGINAL", "PRIMARY", "OTHER")),
     },
 )
 
@@ -115,6 +121,7 @@ _PHILIPS = Flavour(
         "adc": SeriesStyle("dADC", 502, ("DERIVED", "PRIMARY", "ADC", "ADC")),
         "hbv": SeriesStyle("DWI_b1400", 503, ("DERIVED", "PRIMARY", "DIFFUSION", "M", "SE")),
         "t2w_repeat": SeriesStyle("T2W_TSE_ax", 601, ("ORIGINAL", "PRIMARY", "M_SE", "M", "SE")),
+        "dce": SeriesStyle("DCE_THRIVE_dyn", 701, ("ORIGINAL", "PRIMARY", "M_FFE", "M", "FFE")),
     },
 )
 
