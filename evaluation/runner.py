@@ -14,7 +14,7 @@ import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -94,64 +94,42 @@ def load_cases(spec: str) -> Iterator[LabelledCase]:
         yield from phantom_cases(*phantom)
         return
     path = Path(spec)
-    if not path.exists():
-        raise InputError(f"--data {spec}: no such folder (or use phantoms:N[:SEED])")
+    if not path.is_dir():
+        raise InputError(
+            f"--data {spec}: no such folder; give a PI-CAI folder (marksheet.csv, images/, "
+            "labels/), DICOM study folders with masks/, or phantoms:N[:SEED]"
+        )
     yield from _dataset_cases(path)
 
 
 def _dataset_cases(path: Path) -> Iterator[LabelledCase]:
-    """DICOM study folders with masks, as `training.datasets.dicom_cases` reads them:
-    `<study>/masks/{lesions,gland}.{mha,nii.gz}` (any grid in the same patient coordinates),
-    optional `<study>/ground_truth.json` with `is_cspca`/`vendor`. Unlike training, the images
-    stay native: the pipeline under test does the preprocessing."""
-    from dicom_node.inspect import load_study_volumes
+    """A labelled folder as `training.datasets.open_dataset` reads it for training: the PI-CAI
+    layout (`marksheet.csv`, `images/`, `labels/`) or DICOM study folders with `masks/` (and
+    an optional `ground_truth.json`). Unlike training, the images stay native (the pipeline
+    under test does the preprocessing); masks are resampled onto the T2W grid."""
     from models.preprocessing import resample_to_reference
-    from training.datasets import _find_mask, read_volume
+    from training.datasets import open_dataset
 
-    studies = [p for p in sorted(path.iterdir()) if p.is_dir() and (p / "masks").is_dir()]
-    if not studies:
-        raise InputError(
-            f"--data {path}: no study folders with a masks/ sub-folder (DICOM study + "
-            "masks/lesions.mha); or use phantoms:N[:SEED]"
-        )
-    for study in studies:
-        vols = load_study_volumes(study)
-        masks: dict[str, Volume | None] = {}
-        for stem in ("lesions", "gland"):
-            found = _find_mask(study / "masks", stem)
-            masks[stem] = (
-                resample_to_reference(read_volume(found), vols.t2w, order=0) if found else None
-            )
-        truth: dict[str, Any] = {}
-        if (study / "ground_truth.json").is_file():
-            import json
+    def on_t2w(mask: Volume | None, t2w: Volume) -> Volume | None:
+        if mask is None:
+            return None
+        binary = mask.with_array((np.asarray(mask.array) > 0).astype(np.uint8))
+        return resample_to_reference(binary, t2w, order=0)
 
-            truth = json.loads((study / "ground_truth.json").read_text(encoding="utf-8"))
-        lesion = masks["lesions"]
-        if lesion is not None:
-            labels = np.asarray(lesion.array)
-            listed = truth.get("lesions")
-            keep = (
-                np.isin(labels, [x["label"] for x in listed if x.get("cspca", True)])
-                if listed
-                else labels > 0
-            )  # ISUP 1 lesions in a phantom's label map are not csPCa
-            lesion = lesion.with_array(keep.astype(np.uint8))
-        gland = masks["gland"]
-        if gland is not None:
-            gland = gland.with_array((np.asarray(gland.array) > 0).astype(np.uint8))
-        is_cspca = truth.get("is_cspca", truth.get("label"))
+    for raw in open_dataset(path):
+        lesion = on_t2w(raw.lesion_mask, raw.t2w)
+        is_cspca = raw.is_cspca
         if is_cspca is None:
             is_cspca = bool(lesion is not None and np.any(lesion.array))
         yield LabelledCase(
-            case_id=study.name,
-            t2w=vols.t2w,
-            adc=vols.adc,
-            hbv=vols.hbv,
-            is_cspca=bool(is_cspca),
+            case_id=raw.case_id,
+            t2w=raw.t2w,
+            adc=raw.adc,
+            hbv=raw.hbv,
+            is_cspca=is_cspca,
             lesion_mask=lesion,
-            gland_mask=gland,
-            vendor=truth.get("vendor"),
+            gland_mask=on_t2w(raw.gland_mask, raw.t2w),
+            vendor=raw.vendor,
         )
 
 

@@ -143,6 +143,7 @@ class RawCase:
     zone_mask: Volume | None
     gland_mask: Volume | None
     is_cspca: bool | None
+    vendor: str | None = None  # a phantom's ground_truth.json says it
 
 
 def training_case(raw: RawCase, spec: InputSpec) -> TrainingCase:
@@ -221,11 +222,24 @@ def iter_dicom(root: Path) -> Iterator[RawCase]:
         if gland is None and read["zones"] is not None:
             gland = read["zones"].with_array((read["zones"].array > 0).astype(np.uint8))
         lesions, is_cspca = _cspca_only(study, read["lesions"])
+        truth = study / "ground_truth.json"
+        vendor = json.loads(truth.read_text("utf-8")).get("vendor") if truth.is_file() else None
         yield RawCase(
-            study.name, vols.t2w, vols.adc, vols.hbv, lesions, read["zones"], gland, is_cspca
+            study.name,
+            vols.t2w,
+            vols.adc,
+            vols.hbv,
+            lesions,
+            read["zones"],
+            gland,
+            is_cspca,
+            vendor=vendor,
         )
     if not found:
-        raise InputError(f"no study folders with a masks/ sub-folder under {root}")
+        raise InputError(
+            f"no study folders with a masks/ sub-folder under {root}, and no marksheet.csv "
+            "(PI-CAI layout: marksheet.csv, images/, labels/)"
+        )
 
 
 def _cspca_only(study: Path, lesions: Volume | None) -> tuple[Volume | None, bool | None]:
