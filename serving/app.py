@@ -150,7 +150,8 @@ class RadtriageApp:
                 f"`radtriage serve` that deploys it (serving.deploy = true) first ({exc})"
             ) from exc
 
-    def loaded_models(self) -> dict[str, dict[str, Any]]:
+    def loaded_models(self, timeout_s: float = 30.0) -> dict[str, dict[str, Any]]:
+        """Name, version, sha256 and providers of each model the analysis path runs."""
         if self._engine is not None:
             p = self._engine.pipeline
             return {
@@ -163,13 +164,14 @@ class RadtriageApp:
                 for role, m in (("detector", p.detector), ("gland", p.gland))
             }
         if self._handle is not None:
-            return self._handle.models.remote().result(timeout_s=30)  # type: ignore[no-any-return]
+            return self._handle.models.remote().result(timeout_s=timeout_s)  # type: ignore[no-any-return]
         return {}
 
     def _record_models(self) -> None:
         refs = {
             role: ModelRef(info["name"], info["version"], info["sha256"])
-            for role, info in self.loaded_models().items()
+            # at start-up: a fresh handle first has to learn the replicas from the controller
+            for role, info in self.loaded_models(timeout_s=120.0).items()
         }
         self.metrics.set_models(refs)
 

@@ -69,8 +69,8 @@ RUN_LAST = ("tests/serving/test_ray_cluster.py",)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the multi-node Ray test last: it connects this process to a remote cluster, and
-    Ray keeps process-wide state (auth mode, config) that an in-process local Ray started
-    afterwards (tests/serving/test_serve.py) should not inherit."""
+    """Run the multi-node Ray test last when one process runs everything (`make test` gives it
+    a process of its own): it connects this process to a remote cluster, and Ray keeps
+    process-wide driver state that another in-process Ray should not share."""
     last = [item for item in items if item.nodeid.startswith(RUN_LAST)]
     items[:] = [item for item in items if item not in last] + last

@@ -30,6 +30,8 @@ from tests.conftest import free_port
 
 ray = pytest.importorskip("ray")
 
+pytestmark = pytest.mark.own_process  # Ray's driver state is process-wide: see the Makefile
+
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
