@@ -31,7 +31,7 @@ from core.domain import ModelRef
 from core.errors import ConfigError, ModelError
 from core.settings import Settings
 from serving.analysis import PipelineEngine, StudyAnalysis, analyse_study
-from serving.http_api import ApiContext, AuditLog, create_app
+from serving.http_api import ApiContext, AuditLog, create_app, is_pending, pending_row
 from serving.logging import log_event
 from serving.metrics import Metrics
 from serving.ray_local import init_local_ray
@@ -63,6 +63,10 @@ class IndexStudies:
     def get_study(self, study_instance_uid: str) -> dict[str, Any] | None:
         row = self.node.get_study(study_instance_uid)
         return self._doc(row) if row else None
+
+    def list_pending(self) -> list[dict[str, Any]]:
+        """Studies received but not yet reported (arriving, queued, analysing, retrying)."""
+        return [pending_row(row) for row in self.node.list_studies() if is_pending(row)]
 
 
 class DrainingServer(uvicorn.Server):
@@ -284,6 +288,7 @@ class RadtriageApp:
             audit=self.audit,
             models=self.models_info,
             outbox=(lambda: self.node.dead_letters()) if self.node is not None else list,
+            pending=studies.list_pending if isinstance(studies, IndexStudies) else list,
             ready=self.ready,
         )
         return create_app(ctx)

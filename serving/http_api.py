@@ -32,7 +32,7 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.domain import Priority, TriageResult
+from core.domain import Priority, ReferralUrgency, StudyStatus, TriageResult
 from serving.metrics import Metrics
 
 WEB_DIR = Path(__file__).with_name("web")
@@ -134,6 +134,7 @@ class ApiContext:
     audit: AuditLog
     models: Callable[[], dict[str, Any]] = dict
     outbox: Callable[[], list[dict[str, Any]]] = list
+    pending: Callable[[], list[dict[str, Any]]] = list  # `pending_row`s, any order
     ready: Callable[[], bool] = lambda: True
 
 
@@ -183,6 +184,47 @@ def worklist_rows(studies: list[dict[str, Any]], state: dict[str, dict[str, Any]
     return rows
 
 
+PENDING_STATUSES = (
+    StudyStatus.RECEIVED,
+    StudyStatus.COMPLETE,
+    StudyStatus.ANALYSING,
+    StudyStatus.FAILED,
+)
+
+
+def is_pending(row: dict[str, Any]) -> bool:
+    """An index row of a study the AI has not reported on yet (not_applicable studies, which
+    are not prostate MRI, never get a result and are left out)."""
+    return not row.get("result") and row.get("status") in PENDING_STATUSES
+
+
+def _iso(epoch: float | None) -> str | None:
+    return datetime.fromtimestamp(epoch, UTC).isoformat() if epoch else None
+
+
+def pending_row(row: dict[str, Any]) -> dict[str, Any]:
+    """What the worklist shows of a pending study: no patient identifiers."""
+    error = row.get("error")
+    return {
+        "study_instance_uid": row["study_instance_uid"],
+        "status": row["status"],
+        "referral_urgency": row.get("referral_urgency") or ReferralUrgency.ROUTINE.value,
+        "instances": row.get("instances"),
+        "received_at": _iso(row.get("first_received_at")),
+        "last_received_at": _iso(row.get("last_received_at")),
+        "attempts": row.get("attempts") or 0,
+        "retry_at": _iso(row.get("retry_at")),
+        "error": error.get("message") if error else None,
+        "error_code": error.get("code") if error else None,
+    }
+
+
+def pending_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Referrer's urgency first (the AI cannot lower it), then longest waiting."""
+    rank = {u.value: i for i, u in enumerate(ReferralUrgency)}
+    return sorted(rows, key=lambda r: (rank.get(r["referral_urgency"], 99), r["received_at"] or ""))
+
+
 def create_app(ctx: ApiContext) -> FastAPI:
     app = FastAPI(title="radtriage", version="0.1.0")
     app.state.ctx = ctx
@@ -218,6 +260,10 @@ def create_app(ctx: ApiContext) -> FastAPI:
     @app.get("/api/outbox")
     def outbox() -> list[dict[str, Any]]:
         return ctx.outbox()
+
+    @app.get("/api/worklist/pending")
+    def pending() -> list[dict[str, Any]]:
+        return pending_order(ctx.pending())
 
     @app.get("/api/worklist")
     def worklist() -> list[dict[str, Any]]:

@@ -1,13 +1,19 @@
-"""Serving fixtures: a hand-weighted model repository and phantom studies (session scoped)."""
+"""Serving fixtures: a hand-weighted model repository, phantom studies (session scoped) and an
+index holding studies that still await the AI."""
 
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.serving.fixture_models import build_fixture_repository
+
+if TYPE_CHECKING:
+    from serving.http_api import ApiContext
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +34,26 @@ def phantoms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for folder in no_t2w.glob("*_t2w*"):
         shutil.rmtree(folder)
     return {"positive": positive, "negative": negative, "no_t2w": no_t2w}
+
+
+@pytest.fixture
+def pending_context(tmp_path: Path, phantoms: dict[str, Path]) -> tuple[ApiContext, str, str]:
+    """A real index holding two studies still arriving: a routine one first, then a STAT one."""
+    from dicom_node.index import Index
+    from serving.app import IndexStudies
+    from serving.http_api import ApiContext, AuditLog
+    from serving.metrics import Metrics
+    from tests.dicom_node.peers import index_series
+
+    index = Index(f"sqlite:///{tmp_path}/index.db")
+    now = time.time()
+    routine = index_series(index, sorted(phantoms["negative"].glob("*_t2w/*.dcm"))[:5], now - 600)
+    stat = index_series(index, sorted(phantoms["positive"].glob("*_adc/*.dcm")), now - 60, "STAT")
+    studies = IndexStudies(index)
+    ctx = ApiContext(
+        studies=studies,
+        metrics=Metrics(),
+        audit=AuditLog(tmp_path / "audit.jsonl"),
+        pending=studies.list_pending,
+    )
+    return ctx, routine, stat

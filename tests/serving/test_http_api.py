@@ -93,3 +93,19 @@ def test_worklist_order_acknowledge_and_audited_override(tmp_path: Path) -> None
     assert bad.status_code == 422
     assert client.post("/api/worklist/7.7/acknowledge", json={"user": "x"}).status_code == 404
     assert "Prostate MRI worklist" in client.get("/worklist").text
+
+
+def test_pending_studies_are_listed_by_referral_urgency_without_patient_data(
+    pending_context: tuple[ApiContext, str, str], phantoms: dict[str, Path]
+) -> None:
+    ctx, routine, stat = pending_context
+    client = TestClient(create_app(ctx))
+    assert client.get("/api/worklist").json() == []  # nothing triaged yet
+    rows = client.get("/api/worklist/pending").json()
+    assert [r["study_instance_uid"] for r in rows] == [stat, routine]  # STAT first, though newer
+    assert [r["referral_urgency"] for r in rows] == ["urgent", "routine"]
+    assert [r["status"] for r in rows] == ["received", "received"]
+    n_adc = len(list(phantoms["positive"].glob("*_adc/*.dcm")))
+    assert [r["instances"] for r in rows] == [n_adc, 5]
+    assert all(r["received_at"] and r["error"] is None for r in rows)
+    assert not {"patient_id", "patient_name", "accession_number"} & set(rows[0])

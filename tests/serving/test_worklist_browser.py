@@ -128,6 +128,7 @@ class _Rows(HTMLParser):
         self.rows: list[dict[str, Any]] = []
         self._cell: str | None = None
         self.banner_hidden: bool | None = None
+        self.pending_hidden: bool | None = None
         self._in_banner = False
         self.banner_text = ""
 
@@ -136,8 +137,12 @@ class _Rows(HTMLParser):
         if tag == "div" and a.get("id") == "disclaimer":
             self.banner_hidden = "hidden" in a
             self._in_banner = True
-        if tag == "tr" and "data-uid" in a:
-            self.rows.append({"uid": a["data-uid"], "priority": a["data-priority"], "cells": {}})
+        if tag == "section" and a.get("id") == "pending-section":
+            self.pending_hidden = "hidden" in a
+        if tag == "tr" and "data-uid" in a:  # a pending row has no data-priority
+            self.rows.append(
+                {"uid": a["data-uid"], "priority": a.get("data-priority"), "cells": {}}
+            )
         elif tag == "td" and self.rows:
             self._cell = (a.get("class") or "").split(" ")[0] or "cell"
 
@@ -192,6 +197,7 @@ def test_rows_in_priority_order_with_findings_reason_and_model(
     assert all(r["cells"]["status"].strip() == "SR in PACS" for r in page.rows)
     assert all(r["uid"] in r["cells"]["study"] for r in page.rows)
 
+    assert page.pending_hidden is True  # every study has its result: nothing awaits the AI
     assert page.banner_hidden is False, "the demo model says NOT FOR CLINICAL USE"
     assert "NOT FOR CLINICAL USE" in page.banner_text
     assert "synthetic data" in page.banner_text
@@ -365,3 +371,42 @@ def test_a_radiologist_acknowledges_and_overrides_with_the_mouse(
     assert audit[1]["priority"] == "urgent" and audit[1]["ai_priority"] == "not_analysed"
     assert audit[1]["comment"] == "Prior biopsy Gleason 3+4, T2W to be repeated"
     assert _get(f"{server.base_url}/api/studies/{uid}")["priority"] == "not_analysed"
+
+
+def test_studies_awaiting_the_ai_are_shown_by_referral_urgency(
+    tmp_path: Path, pending_context: tuple[Any, str, str]
+) -> None:
+    """Studies still arriving (a real index, no analysis yet) appear under "Awaiting AI
+    analysis", the referrer's STAT study first; the triaged list is empty."""
+    import threading
+
+    import uvicorn
+
+    from serving.http_api import create_app
+    from tests.conftest import free_port
+
+    ctx, routine, stat = pending_context
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(ctx), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.1)
+        page = _Rows()
+        page.feed(_chromium(f"http://127.0.0.1:{port}/worklist", tmp_path / "p", "--dump-dom"))
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    assert page.pending_hidden is False
+    assert [r["uid"] for r in page.rows] == [stat, routine]
+    assert all(r["priority"] is None for r in page.rows)  # none is in the triaged table
+    first, second = (r["cells"] for r in page.rows)
+    assert "URGENT" in first["referral"] and "ROUTINE" in second["referral"]
+    assert first["status"] == second["status"] == "Receiving images"
+    assert second["images"] == "5"
+    assert re.fullmatch(r"1[01] min", second["waited"]), second  # received 600 s ago
