@@ -285,6 +285,10 @@ class TriageResult(BaseModel):
     reason: dict[str, str] | None = None  # {"code", "message"} when not analysed
     timings_ms: dict[str, float] = Field(default_factory=dict)
     disclaimer: str | None = None
+    # The priority policy's other inputs and what it made of them (`core.priority`).
+    referral_urgency: ReferralUrgency | None = None
+    days_waited: int | None = None  # since the imaging request was issued
+    priority_reasons: tuple[str, ...] = ()
 
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

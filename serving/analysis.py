@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -126,6 +127,22 @@ def referral_urgency(headers: Iterable[Dataset]) -> ReferralUrgency:
             if rank[urgency] > rank[best]:
                 best = urgency
     return best
+
+
+def days_since_referral(headers: Iterable[Dataset], today: date) -> int | None:
+    """Days from the earliest Issue Date of Imaging Service Request (0040,2004) in `headers`
+    to `today`: the waiting-list clock. None when no header carries a valid, past date."""
+    earliest: date | None = None
+    for ds in headers:
+        for item in (ds, *ds.get("RequestAttributesSequence", [])):
+            value = str(item.get("IssueDateOfImagingServiceRequest") or "").strip()
+            try:
+                issued = datetime.strptime(value[:8], "%Y%m%d").date()
+            except ValueError:
+                continue
+            if issued <= today and (earliest is None or issued < earliest):
+                earliest = issued
+    return None if earliest is None else (today - earliest).days
 
 
 def _error_status(exc: BaseException) -> StudyStatus:
@@ -246,31 +263,34 @@ def _result(
     triage: TriageSettings,
     days_waited: int | None,
 ) -> TriageResult:
-    referral = referral_urgency(ds for group in evidence.values() for ds in group)
+    headers = [ds for group in evidence.values() for ds in group]
+    referral = referral_urgency(headers)
+    if days_waited is None:
+        days_waited = days_since_referral(headers, datetime.now(UTC).date())
     policy = WaitingPolicy(triage.fds_days, triage.escalate_within_days, triage.urgent_within_days)
+    likelihood = prediction.case_likelihood if prediction is not None else None
+    decision = decide_priority(likelihood, thresholds, referral, days_waited, policy)
+    log_event(log, "priority decided", study_instance_uid=uid, reasons=list(decision.reasons))
     common: dict[str, Any] = {
         "study_instance_uid": uid,
+        "priority": decision.priority,
         "model": ModelInfo(name=model.name, version=model.version, sha256=model.sha256),
         "disclaimer": model.disclaimer,
         "series_used": dict(volumes.series_used) if volumes is not None else {},
+        "referral_urgency": referral,
+        "days_waited": days_waited,
+        "priority_reasons": decision.reasons,
     }
     if prediction is None:
-        decision = decide_priority(None, Thresholds(1.0, 1.0), referral, days_waited, policy)
         return TriageResult(
             status=_error_status(error) if error is not None else StudyStatus.FAILED,
-            priority=decision.priority,
             reason=_reason(error)
             if error is not None
             else {"code": "internal_error", "message": "no prediction"},
             **common,
         )
-    decision = decide_priority(
-        prediction.case_likelihood, thresholds, referral, days_waited, policy
-    )
-    log_event(log, "priority decided", study_instance_uid=uid, reasons=list(decision.reasons))
     return TriageResult(
         status=StudyStatus.REPORTED,
-        priority=decision.priority,
         case_likelihood=prediction.case_likelihood,
         lesions=tuple(LesionResult.from_lesion(les) for les in prediction.lesions),
         gland_volume_ml=prediction.gland_volume_ml,

@@ -109,3 +109,25 @@ def test_pending_studies_are_listed_by_referral_urgency_without_patient_data(
     assert [r["instances"] for r in rows] == [n_adc, 5]
     assert all(r["received_at"] and r["error"] is None for r in rows)
     assert not {"patient_id", "patient_name", "accession_number"} & set(rows[0])
+
+
+def test_worklist_rows_carry_the_waiting_time_and_the_priority_reasons(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    (results / "1.2.3.9").mkdir(parents=True)
+    result = TriageResult(
+        study_instance_uid="1.2.3.9",
+        status=StudyStatus.REPORTED,
+        priority=Priority.URGENT,
+        case_likelihood=0.05,
+        referral_urgency="routine",
+        days_waited=26,
+        priority_reasons=("AI csPCa likelihood 0.05 -> routine", "waited 26 days against 28"),
+    )
+    (results / "1.2.3.9" / "result.json").write_text(result.model_dump_json())
+    ctx = ApiContext(
+        studies=ResultDirectory(results), metrics=Metrics(), audit=AuditLog(tmp_path / "a.jsonl")
+    )
+    (row,) = TestClient(create_app(ctx)).get("/api/worklist").json()
+    assert row["priority"] == "urgent" and row["days_waited"] == 26
+    assert row["referral_urgency"] == "routine"
+    assert row["priority_reasons"] == list(result.priority_reasons)

@@ -81,3 +81,47 @@ def test_unusable_arguments_exit_2(model_repository: Path, tmp_path: Path, capsy
         "cspca_detector:9"
         in json.loads(capsys.readouterr().out.splitlines()[-1])["error"]["message"]
     )
+
+
+@pytest.mark.parametrize(("days", "expected"), [(10, "routine"), (22, "soon"), (26, "urgent")])
+def test_waiting_time_from_the_request_date_escalates_before_the_28_day_standard(
+    phantoms: dict[str, Path], model_repository: Path, tmp_path: Path, capsys, days, expected
+) -> None:
+    """Issue Date of Imaging Service Request (0040,2004) starts the clock: a negative study is
+    raised to soon 7 days and to urgent 3 days before the Faster Diagnosis Standard breach."""
+    import datetime as dt
+    import shutil
+
+    study = tmp_path / "study"
+    shutil.copytree(phantoms["negative"], study)
+    issued = (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=days)).strftime("%Y%m%d")
+    for path in study.rglob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        ds.IssueDateOfImagingServiceRequest = issued
+        ds.save_as(path)
+    result = _infer(study, tmp_path / "out", model_repository, capsys)
+    assert result["case_likelihood"] < 0.3  # the AI alone says routine
+    assert result["priority"] == expected
+    assert result["days_waited"] == days and result["referral_urgency"] == "routine"
+    assert result["priority_reasons"][0].startswith("AI csPCa likelihood")
+    waited = [r for r in result["priority_reasons"] if r.startswith(f"waited {days} days")]
+    assert bool(waited) == (expected != "routine"), result["priority_reasons"]
+
+
+def test_days_since_referral_ignores_missing_malformed_and_future_dates() -> None:
+    import datetime as dt
+
+    from pydicom.dataset import Dataset
+
+    from serving.analysis import days_since_referral
+
+    def ds(value: str | None) -> Dataset:
+        d = Dataset()
+        if value is not None:
+            d.IssueDateOfImagingServiceRequest = value
+        return d
+
+    today = dt.date(2026, 11, 22)
+    assert days_since_referral([ds(None)], today) is None
+    assert days_since_referral([ds("2026-11-01"), ds("garbage"), ds("20271201")], today) is None
+    assert days_since_referral([ds("20261110"), ds("20261101"), ds(None)], today) == 21
