@@ -129,9 +129,13 @@ def referral_urgency(headers: Iterable[Dataset]) -> ReferralUrgency:
     return best
 
 
+STALE_REQUEST_DAYS = 365  # an older request is an archive study re-sent, not a waiting patient
+
+
 def days_since_referral(headers: Iterable[Dataset], today: date) -> int | None:
     """Days from the earliest Issue Date of Imaging Service Request (0040,2004) in `headers`
-    to `today`: the waiting-list clock. None when no header carries a valid, past date."""
+    to `today`: the waiting-list clock. None when no header carries a valid, past date, or
+    when the request is over `STALE_REQUEST_DAYS` old."""
     earliest: date | None = None
     for ds in headers:
         for item in (ds, *ds.get("RequestAttributesSequence", [])):
@@ -142,7 +146,9 @@ def days_since_referral(headers: Iterable[Dataset], today: date) -> int | None:
                 continue
             if issued <= today and (earliest is None or issued < earliest):
                 earliest = issued
-    return None if earliest is None else (today - earliest).days
+    if earliest is None or (today - earliest).days > STALE_REQUEST_DAYS:
+        return None
+    return (today - earliest).days
 
 
 def _error_status(exc: BaseException) -> StudyStatus:

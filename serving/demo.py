@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import signal
@@ -31,12 +32,14 @@ from core.errors import DestinationError, RadtriageError
 from serving.pacs import LocalPacs, OrthancPacs, free_port, orthanc_available, stop_process
 
 #: (seed, vendor, csPCa, drop a series) for each demo study; seeds are outside training's range.
-DEMO_CASES: tuple[tuple[int, str, bool, str | None], ...] = (
-    (910001, "siemens", True, None),
-    (910002, "siemens", False, None),
-    (910003, "ge", True, None),
-    (910004, "ge", False, None),
-    (910005, "siemens", True, "adc"),
+# (seed, vendor, csPCa, series removed, days since the imaging request was issued)
+DEMO_CASES: tuple[tuple[int, str, bool, str | None, int | None], ...] = (
+    (910001, "siemens", True, None, None),
+    (910002, "siemens", False, None, None),
+    (910003, "ge", True, None, None),
+    (910004, "ge", False, None, None),
+    (910005, "siemens", True, "adc", None),
+    (910006, "ge", False, None, 26),  # 2 days before the 28-day FDS: urgent by waiting time
 )
 
 
@@ -59,14 +62,20 @@ def make_studies(root: Path) -> list[DemoStudy]:
     """Write the demo phantoms (deterministic) and return them."""
     import shutil
 
-    from training.phantoms import synthesize_case, write_study
+    from training.phantoms import ImagingRequest, synthesize_case, write_study
 
     studies = []
-    for seed, vendor, cspca, drop in DEMO_CASES:
+    today = dt.datetime.now(dt.UTC).date()
+    for seed, vendor, cspca, drop, days_ago in DEMO_CASES:
         case = synthesize_case(seed, vendor=vendor, cspca=cspca)
-        folder = write_study(case, root / vendor)
+        request = None
+        if days_ago is not None:
+            request = ImagingRequest(today - dt.timedelta(days=days_ago))
+        folder = write_study(case, root / vendor, request=request)
         truth = json.loads((folder / "ground_truth.json").read_text())
         label = "csPCa" if cspca else "no csPCa"
+        if days_ago is not None:
+            label += f", requested {days_ago} d ago"
         if drop:
             dropped = truth["series"][drop]
             for series_dir in folder.iterdir():
@@ -206,6 +215,8 @@ def format_table(studies: list[DemoStudy]) -> str:
         r = s.result or {}
         likelihood = r.get("case_likelihood")
         reason = (r.get("reason") or {}).get("code")
+        if not reason and any(x.startswith("waited ") for x in r.get("priority_reasons") or []):
+            reason = f"waited {r.get('days_waited')} d"
         rows.append(
             (
                 s.folder.name,

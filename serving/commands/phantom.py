@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 from pathlib import Path
 
@@ -26,6 +27,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="add a dynamic contrast-enhanced T1 series (6 phases, classic MR): a distractor",
     )
+    p.add_argument(
+        "--request-days-ago",
+        type=int,
+        metavar="N",
+        help="the imaging request was issued N days before today (0040,2004): the waiting-list "
+        "clock the FDS escalation reads",
+    )
+    p.add_argument(
+        "--referral",
+        choices=("stat", "high", "medium", "routine", "low"),
+        help="Requested Procedure Priority (0040,1003) of the request (default routine)",
+    )
     label = p.add_mutually_exclusive_group()
     label.add_argument("--positive", action="store_true", help="every study has csPCa")
     label.add_argument("--negative", action="store_true", help="no study has csPCa")
@@ -34,13 +47,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from training.phantoms import generate_studies
+    from training.phantoms import ImagingRequest, generate_studies
 
     if args.studies < 1:
         raise InputError(f"--studies must be >= 1, got {args.studies}")
     if args.out.exists() and not args.out.is_dir():
         raise InputError(f"--out {args.out} exists and is not a folder; choose a folder path")
     cspca = True if args.positive else False if args.negative else None
+    request = None
+    if args.request_days_ago is not None or args.referral is not None:
+        days = args.request_days_ago or 0
+        if days < 0:
+            raise InputError(f"--request-days-ago must be >= 0, got {days}")
+        issued = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=days)
+        request = ImagingRequest(issued, (args.referral or "routine").upper())
     folders = generate_studies(
         args.out,
         args.studies,
@@ -49,6 +69,7 @@ def handle(args: argparse.Namespace) -> int:
         enhanced=args.enhanced,
         cspca=cspca,
         dce=args.dce,
+        request=request,
     )
     if args.json:
         studies = []

@@ -45,11 +45,13 @@ def test_demo_once_analyses_every_study_and_returns_srs_to_orthanc(tmp_path: Pat
     rows = [line for line in out.splitlines() if line.startswith("phantom-")]
     assert len(rows) == len(DEMO_CASES)
     by_case = {row.split()[0]: row for row in rows}
-    for seed, _vendor, cspca, dropped in DEMO_CASES:
+    for seed, _vendor, cspca, dropped, days_ago in DEMO_CASES:
         row = by_case[f"phantom-{seed}"]
         assert re.search(r"\bsent\b", row), row  # SR accepted by the PACS
         if dropped:
             assert f"not_analysed (missing_{dropped})" in row
+        elif days_ago is not None:  # a negative raised by the waiting-list clock
+            assert f"urgent (waited {days_ago} d)" in row, row
         elif cspca:
             assert re.search(r"\b(urgent|soon)\b", row), row
         else:

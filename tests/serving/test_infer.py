@@ -125,3 +125,5 @@ def test_days_since_referral_ignores_missing_malformed_and_future_dates() -> Non
     assert days_since_referral([ds(None)], today) is None
     assert days_since_referral([ds("2026-11-01"), ds("garbage"), ds("20271201")], today) is None
     assert days_since_referral([ds("20261110"), ds("20261101"), ds(None)], today) == 21
+    assert days_since_referral([ds("20251122")], today) == 365
+    assert days_since_referral([ds("20251121")], today) is None  # an archive study re-sent

@@ -210,3 +210,20 @@ def test_cli_writes_studies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert study["label"] == 0
     assert (Path(study["path"]) / "ground_truth.json").is_file()
     assert main(["phantom", "--out", str(tmp_path), "--studies", "0"]) == 2
+
+
+def test_cli_writes_the_imaging_request(tmp_path: Path) -> None:
+    """--request-days-ago/--referral put the order's issue date and priority in every image."""
+    import datetime as dt
+
+    request = ["--request-days-ago", "26", "--referral", "stat"]
+    rc = main(["phantom", "--out", str(tmp_path), "--seed", "4", "--negative", *request])
+    assert rc == 0
+    files = sorted(tmp_path.rglob("*.dcm"))
+    issued = (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=26)).strftime("%Y%m%d")
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    assert {h.IssueDateOfImagingServiceRequest for h in headers} == {issued}
+    assert {h.RequestedProcedurePriority for h in headers} == {"STAT"}
+    require_tool("dciodvfy")
+    assert _dciodvfy_errors(files[0]) == []
+    assert main(["phantom", "--out", str(tmp_path), "--request-days-ago", "-1"]) == 2

@@ -12,12 +12,13 @@ from training.phantoms.anatomy import (
     PhantomLesion,
     synthesize_case,
 )
-from training.phantoms.dicom_writer import generate_studies, write_study
+from training.phantoms.dicom_writer import ImagingRequest, generate_studies, write_study
 
 __all__ = [
     "ACQUIRED_B_VALUES",
     "HIGH_B_VALUE",
     "VENDORS",
+    "ImagingRequest",
     "PhantomCase",
     "PhantomLesion",
     "generate_studies",

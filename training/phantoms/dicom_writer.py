@@ -63,6 +63,14 @@ class SeriesData:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ImagingRequest:
+    """The order behind the exam, as the RIS puts it into the images."""
+
+    issued: dt.date  # Issue Date of Imaging Service Request (0040,2004): the waiting-list clock
+    priority: str = "ROUTINE"  # Requested Procedure Priority (0040,1003): STAT|HIGH|MEDIUM|...
+
+
 # Acquisition parameters per kind: ScanningSequence, SequenceVariant, TR, TE, ETL, flip angle.
 _SEQUENCE: dict[str, tuple[list[str], list[str], float, float, int, float]] = {
     "t2": (["SE"], ["SK", "SP", "OSP"], 5660.0, 104.0, 25, 160.0),
@@ -226,6 +234,10 @@ def base_dataset(case: PhantomCase, flavour: Flavour, series: SeriesData) -> Dat
     ds.FrameOfReferenceUID = case.frame_of_reference_uid
     ds.PositionReferenceIndicator = ""
     ds.MagneticFieldStrength = flavour.field_strength
+    request = series.params.get("request")
+    if isinstance(request, ImagingRequest):
+        ds.IssueDateOfImagingServiceRequest = request.issued.strftime("%Y%m%d")
+        ds.RequestedProcedurePriority = request.priority
     return ds
 
 
@@ -383,15 +395,19 @@ def write_study(
     enhanced: bool = False,
     distractors: bool = True,
     dce: bool = False,
+    request: ImagingRequest | None = None,
 ) -> Path:
     """Write `case` as a DICOM study under `out_dir/<case_id>/`; return that folder.
 
     `dce` adds a dynamic contrast-enhanced series, always as classic MR images (also with
-    `enhanced`: the Enhanced writer has no temporal dimension).
+    `enhanced`: the Enhanced writer has no temporal dimension). `request` puts the order's
+    issue date and priority into every image.
     """
     study_dir = Path(out_dir) / case.case_id
     series = plan_series(case, distractors=distractors, dce=dce)
     for s in series:
+        if request is not None:
+            s.params["request"] = request
         folder = study_dir / f"{s.style.number:03d}_{s.key}"
         if enhanced and s.kind != "dce":
             from training.phantoms.enhanced import write_enhanced_series
@@ -421,6 +437,7 @@ def generate_studies(
     enhanced: bool = False,
     cspca: bool | None = None,
     dce: bool = False,
+    request: ImagingRequest | None = None,
 ) -> list[Path]:
     """`n` studies with seeds `seed, seed+1, ...`; returns their folders."""
     if n < 0:
@@ -431,6 +448,7 @@ def generate_studies(
             out_dir,
             enhanced=enhanced,
             dce=dce,
+            request=request,
         )
         for i in range(n)
     ]
