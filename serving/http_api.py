@@ -139,7 +139,8 @@ class ApiContext:
 
 
 def worklist_rows(studies: list[dict[str, Any]], state: dict[str, dict[str, Any]]) -> list[dict]:
-    """Worklist order: effective priority (override, else AI) by `Priority.rank`, oldest first.
+    """Worklist order: effective priority (override, else AI) by `Priority.rank`, the referral's
+    urgency as a floor (`_order_rank`), oldest first.
 
     Each row carries what the page shows: likelihood, status, reason (not analysed), lesion count
     and largest lesion, model version, acknowledgement, the latest override and the disclaimer.
@@ -183,8 +184,19 @@ def worklist_rows(studies: list[dict[str, Any]], state: dict[str, dict[str, Any]
                 "disclaimer": doc.get("disclaimer"),
             }
         )
-    rows.sort(key=lambda r: (Priority(r["priority"]).rank, r["updated_at"] or ""))
+    rows.sort(key=lambda r: (_order_rank(r), r["updated_at"] or ""))
     return rows
+
+
+def _order_rank(row: dict[str, Any]) -> int:
+    """The row's priority rank, with the referrer's urgency as a floor: the AI never lowers it,
+    so a STAT study the AI could not analyse (flag NOT ANALYSED) sorts with the urgent ones. A
+    radiologist's override is a person's decision and is taken as it is."""
+    rank = Priority(row["priority"]).rank
+    referral = row.get("referral_urgency")
+    if not row.get("overridden_by") and referral in {u.value for u in ReferralUrgency}:
+        rank = min(rank, Priority(referral).rank)
+    return rank
 
 
 PENDING_STATUSES = (

@@ -131,3 +131,34 @@ def test_worklist_rows_carry_the_waiting_time_and_the_priority_reasons(tmp_path:
     assert row["priority"] == "urgent" and row["days_waited"] == 26
     assert row["referral_urgency"] == "routine"
     assert row["priority_reasons"] == list(result.priority_reasons)
+
+
+def test_a_stat_study_the_ai_could_not_analyse_sorts_with_the_urgent_ones() -> None:
+    from serving.http_api import worklist_rows
+
+    def doc(uid: str, priority: str, referral: str, at: str) -> dict:
+        return {
+            "study_instance_uid": uid,
+            "priority": priority,
+            "status": "sent",
+            "referral_urgency": referral,
+            "updated_at": at,
+        }
+
+    studies = [
+        doc("ai-urgent", "urgent", "routine", "2026-11-22T10:00:00"),
+        doc("na-routine", "not_analysed", "routine", "2026-11-22T08:00:00"),
+        doc("na-stat", "not_analysed", "urgent", "2026-11-22T09:00:00"),
+        doc("old-result", "routine", None, "2026-11-22T07:00:00"),  # before referral was kept
+        doc("stat-overridden", "urgent", "urgent", "2026-11-22T06:00:00"),
+    ]
+    state = {"stat-overridden": {"override": {"priority": "routine", "user": "dr", "at": "x"}}}
+    rows = worklist_rows(studies, state)
+    assert [r["study_instance_uid"] for r in rows] == [
+        "na-stat",  # urgent by its referral, waiting longer than the AI-urgent one
+        "ai-urgent",
+        "na-routine",
+        "stat-overridden",  # a person lowered it to routine: taken as it is (oldest routine)
+        "old-result",
+    ]
+    assert rows[0]["priority"] == "not_analysed"  # the flag itself is not changed
