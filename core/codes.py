@@ -27,6 +27,8 @@ AI_LESION_CATEGORY = Code("RT004", CODING_SCHEME, "AI lesion category (not PI-RA
 NOT_ANALYSED_REASON = Code("RT005", CODING_SCHEME, "Reason not analysed by AI")
 PSA_DENSITY = Code("RT006", CODING_SCHEME, "PSA density")
 AI_SUMMARY = Code("RT007", CODING_SCHEME, "AI result summary")
+REFERRAL_URGENCY = Code("RT008", CODING_SCHEME, "Referral urgency")
+DAYS_SINCE_REQUEST = Code("RT009", CODING_SCHEME, "Days since imaging request")
 
 # Values of WAITING_LIST_PRIORITY, keyed by core.domain.Priority value
 PRIORITY_CODES: dict[str, Code] = {
@@ -34,6 +36,13 @@ PRIORITY_CODES: dict[str, Code] = {
     "soon": Code("RT102", CODING_SCHEME, "Soon: AI intermediate csPCa suspicion"),
     "routine": Code("RT103", CODING_SCHEME, "Routine: AI low csPCa suspicion"),
     "not_analysed": Code("RT104", CODING_SCHEME, "Not analysed by AI: needs manual triage"),
+}
+
+# Values of REFERRAL_URGENCY, keyed by core.domain.ReferralUrgency value
+REFERRAL_CODES: dict[str, Code] = {
+    "urgent": Code("RT401", CODING_SCHEME, "Urgent referral (STAT or HIGH)"),
+    "soon": Code("RT402", CODING_SCHEME, "Soon referral (MEDIUM)"),
+    "routine": Code("RT403", CODING_SCHEME, "Routine referral"),
 }
 
 # Values of AI_LESION_CATEGORY

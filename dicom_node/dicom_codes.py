@@ -45,6 +45,8 @@ AI_LESION_CATEGORY = concept(codes.AI_LESION_CATEGORY)
 NOT_ANALYSED_REASON = concept(codes.NOT_ANALYSED_REASON)
 PSA_DENSITY = concept(codes.PSA_DENSITY)
 AI_SUMMARY = concept(codes.AI_SUMMARY)
+REFERRAL_URGENCY = concept(codes.REFERRAL_URGENCY)
+DAYS_SINCE_REQUEST = concept(codes.DAYS_SINCE_REQUEST)
 
 # --- standard concepts ----------------------------------------------------------------------
 PROCEDURE_MPMRI_PROSTATE = _dcm("126021", "Multiparametric MRI of prostate")
@@ -64,6 +66,7 @@ MORPHOLOGICALLY_ABNORMAL_STRUCTURE = _sct("49755003", "Morphologically Abnormal 
 UNIT_NONE = _ucum("1", "no units")
 UNIT_ML = _ucum("ml", "milliliter")
 UNIT_PSA_DENSITY = _ucum("ng/mL/mL", "nanogram per milliliter per milliliter")
+UNIT_DAY = _ucum("d", "day")
 
 # --- PI-RADS v2.1 sectors (DICOM CID 6304 "Prostate Sector Anatomy from PI-RADS v2.1") -------
 _SECTORS: dict[str, tuple[str, str]] = {
@@ -168,6 +171,7 @@ _SECTOR_BY_CODE = _reverse(PIRADS_SECTORS)
 _PRIORITY_BY_CODE = _reverse(codes.PRIORITY_CODES)
 _CATEGORY_BY_CODE = _reverse(codes.LESION_CATEGORY_CODES)
 _REASON_BY_CODE = _reverse(codes.NOT_ANALYSED_REASONS)
+_REFERRAL_BY_CODE = _reverse(codes.REFERRAL_CODES)
 
 
 def sector_for(value: str, scheme: str) -> str | None:
@@ -197,6 +201,15 @@ def priority_concept(priority: str) -> CodedConcept:
 def category_concept(category: str) -> CodedConcept | None:
     code = codes.LESION_CATEGORY_CODES.get(category)
     return concept(code) if code else None
+
+
+def referral_concept(urgency: str) -> CodedConcept:
+    return concept(codes.REFERRAL_CODES[urgency])
+
+
+def referral_for(value: str, scheme: str) -> str | None:
+    """`core.domain.ReferralUrgency` value for a coded referral urgency."""
+    return _REFERRAL_BY_CODE.get((value, scheme))
 
 
 def reason_concept(reason_code: str) -> CodedConcept:

@@ -47,7 +47,14 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as sr_codes
 
 from core import codes
-from core.domain import LesionResult, ModelRef, Prediction, Priority, TriageResult
+from core.domain import (
+    LesionResult,
+    ModelRef,
+    Prediction,
+    Priority,
+    ReferralUrgency,
+    TriageResult,
+)
 from core.errors import InputError
 from dicom_node import dicom_codes as dc
 from dicom_node.seg import MANUFACTURER, copying_source_names, segment_tracking_uid, stable_uid
@@ -230,6 +237,8 @@ def _case_group(
         measurements.append(_num(dc.CASE_LIKELIHOOD, result.case_likelihood, dc.UNIT_NONE))
     if psa_density is not None:
         measurements.append(_num(dc.PSA_DENSITY, psa_density, dc.UNIT_PSA_DENSITY))
+    if result.days_waited is not None:
+        measurements.append(_num(dc.DAYS_SINCE_REQUEST, result.days_waited, dc.UNIT_DAY))
     if result.gland_volume_ml is not None and not gland_in_seg:
         measurements.append(
             _num(
@@ -242,6 +251,13 @@ def _case_group(
     evaluations = [
         hd.sr.QualitativeEvaluation(dc.WAITING_LIST_PRIORITY, dc.priority_concept(priority))
     ]
+    if result.referral_urgency is not None:
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(
+                dc.REFERRAL_URGENCY,
+                dc.referral_concept(ReferralUrgency(result.referral_urgency).value),
+            )
+        )
     reason = result.reason or {}
     if priority is Priority.NOT_ANALYSED:
         code = reason.get("code", "invalid_input")

@@ -64,6 +64,8 @@ class TriageSrSummary:
     completion_flag: str
     verification_flag: str
     predecessors: tuple[str, ...] = field(default_factory=tuple)
+    referral_urgency: str | None = None  # core.domain.ReferralUrgency value, when recorded
+    days_waited: int | None = None  # days since the imaging request, when recorded
 
 
 def _name(item: Dataset) -> tuple[str, str] | None:
@@ -251,6 +253,9 @@ def read_triage_sr(ds: Dataset) -> TriageSrSummary:
         gland_volume = _first_num(case_group, _key(dc.VOLUME), site=_key(dc.PROSTATE))
     series, seg_uid = _evidence(ds)
     summaries = _text(case_group, _key(dc.AI_SUMMARY))
+    referral_items = _direct(case_group, _key(dc.REFERRAL_URGENCY), "CODE")
+    referral_code = _code(referral_items[0]) if referral_items else None
+    days = _first_num(case_group, _key(dc.DAYS_SINCE_REQUEST))
     return TriageSrSummary(
         sop_instance_uid=str(ds.SOPInstanceUID),
         study_instance_uid=str(ds.StudyInstanceUID),
@@ -273,4 +278,6 @@ def read_triage_sr(ds: Dataset) -> TriageSrSummary:
             for s in study.get("ReferencedSeriesSequence", [])
             for inst in s.get("ReferencedSOPSequence", [])
         ),
+        referral_urgency=dc.referral_for(*referral_code[:2]) if referral_code else None,
+        days_waited=round(days) if days is not None else None,
     )

@@ -126,6 +126,28 @@ def test_negative_sr(study, tmp_path: Path) -> None:
     assert "No AI lesion candidates" in got.summary
 
 
+def test_waiting_list_inputs_are_coded_and_read_back(study, tmp_path: Path) -> None:
+    """The referral's urgency and the days since the imaging request travel with the flag, so a
+    PACS sees why a negative study is urgent, and that a not-analysed study was STAT."""
+    prediction = make_prediction(study["t2w"], positive=False)
+    seg = build_seg(study["t2w"], prediction, CLINICAL_MODEL)
+    waited = result_for(
+        study, prediction, model=CLINICAL_MODEL, priority="urgent", referral_urgency="routine"
+    ).model_copy(update={"days_waited": 26})
+    got = validate(build_triage_sr(waited, evidence=study, model=CLINICAL_MODEL, seg=seg), tmp_path)
+    assert (got.priority, got.referral_urgency, got.days_waited) == ("urgent", "routine", 26)
+
+    stat = not_analysed(study).model_copy(update={"referral_urgency": "urgent"})
+    instances = [ds for series in study.values() for ds in series]
+    sr = build_triage_sr(stat, evidence={"study": instances}, model=None)
+    got = validate(sr, tmp_path, "stat.dcm")
+    assert (got.priority, got.referral_urgency, got.days_waited) == ("not_analysed", "urgent", None)
+
+    plain = result_for(study, prediction, model=CLINICAL_MODEL)  # neither recorded
+    got = validate(build_triage_sr(plain, evidence=study, model=CLINICAL_MODEL), tmp_path, "p.dcm")
+    assert (got.referral_urgency, got.days_waited) == (None, None)
+
+
 def test_not_analysed_sr_references_the_study_and_codes_the_reason(study, tmp_path: Path) -> None:
     instances = study["t2w"] + study["hbv"]
     sr = build_triage_sr(not_analysed(study), evidence={"study": instances}, model=None)

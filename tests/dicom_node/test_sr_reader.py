@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from pydicom import dcmread
 
 from core import codes
-from core.domain import LesionResult, ModelInfo, Priority, TriageResult
+from core.domain import LesionResult, ModelInfo, Priority, ReferralUrgency, TriageResult
 from core.errors import MalformedDicomError
 from dicom_node import dicom_codes as dc
 from dicom_node.sr import build_triage_sr
@@ -62,6 +62,9 @@ def test_every_core_code_has_a_reverse_mapping() -> None:
         assert dc.reason_for(code.value, code.scheme) == reason
     for category, code in codes.LESION_CATEGORY_CODES.items():
         assert dc.category_for(code.value, code.scheme) == category
+    for urgency, code in codes.REFERRAL_CODES.items():
+        assert dc.referral_for(code.value, code.scheme) == urgency
+        ReferralUrgency(urgency)
 
 
 def test_non_sr_is_refused() -> None:

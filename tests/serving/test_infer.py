@@ -106,6 +106,10 @@ def test_waiting_time_from_the_request_date_escalates_before_the_28_day_standard
     assert result["priority_reasons"][0].startswith("AI csPCa likelihood")
     waited = [r for r in result["priority_reasons"] if r.startswith(f"waited {days} days")]
     assert bool(waited) == (expected != "routine"), result["priority_reasons"]
+    from dicom_node.sr_reader import read_triage_sr
+
+    sr = read_triage_sr(pydicom.dcmread(tmp_path / "out" / "sr.dcm"))  # what the PACS gets
+    assert (sr.priority, sr.days_waited, sr.referral_urgency) == (expected, days, "routine")
 
 
 def test_days_since_referral_ignores_missing_malformed_and_future_dates() -> None:
