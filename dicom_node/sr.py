@@ -52,7 +52,6 @@ from core.domain import (
     ModelRef,
     Prediction,
     Priority,
-    ReferralUrgency,
     TriageResult,
 )
 from core.errors import InputError
@@ -255,7 +254,7 @@ def _case_group(
         evaluations.append(
             hd.sr.QualitativeEvaluation(
                 dc.REFERRAL_URGENCY,
-                dc.referral_concept(ReferralUrgency(result.referral_urgency).value),
+                dc.referral_concept(result.referral_urgency),
             )
         )
     reason = result.reason or {}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -111,21 +111,22 @@ def _paths(source: Path | Sequence[Path]) -> list[Path]:
     return [Path(p) for p in source]
 
 
+def _request_values(headers: Iterable[Dataset], keyword: str) -> Iterator[Any]:
+    """`keyword` of each header, at top level and in its Request Attributes Sequence items."""
+    for ds in headers:
+        for item in (ds, *ds.get("RequestAttributesSequence", [])):
+            yield item.get(keyword)
+
+
 def referral_urgency(headers: Iterable[Dataset]) -> ReferralUrgency:
     """The most urgent Requested Procedure Priority (0040,1003) found, top level or in the
     Request Attributes Sequence; routine when absent."""
     best = ReferralUrgency.ROUTINE
     rank = {ReferralUrgency.ROUTINE: 0, ReferralUrgency.SOON: 1, ReferralUrgency.URGENT: 2}
-    for ds in headers:
-        values = [ds.get("RequestedProcedurePriority")]
-        values += [
-            item.get("RequestedProcedurePriority")
-            for item in ds.get("RequestAttributesSequence", [])
-        ]
-        for value in values:
-            urgency = ReferralUrgency.from_dicom(str(value) if value else None)
-            if rank[urgency] > rank[best]:
-                best = urgency
+    for value in _request_values(headers, "RequestedProcedurePriority"):
+        urgency = ReferralUrgency.from_dicom(str(value) if value else None)
+        if rank[urgency] > rank[best]:
+            best = urgency
     return best
 
 
@@ -137,15 +138,13 @@ def days_since_referral(headers: Iterable[Dataset], today: date) -> int | None:
     to `today`: the waiting-list clock. None when no header carries a valid, past date, or
     when the request is over `STALE_REQUEST_DAYS` old."""
     earliest: date | None = None
-    for ds in headers:
-        for item in (ds, *ds.get("RequestAttributesSequence", [])):
-            value = str(item.get("IssueDateOfImagingServiceRequest") or "").strip()
-            try:
-                issued = datetime.strptime(value[:8], "%Y%m%d").date()
-            except ValueError:
-                continue
-            if issued <= today and (earliest is None or issued < earliest):
-                earliest = issued
+    for value in _request_values(headers, "IssueDateOfImagingServiceRequest"):
+        try:
+            issued = datetime.strptime(str(value or "").strip()[:8], "%Y%m%d").date()
+        except ValueError:
+            continue
+        if issued <= today and (earliest is None or issued < earliest):
+            earliest = issued
     if earliest is None or (today - earliest).days > STALE_REQUEST_DAYS:
         return None
     return (today - earliest).days

@@ -20,7 +20,6 @@ import math
 import os
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any, Literal
@@ -31,7 +30,7 @@ from core.domain import ModelRef
 from core.errors import ConfigError, ModelError
 from core.settings import Settings
 from serving.analysis import PipelineEngine, StudyAnalysis, analyse_study
-from serving.http_api import ApiContext, AuditLog, create_app, is_pending, pending_row
+from serving.http_api import ApiContext, AuditLog, create_app, is_pending, iso_utc, pending_row
 from serving.logging import log_event
 from serving.metrics import Metrics
 from serving.ray_local import init_local_ray
@@ -54,8 +53,7 @@ class IndexStudies:
         if not result:
             return None
         at = row.get("reported_at") or row.get("last_received_at")
-        updated = datetime.fromtimestamp(at, UTC).isoformat() if at else None
-        return {**result, "status": row["status"], "updated_at": updated}
+        return {**result, "status": row["status"], "updated_at": iso_utc(at)}
 
     def list_studies(self) -> list[dict[str, Any]]:
         return [d for row in self.node.list_studies() if (d := self._doc(row)) is not None]

@@ -213,7 +213,8 @@ def is_pending(row: dict[str, Any]) -> bool:
     return not row.get("result") and row.get("status") in PENDING_STATUSES
 
 
-def _iso(epoch: float | None) -> str | None:
+def iso_utc(epoch: float | None) -> str | None:
+    """An epoch time (index rows) as ISO 8601 UTC; None when unset."""
     return datetime.fromtimestamp(epoch, UTC).isoformat() if epoch else None
 
 
@@ -225,10 +226,10 @@ def pending_row(row: dict[str, Any]) -> dict[str, Any]:
         "status": row["status"],
         "referral_urgency": row.get("referral_urgency") or ReferralUrgency.ROUTINE.value,
         "instances": row.get("instances"),
-        "received_at": _iso(row.get("first_received_at")),
-        "last_received_at": _iso(row.get("last_received_at")),
+        "received_at": iso_utc(row.get("first_received_at")),
+        "last_received_at": iso_utc(row.get("last_received_at")),
         "attempts": row.get("attempts") or 0,
-        "retry_at": _iso(row.get("retry_at")),
+        "retry_at": iso_utc(row.get("retry_at")),
         "error": error.get("message") if error else None,
         "error_code": error.get("code") if error else None,
     }

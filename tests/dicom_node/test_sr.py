@@ -132,12 +132,19 @@ def test_waiting_list_inputs_are_coded_and_read_back(study, tmp_path: Path) -> N
     prediction = make_prediction(study["t2w"], positive=False)
     seg = build_seg(study["t2w"], prediction, CLINICAL_MODEL)
     waited = result_for(
-        study, prediction, model=CLINICAL_MODEL, priority="urgent", referral_urgency="routine"
-    ).model_copy(update={"days_waited": 26})
+        study,
+        prediction,
+        model=CLINICAL_MODEL,
+        priority="urgent",
+        referral_urgency="routine",
+        days_waited=26,
+    )
     got = validate(build_triage_sr(waited, evidence=study, model=CLINICAL_MODEL, seg=seg), tmp_path)
     assert (got.priority, got.referral_urgency, got.days_waited) == ("urgent", "routine", 26)
 
-    stat = not_analysed(study).model_copy(update={"referral_urgency": "urgent"})
+    stat = TriageResult.model_validate(
+        {**not_analysed(study).model_dump(), "referral_urgency": "urgent"}
+    )
     instances = [ds for series in study.values() for ds in series]
     sr = build_triage_sr(stat, evidence={"study": instances}, model=None)
     got = validate(sr, tmp_path, "stat.dcm")
