@@ -42,9 +42,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.memory import TreeSampler, process_name
+from cli.demo import DemoStudy, push_direct, wait_ready, write_config
+from cli.pacs import LocalPacs, free_port, stop_process
 from core.errors import DestinationError, RadtriageError
-from serving.demo import DemoStudy, push_direct, wait_ready, write_config
-from serving.pacs import LocalPacs, free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "end_to_end.json"
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=("storescu", "pynetdicom"),
         default="storescu" if shutil.which("storescu") else "pynetdicom",
         help="DCMTK storescu (default when installed: little CPU taken from the server) or "
-        "serving.demo.push_direct",
+        "cli.demo.push_direct",
     )
     parser.add_argument("--drain-timeout", type=float, default=240.0)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         var = root / "var"
         write_config(config, var, dicom_port, http_port, pacs.aet, pacs.port)
         log = root / "serve.log"
-        cmd = [sys.executable, "-m", "serving.cli", "serve", "--config", str(config)]
+        cmd = [sys.executable, "-m", "cli.main", "serve", "--config", str(config)]
         if args.backend == "local":
             cmd.append("--local")
         started = time.time()
@@ -408,11 +408,11 @@ def main(argv: list[str] | None = None) -> int:
         report = {
             "backend": args.backend,
             "models": "bundled (models/repository, promoted versions)",
-            "pacs": "in-process pynetdicom C-STORE SCP (serving.pacs.LocalPacs), stamps the SR",
+            "pacs": "in-process pynetdicom C-STORE SCP (cli.pacs.LocalPacs), stamps the SR",
             "sender": (
                 "DCMTK storescu, one association per study (TCP_NODELAY=1)"
                 if args.sender == "storescu"
-                else "serving.demo.push_direct (pynetdicom), one association per study"
+                else "cli.demo.push_direct (pynetdicom), one association per study"
             ),
             "study": {
                 "instances": len(_instances(studies[0].folder)),

@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from core.settings import ModelSettings
+    from dicom_node.analysis import PipelineEngine, analyse_study
     from models.metadata import ThresholdSpec
-    from serving.analysis import PipelineEngine, analyse_study
     from training.export import export_model
     from training.phantoms import synthesize_case, write_study
 

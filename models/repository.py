@@ -179,7 +179,7 @@ class ModelRepository:
     ) -> dict[str, Any]:
         """Make NAME:VERSION the version "NAME" resolves to; append to the promotion log.
 
-        The evaluation gate is the caller's job (`serving.commands.models`); `gate` records it.
+        The evaluation gate is the caller's job (`cli.commands.models`); `gate` records it.
         """
         name, version = parse_ref(ref)
         if version is None:

@@ -1,5 +1,5 @@
 """Ray Serve deployments: preprocess -> (gland, detector: batched ONNX Runtime) -> postprocess,
-behind an ingress that runs `serving.analysis.analyse_study` and returns its `StudyAnalysis`.
+behind an ingress that runs `dicom_node.analysis.analyse_study` and returns its `StudyAnalysis`.
 
     TriageIngress ──> Preprocessor (CPU: resample + normalise, models.preprocessing)
                   ├─> OnnxModelDeployment "gland"     @serve.batch, one result or error per item
@@ -30,11 +30,11 @@ from ray.serve.handle import DeploymentHandle
 
 from core.domain import ModelRef, Prediction, Volume
 from core.errors import ModelError
+from core.log_events import log_event
 from core.priority import Thresholds
 from core.settings import Settings
-from serving.analysis import EngineOutput, StudyAnalysis, analyse_study
+from dicom_node.analysis import EngineOutput, StudyAnalysis, analyse_study
 from serving.batching import BatchItemResult, run_batch
-from serving.logging import log_event
 
 log = logging.getLogger(__name__)
 

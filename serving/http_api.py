@@ -46,7 +46,7 @@ class StudySource(Protocol):
 
 
 class ResultDirectory:
-    """Results as written by `serving.analysis`: `<root>/<StudyInstanceUID>/result.json`."""
+    """Results as written by `dicom_node.analysis`: `<root>/<StudyInstanceUID>/result.json`."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)

@@ -13,7 +13,7 @@ from typing import Any
 from benchmarks import run
 from benchmarks.end_to_end import Push, parse_levels, summarise_level
 from benchmarks.memory import TreeSampler, process_memory, process_tree
-from serving.demo import DemoStudy
+from cli.demo import DemoStudy
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cli.main import main
 from core.domain import SeriesRole
 from core.errors import MissingSeriesError, NotDicomError
-from dicom_node.inspect import inspect_study, load_study_volumes
-from serving.cli import main
+from dicom_node.study_volumes import inspect_study, load_study_volumes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,7 +28,7 @@ def _reference(prostatex: Path, role: str):  # type: ignore[no-untyped-def]
 
 def test_inspect_json_matches_picai_reference(prostatex: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "serving.cli", "inspect", str(prostatex), "--json"],
+        [sys.executable, "-m", "cli.main", "inspect", str(prostatex), "--json"],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from serving.cli import main
+from cli.main import main
 
 
 @pytest.fixture(scope="module")

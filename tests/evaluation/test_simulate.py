@@ -8,8 +8,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from cli.main import main
 from evaluation.simulate import SimulationParams, format_table, plot, simulate
-from serving.cli import main
 
 SMALL = SimulationParams(
     days=120,

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
+from cli.main import main
 from core.errors import (
     InputError,
     ModelIntegrityError,
@@ -19,7 +20,6 @@ from core.errors import (
 from models.metadata import METADATA_FILE, MODEL_FILE, read_metadata
 from models.onnx_runner import OnnxModel
 from models.repository import ModelRepository, sha256_file
-from serving.cli import main
 from tests.models.conftest import SPEC_ZYX
 
 

@@ -39,8 +39,8 @@ def phantoms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture
 def pending_context(tmp_path: Path, phantoms: dict[str, Path]) -> tuple[ApiContext, str, str]:
     """A real index holding two studies still arriving: a routine one first, then a STAT one."""
+    from cli.composition import IndexStudies
     from dicom_node.index import Index
-    from serving.app import IndexStudies
     from serving.http_api import ApiContext, AuditLog
     from serving.metrics import Metrics
     from tests.dicom_node.peers import index_series

@@ -8,9 +8,9 @@ from pathlib import Path
 import pydicom
 from fastapi.testclient import TestClient
 
+from cli.composition import RadtriageApp
 from core.settings import Settings
 from models.repository import ModelRepository
-from serving.app import RadtriageApp
 
 
 def test_local_app_analyses_reports_metrics_and_rolls_out_promotions(

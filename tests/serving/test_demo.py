@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.demo import DEMO_CASES
+from cli.demo import DEMO_CASES
 from tests.conftest import REPO, free_port, require_tool
 
 
@@ -24,7 +24,7 @@ def test_demo_once_analyses_every_study_and_returns_srs_to_orthanc(tmp_path: Pat
         [
             sys.executable,
             "-m",
-            "serving.cli",
+            "cli.main",
             "demo",
             "--once",
             "--workdir",

@@ -8,8 +8,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from cli.main import main
 from core.domain import TriageResult
-from serving.cli import main
 
 
 def _infer(study: Path, out: Path, repo: Path, capsys: pytest.CaptureFixture[str]) -> dict:
@@ -117,7 +117,7 @@ def test_days_since_referral_ignores_missing_malformed_and_future_dates() -> Non
 
     from pydicom.dataset import Dataset
 
-    from serving.analysis import days_since_referral
+    from dicom_node.analysis import days_since_referral
 
     def ds(value: str | None) -> Dataset:
         d = Dataset()

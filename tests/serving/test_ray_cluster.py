@@ -141,7 +141,7 @@ def _settings(model_repository: Path, root: Path, **serving: object) -> Settings
 def test_attach_without_a_cluster_address_is_a_config_error(
     model_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from serving.app import RadtriageApp
+    from cli.composition import RadtriageApp
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     if ray.is_initialized():
@@ -158,7 +158,7 @@ def test_replicas_spread_over_nodes_and_a_second_server_attaches(
     from ray import serve
     from ray.util.state import list_actors
 
-    from serving.app import RadtriageApp
+    from cli.composition import RadtriageApp
 
     owner = RadtriageApp(_settings(model_repository, tmp_path / "a"))
     owner.start_models()  # ray.init(RAY_ADDRESS) + serve.run: the one app of the cluster

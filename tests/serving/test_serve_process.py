@@ -101,7 +101,7 @@ class Lifecycle:
 def _start(config: Path, log: Path, *extra: str) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "serving.cli", "serve", "--config", str(config), *extra],
+            [sys.executable, "-m", "cli.main", "serve", "--config", str(config), *extra],
             cwd=REPO,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -121,8 +121,8 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 @pytest.fixture(scope="module")
 def lifecycle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lifecycle]:
     pytest.importorskip("ray")
-    from serving.demo import DemoStudy, push_direct, wait_ready, write_config
-    from serving.pacs import LocalPacs, free_port
+    from cli.demo import DemoStudy, push_direct, wait_ready, write_config
+    from cli.pacs import LocalPacs, free_port
     from training.phantoms import synthesize_case, write_study
 
     work = tmp_path_factory.mktemp("serve")

@@ -62,8 +62,8 @@ def _post(url: str, body: dict[str, Any]) -> Any:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    from serving.demo import DemoStudy, push_direct, wait_ready, write_config
-    from serving.pacs import LocalPacs, free_port, stop_process
+    from cli.demo import DemoStudy, push_direct, wait_ready, write_config
+    from cli.pacs import LocalPacs, free_port, stop_process
     from training.phantoms import synthesize_case, write_study
 
     work = tmp_path_factory.mktemp("worklist")
@@ -84,7 +84,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log = work / "serve.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "serving.cli", "serve", "--config", str(config), "--local"],
+            [sys.executable, "-m", "cli.main", "serve", "--config", str(config), "--local"],
             cwd=REPO,
             stdout=out,
             stderr=subprocess.STDOUT,

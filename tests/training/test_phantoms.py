@@ -11,8 +11,8 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
+from cli.main import main
 from core.domain import Volume
-from serving.cli import main
 from tests.conftest import require_tool
 from training.phantoms import (
     ACQUIRED_B_VALUES,

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from cli.main import main
 from models.onnx_runner import OnnxModel
 from models.pipeline import TriagePipeline
 from models.repository import ModelRepository
-from serving.cli import main
 from training.train import load_config, load_data, train_model
 
 TINY = Path(__file__).resolve().parents[2] / "training" / "configs" / "tiny.toml"

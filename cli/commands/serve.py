@@ -30,9 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cli.composition import RadtriageApp
+    from core.log_events import configure_json_logging
     from core.settings import load_settings
-    from serving.app import RadtriageApp
-    from serving.logging import configure_json_logging
 
     settings = load_settings(args.config)
     configure_json_logging()

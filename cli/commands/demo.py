@@ -31,7 +31,7 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import shutil
 
-    from serving.demo import run_demo
+    from cli.demo import run_demo
 
     if args.workdir.exists():
         shutil.rmtree(args.workdir)  # a demo starts clean: same studies, same results

@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from core.errors import InputError, ModelNotFoundError
     from core.settings import load_settings
-    from serving.analysis import PipelineEngine, analyse_study
+    from dicom_node.analysis import PipelineEngine, analyse_study
 
     if not args.dir.is_dir():
         raise InputError(f"{args.dir} is not a folder; give the folder holding the study's files")

@@ -1,7 +1,7 @@
 """The composition root: settings -> models (Ray Serve or in-process) + DicomNode + HTTP.
 
 This is the only module that wires packages together. `RadtriageApp.analyse` is the analyser
-the DicomNode calls for each complete study; it runs `serving.analysis.analyse_study` either in
+the DicomNode calls for each complete study; it runs `dicom_node.analysis.analyse_study` either in
 the Ray Serve ingress (`backend="ray"`) or in this process (`backend="local"`, no Ray: small
 installs and tests). HTTP is uvicorn in this process rather than a Serve FastAPI ingress because
 the API reads the node's SQL index and writes the worklist audit log, which live here; Serve
@@ -28,10 +28,10 @@ import uvicorn
 
 from core.domain import ModelRef
 from core.errors import ConfigError, ModelError
+from core.log_events import log_event
 from core.settings import Settings
-from serving.analysis import PipelineEngine, StudyAnalysis, analyse_study
+from dicom_node.analysis import PipelineEngine, StudyAnalysis, analyse_study
 from serving.http_api import ApiContext, AuditLog, create_app, is_pending, iso_utc, pending_row
-from serving.logging import log_event
 from serving.metrics import Metrics
 from serving.ray_local import init_local_ray
 

@@ -1,4 +1,4 @@
-"""`radtriage` command line. Subcommands live in `serving.commands.<name>`."""
+"""`radtriage` command line. Subcommands live in `cli.commands.<name>`."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from collections.abc import Sequence
 
 from core.errors import InputError, RadtriageError
 
+#: Subcommand modules, in the order `radtriage --help` lists them.
 COMMANDS = (
     "serve",
     "demo",
     "phantom",
-    "inspect",
+    "inspect_study",
     "infer",
     "train",
     "export",
@@ -34,13 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"serving.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"serving.commands.{name}":
-                raise
-            continue  # command not built yet
-        module.register(sub)
+        importlib.import_module(f"cli.commands.{name}").register(sub)
     return parser
 
 

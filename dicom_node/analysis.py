@@ -45,10 +45,10 @@ from core.errors import (
     RadtriageError,
     WrongBodyPartError,
 )
+from core.log_events import log_event
 from core.priority import Thresholds, WaitingPolicy, decide_priority
 from core.settings import ModelSettings, TriageSettings
 from dicom_node.sr import read_evidence
-from serving.logging import log_event
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def analyse_study(
     batch_sizes: dict[str, int] = {}
     error: BaseException | None = None
     try:
-        from dicom_node.inspect import load_study_volumes
+        from dicom_node.study_volumes import load_study_volumes
 
         if isinstance(source, (str, Path)):
             volumes = load_study_volumes(Path(source))

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cli.pacs import LocalPacs, OrthancPacs, free_port, orthanc_available, stop_process
 from core.errors import DestinationError, RadtriageError
-from serving.pacs import LocalPacs, OrthancPacs, free_port, orthanc_available, stop_process
 
 #: (seed, vendor, csPCa, drop a series) for each demo study; seeds are outside training's range.
 # (seed, vendor, csPCa, series removed, days since the imaging request was issued)
@@ -270,7 +270,7 @@ def run_demo(
         write_config(config, workdir / "var", dicom_port, http_port, pacs.aet, pacs_port)
         log = workdir / "serve.log"
         _say(f"3/5 starting `radtriage serve --config {config}` (log: {log})")
-        cmd = [sys.executable, "-m", "serving.cli", "serve", "--config", str(config)]
+        cmd = [sys.executable, "-m", "cli.main", "serve", "--config", str(config)]
         if backend == "local":
             cmd.append("--local")
         with log.open("wb") as out:
