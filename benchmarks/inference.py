@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
     import torch
 
-    from core.settings import ModelSettings
-    from dicom_node.analysis import PipelineEngine, analyse_study
+    from cli.composition import build_analyser, build_engine
+    from core.settings import ModelSettings, Settings
+    from dicom_node.study_reader import scan_study
     from models.metadata import ThresholdSpec
     from training.export import export_model
     from training.phantoms import synthesize_case, write_study
@@ -150,17 +151,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(json.dumps(rows[-1]))
 
-    engine = PipelineEngine.load(ModelSettings(repository=tmp), device="cpu")
+    engine = build_engine(ModelSettings(repository=tmp), "cpu")
+    analyser = build_analyser(Settings(), engine, tmp / "results")
     studies = [
         write_study(synthesize_case(100 + i, cspca=bool(i % 2)), tmp / "studies")
         for i in range(args.studies)
     ]
-    analyse_study(studies[0], tmp / "warm", engine)
+    analyser.analyse(scan_study(studies[0]), tmp / "warm")
     per_study = []
     stages: dict[str, list[float]] = {}
     for i, study in enumerate(studies):
         t = time.perf_counter()
-        a = analyse_study(study, tmp / f"out{i}", engine)
+        a = analyser.analyse(scan_study(study), tmp / f"out{i}")
         per_study.append(time.perf_counter() - t)
         for k, v in a.result.timings_ms.items():
             stages.setdefault(k, []).append(v)

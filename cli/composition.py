@@ -1,11 +1,13 @@
-"""The composition root: settings -> models (Ray Serve or in-process) + DicomNode + HTTP.
+"""The composition root: settings -> inference engine -> DicomNode + its analysis step + HTTP.
 
-This is the only module that wires packages together. `RadtriageApp.analyse` is the analyser
-the DicomNode calls for each complete study; it runs `dicom_node.analysis.analyse_study` either in
-the Ray Serve ingress (`backend="ray"`) or in this process (`backend="local"`, no Ray: small
-installs and tests). HTTP is uvicorn in this process rather than a Serve FastAPI ingress because
-the API reads the node's SQL index and writes the worklist audit log, which live here; Serve
-then only does inference and needs no HTTP proxy.
+This is the only module that wires packages together, for `serve`, `infer` and `evaluate`
+alike (`build_engine`, `build_analyser`). The DicomNode's analysis step
+(`dicom_node.analysis.StudyAnalyser`) runs in this process and calls an `InferenceEngine`:
+Ray Serve (`backend="ray"`, `serving.serve_engine.ServeEngine`: only volumes go to the cluster,
+only predictions come back) or ONNX Runtime in this process (`backend="local"`,
+`models.engine.LocalEngine`: small installs and tests). HTTP is uvicorn in this process rather
+than a Serve FastAPI ingress because the API reads the node's SQL index and audit log, which live
+here; Serve then only does inference and needs no HTTP proxy.
 
 Several DICOM nodes (one per hospital) share one inference cluster: one `radtriage serve`
 deploys the Serve app (``serving.deploy = true``, the default) and owns it; the others run with
@@ -22,18 +24,27 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import uvicorn
 
 from core.domain import ModelRef
-from core.errors import ConfigError, ModelError
+from core.engine import InferenceEngine
+from core.errors import ConfigError, ModelError, ModelNotFoundError
 from core.log_events import log_event
-from core.settings import Settings
-from dicom_node.analysis import PipelineEngine, StudyAnalysis, analyse_study
+from core.settings import ModelSettings, Settings
+from dicom_node.analysis import StudyAnalyser, StudyAnalysis
+from dicom_node.jobs import AnalysisOutput
+from dicom_node.study_reader import scan_study
+from models.engine import LocalEngine
+from models.repository import ModelRepository, parse_ref
 from serving.http_api import ApiContext, AuditLog, create_app, is_pending, iso_utc, pending_row
 from serving.metrics import Metrics
-from serving.ray_local import init_local_ray
+
+if TYPE_CHECKING:  # Ray is imported only by the Ray backend
+    from ray.serve.handle import DeploymentHandle
+
+    from serving.serve_engine import ServeEngine
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +87,25 @@ class DrainingServer(uvicorn.Server):
         self._captured_signals.clear()
 
 
+def build_engine(models: ModelSettings, device: str = "auto") -> LocalEngine:
+    """The in-process engine (`infer`, `evaluate`, `serve --local`): both models verified."""
+    try:
+        return LocalEngine.load(models.repository, models.detector, models.gland, device=device)
+    except ModelNotFoundError as exc:
+        raise ModelNotFoundError(f"{exc.message} (check the model names and repository)") from exc
+
+
+def build_analyser(
+    settings: Settings, engine: InferenceEngine, results_root: Path | None = None
+) -> StudyAnalyser:
+    """The node's analysis step over `engine`, with the site's triage policy (checked now)."""
+    root = results_root if results_root is not None else Path(settings.storage.root) / "results"
+    try:
+        return StudyAnalyser(engine, root, settings.triage)
+    except ValueError as exc:
+        raise ConfigError(f"[triage]: {exc}") from exc
+
+
 class RadtriageApp:
     """Everything `radtriage serve` runs, built from one Settings object."""
 
@@ -85,36 +115,42 @@ class RadtriageApp:
         self.metrics = Metrics()
         self.results_root = Path(settings.storage.root) / "results"
         self.audit = AuditLog(Path(settings.storage.root) / "audit.jsonl")
-        self._engine: PipelineEngine | None = None
-        self._handle: Any = None
+        self.engine: LocalEngine | ServeEngine | None = None
+        self.analyser: StudyAnalyser | None = None
         self._refs: dict[str, str] = {}
         self._ready = False
-        self._lock = threading.Lock()
         self.node: Any = None
 
     # --- models ---------------------------------------------------------------------------
 
     def start_models(self) -> None:
         """Load, verify and warm the models (Ray Serve app or in-process pipeline)."""
-        from serving.deployments import model_config
-
-        self._refs = model_config(self.settings)
+        self._refs = {
+            "detector": self.settings.models.detector,
+            "gland": self.settings.models.gland,
+        }
+        if self.settings.models.shadow:
+            self._refs["shadow"] = self.settings.models.shadow
         if self.backend == "local":
-            self._engine = PipelineEngine.load(
-                self.settings.models, device=self.settings.serving.device
-            )
-        elif not self.settings.serving.deploy:
-            self._attach()
+            self.engine = build_engine(self.settings.models, self.settings.serving.device)
         else:
-            self._deploy(self._refs)
+            from serving.serve_engine import ServeEngine
+
+            handle = (
+                self._attach() if not self.settings.serving.deploy else self._deploy(self._refs)
+            )
+            self.engine = ServeEngine(handle)
+        self.analyser = build_analyser(self.settings, self.engine, self.results_root)
+        self.analyser.observe = self._observe
         self._ready = True
         self._record_models()
 
-    def _deploy(self, refs: dict[str, str]) -> None:
+    def _deploy(self, refs: dict[str, str]) -> DeploymentHandle:
         import ray
         from ray import serve
 
         from serving.deployments import APP_NAME, build_app, required_cpus
+        from serving.ray_local import init_local_ray
 
         if not ray.is_initialized():
             if os.environ.get("RAY_ADDRESS"):
@@ -128,9 +164,9 @@ class RadtriageApp:
         serve.start(http_options={"location": "NoServer"})
         app = build_app(self.settings, refs)
         name = self.settings.serving.app_name or APP_NAME
-        self._handle = serve.run(app, name=name, route_prefix=None)
+        return serve.run(app, name=name, route_prefix=None)
 
-    def _attach(self) -> None:
+    def _attach(self) -> DeploymentHandle:
         """Use the Serve app another `radtriage serve` deployed on the cluster at RAY_ADDRESS."""
         import ray
         from ray import serve
@@ -145,7 +181,7 @@ class RadtriageApp:
                 )
             ray.init(include_dashboard=False, configure_logging=False)
         try:
-            self._handle = serve.get_app_handle(name)
+            return serve.get_app_handle(name)
         except Exception as exc:  # RayServeException: no such application (yet)
             raise ModelError(
                 f"no Serve application {name!r} runs on the Ray cluster at {address}: start the "
@@ -154,20 +190,7 @@ class RadtriageApp:
 
     def loaded_models(self, timeout_s: float = 30.0) -> dict[str, dict[str, Any]]:
         """Name, version, sha256 and providers of each model the analysis path runs."""
-        if self._engine is not None:
-            p = self._engine.pipeline
-            return {
-                role: {
-                    "name": m.ref.name,
-                    "version": m.ref.version,
-                    "sha256": m.ref.sha256,
-                    "providers": m.providers,
-                }
-                for role, m in (("detector", p.detector), ("gland", p.gland))
-            }
-        if self._handle is not None:
-            return self._handle.models.remote().result(timeout_s=timeout_s)  # type: ignore[no-any-return]
-        return {}
+        return self.engine.loaded(timeout_s) if self.engine is not None else {}
 
     def _record_models(self) -> None:
         refs = {
@@ -179,8 +202,6 @@ class RadtriageApp:
 
     def models_info(self) -> dict[str, Any]:
         """`/api/models`: what is loaded and every version in the repository."""
-        from models.repository import ModelRepository
-
         return {
             "loaded": self.loaded_models(),
             "requested": dict(self._refs),
@@ -190,8 +211,6 @@ class RadtriageApp:
     def check_promotions(self) -> dict[str, str]:
         """Roll out newly promoted versions of models configured without a version (Serve:
         rolling update through user_config, no restart). Returns the roles that changed."""
-        from models.repository import ModelRepository, parse_ref
-
         if self.backend != "local" and not self.settings.serving.deploy:
             return {}  # attached: the node that deployed the app rolls out promotions
         repo = ModelRepository(self.settings.models.repository)
@@ -208,11 +227,17 @@ class RadtriageApp:
             return {}
         refs = {**self._refs, **changed}
         log_event(log, "rolling out promoted models", models=changed)
+        engine: LocalEngine | ServeEngine
         if self.backend == "local":
             models = self.settings.models.model_copy(update=changed)
-            self._engine = PipelineEngine.load(models, device=self.settings.serving.device)
+            engine = build_engine(models, self.settings.serving.device)
         else:
-            self._deploy(refs)
+            from serving.serve_engine import ServeEngine
+
+            engine = ServeEngine(self._deploy(refs))
+        self.engine = engine
+        if self.analyser is not None:
+            self.analyser.engine = engine
         self._refs = refs
         self._record_models()
         return changed
@@ -222,55 +247,29 @@ class RadtriageApp:
 
     # --- analysis (the DicomNode's Analyser) ------------------------------------------------
 
-    def analyse_path(
-        self,
-        source: Path | list[Path],
-        out_dir: Path,
-        *,
-        study_instance_uid: str | None = None,
-        previous_sr: Path | None = None,
-    ) -> StudyAnalysis:
-        self.metrics.queue_depth.inc()
-        try:
-            if self._engine is not None:
-                analysis = analyse_study(
-                    source,
-                    out_dir,
-                    self._engine,
-                    triage=self.settings.triage,
-                    study_instance_uid=study_instance_uid,
-                    previous_sr=previous_sr,
-                )
-            elif self._handle is not None:
-                src = str(source) if isinstance(source, Path) else [str(p) for p in source]
-                analysis = self._handle.analyse.remote(
-                    src,
-                    str(out_dir),
-                    study_instance_uid,
-                    str(previous_sr) if previous_sr else None,
-                ).result(timeout_s=600)
-            else:
-                raise ModelError("models are not loaded yet; call start_models() first")
-        finally:
-            self.metrics.queue_depth.dec()
+    def _observe(self, analysis: StudyAnalysis) -> None:
         self.metrics.observe_result(analysis.result)
         for model, size in analysis.batch_sizes.items():
             self.metrics.batch_size.labels(model).observe(size)
-        return analysis
+
+    def _analyser(self) -> StudyAnalyser:
+        if self.analyser is None:
+            raise ModelError("models are not loaded yet; call start_models() first")
+        return self.analyser
+
+    def analyse_folder(self, folder: Path, out_dir: Path) -> StudyAnalysis:
+        """Analyse a study folder into `out_dir` (tools and tests; the node uses `analyse`)."""
+        return self._analyser().analyse(scan_study(folder), out_dir)
 
     def analyse(
         self, study_instance_uid: str, instance_paths: list[Path], previous_sr: Path | None
-    ) -> Any:
+    ) -> AnalysisOutput:
         """`dicom_node.jobs.Analyser`: results go to <storage.root>/results/<uid>/."""
-        from dicom_node.jobs import AnalysisOutput
-
-        analysis = self.analyse_path(
-            instance_paths,
-            self.results_root / study_instance_uid,
-            study_instance_uid=study_instance_uid,
-            previous_sr=previous_sr,
-        )
-        return AnalysisOutput(result=analysis.result, documents=analysis.documents)
+        self.metrics.queue_depth.inc()
+        try:
+            return self._analyser()(study_instance_uid, instance_paths, previous_sr)
+        finally:
+            self.metrics.queue_depth.dec()
 
     # --- HTTP and lifecycle -----------------------------------------------------------------
 
@@ -332,7 +331,7 @@ class RadtriageApp:
     def shutdown(self) -> None:
         """Leave Ray. A deploying app removes its Serve app (all of Serve on a local Ray it
         started); an attached one leaves the shared app running for the other nodes."""
-        if self._handle is not None:
+        if self.backend == "ray" and self.engine is not None:
             import ray
             from ray import serve
 
@@ -342,4 +341,4 @@ class RadtriageApp:
                 else:
                     serve.shutdown()
             ray.shutdown()
-            self._handle = None
+            self.engine = None

@@ -1,13 +1,24 @@
-"""The one analysis path: study files -> volumes -> prediction -> priority -> result + SR/SEG.
+"""The node's analysis step: scan -> volumes -> engine -> priority -> SR/SEG -> result folder.
 
-Used by the server (inside the Ray Serve ingress), by `radtriage infer` and by the tests; only
-the `Engine` that turns three volumes into a `Prediction` differs (direct ONNX Runtime calls or
-Ray Serve deployments). Nothing is ever dropped:
+One study flows one way through here, in the DICOM node's process::
 
-- an `InputError`, `ModelError` or `InferenceError` -> priority `not_analysed`, `reason`
+    scan_study(instance paths)            headers, once (dicom_node.study_reader)
+    load_study_volumes(scan)              series selection + pixels of the three series used
+    engine.predict(InferenceRequest)      arrays only: in process or on a Ray Serve cluster
+    decide_priority(...)                  core.priority: AI likelihood, referral floor, waiting
+    build_seg / build_triage_sr           highdicom, evidence from the headers already read
+    result.json, sr.dcm, seg.dcm          into the study's result folder; the job queues them
+
+`radtriage infer` and `radtriage serve` run this same function; only the `InferenceEngine`
+differs. Nothing is ever dropped:
+
+- an `InputError` (missing series, bad geometry, not DICOM), or a `ModelError` /
+  `InferenceError` the engine reports for this study -> priority `not_analysed`, a `reason`
   {code, message} and a coded "not analysed" SR (status `reported`; `failed` for model errors);
 - not an MR / not a prostate -> status `not_applicable`, still with a reason and an SR;
-- any other exception -> `not_analysed` with reason `internal_error`, logged with its traceback;
+- a bug while reading the study -> `not_analysed` with reason `internal_error`, logged;
+- the engine itself unreachable (cluster down, timeout) -> the exception propagates, so the job
+  is retried with a backoff and, after repeated failures, reported "not analysed" by the job;
 - if even the SR cannot be written the result says so (`failed`) and result.json is still written.
 """
 
@@ -16,12 +27,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+import pydicom
 from pydicom.dataset import Dataset
 
 from core.domain import (
@@ -31,24 +43,31 @@ from core.domain import (
     ModelRef,
     Prediction,
     Priority,
-    ReferralUrgency,
     SeriesRole,
     StudyStatus,
     TriageResult,
-    Volume,
 )
+from core.engine import InferenceEngine, InferenceRequest
 from core.errors import (
     InferenceError,
     InputError,
     ModelError,
+    NotDicomError,
     NotMRError,
     RadtriageError,
     WrongBodyPartError,
 )
 from core.log_events import log_event
 from core.priority import Thresholds, WaitingPolicy, decide_priority
-from core.settings import ModelSettings, TriageSettings
-from dicom_node.sr import read_evidence
+from core.settings import TriageSettings
+from dicom_node.evidence import scan_evidence
+from dicom_node.jobs import AnalysisOutput, Document
+from dicom_node.request_attributes import days_since_referral, referral_urgency
+from dicom_node.seg import build_seg
+from dicom_node.series_selection import SelectionRules, load_rules
+from dicom_node.sr import build_triage_sr
+from dicom_node.study_reader import StudyScan, scan_study
+from dicom_node.study_volumes import StudyVolumes, load_study_volumes
 
 log = logging.getLogger(__name__)
 
@@ -58,31 +77,11 @@ SEG_FILE = "seg.dcm"
 
 
 @dataclass(frozen=True)
-class EngineOutput:
-    """A prediction plus how it was computed (batch size per model, for metrics)."""
-
-    prediction: Prediction
-    batch_sizes: dict[str, int] = field(default_factory=dict)
-
-
-class Engine(Protocol):
-    """Turns the three volumes of one study into a prediction (direct or via Ray Serve)."""
-
-    @property
-    def detector(self) -> ModelRef: ...
-
-    @property
-    def thresholds(self) -> Thresholds: ...
-
-    def predict(self, t2w: Volume, adc: Volume, hbv: Volume) -> EngineOutput: ...
-
-
-@dataclass(frozen=True)
 class StudyAnalysis:
     """What one analysis produced: the result and the DICOM documents written for PACS."""
 
     result: TriageResult
-    documents: list[Path]
+    documents: list[Document]
     out_dir: Path
     batch_sizes: dict[str, int] = field(default_factory=dict)
 
@@ -102,58 +101,13 @@ class _Clock:
         return {**self.timings, "total": round((time.perf_counter() - self.start) * 1000.0, 1)}
 
 
-def _paths(source: Path | Sequence[Path]) -> list[Path]:
-    if isinstance(source, (str, Path)):
-        root = Path(source)
-        if root.is_file():
-            return [root]
-        return sorted(p for p in root.rglob("*") if p.is_file())
-    return [Path(p) for p in source]
-
-
-def _request_values(headers: Iterable[Dataset], keyword: str) -> Iterator[Any]:
-    """`keyword` of each header, at top level and in its Request Attributes Sequence items."""
-    for ds in headers:
-        for item in (ds, *ds.get("RequestAttributesSequence", [])):
-            yield item.get(keyword)
-
-
-def referral_urgency(headers: Iterable[Dataset]) -> ReferralUrgency:
-    """The most urgent Requested Procedure Priority (0040,1003) found, top level or in the
-    Request Attributes Sequence; routine when absent."""
-    best = ReferralUrgency.ROUTINE
-    rank = {ReferralUrgency.ROUTINE: 0, ReferralUrgency.SOON: 1, ReferralUrgency.URGENT: 2}
-    for value in _request_values(headers, "RequestedProcedurePriority"):
-        urgency = ReferralUrgency.from_dicom(str(value) if value else None)
-        if rank[urgency] > rank[best]:
-            best = urgency
-    return best
-
-
-STALE_REQUEST_DAYS = 365  # an older request is an archive study re-sent, not a waiting patient
-
-
-def days_since_referral(headers: Iterable[Dataset], today: date) -> int | None:
-    """Days from the earliest Issue Date of Imaging Service Request (0040,2004) in `headers`
-    to `today`: the waiting-list clock. None when no header carries a valid, past date, or
-    when the request is over `STALE_REQUEST_DAYS` old."""
-    earliest: date | None = None
-    for value in _request_values(headers, "IssueDateOfImagingServiceRequest"):
-        try:
-            issued = datetime.strptime(str(value or "").strip()[:8], "%Y%m%d").date()
-        except ValueError:
-            continue
-        if issued <= today and (earliest is None or issued < earliest):
-            earliest = issued
-    if earliest is None or (today - earliest).days > STALE_REQUEST_DAYS:
-        return None
-    return (today - earliest).days
+# --- the analysis -----------------------------------------------------------------------------
 
 
 def _error_status(exc: BaseException) -> StudyStatus:
-    if isinstance(exc, (NotMRError, WrongBodyPartError)):
+    if isinstance(exc, NotMRError | WrongBodyPartError):
         return StudyStatus.NOT_APPLICABLE
-    if isinstance(exc, (ModelError, InferenceError)):
+    if isinstance(exc, ModelError | InferenceError):
         return StudyStatus.FAILED
     return StudyStatus.REPORTED
 
@@ -176,69 +130,71 @@ def _write_json_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _study_uid(evidence: Sequence[Dataset], fallback: str | None) -> str:
-    """The StudyInstanceUID the files carry (they are what the SR cites), else `fallback`."""
-    for ds in evidence:
-        if ds.get("StudyInstanceUID"):
-            return str(ds.StudyInstanceUID)
-    return fallback or ""
+@dataclass(frozen=True)
+class _Outcome:
+    """What the models said (or why they could not), before priority and documents."""
+
+    volumes: StudyVolumes | None = None
+    prediction: Prediction | None = None
+    model: ModelRef | None = None
+    thresholds: Thresholds | None = None
+    error: BaseException | None = None
+    batch_sizes: dict[str, int] = field(default_factory=dict)
+
+
+def _run_models(
+    scan: StudyScan, engine: InferenceEngine, rules: SelectionRules, clock: _Clock
+) -> _Outcome:
+    try:
+        volumes = load_study_volumes(scan, rules)
+    except InputError as exc:
+        return _Outcome(error=exc)
+    except Exception as exc:  # a bug must still give a "not analysed" result, never silence
+        log.exception("reading the study failed", extra={"study": scan.study_instance_uid})
+        return _Outcome(error=exc)
+    clock.lap("load")
+    request = InferenceRequest(volumes.study_instance_uid, volumes.t2w, volumes.adc, volumes.hbv)
+    try:
+        output = engine.predict(request)  # anything but our errors: engine down, retry later
+    except (InputError, ModelError, InferenceError) as exc:
+        return _Outcome(volumes=volumes, error=exc)
+    clock.lap("inference")
+    return _Outcome(
+        volumes, output.prediction, output.detector, output.thresholds, None, output.batch_sizes
+    )
 
 
 def analyse_study(
-    source: Path | Sequence[Path],
+    scan: StudyScan,
     out_dir: Path,
-    engine: Engine,
+    engine: InferenceEngine,
+    policy: WaitingPolicy,
     *,
-    triage: TriageSettings | None = None,
-    study_instance_uid: str | None = None,
+    today: date,
+    rules: SelectionRules | None = None,
     previous_sr: Path | None = None,
-    days_waited: int | None = None,
 ) -> StudyAnalysis:
-    """Analyse one study (a folder or its instance paths) and write result.json, sr.dcm and,
-    when analysed, seg.dcm into `out_dir`. Never raises for a bad study."""
-    triage = triage or TriageSettings()
+    """Analyse one scanned study; write result.json, sr.dcm and, when analysed, seg.dcm into
+    `out_dir`. Never raises for a bad study; raises when the engine cannot be reached."""
     out_dir.mkdir(parents=True, exist_ok=True)
     clock = _Clock()
-    prediction: Prediction | None = None
-    volumes: Any = None
-    batch_sizes: dict[str, int] = {}
-    error: BaseException | None = None
-    try:
-        from dicom_node.study_volumes import load_study_volumes
-
-        if isinstance(source, (str, Path)):
-            volumes = load_study_volumes(Path(source))
-        else:
-            from dicom_node.study_reader import scan_study
-
-            volumes = load_study_volumes(scan_study([Path(p) for p in source]))
-        clock.lap("load")
-        output = engine.predict(volumes.t2w, volumes.adc, volumes.hbv)
-        prediction, batch_sizes = output.prediction, output.batch_sizes
-        clock.lap("inference")
-    except (InputError, ModelError, InferenceError) as exc:
-        error = exc
-    except Exception as exc:  # a bug must still give a "not analysed" result, never silence
-        log.exception("analysis crashed", extra={"study_instance_uid": study_instance_uid})
-        error = exc
-
-    evidence: dict[str, list[Dataset]]
-    if volumes is not None:
-        evidence = {role.value: list(volumes.headers.get(role, [])) for role in REQUIRED_ROLES}
-        uid = volumes.study_instance_uid
-    else:
-        evidence = {"study": read_evidence(_paths(source))}
-        uid = _study_uid(evidence["study"], study_instance_uid)
-    uid = uid or study_instance_uid or "unknown"
-
-    model = engine.detector
-    result = _result(
-        uid, model, engine.thresholds, prediction, volumes, error, evidence, triage, days_waited
+    uid = scan.study_instance_uid
+    outcome = (
+        _run_models(scan, engine, rules or load_rules(), clock)
+        if scan.series
+        else _Outcome(error=NotDicomError(_no_dicom_message(scan), study_instance_uid=uid))
     )
+    volumes = outcome.volumes
+    evidence: dict[str, list[Dataset]] = (
+        {role.value: list(volumes.headers.get(role, [])) for role in REQUIRED_ROLES}
+        if volumes is not None
+        else {"study": scan_evidence(scan)}
+    )
+    model = outcome.model or engine.current_detector()
+    headers = [s.headers for s in scan.series]
+    result = _result(uid, model, outcome, headers, policy, today)
     clock.lap("priority")
-    documents, result = _write_documents(
-        out_dir, result, evidence, model, prediction, volumes, previous_sr
-    )
+    documents, result = _write_documents(out_dir, result, evidence, model, outcome, previous_sr)
     clock.lap("report")
     result = result.model_copy(update={"timings_ms": clock.total()})
     _write_json_atomic(out_dir / RESULT_FILE, result.model_dump_json(indent=2))
@@ -252,41 +208,41 @@ def analyse_study(
         reason=(result.reason or {}).get("code"),
         model=f"{model.name}:{model.version}",
         timings_ms=result.timings_ms,
-        batch_sizes=batch_sizes,
+        batch_sizes=outcome.batch_sizes,
     )
-    return StudyAnalysis(result, documents, out_dir, batch_sizes)
+    return StudyAnalysis(result, documents, out_dir, outcome.batch_sizes)
+
+
+def _no_dicom_message(scan: StudyScan) -> str:
+    detail = f"; e.g. {scan.skipped[0][0].name}: {scan.skipped[0][1]}" if scan.skipped else ""
+    return f"no readable DICOM image files{detail}"
 
 
 def _result(
     uid: str,
     model: ModelRef,
-    thresholds: Thresholds,
-    prediction: Prediction | None,
-    volumes: Any,
-    error: BaseException | None,
-    evidence: Mapping[str, Sequence[Dataset]],
-    triage: TriageSettings,
-    days_waited: int | None,
+    outcome: _Outcome,
+    headers: Sequence[Dataset],
+    policy: WaitingPolicy,
+    today: date,
 ) -> TriageResult:
-    headers = [ds for group in evidence.values() for ds in group]
     referral = referral_urgency(headers)
-    if days_waited is None:
-        days_waited = days_since_referral(headers, datetime.now(UTC).date())
-    policy = WaitingPolicy(triage.fds_days, triage.escalate_within_days, triage.urgent_within_days)
+    days_waited = days_since_referral(headers, today)
+    prediction = outcome.prediction
     likelihood = prediction.case_likelihood if prediction is not None else None
-    decision = decide_priority(likelihood, thresholds, referral, days_waited, policy)
-    log_event(log, "priority decided", study_instance_uid=uid, reasons=list(decision.reasons))
+    decision = decide_priority(likelihood, outcome.thresholds, referral, days_waited, policy)
     common: dict[str, Any] = {
         "study_instance_uid": uid,
         "priority": decision.priority,
         "model": ModelInfo(name=model.name, version=model.version, sha256=model.sha256),
         "disclaimer": model.disclaimer,
-        "series_used": dict(volumes.series_used) if volumes is not None else {},
+        "series_used": dict(outcome.volumes.series_used) if outcome.volumes is not None else {},
         "referral_urgency": referral,
         "days_waited": days_waited,
         "priority_reasons": decision.reasons,
     }
     if prediction is None:
+        error = outcome.error
         return TriageResult(
             status=_error_status(error) if error is not None else StudyStatus.FAILED,
             reason=_reason(error)
@@ -303,47 +259,39 @@ def _result(
     )
 
 
+def _document(path: Path, ds: Dataset) -> Document:
+    return Document(path, str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.Modality))
+
+
 def _write_documents(
     out_dir: Path,
     result: TriageResult,
-    evidence: Mapping[str, Sequence[Dataset]],
+    evidence: dict[str, list[Dataset]],
     model: ModelRef,
-    prediction: Prediction | None,
-    volumes: Any,
+    outcome: _Outcome,
     previous_sr: Path | None,
-) -> tuple[list[Path], TriageResult]:
+) -> tuple[list[Document], TriageResult]:
     """SEG (analysed studies only) then the SR; a failure here degrades, never disappears."""
-    from dicom_node.seg import build_seg
-    from dicom_node.sr import build_triage_sr
-
-    documents: list[Path] = []
+    documents: list[Document] = []
     seg = None
-    if prediction is not None and volumes is not None:
+    if outcome.prediction is not None and outcome.volumes is not None:
         try:
-            seg = build_seg(volumes.headers[SeriesRole.T2W], prediction, model)
+            seg = build_seg(outcome.volumes.headers[SeriesRole.T2W], outcome.prediction, model)
             if seg is not None:
                 seg.save_as(out_dir / SEG_FILE)
-                documents.append(out_dir / SEG_FILE)
+                documents.append(_document(out_dir / SEG_FILE, seg))
         except Exception:
-            log.exception(
-                "SEG not written", extra={"study_instance_uid": result.study_instance_uid}
-            )
+            log.exception("SEG not written", extra={"study": result.study_instance_uid})
             seg = None
-    predecessor = _read_previous(previous_sr)
+    predecessor = read_previous_sr(previous_sr)
     try:
         sr = build_triage_sr(
-            result,
-            evidence=evidence,
-            model=model,
-            prediction=prediction,
-            seg=seg,
-            predecessor=predecessor,
+            result, evidence=evidence, model=model, seg=seg, predecessor=predecessor
         )
         sr.save_as(out_dir / SR_FILE)
-        documents.append(out_dir / SR_FILE)
-        return documents, result
+        return [*documents, _document(out_dir / SR_FILE, sr)], result
     except Exception as exc:
-        log.exception("SR not written", extra={"study_instance_uid": result.study_instance_uid})
+        log.exception("SR not written", extra={"study": result.study_instance_uid})
         first_error = exc
     # Fall back to a "not analysed" SR so PACS still hears about the study.
     fallback = result.model_copy(
@@ -358,24 +306,21 @@ def _write_documents(
             "lesions": (),
         }
     )
-    for path in documents:
-        path.unlink(missing_ok=True)
+    for doc in documents:
+        doc.path.unlink(missing_ok=True)
     try:
         sr = build_triage_sr(fallback, evidence=evidence, model=model, predecessor=predecessor)
         sr.save_as(out_dir / SR_FILE)
-        return [out_dir / SR_FILE], fallback
+        return [_document(out_dir / SR_FILE, sr)], fallback
     except Exception:
-        log.exception(
-            "fallback SR not written", extra={"study_instance_uid": result.study_instance_uid}
-        )
+        log.exception("fallback SR not written", extra={"study": result.study_instance_uid})
         return [], fallback
 
 
-def _read_previous(path: Path | None) -> Dataset | None:
-    if path is None:
+def read_previous_sr(path: Path | None) -> Dataset | None:
+    """The SR a re-run supersedes (its UID goes into Predecessor Documents Sequence)."""
+    if path is None or not path.is_file():
         return None
-    import pydicom
-
     try:
         return pydicom.dcmread(path)
     except Exception:
@@ -383,32 +328,52 @@ def _read_previous(path: Path | None) -> Dataset | None:
         return None
 
 
-class PipelineEngine:
-    """Direct calls into `models.pipeline.TriagePipeline` (offline `infer`, tests, benchmarks)."""
+class StudyAnalyser:
+    """`dicom_node.jobs.Analyser` for the node: analyses into ``<results_root>/<uid>/``.
 
-    def __init__(self, pipeline: Any) -> None:
-        self.pipeline = pipeline
-        self._thresholds: Thresholds = pipeline.thresholds
+    Settings are checked here, once, when the node is wired (a bad `[triage]` section fails at
+    start-up, not on every study).
+    """
 
-    @classmethod
-    def load(cls, models: ModelSettings, *, device: str = "auto") -> PipelineEngine:
-        from models.pipeline import TriagePipeline
-
-        pipeline = TriagePipeline.from_repository(
-            repository=models.repository,
-            detector=models.detector,
-            gland=models.gland,
-            device=device,
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        results_root: Path,
+        triage: TriageSettings,
+        *,
+        rules: SelectionRules | None = None,
+        today: Callable[[], date] = lambda: datetime.now(UTC).date(),
+        observe: Callable[[StudyAnalysis], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.results_root = Path(results_root)
+        self.policy = WaitingPolicy(
+            triage.fds_days, triage.escalate_within_days, triage.urgent_within_days
         )
-        return cls(pipeline)
+        self.rules = rules or load_rules()
+        self.today = today
+        self.observe = observe
 
-    @property
-    def detector(self) -> ModelRef:
-        return self.pipeline.detector.ref  # type: ignore[no-any-return]
+    def analyse(
+        self, scan: StudyScan, out_dir: Path, previous_sr: Path | None = None
+    ) -> StudyAnalysis:
+        analysis = analyse_study(
+            scan,
+            out_dir,
+            self.engine,
+            self.policy,
+            today=self.today(),
+            rules=self.rules,
+            previous_sr=previous_sr,
+        )
+        if self.observe is not None:
+            self.observe(analysis)
+        return analysis
 
-    @property
-    def thresholds(self) -> Thresholds:
-        return self._thresholds
-
-    def predict(self, t2w: Volume, adc: Volume, hbv: Volume) -> EngineOutput:
-        return EngineOutput(self.pipeline.predict(t2w, adc, hbv), {"detector": 1, "gland": 1})
+    def __call__(
+        self, study_instance_uid: str, instance_paths: list[Path], previous_sr: Path | None
+    ) -> AnalysisOutput:
+        scan = scan_study(instance_paths)
+        # the index's key names the folder: a validated UID, never raw header text
+        analysis = self.analyse(scan, self.results_root / study_instance_uid, previous_sr)
+        return AnalysisOutput(result=analysis.result, documents=analysis.documents)

@@ -59,15 +59,25 @@ RETRY_BACKOFF_S = 10.0
 
 
 @dataclass(frozen=True)
+class Document:
+    """A DICOM document an analysis wrote (SR, SEG) with the UIDs the outbox needs."""
+
+    path: Path
+    sop_instance_uid: str
+    sop_class_uid: str
+    modality: str
+
+
+@dataclass(frozen=True)
 class AnalysisOutput:
     """What an analysis produces: the result and the DICOM documents (SR, SEG) to send."""
 
     result: TriageResult
-    documents: list[Path]
+    documents: list[Document]
 
 
 class Analyser(Protocol):
-    """The analysis seam, injected by the composition root (`serving`).
+    """The analysis seam (`dicom_node.analysis.StudyAnalyser`), injected by the composition root.
 
     Called from the node's worker thread with every instance file of the study, and the SR of
     the previous analysis when this is a re-run (its SOP Instance UID goes into the new SR's
@@ -138,11 +148,6 @@ def claim_next(index: Index, now: float) -> Claim | None:
         return Claim(study.study_instance_uid, Index.mr_instance_count(s, study.id), previous)
 
 
-def _document_uids(path: Path) -> tuple[str, str, str]:
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    return str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.get("Modality", ""))
-
-
 def record_report(
     index: Index,
     spool: Spool,
@@ -158,11 +163,10 @@ def record_report(
     folder = spool.outbox_dir / uid
     folder.mkdir(parents=True, exist_ok=True)
     for doc in output.documents:
-        sop_uid, sop_class, modality = _document_uids(doc)
-        target = folder / f"{sop_uid}.dcm"
+        target = folder / f"{doc.sop_instance_uid}.dcm"
         if not target.exists():
-            write_atomic(target, (doc.read_bytes(),), spool.tmp_dir)
-        kept.append((target, sop_uid, sop_class, modality))
+            write_atomic(target, (doc.path.read_bytes(),), spool.tmp_dir)
+        kept.append((target, doc.sop_instance_uid, doc.sop_class_uid, doc.modality))
     sr = next((p for p, _, _, m in kept if m == SR_MODALITY), None)
     with index.write() as s:
         study = s.scalars(select(Study).where(Study.study_instance_uid == uid)).one()
@@ -212,9 +216,11 @@ def not_analysed_fallback(
 ) -> AnalysisOutput:
     """A coded "not analysed" SR for a study the analyser itself keeps failing on (models or
     inference cluster down), built from the study's own headers: never silent, never dropped."""
-    from dicom_node.sr import build_triage_sr, read_evidence
+    from dicom_node.evidence import scan_evidence
+    from dicom_node.sr import build_triage_sr
+    from dicom_node.study_reader import scan_study
 
-    evidence = read_evidence(paths)
+    evidence = scan_evidence(scan_study(paths))
     uid = claim.study_instance_uid
     result = TriageResult(
         study_instance_uid=uid,
@@ -231,7 +237,8 @@ def not_analysed_fallback(
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{sr.SOPInstanceUID}.dcm"
     sr.save_as(target, enforce_file_format=True)
-    return AnalysisOutput(result=result, documents=[target])
+    document = Document(target, str(sr.SOPInstanceUID), str(sr.SOPClassUID), str(sr.Modality))
+    return AnalysisOutput(result=result, documents=[document])
 
 
 class JobWorker:
@@ -294,7 +301,7 @@ class JobWorker:
             output = not_analysed_fallback(claim, paths, code, message, self.spool.tmp_dir)
             record_report(self.index, self.spool, claim, output, self.destinations, now)
             for document in output.documents:  # record_report keeps its own copy in the spool
-                document.unlink(missing_ok=True)
+                document.path.unlink(missing_ok=True)
             log.warning("study %s reported as not analysed after %d failures", uid, failures)
         except Exception:
             log.exception("study %s: not even a not-analysed SR could be built", uid)

@@ -1,5 +1,10 @@
-"""The triage pipeline: prepare -> (gland, detector ONNX runs) -> finish, in separable steps so
-serving can batch `OnnxModel.run` across studies and evaluation can call each step directly.
+"""The triage pipeline: prepare -> (gland, detector ONNX runs) -> finish.
+
+`PipelineSteps` holds the pure pre/post-processing of a detector + gland pair, built from their
+metadata alone, so Ray Serve's CPU stages run it without loading a network and serving can
+batch `OnnxModel.run` across studies; `TriagePipeline` adds the two loaded models for direct
+calls (offline `infer`, `evaluate`, tests). Training and evaluation call the same steps: no
+train/serve skew.
 
 Both models run on one model grid (same spacing/shape/crop in their metadata, checked at
 construction), so one `PreparedCase` feeds both and outputs map back to the T2W grid once.
@@ -14,7 +19,7 @@ import numpy as np
 from core.domain import Prediction, Volume
 from core.errors import InferenceError, ModelSignatureError
 from core.priority import Thresholds
-from models.metadata import InputSpec
+from models.metadata import InputSpec, ModelMetadata
 from models.onnx_runner import OnnxModel
 from models.postprocessing import (
     extract_lesions,
@@ -29,9 +34,6 @@ from models.repository import default_repository
 
 __all__ = ["TriagePipeline", "default_repository"]
 
-PROVISIONAL = Thresholds(urgent=0.5, soon=0.2)
-
-
 def _single(output: np.ndarray, channels: int, what: str) -> np.ndarray:
     out = output[0] if output.ndim == 5 and output.shape[0] == 1 else output
     if out.ndim != 4 or out.shape[0] != channels:
@@ -39,11 +41,11 @@ def _single(output: np.ndarray, channels: int, what: str) -> np.ndarray:
     return out
 
 
-class TriagePipeline:
-    """csPCa detector + gland model with shared pre/post-processing."""
+class PipelineSteps:
+    """Pre/post-processing of one csPCa detector + gland model pair, from their metadata."""
 
-    def __init__(self, detector: OnnxModel, gland: OnnxModel) -> None:
-        d, g = detector.metadata, gland.metadata
+    def __init__(self, detector: ModelMetadata, gland: ModelMetadata) -> None:
+        d, g = detector, gland
         if d.task != "cspca_detection" or g.task != "gland_segmentation":
             raise ModelSignatureError(
                 f"need a cspca_detection and a gland_segmentation model, got {d.name} "
@@ -60,10 +62,15 @@ class TriagePipeline:
                 g.input_spec.normalisation_for(channel) != d.input_spec.normalisation_for(channel)
             ):
                 raise ModelSignatureError(f"models normalise channel {channel!r} differently")
+        if d.thresholds is None:
+            raise ModelSignatureError(
+                f"{d.name}:{d.version} has no priority thresholds in its metadata.json; choose "
+                "them with `radtriage evaluate --write-thresholds` before serving it"
+            )
         if len(g.output_channels) != 3:
             raise ModelSignatureError(f"{g.name} must output bg/PZ/TZ, got {g.output_channels}")
-        self.detector = detector
-        self.gland = gland
+        self.detector_metadata = d
+        self.gland_metadata = g
         channels = tuple(dict.fromkeys(d.input_spec.channels + g.input_spec.channels))
         rules = {n.channel: n for n in g.input_spec.normalisation + d.input_spec.normalisation}
         self.spec = InputSpec(
@@ -73,34 +80,17 @@ class TriagePipeline:
             normalisation=tuple(rules[c] for c in channels if c in rules),
             crop=d.input_spec.crop,
         )
-        self.thresholds = d.thresholds.as_thresholds() if d.thresholds else PROVISIONAL
-
-    @classmethod
-    def from_repository(
-        cls,
-        repository: Path | None = None,
-        detector: str = "cspca_detector",
-        gland: str = "prostate_gland",
-        device: str = "auto",
-        threads: int | None = None,
-    ) -> TriagePipeline:
-        root = repository if repository is not None else default_repository()
-        return cls(
-            OnnxModel.load(root, detector, device=device, threads=threads),
-            OnnxModel.load(root, gland, device=device, threads=threads),
-        )
-
-    # --- separable steps --------------------------------------------------------------------
+        self.thresholds: Thresholds = d.thresholds.as_thresholds()
 
     def prepare(self, t2w: Volume, adc: Volume, hbv: Volume) -> PreparedCase:
         return prepare_case(t2w, adc, hbv, self.spec)
 
     def gland_input(self, prepared: PreparedCase) -> np.ndarray:
         """(C, Z, Y, X) for the gland model; stack several for one batched `run`."""
-        return prepared.model_input(self.gland.metadata.input_spec.channels)
+        return prepared.model_input(self.gland_metadata.input_spec.channels)
 
     def detector_input(self, prepared: PreparedCase) -> np.ndarray:
-        return prepared.model_input(self.detector.metadata.input_spec.channels)
+        return prepared.model_input(self.detector_metadata.input_spec.channels)
 
     def finish(
         self, prepared: PreparedCase, gland_out: np.ndarray, detector_out: np.ndarray
@@ -109,7 +99,7 @@ class TriagePipeline:
         probabilities = _single(gland_out, 3, "gland")
         zones_grid = zones_from_probabilities(probabilities)
         likelihood_grid = _single(detector_out, 1, "detector")[0]
-        post = self.detector.metadata.postprocessing
+        post = self.detector_metadata.postprocessing
         gated = gate_to_gland(
             likelihood_grid, zones_grid > 0, self.spec.spacing_xyz, post.gland_margin_mm
         )
@@ -129,6 +119,30 @@ class TriagePipeline:
             likelihood_map=likelihood,
             lesion_labels=labels,
             gland_mask=gland_mask,
+        )
+
+
+class TriagePipeline(PipelineSteps):
+    """`PipelineSteps` plus the two loaded, verified ONNX models."""
+
+    def __init__(self, detector: OnnxModel, gland: OnnxModel) -> None:
+        super().__init__(detector.metadata, gland.metadata)
+        self.detector = detector
+        self.gland = gland
+
+    @classmethod
+    def from_repository(
+        cls,
+        repository: Path | None = None,
+        detector: str = "cspca_detector",
+        gland: str = "prostate_gland",
+        device: str = "auto",
+        threads: int | None = None,
+    ) -> TriagePipeline:
+        root = repository if repository is not None else default_repository()
+        return cls(
+            OnnxModel.load(root, detector, device=device, threads=threads),
+            OnnxModel.load(root, gland, device=device, threads=threads),
         )
 
     def predict(self, t2w: Volume, adc: Volume, hbv: Volume) -> Prediction:

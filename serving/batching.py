@@ -9,7 +9,7 @@ run fails, each item of that stack is retried alone so only the culprit fails.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,7 +26,6 @@ class BatchItemResult:
     outputs: dict[str, np.ndarray] | None = None
     error: dict[str, str] | None = None
     batch_size: int = 1  # how many items ran in the same model call (0 = never ran)
-    extras: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:

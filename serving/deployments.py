@@ -1,5 +1,7 @@
 """Ray Serve deployments: preprocess -> (gland, detector: batched ONNX Runtime) -> postprocess,
-behind an ingress that runs `dicom_node.analysis.analyse_study` and returns its `StudyAnalysis`.
+behind an ingress whose one job is `predict(InferenceRequest) -> InferenceOutput` (`core.engine`):
+volumes in, prediction out. Reading DICOM, deciding the priority and writing SR/SEG happen on the
+DICOM node (`dicom_node.analysis`), so no Ray worker needs the node's files.
 
     TriageIngress ──> Preprocessor (CPU: resample + normalise, models.preprocessing)
                   ├─> OnnxModelDeployment "gland"     @serve.batch, one result or error per item
@@ -17,10 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,49 +30,40 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from core.domain import ModelRef, Prediction, Volume
-from core.errors import ModelError
+from core.engine import InferenceOutput, InferenceRequest
+from core.errors import ModelError, ModelSignatureError
 from core.log_events import log_event
 from core.priority import Thresholds
 from core.settings import Settings
-from dicom_node.analysis import EngineOutput, StudyAnalysis, analyse_study
+from models.onnx_runner import OnnxModel
+from models.pipeline import PipelineSteps
+from models.preprocessing import PreparedCase
+from models.repository import ModelRepository
 from serving.batching import BatchItemResult, run_batch
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "radtriage"
-INGRESS = "TriageIngress"
+DETECTOR_ROLES = frozenset({"detector", "shadow"})  # roles whose outputs set a priority
 
 
-class _Meta:
-    """Stand-in for an OnnxModel where only its metadata is needed (pre/post-processing)."""
-
-    def __init__(self, metadata: Any) -> None:
-        self.metadata = metadata
-        self.ref = metadata.model_ref()
-
-
-def _metadata_pipeline(repository: Path | None, detector: str, gland: str) -> Any:
-    from models.pipeline import TriagePipeline
-    from models.repository import ModelRepository
-
+def _steps(repository: Path | None, detector: str, gland: str) -> PipelineSteps:
+    """Pre/post-processing of a model pair from their verified metadata (no network loaded)."""
     repo = ModelRepository(repository)
-    return TriagePipeline(
-        _Meta(repo.resolve(detector).metadata),  # type: ignore[arg-type]
-        _Meta(repo.resolve(gland).metadata),  # type: ignore[arg-type]
-    )
+    return PipelineSteps(repo.resolve(detector).metadata, repo.resolve(gland).metadata)
 
 
 class _PipelineStage:
     def __init__(self, repository: str | None, detector: str, gland: str) -> None:
         self.repository = Path(repository) if repository else None
         self.refs = (detector, gland)
-        self.pipeline = _metadata_pipeline(self.repository, detector, gland)
+        self.steps = _steps(self.repository, detector, gland)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         refs = (config.get("detector", self.refs[0]), config.get("gland", self.refs[1]))
         if refs != self.refs:
             try:
-                self.pipeline = _metadata_pipeline(self.repository, *refs)
+                self.steps = _steps(self.repository, *refs)
                 self.refs = refs
             except ModelError as exc:
                 log_event(log, "model update refused", logging.ERROR, **exc.to_dict())
@@ -81,19 +73,37 @@ class _PipelineStage:
 class Preprocessor(_PipelineStage):
     """Volumes -> the model-grid case and each model's (C, Z, Y, X) input."""
 
-    def prepare(self, t2w: Volume, adc: Volume, hbv: Volume) -> tuple[Any, np.ndarray, np.ndarray]:
-        prepared = self.pipeline.prepare(t2w, adc, hbv)
-        return prepared, self.pipeline.gland_input(prepared), self.pipeline.detector_input(prepared)
+    def prepare(
+        self, t2w: Volume, adc: Volume, hbv: Volume
+    ) -> tuple[PreparedCase, np.ndarray, np.ndarray]:
+        prepared = self.steps.prepare(t2w, adc, hbv)
+        return prepared, self.steps.gland_input(prepared), self.steps.detector_input(prepared)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
 class Postprocessor(_PipelineStage):
-    """Model outputs -> `Prediction` on the T2W grid, plus the thresholds that apply."""
+    """Model outputs -> `Prediction` on the T2W grid."""
 
     def finish(
-        self, prepared: Any, gland_out: np.ndarray, detector_out: np.ndarray
-    ) -> tuple[Prediction, Thresholds]:
-        return self.pipeline.finish(prepared, gland_out, detector_out), self.pipeline.thresholds
+        self, prepared: PreparedCase, gland_out: np.ndarray, detector_out: np.ndarray
+    ) -> Prediction:
+        return self.steps.finish(prepared, gland_out, detector_out)
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """The model version that answered, with its priority thresholds (detectors have them)."""
+
+    ref: ModelRef
+    thresholds: Thresholds | None
+
+
+@dataclass(frozen=True)
+class ModelAnswer:
+    """One batch item's result and the version that produced it."""
+
+    item: BatchItemResult
+    model: ModelRun
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1})
@@ -119,10 +129,13 @@ class OnnxModelDeployment:
         self.infer.set_max_batch_size(max_batch_size)
         self.infer.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
-    def _load(self, ref: str) -> Any:
-        from models.onnx_runner import OnnxModel
-
+    def _load(self, ref: str) -> OnnxModel:
         model = OnnxModel.load(self.repository, ref, device=self.device, threads=self.threads)
+        if self.role in DETECTOR_ROLES and model.metadata.thresholds is None:
+            raise ModelSignatureError(
+                f"{ref} has no priority thresholds in its metadata.json; choose them with "
+                "`radtriage evaluate --write-thresholds` before serving it"
+            )
         shape = tuple(int(d) for d in model.metadata.inputs[0].shape[1:])
         model.run(np.zeros((1, *shape), np.float32))  # warm: first run allocates
         log_event(
@@ -168,64 +181,24 @@ class OnnxModelDeployment:
         return self.model.ref  # type: ignore[no-any-return]
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
-    async def infer(self, items: list[np.ndarray]) -> list[BatchItemResult]:
+    async def infer(self, items: list[np.ndarray]) -> list[ModelAnswer]:
         model = self.model  # one version for the whole batch, even during a reconfigure
-        ref = f"{model.ref.name}:{model.ref.version}"
+        thresholds = model.metadata.thresholds
+        ran = ModelRun(model.ref, thresholds.as_thresholds() if thresholds else None)
 
         def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             return {"output": model.run(inputs["input"])}
 
         results = await asyncio.to_thread(run_batch, run, [{"input": x} for x in items])
-        return [BatchItemResult(r.outputs, r.error, r.batch_size, {"model": ref}) for r in results]
-
-
-class ServeEngine:
-    """`analysis.Engine` over deployment handles (used inside the ingress, in a worker thread)."""
-
-    def __init__(
-        self,
-        handles: dict[str, DeploymentHandle],
-        detector: ModelRef,
-        thresholds: Thresholds,
-        shadow: Any = None,
-    ) -> None:
-        self.handles = handles
-        self._detector = detector
-        self._thresholds = thresholds
-        self._shadow = shadow
-
-    @property
-    def detector(self) -> ModelRef:
-        return self._detector
-
-    @property
-    def thresholds(self) -> Thresholds:
-        return self._thresholds
-
-    def predict(self, t2w: Volume, adc: Volume, hbv: Volume) -> EngineOutput:
-        h = self.handles
-        prepared, gland_in, detector_in = h["pre"].prepare.remote(t2w, adc, hbv).result()
-        gland_resp = h["gland"].infer.remote(gland_in)
-        detector_resp = h["detector"].infer.remote(detector_in)
-        gland_item: BatchItemResult = gland_resp.result()
-        detector_item: BatchItemResult = detector_resp.result()
-        gland_out = gland_item.raise_for_error()["output"]
-        detector_out = detector_item.raise_for_error()["output"]
-        self._detector = h["detector"].ref.remote().result()
-        prediction, self._thresholds = (
-            h["post"].finish.remote(prepared, gland_out, detector_out).result()
-        )
-        if self._shadow is not None:
-            self._shadow(prepared, gland_out, detector_in, prediction)
-        return EngineOutput(
-            prediction,
-            {"gland": gland_item.batch_size, "detector": detector_item.batch_size},
-        )
+        return [ModelAnswer(r, ran) for r in results]
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=16)
 class TriageIngress:
-    """Analyses one study per call; returns `StudyAnalysis` (result + documents written)."""
+    """Answers `predict(InferenceRequest) -> InferenceOutput`: volumes in, prediction out.
+
+    Arrays and small frozen objects only: no file path, no DICOM, nothing of the node's disk.
+    """
 
     def __init__(
         self,
@@ -234,96 +207,73 @@ class TriageIngress:
         detector: DeploymentHandle,
         post: DeploymentHandle,
         shadow: DeploymentHandle | None,
-        triage_json: str,
     ) -> None:
-        from core.settings import TriageSettings
-
-        self.handles = {"pre": pre, "gland": gland, "detector": detector, "post": post}
+        self.pre, self.gland, self.detector, self.post = pre, gland, detector, post
         self.shadow = shadow
-        self.triage = TriageSettings.model_validate_json(triage_json)
         self.shadow_log: deque[dict[str, Any]] = deque(maxlen=256)
-        self._lock = threading.Lock()
+        self._background: set[asyncio.Task[None]] = set()
 
-    def _compare_shadow(
+    async def predict(self, request: InferenceRequest) -> InferenceOutput:
+        prepared, gland_in, detector_in = await self.pre.prepare.remote(
+            request.t2w, request.adc, request.hbv
+        )
+        gland_resp = self.gland.infer.remote(gland_in)
+        detector_resp = self.detector.infer.remote(detector_in)
+        gland_answer: ModelAnswer = await gland_resp
+        detector_answer: ModelAnswer = await detector_resp
+        gland_out = gland_answer.item.raise_for_error()["output"]
+        detector_out = detector_answer.item.raise_for_error()["output"]
+        prediction = await self.post.finish.remote(prepared, gland_out, detector_out)
+        ran = detector_answer.model
+        if ran.thresholds is None:  # refused at load; a guard, not a default
+            raise ModelError(f"detector {ran.ref.name}:{ran.ref.version} has no thresholds")
+        if self.shadow is not None:
+            task = asyncio.create_task(
+                self._compare_shadow(prepared, gland_out, detector_in, prediction)
+            )
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return InferenceOutput(
+            prediction,
+            ran.ref,
+            ran.thresholds,
+            {"gland": gland_answer.item.batch_size, "detector": detector_answer.item.batch_size},
+        )
+
+    async def _compare_shadow(
         self, prepared: Any, gland_out: np.ndarray, detector_in: np.ndarray, primary: Prediction
     ) -> None:
+        """Run the shadow detector on the same inputs; log, never propagate a failure."""
         assert self.shadow is not None
-        shadow = self.shadow
+        try:
+            answer: ModelAnswer = await self.shadow.infer.remote(detector_in)
+            out = answer.item.raise_for_error()["output"]
+            pred = await self.post.finish.remote(prepared, gland_out, out)
+            shadow_ref = answer.model.ref
+            entry = {
+                "shadow_model": f"{shadow_ref.name}:{shadow_ref.version}",
+                "primary_likelihood": round(primary.case_likelihood, 4),
+                "shadow_likelihood": round(pred.case_likelihood, 4),
+                "primary_lesions": len(primary.lesions),
+                "shadow_lesions": len(pred.lesions),
+                "at": time.time(),
+            }
+        except Exception as exc:
+            entry = {"shadow_error": f"{type(exc).__name__}: {exc}", "at": time.time()}
+        self.shadow_log.append(entry)
+        log_event(log, "shadow comparison", **entry)
 
-        def compare() -> None:
-            try:
-                item: BatchItemResult = shadow.infer.remote(detector_in).result()
-                out = item.raise_for_error()["output"]
-                pred, _ = self.handles["post"].finish.remote(prepared, gland_out, out).result()
-                entry = {
-                    "shadow_model": item.extras.get("model"),
-                    "primary_likelihood": round(primary.case_likelihood, 4),
-                    "shadow_likelihood": round(pred.case_likelihood, 4),
-                    "primary_lesions": len(primary.lesions),
-                    "shadow_lesions": len(pred.lesions),
-                    "at": time.time(),
-                }
-            except Exception as exc:  # a shadow failure is logged, never propagated
-                entry = {"shadow_error": f"{type(exc).__name__}: {exc}", "at": time.time()}
-            with self._lock:
-                self.shadow_log.append(entry)
-            log_event(log, "shadow comparison", **entry)
-
-        threading.Thread(target=compare, daemon=True).start()
-
-    async def analyse(
-        self,
-        source: str | Sequence[str],
-        out_dir: str,
-        study_instance_uid: str | None = None,
-        previous_sr: str | None = None,
-        days_waited: int | None = None,
-    ) -> StudyAnalysis:
-        detector = await self.handles["detector"].ref.remote()
-        info = await self.handles["detector"].info.remote()
-        thresholds = (
-            Thresholds(**{k: info["thresholds"][k] for k in ("urgent", "soon")})
-            if info["thresholds"]
-            else Thresholds(0.5, 0.2)
-        )
-        engine = ServeEngine(
-            self.handles,
-            detector,
-            thresholds,
-            self._compare_shadow if self.shadow is not None else None,
-        )
-        src: Path | list[Path] = (
-            Path(source) if isinstance(source, str) else [Path(p) for p in source]
-        )
-        return await asyncio.to_thread(
-            analyse_study,
-            src,
-            Path(out_dir),
-            engine,
-            triage=self.triage,
-            study_instance_uid=study_instance_uid,
-            previous_sr=Path(previous_sr) if previous_sr else None,
-            days_waited=days_waited,
-        )
+    async def current_detector(self) -> ModelRef:
+        return await self.detector.ref.remote()  # type: ignore[no-any-return]
 
     async def models(self) -> dict[str, Any]:
-        roles = {"gland": self.handles["gland"], "detector": self.handles["detector"]}
+        roles = {"gland": self.gland, "detector": self.detector}
         if self.shadow is not None:
             roles["shadow"] = self.shadow
         return {role: await h.info.remote() for role, h in roles.items()}
 
     def shadow_comparisons(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return list(self.shadow_log)
-
-
-def model_config(settings: Settings) -> dict[str, str]:
-    """The user_config every deployment receives: role -> requested model reference."""
-    m = settings.models
-    config = {"detector": m.detector, "gland": m.gland}
-    if m.shadow:
-        config["shadow"] = m.shadow
-    return config
+        return list(self.shadow_log)
 
 
 #: Logical CPUs of the deployments that are not models (pre/post-processing and the ingress).
@@ -344,7 +294,7 @@ def build_app(settings: Settings, refs: dict[str, str] | None = None) -> Any:
     so redeploying with other `refs` is an in-place `reconfigure` of the running replicas
     (no restart) rather than a replacement.
     """
-    initial = model_config(settings)
+    initial = settings.models.role_refs()
     refs = refs or initial
     s = settings.serving
     repo = str(settings.models.repository) if settings.models.repository else None
@@ -371,5 +321,4 @@ def build_app(settings: Settings, refs: dict[str, str] | None = None) -> Any:
         model("detector"),
         post,
         shadow,
-        settings.triage.model_dump_json(),
     )

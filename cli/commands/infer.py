@@ -27,9 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cli.composition import build_analyser, build_engine
     from core.errors import InputError, ModelNotFoundError
     from core.settings import load_settings
-    from dicom_node.analysis import PipelineEngine, analyse_study
+    from dicom_node.study_reader import scan_study
 
     if not args.dir.is_dir():
         raise InputError(f"{args.dir} is not a folder; give the folder holding the study's files")
@@ -47,10 +48,10 @@ def run(args: argparse.Namespace) -> int:
     }
     models = settings.models.model_copy(update=updates)
     try:
-        engine = PipelineEngine.load(models, device=args.device or settings.serving.device)
+        engine = build_engine(models, args.device or settings.serving.device)
     except ModelNotFoundError as exc:
         raise InputError(f"{exc.message} (check --model/--gland/--repository)") from exc
-    analysis = analyse_study(args.dir, args.out, engine, triage=settings.triage)
+    analysis = build_analyser(settings, engine).analyse(scan_study(args.dir), args.out)
     result = analysis.result
     if args.json:
         print(json.dumps(result.to_json_dict()))

@@ -163,7 +163,7 @@ class RecordingAnalyser:
         from pydicom.sr.codedict import codes
 
         from core.domain import Priority, StudyStatus, TriageResult
-        from dicom_node.jobs import AnalysisOutput
+        from dicom_node.jobs import AnalysisOutput, Document
 
         self.calls.append((study_instance_uid, len(instance_paths), previous_sr))
         if self.fail:
@@ -197,7 +197,8 @@ class RecordingAnalyser:
             priority=Priority.ROUTINE,
             case_likelihood=0.1,
         )
-        return AnalysisOutput(result=result, documents=[path])
+        document = Document(path, str(sr.SOPInstanceUID), str(sr.SOPClassUID), "SR")
+        return AnalysisOutput(result=result, documents=[document])
 
 
 def make_recording_analyser(settings: Any) -> RecordingAnalyser:

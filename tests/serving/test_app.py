@@ -34,7 +34,7 @@ def test_local_app_analyses_reports_metrics_and_rolls_out_promotions(
     uid = str(pydicom.dcmread(next(p for p in files if p.suffix == ".dcm")).StudyInstanceUID)
     output = app.analyse(uid, files, None)  # instance paths, as the DicomNode passes them
     assert output.result.priority == "urgent"
-    assert output.documents and all(p.is_file() for p in output.documents)
+    assert output.documents and all(d.path.is_file() for d in output.documents)
     doc = client.get(f"/api/studies/{output.result.study_instance_uid}").json()
     assert doc["priority"] == "urgent"
 

@@ -176,14 +176,14 @@ def test_replicas_spread_over_nodes_and_a_second_server_attaches(
         assert len(nodes["detector"]) == 2, f"detector replicas on one node: {nodes}"
         assert {n["NodeID"] for n in ray.nodes() if n["Alive"]} >= nodes["detector"]
 
-        first = owner.analyse_path(phantoms["positive"], tmp_path / "pos")
+        first = owner.analyse_folder(phantoms["positive"], tmp_path / "pos")
         assert first.result.priority == "urgent"
 
         attached = RadtriageApp(_settings(model_repository, tmp_path / "b", deploy=False))
         attached.start_models()  # no deployment: a handle to the running app
         assert attached.loaded_models() == owner.loaded_models()
         assert attached.check_promotions() == {}  # the owner rolls out promotions
-        second = attached.analyse_path(phantoms["negative"], tmp_path / "neg")
+        second = attached.analyse_folder(phantoms["negative"], tmp_path / "neg")
         assert second.result.priority == "routine"
         assert (tmp_path / "neg" / "sr.dcm").is_file()
 

@@ -1,6 +1,7 @@
 """Ray Serve integration: real Ray (local, 2 CPUs), real ONNX Runtime, phantom DICOM studies.
 
-Ray starts once for the module; every test talks to the same running application.
+Ray starts once for the module; every test talks to the same running application. Studies are
+read and reported on this side (`dicom_node.analysis.StudyAnalyser`); only volumes go to Ray.
 """
 
 from __future__ import annotations
@@ -8,12 +9,15 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from core.settings import Settings
+from dicom_node.analysis import StudyAnalyser
+from dicom_node.study_reader import scan_study
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -53,8 +57,15 @@ def app(settings: Settings) -> Iterator[object]:
         ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def analyser(app, settings: Settings) -> StudyAnalyser:
+    from serving.serve_engine import ServeEngine
+
+    return StudyAnalyser(ServeEngine(app), Path(settings.storage.root) / "results", settings.triage)
+
+
 def test_concurrent_studies_are_batched_and_answered(
-    app, phantoms: dict[str, Path], tmp_path: Path
+    analyser: StudyAnalyser, phantoms: dict[str, Path], tmp_path: Path
 ) -> None:
     studies = {
         "pos": phantoms["positive"],
@@ -62,10 +73,12 @@ def test_concurrent_studies_are_batched_and_answered(
         "no_t2w": phantoms["no_t2w"],
         "pos2": phantoms["positive"],
     }
-    responses = {
-        key: app.analyse.remote(str(path), str(tmp_path / key)) for key, path in studies.items()
-    }
-    out = {key: r.result(timeout_s=120) for key, r in responses.items()}
+    with ThreadPoolExecutor(len(studies)) as pool:
+        futures = {
+            key: pool.submit(analyser.analyse, scan_study(path), tmp_path / key)
+            for key, path in studies.items()
+        }
+        out = {key: f.result(timeout=120) for key, f in futures.items()}
     assert out["pos"].result.priority == "urgent"
     assert out["pos2"].result.priority == "urgent"
     assert out["neg"].result.priority == "routine"
@@ -85,7 +98,9 @@ def test_bad_item_in_a_batch_fails_alone(app) -> None:
     nan[0, 0, 0, 0] = np.nan
     wrong_shape = np.zeros((3, 8, 64, 64), np.float32)
     items = [good, nan, good + 1, wrong_shape, good - 1]
-    results = [r.result(timeout_s=60) for r in [detector.infer.remote(x) for x in items]]
+    answers = [r.result(timeout_s=60) for r in [detector.infer.remote(x) for x in items]]
+    assert {a.model.ref.version for a in answers} == {"1"}
+    results = [a.item for a in answers]
     assert [r.ok for r in results] == [True, False, True, False, True]
     assert "NaN" in results[1].error["message"]
     assert "expects batches of shape" in results[3].error["message"]
@@ -93,11 +108,13 @@ def test_bad_item_in_a_batch_fails_alone(app) -> None:
     assert max(r.batch_size for r in results) > 1
 
 
-def test_models_and_shadow_comparisons(app, phantoms: dict[str, Path], tmp_path: Path) -> None:
+def test_models_and_shadow_comparisons(
+    app, analyser: StudyAnalyser, phantoms: dict[str, Path], tmp_path: Path
+) -> None:
     models = app.models.remote().result(timeout_s=30)
     assert models["detector"]["version"] == "1" and models["shadow"]["version"] == "2"
     assert models["detector"]["thresholds"]["urgent"] == 0.5
-    analysis = app.analyse.remote(str(phantoms["positive"]), str(tmp_path)).result(timeout_s=60)
+    analysis = analyser.analyse(scan_study(phantoms["positive"]), tmp_path)
     assert analysis.result.model.version == "1"  # shadow never reaches the result
     deadline = time.monotonic() + 60
     log: list[dict] = []
@@ -112,7 +129,7 @@ def test_rolling_update_swaps_versions_and_refuses_a_corrupt_one(
     app, settings: Settings, model_repository: Path
 ) -> None:
     """New versions arrive through user_config; a tampered file never replaces a good model."""
-    from serving.deployments import APP_NAME, build_app, model_config
+    from serving.deployments import APP_NAME, build_app
 
     corrupt = model_repository / "cspca_detector" / "3"
     shutil.copytree(model_repository / "cspca_detector" / "1", corrupt)
@@ -120,7 +137,11 @@ def test_rolling_update_swaps_versions_and_refuses_a_corrupt_one(
     (corrupt / "metadata.json").write_text(meta)
     with (corrupt / "model.onnx").open("ab") as f:
         f.write(b"tampered")
-    refs = {**model_config(settings), "detector": "cspca_detector:2", "shadow": "cspca_detector:3"}
+    refs = {
+        **settings.models.role_refs(),
+        "detector": "cspca_detector:2",
+        "shadow": "cspca_detector:3",
+    }
     try:
         serve.run(build_app(settings, refs), name=APP_NAME, route_prefix=None)
         models = app.models.remote().result(timeout_s=30)
