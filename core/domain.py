@@ -46,13 +46,26 @@ class Priority(StrEnum):
         must be read by a person, so it sorts straight after `urgent`."""
         return _PRIORITY_RANK[self]
 
+    @property
+    def severity(self) -> int:
+        """How urgent the flag is, for "at least" rules (routine 0 < soon 1 < urgent 2);
+        `not_analysed` has no severity of its own (-1): floors apply to its rank instead."""
+        return _SEVERITY.get(self, -1)
 
+
+#: The one urgency ranking (worklist order, lowest first). Every other ordering derives from it.
 _PRIORITY_RANK = {
     Priority.URGENT: 0,
     Priority.NOT_ANALYSED: 1,
     Priority.SOON: 2,
     Priority.ROUTINE: 3,
 }
+_SEVERITY = {Priority.ROUTINE: 0, Priority.SOON: 1, Priority.URGENT: 2}
+
+
+def most_urgent(a: Priority, b: Priority) -> Priority:
+    """The more urgent of two analysed flags (by `Priority.severity`)."""
+    return a if a.severity >= b.severity else b
 
 
 class StudyStatus(StrEnum):
@@ -71,12 +84,24 @@ class ReferralUrgency(StrEnum):
     """The referrer's own urgency. AI may raise a study above it, never below it.
 
     From DICOM Requested Procedure Priority (0040,1003): STAT/HIGH -> urgent, MEDIUM -> soon,
-    ROUTINE/LOW/absent -> routine.
+    ROUTINE/LOW/absent -> routine. From an HL7 v2 order (ORC-7.6 / TQ1-9): S (stat) -> urgent,
+    A (asap) -> soon, R (routine) -> routine. From FHIR ServiceRequest.priority (ordered routine <
+    urgent < asap < stat): stat -> urgent, asap and urgent -> soon, routine -> routine.
     """
 
     URGENT = "urgent"
     SOON = "soon"
     ROUTINE = "routine"
+
+    @property
+    def rank(self) -> int:
+        """Order rank, lowest first: the rank of the `Priority` this urgency is a floor of."""
+        return self.floor.rank
+
+    @property
+    def floor(self) -> Priority:
+        """The flag this referral guarantees at least."""
+        return Priority(self.value)
 
     @classmethod
     def from_dicom(cls, value: str | None) -> ReferralUrgency:
@@ -84,6 +109,26 @@ class ReferralUrgency(StrEnum):
         if v in {"STAT", "HIGH"}:
             return cls.URGENT
         if v == "MEDIUM":
+            return cls.SOON
+        return cls.ROUTINE
+
+    @classmethod
+    def from_hl7(cls, value: str | None) -> ReferralUrgency:
+        """HL7 v2 Priority (table 0027: S, A, R, P, C, T, PRN); unknown or absent -> routine."""
+        v = (value or "").strip().upper()
+        if v == "S":
+            return cls.URGENT
+        if v == "A":
+            return cls.SOON
+        return cls.ROUTINE
+
+    @classmethod
+    def from_fhir(cls, value: str | None) -> ReferralUrgency:
+        """FHIR request-priority (routine | urgent | asap | stat)."""
+        v = (value or "").strip().lower()
+        if v == "stat":
+            return cls.URGENT
+        if v in {"asap", "urgent"}:
             return cls.SOON
         return cls.ROUTINE
 

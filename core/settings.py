@@ -6,16 +6,27 @@ Values that look like JSON (lists, objects, numbers, booleans) are parsed as JSO
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import tomllib
 from collections.abc import Mapping
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from core.errors import ConfigError
+from core.priority import WaitingPolicy
+from core.redact import redact
 
 ENV_PREFIX = "RADTRIAGE_"
 
@@ -36,6 +47,11 @@ class TlsSettings(_Section):
     certfile: Path
     keyfile: Path
     cafile: Path | None = Field(default=None, description="Verify peers against this CA bundle")
+    check_hostname: bool = Field(
+        default=True,
+        description="Sender: the destination's certificate must name its host (DNS name or IP "
+        "address in subjectAltName). False trusts any certificate the CA signed",
+    )
 
 
 class DicomSettings(_Section):
@@ -50,10 +66,15 @@ class DicomSettings(_Section):
     bind_address: str = Field(default="127.0.0.1", description="Address the SCP listens on")
     port: int = Field(default=11112, gt=0, lt=65536)
     allowed_calling_aets: list[str] = Field(
-        default_factory=list, description="Empty: accept any calling AE title"
+        default_factory=list,
+        description="Calling AE titles accepted. Empty: any title, from loopback peers only "
+        "unless allowed_hosts is set. Set (and allowed_hosts empty): these titles from any "
+        "address",
     )
     allowed_hosts: list[str] = Field(
-        default_factory=list, description="Empty: accept any peer address"
+        default_factory=list,
+        description="Peer IP addresses or networks (CIDR, e.g. 10.1.0.0/16) accepted. Empty: "
+        "loopback only, unless allowed_calling_aets is set",
     )
     stable_age_s: float = Field(
         default=10.0,
@@ -61,23 +82,69 @@ class DicomSettings(_Section):
         description="Quiet period before a study "
         "without geometrically complete series is analysed anyway",
     )
-    max_pdu_size: int = Field(default=0, ge=0, description="0 = unlimited")
-    max_associations: int = Field(default=16, gt=0)
+    max_pdu_size: int = Field(
+        default=131072,
+        ge=4096,
+        le=1 << 24,
+        description="Largest PDU we receive (bytes, announced as Maximum Length Received); a "
+        "peer's larger PDU aborts its association",
+    )
+    max_associations: int = Field(
+        default=16, gt=0, le=1024, description="Associations at once; more are rejected"
+    )
     low_water_mark_mb: int = Field(
         default=512, ge=0, description="Refuse C-STORE (0xA700) when free disk falls below this"
     )
     tls: TlsSettings | None = None
     destinations: list[Destination] = Field(default_factory=list)
 
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _networks(cls, hosts: list[str]) -> list[str]:
+        for host in hosts:
+            try:
+                ipaddress.ip_network(host.strip(), strict=False)
+            except ValueError as exc:
+                raise ValueError(
+                    f"allowed_hosts entry {host!r} is not an IP address or network: {exc}"
+                ) from None
+        return [h.strip() for h in hosts]
+
+    @property
+    def open_beyond_loopback(self) -> bool:
+        """True when peers other than loopback may associate (an allowlist is configured)."""
+        return bool(self.allowed_hosts or self.allowed_calling_aets)
+
 
 class StorageSettings(_Section):
     root: Path = Field(default=Path("./var"), description="Spool, quarantine, outbox, results")
-    database_url: str = Field(default="sqlite:///./var/radtriage.db")
+    database_url: str = Field(
+        default="sqlite:///./var/radtriage.db",
+        repr=False,  # may carry a password; use `redacted_database_url` in messages
+        description="SQLite or PostgreSQL URL; its password never appears in logs or errors",
+    )
+
+    @property
+    def redacted_database_url(self) -> str:
+        return redact(self.database_url)
 
 
 class HttpSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, gt=0, lt=65536)
+    certfile: Path | None = Field(
+        default=None, description="HTTPS: server certificate (PEM); set keyfile too"
+    )
+    keyfile: Path | None = Field(default=None, description="HTTPS: private key (PEM)")
+    session_ttl_s: float = Field(
+        default=8 * 3600.0, gt=0, description="Login sessions end this long after sign-in"
+    )
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> HttpSettings:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("[http] certfile and keyfile go together: set both or neither")
+        return self
 
 
 class ModelSettings(_Section):
@@ -87,6 +154,13 @@ class ModelSettings(_Section):
     detector: str = Field(default="cspca_detector", description="NAME or NAME:VERSION")
     gland: str = Field(default="prostate_gland", description="NAME or NAME:VERSION")
     shadow: str | None = Field(default=None, description="Detector version run in shadow mode")
+
+    def role_refs(self) -> dict[str, str]:
+        """Role (detector, gland, shadow when set) -> requested model reference."""
+        refs = {"detector": self.detector, "gland": self.gland}
+        if self.shadow:
+            refs["shadow"] = self.shadow
+        return refs
 
 
 class ServingSettings(_Section):
@@ -129,6 +203,67 @@ class TriageSettings(_Section):
     urgent_within_days: int = Field(
         default=3, ge=0, description="Days before the FDS breach when a study becomes `urgent`"
     )
+    pathway_days: int = Field(
+        default=62, gt=0, description="Suspected-cancer pathway target (referral to treatment)"
+    )
+    today: date | None = Field(
+        default=None,
+        description='The waiting-list clock, "YYYY-MM-DD"; empty = the system date (UTC)',
+    )
+    tick_s: float = Field(
+        default=3600.0, gt=0, description="How often the waiting list recomputes priorities"
+    )
+
+    @field_validator("today", mode="before")
+    @classmethod
+    def _empty_is_system_date(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _policy_is_valid(self) -> TriageSettings:
+        self.waiting_policy()  # a bad [triage] section fails at start-up, not on every study
+        return self
+
+    def waiting_policy(self) -> WaitingPolicy:
+        return WaitingPolicy(
+            self.fds_days, self.escalate_within_days, self.urgent_within_days, self.pathway_days
+        )
+
+    def current_date(self) -> date:
+        """`today` when set (tests, demos, replays), else the system date in UTC."""
+        return self.today if self.today is not None else datetime.now(UTC).date()
+
+
+class Hl7Destination(_Section):
+    name: str = Field(min_length=1, max_length=64, description="Label in logs and the outbox")
+    host: str
+    port: int = Field(gt=0, lt=65536)
+    receiving_application: str = Field(default="RIS", max_length=180, description="MSH-5")
+    receiving_facility: str = Field(default="", max_length=180, description="MSH-6")
+
+
+class Hl7Settings(_Section):
+    listen_port: int | None = Field(
+        default=None, gt=0, lt=65536, description="MLLP port for orders (ORM^O01, OMI^O23); "
+        "None = no listener"
+    )
+    bind_address: str = Field(default="127.0.0.1", description="Address the listener binds")
+    allowed_hosts: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1", "::1"],
+        description="Peer addresses allowed to send orders (loopback by default)",
+    )
+    sending_application: str = Field(default="RADTRIAGE", max_length=180, description="MSH-3")
+    sending_facility: str = Field(default="", max_length=180, description="MSH-4")
+    destinations: list[Hl7Destination] = Field(
+        default_factory=list, description="RIS endpoints that receive ORU^R01 results"
+    )
+    max_attempts: int = Field(default=8, gt=0)
+    initial_backoff_s: float = Field(default=2.0, gt=0)
+    max_backoff_s: float = Field(default=300.0, gt=0)
+    ack_timeout_s: float = Field(default=10.0, gt=0)
+    fhir_base_url: str | None = Field(
+        default=None, description="Optional FHIR R4 server that results are also pushed to"
+    )
 
 
 class Settings(_Section):
@@ -139,6 +274,7 @@ class Settings(_Section):
     serving: ServingSettings = Field(default_factory=ServingSettings)
     sender: SenderSettings = Field(default_factory=SenderSettings)
     triage: TriageSettings = Field(default_factory=TriageSettings)
+    hl7: Hl7Settings = Field(default_factory=Hl7Settings)
 
 
 def _parse_env_value(raw: str) -> Any:
@@ -186,4 +322,4 @@ def load_settings(
         return Settings.model_validate(data)
     except ValidationError as exc:
         where = f" in {path}" if path else ""
-        raise ConfigError(f"invalid settings{where}: {exc}") from exc
+        raise ConfigError(f"invalid settings{where}: {redact(str(exc))}") from None

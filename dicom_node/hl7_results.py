@@ -1,0 +1,380 @@
+"""Results out to the RIS: ORU^R01 (HL7 v2.5.1) per study and destination, from a durable outbox.
+
+One ORU^R01 per (study, decision) and ``[[hl7.destinations]]`` entry: PID (Patient ID + issuer),
+ORC/OBR (placer and filler order numbers, Accession Number in OBR-18, result status OBR-25: P
+for the first result, C for a correction that supersedes it), then one OBX per value:
+
+====  ====  ======================================  ==========================================
+OBX   type  OBX-3                                   OBX-5 (OBX-6 unit, UCUM)
+====  ====  ======================================  ==========================================
+1     CWE   RT001 Waiting-list priority             RT101..RT104 (urgent, soon, routine, not)
+2     CWE   RT008 Referral urgency                  RT401..RT403
+3     NM    RT009 Days since imaging request        days (d)
+4     NM    RT002 AI csPCa case likelihood          0..1 (1)
+5     NM    RT510 Prostate gland volume (AI)        mL (mL)
+6     NM    RT006 PSA density                       ng/mL/mL
+7     NM    RT511 AI lesion candidates              count ({#})
+8     ST    RT512 AI model                          name and version
+9     ST    RT513 Not for clinical use              the disclaimer of demonstration models
+10    CWE   RT005 Reason not analysed               RT301..RT399 (when not analysed)
+11    ST    110180 Study Instance UID (DCM)         the triage SR's study
+12    ST    RT514 Triage SR SOP Instance UID        the SR that carries the same result
+====  ====  ======================================  ==========================================
+
+Values absent from the result are left out, never sent empty. Every value written is escaped;
+the built message is parsed back and validated against the ORU^R01 structure by ``hl7apy``
+before it is queued.
+
+The sender (`Hl7Sender.run_once`, one round) sends each due row over MLLP (``python-hl7``
+asyncio streams) and reads the ACK: ``AA``/``CA`` -> ``sent``; ``AE``/``CE``, no ACK in
+``[hl7] ack_timeout_s``, or a network error -> another attempt after an exponential backoff
+(``initial_backoff_s`` doubling up to ``max_backoff_s``); ``AR``/``CR`` (the RIS will never take
+it) or ``max_attempts`` reached -> ``dead`` with the reason (a dead letter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from hl7.mllp import open_hl7_connection
+from hl7apy.consts import VALIDATION_LEVEL
+from hl7apy.parser import parse_message
+from sqlalchemy import Float, Integer, String, Text, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from core import codes
+from core.domain import Priority, TriageResult
+from core.settings import Hl7Destination, Hl7Settings
+from dicom_node.hl7_listener import escape, field_component, read_header
+from dicom_node.index import UNOWNED, Base, Index
+
+log = logging.getLogger(__name__)
+
+HL7_PENDING = "pending"
+HL7_SENT = "sent"
+HL7_DEAD = "dead"
+
+GLAND_VOLUME = codes.Code("RT510", codes.CODING_SCHEME, "Prostate gland volume (AI)")
+LESION_COUNT = codes.Code("RT511", codes.CODING_SCHEME, "AI lesion candidates")
+AI_MODEL = codes.Code("RT512", codes.CODING_SCHEME, "AI model")
+NOT_CLINICAL = codes.Code("RT513", codes.CODING_SCHEME, "Not for clinical use")
+SR_INSTANCE = codes.Code("RT514", codes.CODING_SCHEME, "Triage SR SOP Instance UID")
+STUDY_UID = codes.Code("110180", "DCM", "Study Instance UID")
+SERVICE = codes.Code("RT500", codes.CODING_SCHEME, "AI prostate MRI triage")
+
+
+class Hl7OutboxItem(Base):
+    __tablename__ = "hl7_outbox"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    node_id: Mapped[str] = mapped_column(String(64), default=UNOWNED, index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    message_control_id: Mapped[str] = mapped_column(String(20), unique=True)
+    message: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), default=HL7_PENDING, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float] = mapped_column(Float)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+@dataclass(frozen=True)
+class ResultReport:
+    """What one ORU^R01 says about a study."""
+
+    result: TriageResult
+    patient_id: str = ""
+    issuer_of_patient_id: str = ""
+    patient_name: str = ""  # DICOM PN: family^given^middle^prefix^suffix, as XPN
+    accession_number: str = ""
+    placer_order_number: str = ""
+    filler_order_number: str = ""
+    sr_sop_instance_uid: str = ""
+    correction: bool = False  # supersedes an earlier result (OBR-25 C)
+
+
+def _cwe(code: codes.Code) -> str:
+    return f"{escape(code.value)}^{escape(code.meaning)}^{escape(code.scheme)}"
+
+
+def _xpn(pn: str) -> str:
+    """A DICOM PN (alphabetic group) as HL7 XPN; the HL7 null "" when there is none."""
+    parts = [escape(p) for p in pn.split("=", 1)[0].split("^")[:5]]
+    return "^".join(parts) if any(parts) else '""'
+
+
+def _fmt(value: float, digits: int) -> str:
+    return f"{value:.{digits}f}"
+
+
+def _observations(report: ResultReport) -> list[tuple[str, codes.Code, str, str]]:
+    """(value type, OBX-3, OBX-5 (escaped), OBX-6) of each value present."""
+    r = report.result
+    priority = Priority(r.priority)
+    obs: list[tuple[str, codes.Code, str, str]] = [
+        ("CWE", codes.WAITING_LIST_PRIORITY, _cwe(codes.PRIORITY_CODES[priority.value]), "")
+    ]
+    if r.referral_urgency is not None:
+        obs.append(
+            ("CWE", codes.REFERRAL_URGENCY, _cwe(codes.REFERRAL_CODES[r.referral_urgency]), "")
+        )
+    if r.days_waited is not None:
+        obs.append(("NM", codes.DAYS_SINCE_REQUEST, str(int(r.days_waited)), "d^day^UCUM"))
+    if r.case_likelihood is not None:
+        obs.append(("NM", codes.CASE_LIKELIHOOD, _fmt(r.case_likelihood, 3), "1^no units^UCUM"))
+    if r.gland_volume_ml is not None:
+        obs.append(("NM", GLAND_VOLUME, _fmt(r.gland_volume_ml, 1), "mL^milliliter^UCUM"))
+    if r.psa_density is not None:
+        unit = "ng/mL/mL^nanogram per milliliter per milliliter^UCUM"
+        obs.append(("NM", codes.PSA_DENSITY, _fmt(r.psa_density, 3), unit))
+    if priority is not Priority.NOT_ANALYSED:
+        obs.append(("NM", LESION_COUNT, str(len(r.lesions)), "{#}^count^UCUM"))
+    if r.model is not None:
+        obs.append(("ST", AI_MODEL, escape(f"{r.model.name} {r.model.version}"), ""))
+    if r.disclaimer:
+        obs.append(("ST", NOT_CLINICAL, escape(r.disclaimer), ""))
+    if r.reason:
+        reason = codes.not_analysed_reason(r.reason.get("code", ""))
+        obs.append(("CWE", codes.NOT_ANALYSED_REASON, _cwe(reason), ""))
+    obs.append(("ST", STUDY_UID, escape(r.study_instance_uid), ""))
+    if report.sr_sop_instance_uid:
+        obs.append(("ST", SR_INSTANCE, escape(report.sr_sop_instance_uid), ""))
+    return obs
+
+
+def build_oru(
+    report: ResultReport,
+    destination: Hl7Destination,
+    settings: Hl7Settings,
+    control_id: str,
+    now: datetime | None = None,
+) -> str:
+    """The ORU^R01 (ER7, segments separated by CR), validated against the v2.5.1 structure."""
+    ts = (now or datetime.now(UTC)).strftime("%Y%m%d%H%M%S")
+    status = "C" if report.correction else "P"
+    pid3 = escape(report.patient_id) or '""'
+    if report.issuer_of_patient_id:
+        pid3 += f"^^^{escape(report.issuer_of_patient_id)}"
+    placer = escape(report.placer_order_number)
+    filler = escape(report.filler_order_number)
+    segments = [
+        "|".join(
+            [
+                "MSH",
+                "^~\\&",
+                escape(settings.sending_application),
+                escape(settings.sending_facility),
+                escape(destination.receiving_application),
+                escape(destination.receiving_facility),
+                ts,
+                "",
+                "ORU^R01^ORU_R01",
+                escape(control_id),
+                "P",
+                "2.5.1",
+            ]
+        ),
+        f"PID|1||{pid3}||{_xpn(report.patient_name)}",
+        f"ORC|RE|{placer}|{filler}||CM",
+        "|".join(
+            ["OBR", "1", placer, filler, _cwe(SERVICE), *[""] * 3, ts]
+            + [""] * 10
+            + [escape(report.accession_number)]
+            + [""] * 3
+            + [ts, "", "", status]
+        ),
+    ]
+    for i, (kind, code, value, unit) in enumerate(_observations(report), start=1):
+        segments.append(f"OBX|{i}|{kind}|{_cwe(code)}||{value}|{unit}|||||{status}|||{ts}")
+    text = "\r".join(segments) + "\r"
+    msg = parse_message(text, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
+    msg.validate()
+    return text
+
+
+def new_control_id() -> str:
+    return "RT" + uuid.uuid4().hex[:18]
+
+
+def enqueue_result(
+    s: Session,
+    report: ResultReport,
+    settings: Hl7Settings,
+    now: float,
+    node_id: str = UNOWNED,
+) -> list[str]:
+    """Queue the report's ORU^R01 for every destination in the caller's transaction; returns
+    the message control IDs."""
+    ids = []
+    for destination in settings.destinations:
+        control_id = new_control_id()
+        message = build_oru(
+            report, destination, settings, control_id, datetime.fromtimestamp(now, UTC)
+        )
+        s.add(
+            Hl7OutboxItem(
+                study_instance_uid=report.result.study_instance_uid,
+                node_id=node_id,
+                destination=destination.name,
+                message_control_id=control_id,
+                message=message,
+                state=HL7_PENDING,
+                attempts=0,
+                next_attempt_at=now,
+                created_at=now,
+            )
+        )
+        ids.append(control_id)
+    return ids
+
+
+def parse_ack(text: str) -> tuple[str, str]:
+    """(MSA-1 code, error text) of an ACK; ("", why) when it is not one."""
+    control, version, kind, _, _ = read_header(text)
+    if not kind.startswith("ACK"):
+        return "", f"not an ACK ({kind or 'no MSH'})"
+    try:
+        msg = parse_message(text.replace("\n", "\r"), validation_level=VALIDATION_LEVEL.TOLERANT)
+    except Exception as exc:  # the RIS's ACK does not parse: count it as no answer
+        return "", f"unreadable ACK: {exc}"
+    msa = next((c for c in msg.children if c.name == "MSA"), None)
+    err = next((c for c in msg.children if c.name == "ERR"), None)
+    code = field_component(msa, 1).upper()
+    detail = field_component(msa, 3) or field_component(err, 8) or field_component(err, 3, 2)
+    del control, version
+    return code, detail
+
+
+async def _exchange(host: str, port: int, message: str, timeout: float) -> str:
+    reader, writer = await asyncio.wait_for(open_hl7_connection(host, port), timeout)
+    try:
+        writer.writeblock(message.encode("utf-8"))
+        await writer.drain()
+        block = await asyncio.wait_for(reader.readblock(), timeout)
+        return bytes(block).decode("utf-8", errors="replace")
+    finally:
+        writer.close()
+
+
+def send_message(host: str, port: int, message: str, timeout: float) -> str:
+    """Send one message over MLLP and return the peer's answer (raises on no answer)."""
+    return asyncio.run(_exchange(host, port, message, timeout))
+
+
+def backoff_s(attempts: int, settings: Hl7Settings) -> float:
+    return float(
+        min(settings.max_backoff_s, settings.initial_backoff_s * 2 ** max(0, attempts - 1))
+    )
+
+
+class Hl7Sender:
+    """Drains the HL7 outbox of this node; `run_once` does one round."""
+
+    def __init__(
+        self,
+        index: Index,
+        settings: Hl7Settings,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.index = index
+        self.settings = settings
+        self.destinations = {d.name: d for d in settings.destinations}
+        self.clock = clock
+
+    def run_once(self) -> int:
+        """Send every due message; returns how many the RIS accepted."""
+        now = self.clock()
+        with self.index.read() as s:
+            due = [
+                (row.id, row.destination, row.message, row.attempts)
+                for row in s.scalars(
+                    select(Hl7OutboxItem)
+                    .where(
+                        Hl7OutboxItem.state == HL7_PENDING,
+                        Hl7OutboxItem.next_attempt_at <= now,
+                        self.index.mine(Hl7OutboxItem.node_id),
+                    )
+                    .order_by(Hl7OutboxItem.id)
+                )
+            ]
+        sent = 0
+        for row_id, name, message, attempts in due:
+            destination = self.destinations.get(name)
+            if destination is None:
+                self._record(row_id, HL7_DEAD, attempts, f"destination {name!r} not configured")
+                continue
+            try:
+                answer = send_message(
+                    destination.host, destination.port, message, self.settings.ack_timeout_s
+                )
+                code, detail = parse_ack(answer)
+            except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
+                code, detail = "", f"no ACK from {name}: {type(exc).__name__}: {exc}"
+            if code in ("AA", "CA"):
+                self._record(row_id, HL7_SENT, attempts + 1, None)
+                sent += 1
+            elif code in ("AR", "CR"):
+                self._record(row_id, HL7_DEAD, attempts + 1, f"{code} from {name}: {detail}")
+            else:
+                why = f"{code} from {name}: {detail}" if code else detail
+                self._retry(row_id, attempts + 1, why)
+        return sent
+
+    def _retry(self, row_id: int, attempts: int, why: str) -> None:
+        if attempts >= self.settings.max_attempts:
+            self._record(row_id, HL7_DEAD, attempts, f"gave up after {attempts} attempts: {why}")
+            return
+        now = self.clock()
+        with self.index.write() as s:
+            row = s.get(Hl7OutboxItem, row_id)
+            if row is not None:
+                row.attempts = attempts
+                row.last_error = why
+                row.next_attempt_at = now + backoff_s(attempts, self.settings)
+        log.warning("HL7 message %d not delivered (attempt %d): %s", row_id, attempts, why)
+
+    def _record(self, row_id: int, state: str, attempts: int, error: str | None) -> None:
+        now = self.clock()
+        with self.index.write() as s:
+            row = s.get(Hl7OutboxItem, row_id)
+            if row is None:
+                return
+            row.state = state
+            row.attempts = attempts
+            row.last_error = error
+            if state == HL7_SENT:
+                row.sent_at = now
+        if state == HL7_DEAD:
+            log.error("HL7 message %d is a dead letter: %s", row_id, error)
+
+
+def outbox_rows(index: Index, state: str | None = None) -> list[dict[str, Any]]:
+    """This node's HL7 outbox rows, oldest first (for the API and tests)."""
+    with index.read() as s:
+        q = select(Hl7OutboxItem).where(index.mine(Hl7OutboxItem.node_id))
+        if state is not None:
+            q = q.where(Hl7OutboxItem.state == state)
+        return [
+            {
+                "id": r.id,
+                "study_instance_uid": r.study_instance_uid,
+                "destination": r.destination,
+                "message_control_id": r.message_control_id,
+                "state": r.state,
+                "attempts": r.attempts,
+                "last_error": r.last_error,
+                "next_attempt_at": r.next_attempt_at,
+                "sent_at": r.sent_at,
+                "message": r.message,
+            }
+            for r in s.scalars(q.order_by(Hl7OutboxItem.id))
+        ]

@@ -1,0 +1,411 @@
+"""The live waiting list: each reported study's priority recomputed as days pass (the tick).
+
+A study routine on day 5 must be urgent on day 26 without being analysed again. On every tick
+(`WaitingList.tick`, ``[triage] tick_s``), for each of this node's reported studies, in pages
+(no cap):
+
+1. match waiting RIS orders to studies received since (`dicom_node.orders.match_orders`);
+2. recompute the priority with `core.priority.decide_priority` from the AI's likelihood, the
+   order's urgency, request date and pathway (else what the images said) and the site policy,
+   against today's date (``[triage] today``, an injectable clock; empty = the system date);
+   PSA density = the order's PSA / the AI's gland volume;
+3. write the decision into ``studies.priority``/``priority_rank`` (the worklist sorts on them)
+   and ``waiting_list`` (what was last decided and sent);
+4. when the flag (or the PSA density) differs from what the last SR said, build a new SR that
+   supersedes it (`dicom_node.sr.build_triage_sr` with ``predecessor=``, listed in Predecessor
+   Documents Sequence) and queue it in the node's DICOM outbox for every destination;
+5. when what the RIS last heard differs, queue an ORU^R01 (a correction once one was sent) in
+   the HL7 outbox (`dicom_node.hl7_results`). A study whose orders were all cancelled gets no
+   HL7 result.
+
+The thresholds of the model that analysed a study come from the composition root
+(`ThresholdsFor`): the node does not load models. A study whose model is unknown keeps its
+flag (logged), as does a study being analysed again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from sqlalchemy import Float, Integer, String, Text, column, insert, select, table, update
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from core.domain import ModelInfo, ModelRef, Priority, ReferralUrgency, StudyStatus, TriageResult
+from core.priority import PriorityDecision, Thresholds, days_waited, decide_priority
+from core.settings import Hl7Settings, TriageSettings
+from dicom_node.hl7_results import ResultReport, enqueue_result
+from dicom_node.index import OUTBOX_PENDING, Base, Index, Instance, OutboxItem, Patient, Series
+from dicom_node.index import Study as StudyRow
+from dicom_node.orders import OrderView, cancelled_order_for_study, match_orders, order_for_study
+from dicom_node.request_attributes import parse_da
+from dicom_node.spool import Spool
+
+log = logging.getLogger(__name__)
+
+#: The model's operating points, from the composition root; None when the model is unknown.
+ThresholdsFor = Callable[[ModelInfo], Thresholds | None]
+
+PAGE = 500
+_REPORTED = (StudyStatus.REPORTED.value, StudyStatus.SENT.value)
+_NO_THRESHOLDS = Thresholds(urgent=1.0, soon=1.0)  # not read when the AI gave no likelihood
+
+# The sortable result columns of migration 0005, written by the tick.
+_RESULT_COLUMNS = table(
+    "studies",
+    column("id", Integer),
+    column("priority", String),
+    column("priority_rank", Integer),
+    column("psa_density", Float),
+    column("request_date", String),
+)
+
+
+class WaitingListEntry(Base):
+    __tablename__ = "waiting_list"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    priority: Mapped[str] = mapped_column(String(16))
+    priority_rank: Mapped[int] = mapped_column(Integer)
+    days_waited: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    decided_on: Mapped[str] = mapped_column(String(10))
+    reasons_json: Mapped[str] = mapped_column(Text, default="[]")
+    sr_priority: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    hl7_priority: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    hl7_fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+@dataclass(frozen=True)
+class WaitingInputs:
+    """What the policy needs of one study at one date (besides the AI's likelihood)."""
+
+    referral: ReferralUrgency
+    request_date: date | None
+    suspected_cancer_pathway: bool
+    psa_ng_ml: float | None
+
+
+@dataclass
+class TickReport:
+    studies: int = 0
+    changed: int = 0
+    superseding_srs: int = 0
+    hl7_messages: int = 0
+    orders_matched: int = 0
+
+
+def waiting_inputs(
+    result: TriageResult, order: OrderView | None, reported_at: float | None
+) -> WaitingInputs:
+    """The order wins when the study has one; else what the images said at analysis time (the
+    request date is then the analysis date less the days waited then)."""
+    if order is not None:
+        request = order.request_date
+        if request is None and result.days_waited is not None and reported_at:
+            request = _analysis_date(reported_at) - timedelta(days=result.days_waited)
+        return WaitingInputs(
+            order.referral_urgency, request, order.suspected_cancer_pathway, order.psa_ng_ml
+        )
+    request = None
+    if result.days_waited is not None and reported_at:
+        request = _analysis_date(reported_at) - timedelta(days=result.days_waited)
+    return WaitingInputs(result.referral_urgency or ReferralUrgency.ROUTINE, request, False, None)
+
+
+def _analysis_date(epoch: float) -> date:
+    return datetime.fromtimestamp(epoch, UTC).date()
+
+
+def psa_density(psa_ng_ml: float | None, gland_volume_ml: float | None) -> float | None:
+    """PSA (ng/mL) / gland volume (mL); None without both or for a gland under 1 mL."""
+    if psa_ng_ml is None or gland_volume_ml is None or gland_volume_ml < 1.0:
+        return None
+    return round(psa_ng_ml / gland_volume_ml, 4)
+
+
+def decide_today(
+    result: TriageResult,
+    inputs: WaitingInputs,
+    thresholds: Thresholds | None,
+    triage: TriageSettings,
+    today: date,
+) -> PriorityDecision:
+    """The study's decision at `today`: the same function `radtriage simulate` ranks with."""
+    return decide_priority(
+        result.case_likelihood,
+        thresholds or _NO_THRESHOLDS,
+        inputs.referral,
+        days_waited(inputs.request_date, today),
+        triage.waiting_policy(),
+        suspected_cancer_pathway=inputs.suspected_cancer_pathway,
+    )
+
+
+class WaitingList:
+    """Recomputes priorities and re-sends changed flags; the node calls `tick` on a timer."""
+
+    def __init__(
+        self,
+        index: Index,
+        spool: Spool,
+        triage: TriageSettings,
+        hl7: Hl7Settings,
+        thresholds: ThresholdsFor,
+        dicom_destinations: list[str],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.index = index
+        self.spool = spool
+        self.triage = triage
+        self.hl7 = hl7
+        self.thresholds = thresholds
+        self.dicom_destinations = dicom_destinations
+        self.clock = clock
+
+    def tick(self, today: date | None = None) -> TickReport:
+        """One pass over every reported study of this node; `today` defaults to the clock."""
+        today = today or self.triage.current_date()
+        report = TickReport(orders_matched=match_orders(self.index))
+        last_id = 0
+        while True:
+            with self.index.read() as s:
+                ids = list(
+                    s.execute(
+                        select(StudyRow.id, StudyRow.study_instance_uid)
+                        .where(
+                            StudyRow.id > last_id,
+                            StudyRow.status.in_(_REPORTED),
+                            StudyRow.result_json.is_not(None),
+                            self.index.mine(StudyRow.node_id),
+                        )
+                        .order_by(StudyRow.id)
+                        .limit(PAGE)
+                    )
+                )
+            if not ids:
+                return report
+            for row_id, uid in ids:
+                try:
+                    self._study(uid, today, report)
+                except Exception:  # one bad study must not stop the waiting list
+                    log.exception("waiting list: study %s could not be recomputed", uid)
+                last_id = row_id
+
+    def _study(self, uid: str, today: date, report: TickReport) -> None:
+        now = self.clock()
+        with self.index.write() as s:
+            study = s.scalars(select(StudyRow).where(StudyRow.study_instance_uid == uid)).one()
+            if study.status not in _REPORTED or study.result_json is None:
+                return  # re-opened by a late instance meanwhile: the analysis decides again
+            result = TriageResult.model_validate_json(study.result_json)
+            order = order_for_study(s, uid)
+            inputs = waiting_inputs(result, order, study.reported_at)
+            thresholds = None
+            if result.case_likelihood is not None:
+                thresholds = self.thresholds(result.model) if result.model else None
+                if thresholds is None:
+                    log.warning("study %s: thresholds of its model unknown, flag kept", uid)
+                    return
+            decision = decide_today(result, inputs, thresholds, self.triage, today)
+            density = psa_density(inputs.psa_ng_ml, result.gland_volume_ml)
+            new = result.model_copy(
+                update={
+                    "priority": decision.priority,
+                    "referral_urgency": inputs.referral,
+                    "days_waited": days_waited(inputs.request_date, today),
+                    "priority_reasons": decision.reasons,
+                    "psa_density": density if density is not None else result.psa_density,
+                }
+            )
+            report.studies += 1
+            entry = s.scalars(
+                select(WaitingListEntry).where(WaitingListEntry.study_instance_uid == uid)
+            ).first()
+            if entry is None:
+                entry = WaitingListEntry(
+                    study_instance_uid=uid,
+                    sr_priority=result.priority.value,
+                    sr_sop_instance_uid=_sop_uid(study.previous_sr_path),
+                )
+                s.add(entry)
+            if entry.priority != decision.priority.value:
+                report.changed += int(entry.priority is not None)
+            entry.priority = decision.priority.value
+            entry.priority_rank = decision.rank
+            entry.days_waited = new.days_waited
+            entry.decided_on = today.isoformat()
+            entry.reasons_json = json.dumps(list(decision.reasons))
+            entry.updated_at = now
+            s.execute(
+                update(_RESULT_COLUMNS)
+                .where(_RESULT_COLUMNS.c.id == study.id)
+                .values(
+                    priority=decision.priority.value,
+                    priority_rank=decision.rank,
+                    psa_density=new.psa_density,
+                    request_date=inputs.request_date.strftime("%Y%m%d")
+                    if inputs.request_date
+                    else None,
+                )
+            )
+            sr_state = f"{new.priority.value}|{new.psa_density}"
+            if sr_state != f"{entry.sr_priority}|{result.psa_density}" and self._supersede(
+                s, study, result, new, entry, now
+            ):
+                report.superseding_srs += 1
+            if self.hl7.destinations and not cancelled_order_for_study(s, uid):
+                fingerprint = f"{new.priority.value}|{new.psa_density}|{entry.sr_sop_instance_uid}"
+                if fingerprint != entry.hl7_fingerprint:
+                    patient = s.get(Patient, study.patient_fk)
+                    enqueue_result(
+                        s,
+                        ResultReport(
+                            result=new,
+                            patient_id=patient.patient_id if patient else "",
+                            issuer_of_patient_id=getattr(patient, "issuer_of_patient_id", "")
+                            if patient
+                            else "",
+                            patient_name=patient.patient_name if patient else "",
+                            accession_number=study.accession_number
+                            or (order.accession_number if order else ""),
+                            placer_order_number=order.placer_order_number if order else "",
+                            filler_order_number=order.filler_order_number if order else "",
+                            sr_sop_instance_uid=entry.sr_sop_instance_uid or "",
+                            correction=entry.hl7_fingerprint is not None,
+                        ),
+                        self.hl7,
+                        now,
+                        node_id=study.node_id,
+                    )
+                    entry.hl7_priority = new.priority.value
+                    entry.hl7_fingerprint = fingerprint
+                    report.hl7_messages += 1
+
+    def _supersede(
+        self,
+        s: Session,
+        study: StudyRow,
+        old: TriageResult,
+        new: TriageResult,
+        entry: WaitingListEntry,
+        now: float,
+    ) -> bool:
+        """Build the SR that supersedes the last one, keep it and queue it; False if it cannot
+        be built (logged; the next tick tries again)."""
+        uid = study.study_instance_uid
+        try:
+            sr_path = self._build_sr(s, study, old, new)
+        except Exception:
+            log.exception("study %s: superseding SR could not be built", uid)
+            return False
+        ds = pydicom.dcmread(sr_path, stop_before_pixels=True)
+        sop_uid, sop_class = str(ds.SOPInstanceUID), str(ds.SOPClassUID)
+        for dest in self.dicom_destinations:
+            exists = s.scalar(
+                select(OutboxItem.id).where(
+                    OutboxItem.destination == dest, OutboxItem.sop_instance_uid == sop_uid
+                )
+            )
+            if exists is None:
+                s.execute(
+                    insert(OutboxItem).values(
+                        study_instance_uid=uid,
+                        node_id=study.node_id,
+                        destination=dest,
+                        sop_instance_uid=sop_uid,
+                        sop_class_uid=sop_class,
+                        path=str(sr_path),
+                        state=OUTBOX_PENDING,
+                        attempts=0,
+                        next_attempt_at=now,
+                        created_at=now,
+                    )
+                )
+        documents = json.loads(study.documents_json) if study.documents_json else []
+        study.documents_json = json.dumps([*documents, str(sr_path)])
+        study.previous_sr_path = str(sr_path)
+        study.result_json = json.dumps(new.to_json_dict())
+        entry.sr_priority = new.priority.value
+        entry.sr_sop_instance_uid = sop_uid
+        log.info(
+            "study %s: priority %s -> %s, superseding SR %s queued",
+            uid,
+            old.priority.value,
+            new.priority.value,
+            sop_uid,
+        )
+        return True
+
+    def _build_sr(self, s: Session, study: StudyRow, old: TriageResult, new: TriageResult) -> Path:
+        import highdicom as hd
+
+        from dicom_node.sr import build_triage_sr, read_evidence
+
+        uid = study.study_instance_uid
+        documents = [Path(p) for p in json.loads(study.documents_json or "[]")]
+        seg = None
+        for path in documents:
+            if path.is_file():
+                head = pydicom.dcmread(path, stop_before_pixels=True)
+                if str(head.get("Modality", "")) == "SEG":
+                    seg = hd.seg.segread(path)
+        evidence: dict[str, list[Dataset]] = {}
+        if old.series_used and Priority(new.priority) is not Priority.NOT_ANALYSED:
+            for role, series_uid in old.series_used.items():
+                paths = s.scalars(
+                    select(Instance.path)
+                    .join(Series, Instance.series_fk == Series.id)
+                    .where(Series.series_instance_uid == series_uid)
+                    .order_by(Instance.id)
+                ).all()
+                evidence[role] = read_evidence([Path(p) for p in paths])
+        else:
+            paths = s.scalars(
+                select(Instance.path).where(Instance.study_fk == study.id).order_by(Instance.id)
+            ).all()
+            evidence["study"] = read_evidence([Path(p) for p in paths])
+        previous = Path(study.previous_sr_path) if study.previous_sr_path else None
+        predecessor = pydicom.dcmread(previous) if previous and previous.is_file() else None
+        model = (
+            ModelRef(new.model.name, new.model.version, new.model.sha256, new.disclaimer is None)
+            if new.model
+            else None
+        )
+        sr = build_triage_sr(new, evidence=evidence, model=model, seg=seg, predecessor=predecessor)
+        folder = self.spool.outbox_dir / uid
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{sr.SOPInstanceUID}.dcm"
+        tmp = self.spool.tmp_dir / f"{sr.SOPInstanceUID}.part"
+        self.spool.tmp_dir.mkdir(parents=True, exist_ok=True)
+        sr.save_as(tmp, enforce_file_format=True)
+        tmp.replace(target)
+        return target
+
+
+def _sop_uid(path: str | None) -> str | None:
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+    except Exception:  # an unreadable file: the next SR simply has no predecessor UID here
+        return None
+
+
+def parse_request_date(value: str | None) -> date | None:
+    """A YYYYMMDD (studies.request_date) or ISO date; None otherwise."""
+    if not value:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        return parse_da(value)
