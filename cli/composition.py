@@ -38,7 +38,7 @@ from dicom_node.jobs import AnalysisOutput
 from dicom_node.study_reader import scan_study
 from models.engine import LocalEngine
 from models.repository import ModelRepository, parse_ref
-from serving.http_api import ApiContext, AuditLog, create_app, is_pending, iso_utc, pending_row
+from serving.http_api import ApiContext, create_app, is_pending, pending_row
 from serving.metrics import Metrics
 
 if TYPE_CHECKING:  # Ray is imported only by the Ray backend
@@ -52,30 +52,20 @@ Backend = Literal["ray", "local"]
 
 
 class IndexStudies:
-    """`http_api.StudySource` over the DicomNode's index: result.json of analysed studies, with
-    the job status kept current (reported -> sent). No patient identifiers leave here."""
+    """The "awaiting AI analysis" list over the node's index: every study received but not
+    reported yet (no cap), without patient identifiers."""
 
-    def __init__(self, node: Any) -> None:
-        self.node = node
-
-    @staticmethod
-    def _doc(row: dict[str, Any]) -> dict[str, Any] | None:
-        result = row.get("result")
-        if not result:
-            return None
-        at = row.get("reported_at") or row.get("last_received_at")
-        return {**result, "status": row["status"], "updated_at": iso_utc(at)}
-
-    def list_studies(self) -> list[dict[str, Any]]:
-        return [d for row in self.node.list_studies() if (d := self._doc(row)) is not None]
-
-    def get_study(self, study_instance_uid: str) -> dict[str, Any] | None:
-        row = self.node.get_study(study_instance_uid)
-        return self._doc(row) if row else None
+    def __init__(self, index: Any) -> None:
+        self.index = index
 
     def list_pending(self) -> list[dict[str, Any]]:
         """Studies received but not yet reported (arriving, queued, analysing, retrying)."""
-        return [pending_row(row) for row in self.node.list_studies() if is_pending(row)]
+        from serving.http_api import PENDING_STATUSES
+
+        rows = []
+        for status in PENDING_STATUSES:
+            rows += self.index.list_studies(status, limit=2**31 - 1)
+        return [pending_row(row) for row in rows if is_pending(row)]
 
 
 class DrainingServer(uvicorn.Server):
@@ -114,7 +104,6 @@ class RadtriageApp:
         self.backend = backend
         self.metrics = Metrics()
         self.results_root = Path(settings.storage.root) / "results"
-        self.audit = AuditLog(Path(settings.storage.root) / "audit.jsonl")
         self.engine: LocalEngine | ServeEngine | None = None
         self.analyser: StudyAnalyser | None = None
         self._refs: dict[str, str] = {}
@@ -274,19 +263,23 @@ class RadtriageApp:
     # --- HTTP and lifecycle -----------------------------------------------------------------
 
     def http_app(self) -> Any:
-        from serving.http_api import ResultDirectory
+        """The HTTP app over the node's index (or the configured index when no node runs)."""
+        from dicom_node.index import Index
 
-        studies = (
-            IndexStudies(self.node) if self.node is not None else ResultDirectory(self.results_root)
-        )
+        if self.node is not None:
+            index = self.node.index
+        else:
+            index = Index(self.settings.storage.database_url)
         ctx = ApiContext(
-            studies=studies,
+            index=index,
             metrics=self.metrics,
-            audit=self.audit,
             models=self.models_info,
             outbox=(lambda: self.node.dead_letters()) if self.node is not None else list,
-            pending=studies.list_pending if isinstance(studies, IndexStudies) else list,
+            pending=IndexStudies(index).list_pending,
             ready=self.ready,
+            node_id=index.node_id,
+            session_ttl_s=self.settings.http.session_ttl_s,
+            fds_days=self.settings.triage.fds_days,
         )
         return create_app(ctx)
 
@@ -309,7 +302,14 @@ class RadtriageApp:
         threading.Thread(target=poll_promotions, name="radtriage-promotions", daemon=True).start()
         h = self.settings.http
         server = DrainingServer(
-            uvicorn.Config(self.http_app(), host=h.host, port=h.port, log_config=None)
+            uvicorn.Config(
+                self.http_app(),
+                host=h.host,
+                port=h.port,
+                log_config=None,
+                ssl_certfile=h.certfile,
+                ssl_keyfile=h.keyfile,
+            )
         )
         log_event(
             log,

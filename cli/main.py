@@ -23,6 +23,9 @@ COMMANDS = (
     "evaluate",
     "simulate",
     "models",
+    "users",
+    "audit",
+    "feedback",
 )
 
 

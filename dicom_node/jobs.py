@@ -37,6 +37,7 @@ from core.domain import Priority, StudyStatus, TriageResult
 from core.errors import RadtriageError
 from dicom_node.index import OUTBOX_PENDING, Index, OutboxItem, Study
 from dicom_node.spool import Spool, write_atomic
+from dicom_node.worklist import update_result_columns
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,7 @@ def record_report(
         study.status_changed_at = now
         study.reported_at = now
         study.result_json = json.dumps(output.result.to_json_dict())
+        update_result_columns(s, study.id, output.result, now)
         study.documents_json = json.dumps([str(p) for p, *_ in kept])
         study.error_code = None
         study.error_message = None

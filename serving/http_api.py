@@ -1,202 +1,100 @@
-"""HTTP API, worklist and operations endpoints (FastAPI).
+"""HTTP API, radiologist workspace pages and operations endpoints (FastAPI).
 
-    GET  /healthz                       process up
-    GET  /readyz                        503 until every model is loaded and warm
-    GET  /metrics                       Prometheus text format
-    GET  /api/studies                   result.json of every study (newest first)
-    GET  /api/studies/{uid}             one result.json (404 if unknown)
-    GET  /api/models                    loaded and available model versions
-    GET  /api/outbox                    dead letters (sends that gave up)
-    GET  /api/worklist                  studies by Priority.rank, then oldest first
-    POST /api/worklist/{uid}/acknowledge  {"user"}
-    POST /api/worklist/{uid}/override     {"user", "priority", "comment"}
-    GET  /api/audit                     the worklist audit log
-    GET  /worklist                      the radiologist's page
+Open: ``/healthz``, ``/readyz``, ``/metrics``, ``/login``, ``POST /api/login``, ``/static/*``.
+Everything else is behind a login session or a bearer token and checked per role
+(`serving.auth`); the full list of JSON routes is FastAPI's OpenAPI schema (``/openapi.json``,
+listed in docs/worklist.md). The role of each route is in `require(...)` on the route itself.
 
-The app reads through small seams (`ApiContext`) so the composition root decides where results,
-models and the outbox come from. Overrides never rewrite result.json: they are audit events.
+Study data comes from the index (`dicom_node.index.Index`), the worklist is one SQL query
+(`dicom_node.worklist`), assessments and the audit chain live in the index too. Overrides never
+rewrite result.json: they are assessments, and audit events.
 """
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, HTTPException
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.domain import Priority, ReferralUrgency, StudyStatus, TriageResult
+from core.domain import ReferralUrgency, SeriesRole, StudyStatus
+from dicom_node.worklist import MAX_PAGE, SORT_KEYS, WorklistQuery, query_worklist
+from serving.accounts import Accounts, Principal
+from serving.assessments import Assessments, BiopsyBody, FindingBody, OverrideBody, PiradsBody
+from serving.audit import AuditTrail
+from serving.auth import (
+    ADMIN,
+    ANY_ROLE,
+    CLINICAL,
+    ML_ENGINEER,
+    RADIOLOGIST,
+    SESSION_COOKIE,
+    LoginRequired,
+    client_address,
+    require,
+)
+from serving.key_images import KeyImageCache, StudyImages, load_study_images
 from serving.metrics import Metrics
 
 WEB_DIR = Path(__file__).with_name("web")
-RESULT_FILE = "result.json"
+STATIC_FILES = {
+    "style.css": "text/css",
+    "common.js": "text/javascript",
+    "login.js": "text/javascript",
+    "worklist.js": "text/javascript",
+    "study.js": "text/javascript",
+}
+#: pages load their scripts and styles from /static only; no inline script can run
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
 
 
-class StudySource(Protocol):
-    def list_studies(self) -> list[dict[str, Any]]: ...
-
-    def get_study(self, study_instance_uid: str) -> dict[str, Any] | None: ...
-
-
-class ResultDirectory:
-    """Results as written by `dicom_node.analysis`: `<root>/<StudyInstanceUID>/result.json`."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-
-    def _files(self) -> Iterator[Path]:
-        if self.root.is_dir():
-            yield from self.root.glob(f"*/{RESULT_FILE}")
-
-    @staticmethod
-    def _read(path: Path) -> dict[str, Any] | None:
-        try:
-            doc = TriageResult.model_validate_json(path.read_bytes()).to_json_dict()
-        except (OSError, ValueError):
-            return None  # being written, or not ours
-        doc["updated_at"] = datetime.fromtimestamp(path.stat().st_mtime, UTC).isoformat()
-        return doc
-
-    def list_studies(self) -> list[dict[str, Any]]:
-        docs = [d for p in self._files() if (d := self._read(p)) is not None]
-        return sorted(docs, key=lambda d: d["updated_at"], reverse=True)
-
-    def get_study(self, study_instance_uid: str) -> dict[str, Any] | None:
-        if "/" in study_instance_uid or study_instance_uid.startswith("."):
-            return None
-        path = self.root / study_instance_uid / RESULT_FILE
-        return self._read(path) if path.is_file() else None
-
-
-class AuditLog:
-    """Append-only JSON-lines audit of worklist actions; the current state is replayed from it."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._lock = threading.Lock()
-
-    def append(self, event: dict[str, Any]) -> dict[str, Any]:
-        record = {"at": datetime.now(UTC).isoformat(), **event}
-        with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-                f.flush()
-        return record
-
-    def events(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        with self._lock:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
-
-    def state(self) -> dict[str, dict[str, Any]]:
-        """Per study: `acknowledged_by`, `override` (the latest override event)."""
-        out: dict[str, dict[str, Any]] = {}
-        for event in self.events():
-            entry = out.setdefault(event["study_instance_uid"], {})
-            if event["action"] == "acknowledge":
-                entry["acknowledged_by"] = event["user"]
-                entry["acknowledged_at"] = event["at"]
-            elif event["action"] == "override":
-                entry["override"] = event
-        return out
-
-
-class Acknowledge(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    user: str = Field(min_length=1, max_length=64)
-
-
-class Override(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    user: str = Field(min_length=1, max_length=64)
-    priority: Priority
-    comment: str = Field(
-        min_length=1, max_length=500, description="Why the AI priority is overridden (audited)"
-    )
+# Who may call a route: a FastAPI dependency per role set (module level, so FastAPI can
+# resolve the annotations).
+Clinical = Annotated[Principal, Depends(require(*CLINICAL))]
+ClinicalPage = Annotated[Principal, Depends(require(*CLINICAL, page=True))]
+Radiologist = Annotated[Principal, Depends(require(RADIOLOGIST))]
+Admin = Annotated[Principal, Depends(require(ADMIN))]
+Anyone = Annotated[Principal, Depends(require(*ANY_ROLE))]
+Operations = Annotated[Principal, Depends(require(ADMIN, ML_ENGINEER))]
 
 
 @dataclass
 class ApiContext:
     """What the HTTP layer reads; each piece is supplied by the composition root."""
 
-    studies: StudySource
+    index: Any  # dicom_node.index.Index: studies, users, sessions, audit, assessments
     metrics: Metrics
-    audit: AuditLog
     models: Callable[[], dict[str, Any]] = dict
     outbox: Callable[[], list[dict[str, Any]]] = list
     pending: Callable[[], list[dict[str, Any]]] = list  # `pending_row`s, any order
     ready: Callable[[], bool] = lambda: True
+    node_id: str | None = None  # the worklist lists this node's studies (None: all)
+    session_ttl_s: float = 8 * 3600.0
+    fds_days: int = 28
+    key_images: KeyImageCache = field(default_factory=KeyImageCache)
 
 
-def worklist_rows(studies: list[dict[str, Any]], state: dict[str, dict[str, Any]]) -> list[dict]:
-    """Worklist order: effective priority (override, else AI) by `Priority.rank`, the referral's
-    urgency as a floor (`_order_rank`), oldest first.
-
-    Each row carries what the page shows: likelihood, status, reason (not analysed), lesion count
-    and largest lesion, model version, acknowledgement, the latest override and the disclaimer.
-    """
-    rows = []
-    for doc in studies:
-        uid = doc["study_instance_uid"]
-        entry = state.get(uid, {})
-        override = entry.get("override")
-        effective = Priority(override["priority"]) if override else Priority(doc["priority"])
-        reason = doc.get("reason") or {}
-        lesions = doc.get("lesions") or []
-        largest = max(lesions, key=lambda lesion: lesion["volume_ml"], default=None)
-        model = doc.get("model") or {}
-        rows.append(
-            {
-                "study_instance_uid": uid,
-                "priority": effective.value,
-                "ai_priority": doc["priority"],
-                "overridden_by": override["user"] if override else None,
-                "override_comment": override.get("comment") if override else None,
-                "overridden_at": override["at"] if override else None,
-                "case_likelihood": doc.get("case_likelihood"),
-                "status": doc["status"],
-                "reason": reason.get("message"),
-                "reason_code": reason.get("code"),
-                "lesion_count": len(lesions),
-                "largest_lesion": (
-                    {k: largest.get(k) for k in ("volume_ml", "likelihood", "sector")}
-                    if largest
-                    else None
-                ),
-                "gland_volume_ml": doc.get("gland_volume_ml"),
-                "model": {"name": model["name"], "version": model["version"]} if model else None,
-                "updated_at": doc.get("updated_at"),
-                "days_waited": doc.get("days_waited"),
-                "referral_urgency": doc.get("referral_urgency"),
-                "priority_reasons": list(doc.get("priority_reasons") or []),
-                "acknowledged_by": entry.get("acknowledged_by"),
-                "acknowledged_at": entry.get("acknowledged_at"),
-                "disclaimer": doc.get("disclaimer"),
-            }
-        )
-    rows.sort(key=lambda r: (_order_rank(r), r["updated_at"] or ""))
-    return rows
+class Login(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64)
+    password: str = Field(min_length=1, max_length=1024)
 
 
-def _order_rank(row: dict[str, Any]) -> int:
-    """The row's priority rank, with the referrer's urgency as a floor: the AI never lowers it,
-    so a STAT study the AI could not analyse (flag NOT ANALYSED) sorts with the urgent ones. A
-    radiologist's override is a person's decision and is taken as it is."""
-    rank = Priority(row["priority"]).rank
-    referral = row.get("referral_urgency")
-    if not row.get("overridden_by") and referral in {u.value for u in ReferralUrgency}:
-        rank = min(rank, Priority(referral).rank)
-    return rank
+class WorklistPageModel(BaseModel):
+    total: int
+    offset: int
+    limit: int
+    fds_days: int
+    rows: list[dict[str, Any]]
 
 
 PENDING_STATUSES = (
@@ -241,9 +139,79 @@ def pending_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (rank.get(r["referral_urgency"], 99), r["received_at"] or ""))
 
 
+def _document(row: dict[str, Any], kind: str) -> Path | None:
+    """The SR or SEG the index says went to PACS (a path from the index, never the request)."""
+    import pydicom
+
+    want = {"sr": "SR", "seg": "SEG"}[kind]
+    for doc in row.get("documents") or []:
+        path = Path(doc)
+        try:
+            modality = str(pydicom.dcmread(path, stop_before_pixels=True).Modality)
+        except Exception:
+            continue
+        if modality == want:
+            return path
+    return None
+
+
+def _study_view(row: dict[str, Any]) -> dict[str, Any]:
+    """`GET /api/studies/{uid}`: the index row without file paths."""
+    out = {k: v for k, v in row.items() if k not in ("documents", "outbox")}
+    docs = []
+    for kind in ("sr", "seg"):
+        if _document(row, kind) is not None:
+            docs.append({"kind": kind, "url": f"/api/studies/{row['study_instance_uid']}/{kind}"})
+    out["documents"] = docs
+    out["outbox"] = [
+        {k: o[k] for k in ("destination", "sop_class_uid", "state", "attempts", "sent_at")}
+        for o in row.get("outbox") or []
+    ]
+    return out
+
+
+def _html(name: str) -> HTMLResponse:
+    response = HTMLResponse((WEB_DIR / name).read_text(encoding="utf-8"))
+    response.headers["Content-Security-Policy"] = CSP
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
 def create_app(ctx: ApiContext) -> FastAPI:
-    app = FastAPI(title="radtriage", version="0.1.0")
+    app = FastAPI(title="radtriage", version="0.2.0")
     app.state.ctx = ctx
+    engine = ctx.index.engine
+    accounts = Accounts(engine, ctx.session_ttl_s)
+    audit = AuditTrail(engine)
+    assessments = Assessments(engine)
+    app.state.accounts = accounts
+    app.state.audit = audit
+
+    @app.exception_handler(LoginRequired)
+    def _to_login(request: Request, exc: LoginRequired) -> RedirectResponse:
+        return RedirectResponse("/login", status_code=303)
+
+    def record(
+        request: Request, who: Principal | None, action: str, uid: str | None = None, **detail: Any
+    ) -> dict[str, Any]:
+        return audit.append(
+            action,
+            user=who.name if who else "",
+            role=who.role if who else "",
+            study_instance_uid=uid,
+            address=client_address(request),
+            detail=detail,
+        )
+
+    def study_row(uid: str) -> dict[str, Any]:
+        row = ctx.index.get_study(uid)
+        if row is None:
+            raise HTTPException(404, "no such study")
+        return row  # type: ignore[no-any-return]
+
+    # --- open -----------------------------------------------------------------------------
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -258,66 +226,290 @@ def create_app(ctx: ApiContext) -> FastAPI:
     def metrics() -> Response:
         return Response(ctx.metrics.exposition(), media_type=ctx.metrics.content_type)
 
-    @app.get("/api/studies")
-    def studies() -> list[dict[str, Any]]:
-        return ctx.studies.list_studies()
+    @app.get("/static/{name}", include_in_schema=False)
+    def static(name: str) -> FileResponse:
+        if name not in STATIC_FILES:  # a fixed list: no path is built from the request
+            raise HTTPException(404, "not found")
+        return FileResponse(WEB_DIR / name, media_type=STATIC_FILES[name])
 
-    @app.get("/api/studies/{study_instance_uid}")
-    def study(study_instance_uid: str) -> dict[str, Any]:
-        doc = ctx.studies.get_study(study_instance_uid)
-        if doc is None:
-            raise HTTPException(404, f"no result for study {study_instance_uid}")
-        return doc
+    @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
+    def login_page() -> HTMLResponse:
+        return _html("login.html")
+
+    @app.post("/api/login")
+    def login(body: Login, request: Request, response: Response) -> dict[str, str]:
+        """Start a session: sets the HttpOnly session cookie, returns the CSRF token."""
+        who = accounts.check_password(body.name, body.password)
+        if who is None:
+            audit.append(
+                "login_failed",
+                user=body.name[:64],
+                address=client_address(request),
+            )
+            raise HTTPException(401, "wrong user name or password, or the user is disabled")
+        session_id, csrf = accounts.open_session(who.name, client_address(request))
+        response.set_cookie(
+            SESSION_COOKIE,
+            session_id,
+            max_age=int(ctx.session_ttl_s),
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+            path="/",
+        )
+        record(request, who, "login")
+        return {"name": who.name, "role": who.role, "csrf_token": csrf}
+
+    # --- any signed-in user ---------------------------------------------------------------
+
+    @app.get("/api/session")
+    def session(who: Anyone) -> dict[str, Any]:
+        """Who is signed in, and the CSRF token state-changing requests must send."""
+        return {"name": who.name, "role": who.role, "csrf_token": who.csrf_secret}
+
+    @app.post("/api/logout")
+    def logout(who: Anyone, request: Request, response: Response) -> dict[str, str]:
+        session_id = request.cookies.get(SESSION_COOKIE)
+        if session_id:
+            accounts.close_session(session_id)
+        response.delete_cookie(SESSION_COOKIE, path="/")
+        record(request, who, "logout")
+        return {"status": "signed out"}
 
     @app.get("/api/models")
-    def models() -> dict[str, Any]:
+    def models(who: Anyone) -> dict[str, Any]:
         return ctx.models()
 
+    @app.get("/api/studies/{study_instance_uid}/assessment")
+    def assessment(study_instance_uid: str, who: Anyone) -> dict[str, Any]:
+        """The radiologist's read, findings decisions, PI-RADS and biopsy outcome."""
+        study_row(study_instance_uid)
+        return assessments.get(study_instance_uid)
+
+    # --- operations -----------------------------------------------------------------------
+
     @app.get("/api/outbox")
-    def outbox() -> list[dict[str, Any]]:
+    def outbox(who: Operations) -> list[dict[str, Any]]:
         return ctx.outbox()
 
+    @app.get("/api/audit")
+    def audit_log(
+        who: Admin,
+        offset: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+        study: str | None = None,
+    ) -> dict[str, Any]:
+        """Audit events, newest first, paginated (admins only)."""
+        total, events = audit.events(offset, limit, study)
+        return {"total": total, "offset": offset, "limit": limit, "events": events}
+
+    # --- clinical reads -------------------------------------------------------------------
+
+    @app.get("/api/worklist", response_model=WorklistPageModel)
+    def worklist(
+        who: Clinical,
+        priority: Annotated[list[str], Query()] = [],  # noqa: B006 - FastAPI query list
+        status: Annotated[list[str], Query()] = [],  # noqa: B006
+        date_from: Annotated[str | None, Query(pattern=r"^\d{8}$")] = None,
+        date_to: Annotated[str | None, Query(pattern=r"^\d{8}$")] = None,
+        q: Annotated[str | None, Query(max_length=128)] = None,
+        sort: Annotated[str, Query(pattern="^(" + "|".join(SORT_KEYS) + ")$")] = "priority",
+        order: Literal["asc", "desc"] = "asc",
+        offset: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
+    ) -> dict[str, Any]:
+        """Every study in the index, ordered and filtered in SQL, one page at a time."""
+        query = WorklistQuery(
+            priority=tuple(priority),
+            status=tuple(status),
+            study_date_from=date_from,
+            study_date_to=date_to,
+            text=q,
+            sort=sort,  # type: ignore[arg-type]  # checked by the pattern above
+            descending=order == "desc",
+            offset=offset,
+            limit=limit,
+            node_id=ctx.node_id,
+        )
+        with ctx.index.read() as s:
+            page = query_worklist(s, query)
+        return {
+            "total": page.total,
+            "offset": page.offset,
+            "limit": page.limit,
+            "fds_days": ctx.fds_days,
+            "rows": page.rows,
+        }
+
     @app.get("/api/worklist/pending")
-    def pending() -> list[dict[str, Any]]:
+    def pending(who: Clinical) -> list[dict[str, Any]]:
+        """Studies received but not reported yet, by referral urgency then waiting time."""
         return pending_order(ctx.pending())
 
-    @app.get("/api/worklist")
-    def worklist() -> list[dict[str, Any]]:
-        return worklist_rows(ctx.studies.list_studies(), ctx.audit.state())
+    @app.get("/api/studies/{study_instance_uid}")
+    def study(study_instance_uid: str, who: Clinical, request: Request) -> dict[str, Any]:
+        """One study: patient, result, series, documents sent to PACS (audited as a view)."""
+        row = study_row(study_instance_uid)
+        record(request, who, "view_study", study_instance_uid)
+        return _study_view(row)
 
-    def _known(uid: str) -> None:
-        if ctx.studies.get_study(uid) is None:
-            raise HTTPException(404, f"no result for study {uid}")
+    def images_of(row: dict[str, Any]) -> tuple[str, Callable[[], StudyImages]]:
+        uid = row["study_instance_uid"]
+        key = f"{uid}@{row.get('reported_at')}"
 
-    @app.post("/api/worklist/{study_instance_uid}/acknowledge")
-    def acknowledge(study_instance_uid: str, body: Acknowledge) -> dict[str, Any]:
-        _known(study_instance_uid)
-        return ctx.audit.append(
-            {"action": "acknowledge", "study_instance_uid": study_instance_uid, "user": body.user}
+        def load() -> StudyImages:
+            seg = _document(row, "seg")
+            return load_study_images(ctx.index.instance_paths(uid), seg)
+
+        return key, load
+
+    @app.get("/api/studies/{study_instance_uid}/images")
+    def images(study_instance_uid: str, who: Clinical) -> dict[str, Any]:
+        """Slice count, the key slice of each AI lesion and the default slice."""
+        row = study_row(study_instance_uid)
+        key, load = images_of(row)
+        try:
+            imgs = ctx.key_images.study(key, load)
+        except Exception as exc:  # a study that cannot be read still has a page
+            raise HTTPException(409, f"images unavailable: {exc}") from exc
+        return {
+            "slices": imgs.slices,
+            "roles": [r.value for r in (SeriesRole.T2W, SeriesRole.ADC, SeriesRole.HBV)],
+            "key_slices": imgs.key_slices(),
+            "default_slice": imgs.default_slice(),
+            "has_gland": imgs.gland is not None,
+        }
+
+    @app.get(
+        "/api/studies/{study_instance_uid}/images/{role}/{z}.png",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}},
+    )
+    def image(
+        study_instance_uid: str,
+        role: Literal["t2w", "adc", "hbv"],
+        z: int,
+        who: Clinical,
+        lesion: Annotated[int | None, Query(ge=0, le=999)] = None,
+    ) -> Response:
+        """One slice as PNG with the gland contour and lesion outlines."""
+        row = study_row(study_instance_uid)
+        key, load = images_of(row)
+        try:
+            data = ctx.key_images.png(key, load, SeriesRole(role), z, lesion)
+        except IndexError as exc:
+            raise HTTPException(404, str(exc)) from exc
+        except Exception as exc:
+            raise HTTPException(409, f"images unavailable: {exc}") from exc
+        return Response(data, media_type="image/png", headers={"Cache-Control": "private"})
+
+    def document(uid: str, kind: str) -> FileResponse:
+        path = _document(study_row(uid), kind)
+        if path is None:
+            raise HTTPException(404, f"no {kind.upper()} for this study")
+        return FileResponse(path, media_type="application/dicom", filename=f"{kind}.dcm")
+
+    @app.get("/api/studies/{study_instance_uid}/sr", response_class=FileResponse)
+    def sr(study_instance_uid: str, who: Clinical) -> FileResponse:
+        """The SR as it went to PACS (application/dicom)."""
+        return document(study_instance_uid, "sr")
+
+    @app.get("/api/studies/{study_instance_uid}/seg", response_class=FileResponse)
+    def seg(study_instance_uid: str, who: Clinical) -> FileResponse:
+        """The SEG as it went to PACS (application/dicom)."""
+        return document(study_instance_uid, "seg")
+
+    # --- the radiologist's read (state-changing: CSRF-checked on sessions) -------------------
+
+    def act(request: Request, who: Principal, uid: str, action: str, **detail: Any) -> dict:
+        event = record(request, who, action, uid, **detail)
+        return {"assessment": assessments.get(uid), "audit_id": event["id"]}
+
+    @app.post("/api/studies/{study_instance_uid}/acknowledge")
+    def acknowledge(study_instance_uid: str, who: Radiologist, request: Request) -> dict:
+        study_row(study_instance_uid)
+        assessments.acknowledge(study_instance_uid, who.name)
+        return act(request, who, study_instance_uid, "acknowledge")
+
+    @app.post("/api/studies/{study_instance_uid}/reported")
+    def reported(study_instance_uid: str, who: Radiologist, request: Request) -> dict:
+        study_row(study_instance_uid)
+        assessments.reported(study_instance_uid, who.name)
+        return act(request, who, study_instance_uid, "reported")
+
+    @app.post("/api/studies/{study_instance_uid}/override")
+    def override(
+        study_instance_uid: str, body: OverrideBody, who: Radiologist, request: Request
+    ) -> dict:
+        """Override the priority; the reason is required and audited."""
+        row = study_row(study_instance_uid)
+        assessments.override(study_instance_uid, who.name, body)
+        return act(
+            request,
+            who,
+            study_instance_uid,
+            "override",
+            priority=body.priority.value,
+            ai_priority=row.get("priority"),
+            reason=body.reason,
         )
 
-    @app.post("/api/worklist/{study_instance_uid}/override")
-    def override(study_instance_uid: str, body: Override) -> dict[str, Any]:
-        _known(study_instance_uid)
-        doc = ctx.studies.get_study(study_instance_uid) or {}
-        return ctx.audit.append(
-            {
-                "action": "override",
-                "study_instance_uid": study_instance_uid,
-                "user": body.user,
-                "priority": body.priority.value,
-                "ai_priority": doc.get("priority"),
-                "comment": body.comment,
-            }
+    @app.post("/api/studies/{study_instance_uid}/findings/{finding_index}")
+    def finding(
+        study_instance_uid: str,
+        finding_index: int,
+        body: FindingBody,
+        who: Radiologist,
+        request: Request,
+    ) -> dict:
+        """Accept, reject or edit one AI finding (0-based, result.json lesion order)."""
+        row = study_row(study_instance_uid)
+        lesions = (row.get("result") or {}).get("lesions") or []
+        if not 0 <= finding_index < len(lesions):
+            raise HTTPException(404, f"the AI reported {len(lesions)} findings")
+        assessments.finding(study_instance_uid, finding_index, who.name, body)
+        return act(
+            request,
+            who,
+            study_instance_uid,
+            "finding",
+            finding_index=finding_index,
+            **body.model_dump(exclude_none=True),
         )
 
-    @app.get("/api/audit")
-    def audit() -> list[dict[str, Any]]:
-        return ctx.audit.events()
+    @app.post("/api/studies/{study_instance_uid}/pirads")
+    def pirads(
+        study_instance_uid: str, body: PiradsBody, who: Radiologist, request: Request
+    ) -> dict:
+        """The radiologist's overall PI-RADS v2.1 category."""
+        study_row(study_instance_uid)
+        assessments.pirads(study_instance_uid, who.name, body)
+        return act(request, who, study_instance_uid, "pirads", pirads=body.pirads)
 
-    @app.get("/worklist", response_class=HTMLResponse)
-    def worklist_page() -> HTMLResponse:
-        return HTMLResponse((WEB_DIR / "worklist.html").read_text(encoding="utf-8"))
+    @app.post("/api/studies/{study_instance_uid}/biopsy")
+    def biopsy(
+        study_instance_uid: str, body: BiopsyBody, who: Radiologist, request: Request
+    ) -> dict:
+        """The biopsy outcome: ISUP grade group (0 = benign) and date."""
+        study_row(study_instance_uid)
+        assessments.biopsy(study_instance_uid, body)
+        return act(request, who, study_instance_uid, "biopsy", **body.model_dump())
+
+    # --- pages ----------------------------------------------------------------------------
+
+    @app.get("/", include_in_schema=False)
+    def root() -> RedirectResponse:
+        return RedirectResponse("/worklist", status_code=303)
+
+    @app.get("/worklist", response_class=HTMLResponse, include_in_schema=False)
+    def worklist_page(who: ClinicalPage) -> HTMLResponse:
+        return _html("worklist.html")
+
+    @app.get("/studies/{study_instance_uid}", response_class=HTMLResponse, include_in_schema=False)
+    def study_page(study_instance_uid: str, who: ClinicalPage, request: Request) -> HTMLResponse:
+        study_row(study_instance_uid)
+        record(request, who, "view_study_page", study_instance_uid)
+        return _html("study.html")
 
     app.state.started = time.time()
     return app

@@ -1,0 +1,94 @@
+"""`radtriage users add|token|list|disable`: the workspace's users, in the index."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from core.errors import InputError
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("users", help="add, list or disable users; issue API tokens")
+    sub = p.add_subparsers(dest="users_command", metavar="ACTION")
+    sub.required = True
+
+    def action(name: str, help: str) -> argparse.ArgumentParser:
+        a = sub.add_parser(name, help=help)
+        a.add_argument("--config", type=Path, default=None, help="settings TOML")
+        a.add_argument("--json", action="store_true")
+        return a
+
+    add = action("add", "add a user (the password is read from stdin)")
+    add.add_argument("name")
+    add.add_argument("--role", required=True, choices=("radiologist", "admin", "ml_engineer"))
+    add.add_argument(
+        "--password-stdin", action="store_true", required=True, help="read the password from stdin"
+    )
+    add.set_defaults(func=run_add)
+    token = action("token", "print a new bearer token for NAME (shown once)")
+    token.add_argument("name")
+    token.set_defaults(func=run_token)
+    action("list", "every user, role and whether disabled").set_defaults(func=run_list)
+    dis = action("disable", "disable NAME: sessions end and tokens stop at once")
+    dis.add_argument("name")
+    dis.set_defaults(func=run_disable)
+
+
+def _engine(args: argparse.Namespace) -> Any:
+    from core.settings import load_settings
+    from dicom_node.index import Index
+
+    return Index(load_settings(args.config).storage.database_url).engine
+
+
+def _accounts(args: argparse.Namespace) -> Any:
+    from serving.accounts import Accounts
+
+    return Accounts(_engine(args))
+
+
+def _audit(args: argparse.Namespace, action: str, name: str, **detail: Any) -> None:
+    from serving.audit import AuditTrail
+
+    AuditTrail(_engine(args)).append(
+        action, user="cli", role="admin", address="cli", detail={"name": name, **detail}
+    )
+
+
+def run_add(args: argparse.Namespace) -> int:
+    password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise InputError("no password on stdin")
+    _accounts(args).add_user(args.name, args.role, password)
+    _audit(args, "user_added", args.name, role=args.role)
+    out = {"added": args.name, "role": args.role}
+    print(json.dumps(out) if args.json else f"added {args.name} ({args.role})")
+    return 0
+
+
+def run_token(args: argparse.Namespace) -> int:
+    token = _accounts(args).new_token(args.name)
+    _audit(args, "token_issued", args.name)
+    print(json.dumps({"name": args.name, "token": token}) if args.json else token)
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    users = _accounts(args).list_users()
+    if args.json:
+        print(json.dumps({"users": users}))
+        return 0
+    for u in users:
+        print(f"{u['name']}\t{u['role']}\t{'disabled' if u['disabled'] else 'enabled'}")
+    return 0
+
+
+def run_disable(args: argparse.Namespace) -> int:
+    _accounts(args).disable(args.name)
+    _audit(args, "user_disabled", args.name)
+    print(json.dumps({"disabled": args.name}) if args.json else f"disabled {args.name}")
+    return 0

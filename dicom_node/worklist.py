@@ -1,0 +1,329 @@
+"""The worklist in SQL: every study of the index, sorted, filtered and paginated in the
+database (no cap), and the sortable result columns a finished `TriageResult` is copied into.
+
+Order by priority: the radiologist's override when there is one, else the AI priority with the
+referrer's urgency as a floor (the AI never lowers it), by `Priority.rank`; then the longest
+waiting (oldest imaging request) first. A study without a result yet ranks as `not_analysed`:
+unknown risk never sinks to the bottom.
+
+The result columns on ``studies`` (migration 0005) are reached through `STUDIES`, a lightweight
+table clause; the live waiting list recomputes ``priority``/``priority_rank`` in place.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, Literal
+
+from sqlalchemy import (
+    Float,
+    Integer,
+    String,
+    Text,
+    and_,
+    case,
+    column,
+    func,
+    or_,
+    select,
+    table,
+    update,
+)
+from sqlalchemy.orm import Session
+
+from core.domain import Priority, ReferralUrgency, TriageResult
+from dicom_node.index import Instance, Patient
+from dicom_node.workspace_tables import Assessment
+
+STUDIES = table(
+    "studies",
+    column("id", Integer),
+    column("study_instance_uid", String),
+    column("patient_fk", Integer),
+    column("accession_number", String),
+    column("study_date", String),
+    column("study_description", String),
+    column("referral_urgency", String),
+    column("status", String),
+    column("node_id", String),
+    column("first_received_at", Float),
+    column("reported_at", Float),
+    column("result_json", Text),
+    # migration 0005: copied from the TriageResult by `update_result_columns`
+    column("priority", String),
+    column("priority_rank", Integer),
+    column("case_likelihood", Float),
+    column("largest_lesion_ml", Float),
+    column("gland_volume_ml", Float),
+    column("psa_density", Float),
+    column("request_date", String),
+    column("patient_sex", String),
+    column("patient_age", String),
+)
+
+SortKey = Literal[
+    "priority",
+    "waited",
+    "likelihood",
+    "largest_lesion",
+    "gland_volume",
+    "study_date",
+    "received",
+    "patient_name",
+    "status",
+]
+SORT_KEYS: tuple[str, ...] = SortKey.__args__  # type: ignore[attr-defined]
+MAX_PAGE = 500
+
+
+@dataclass(frozen=True)
+class WorklistQuery:
+    """Filters, order and page of one worklist request. Dates are DICOM DA (YYYYMMDD)."""
+
+    priority: tuple[str, ...] = ()  # effective priority; "pending" = no result yet
+    status: tuple[str, ...] = ()
+    study_date_from: str | None = None
+    study_date_to: str | None = None
+    text: str | None = None  # patient name or ID, accession number, Study Instance UID
+    sort: SortKey = "priority"
+    descending: bool = False
+    offset: int = 0
+    limit: int = 50
+    node_id: str | None = None  # None: every node's studies
+
+    def __post_init__(self) -> None:
+        if self.sort not in SORT_KEYS:
+            raise ValueError(f"sort must be one of {', '.join(SORT_KEYS)}, got {self.sort!r}")
+        if not 1 <= self.limit <= MAX_PAGE:
+            raise ValueError(f"limit must be 1..{MAX_PAGE}, got {self.limit}")
+        if self.offset < 0:
+            raise ValueError(f"offset must be >= 0, got {self.offset}")
+        for name in ("study_date_from", "study_date_to"):
+            value = getattr(self, name)
+            if value is not None and not (len(value) == 8 and value.isdigit()):
+                raise ValueError(f"{name} must be YYYYMMDD, got {value!r}")
+
+
+@dataclass(frozen=True)
+class WorklistPage:
+    total: int
+    offset: int
+    limit: int
+    rows: list[dict[str, Any]]
+
+
+def _floor_rank() -> Any:
+    """The referrer's urgency as a `Priority.rank` (the AI never goes below it)."""
+    return case(
+        {u.value: Priority(u.value).rank for u in ReferralUrgency},
+        value=STUDIES.c.referral_urgency,
+        else_=Priority.ROUTINE.rank,
+    )
+
+
+def effective_rank() -> Any:
+    """Override rank, else min(AI rank, referral floor); no result yet ranks `not_analysed`."""
+    ai = func.coalesce(STUDIES.c.priority_rank, Priority.NOT_ANALYSED.rank)
+    floor = _floor_rank()
+    floored = case((ai < floor, ai), else_=floor)
+    return case((Assessment.override_rank.is_not(None), Assessment.override_rank), else_=floored)
+
+
+def effective_priority() -> Any:
+    return func.coalesce(Assessment.override_priority, STUDIES.c.priority, "pending")
+
+
+def _filters(q: WorklistQuery) -> list[Any]:
+    where: list[Any] = []
+    if q.node_id is not None:
+        where.append(STUDIES.c.node_id == q.node_id)
+    if q.priority:
+        where.append(effective_priority().in_(q.priority))
+    if q.status:
+        where.append(STUDIES.c.status.in_(q.status))
+    if q.study_date_from:
+        where.append(STUDIES.c.study_date >= q.study_date_from)
+    if q.study_date_to:
+        where.append(STUDIES.c.study_date <= q.study_date_to)
+    if q.text and q.text.strip():
+        needle = q.text.strip().lower()
+        where.append(
+            or_(
+                *(
+                    func.lower(col).contains(needle, autoescape=True)
+                    for col in (
+                        Patient.patient_name,
+                        Patient.patient_id,
+                        STUDIES.c.accession_number,
+                        STUDIES.c.study_instance_uid,
+                    )
+                )
+            )
+        )
+    return where
+
+
+def _order(q: WorklistQuery) -> list[Any]:
+    waited = STUDIES.c.request_date  # oldest request = longest waited
+    keys: dict[str, list[Any]] = {
+        "priority": [effective_rank()],
+        "waited": [waited],
+        "likelihood": [STUDIES.c.case_likelihood],
+        "largest_lesion": [STUDIES.c.largest_lesion_ml],
+        "gland_volume": [STUDIES.c.gland_volume_ml],
+        "study_date": [STUDIES.c.study_date],
+        "received": [STUDIES.c.first_received_at],
+        "patient_name": [Patient.patient_name],
+        "status": [STUDIES.c.status],
+    }
+    # "waited" ascending means longest waiting first, so it flips with the others
+    flip = q.sort == "waited"
+    desc = q.descending != flip
+    primary = [(k.desc() if desc else k.asc()).nulls_last() for k in keys[q.sort]]
+    return [
+        *primary,
+        effective_rank().asc(),
+        waited.asc().nulls_last(),
+        STUDIES.c.first_received_at.asc(),
+        STUDIES.c.id.asc(),
+    ]
+
+
+def _from() -> Any:
+    return STUDIES.join(Patient, STUDIES.c.patient_fk == Patient.id).outerjoin(
+        Assessment, Assessment.study_instance_uid == STUDIES.c.study_instance_uid
+    )
+
+
+def query_worklist(session: Session, q: WorklistQuery, today: date | None = None) -> WorklistPage:
+    """One page of the worklist and the total count of studies matching the filters."""
+    where = and_(*_filters(q))
+    total = session.scalar(select(func.count()).select_from(_from()).where(where)) or 0
+    stmt = (
+        select(
+            STUDIES,
+            Patient.patient_name,
+            Patient.patient_id,
+            effective_priority().label("effective_priority"),
+            effective_rank().label("effective_rank"),
+            Assessment.override_priority,
+            Assessment.override_reason,
+            Assessment.override_by,
+            Assessment.acknowledged_by,
+            Assessment.reported_by,
+            Assessment.pirads_overall,
+            Assessment.isup_grade_group,
+        )
+        .select_from(_from())
+        .where(where)
+        .order_by(*_order(q))
+        .offset(q.offset)
+        .limit(q.limit)
+    )
+    today = today or datetime.now(UTC).date()
+    rows = [_row(r._mapping, today) for r in session.execute(stmt)]
+    return WorklistPage(total=int(total), offset=q.offset, limit=q.limit, rows=rows)
+
+
+def days_since(yyyymmdd: str | None, today: date) -> int | None:
+    if not yyyymmdd:
+        return None
+    try:
+        return (today - datetime.strptime(yyyymmdd, "%Y%m%d").date()).days
+    except ValueError:
+        return None
+
+
+def _row(m: Any, today: date) -> dict[str, Any]:
+    result = json.loads(m["result_json"]) if m["result_json"] else {}
+    reason = result.get("reason") or {}
+    model = result.get("model") or {}
+    return {
+        "study_instance_uid": m["study_instance_uid"],
+        "patient_name": m["patient_name"],
+        "patient_id": m["patient_id"],
+        "patient_sex": m["patient_sex"],
+        "patient_age": m["patient_age"],
+        "accession_number": m["accession_number"],
+        "study_date": m["study_date"],
+        "study_description": m["study_description"],
+        "referral_urgency": m["referral_urgency"],
+        "request_date": m["request_date"],
+        "days_waited": days_since(m["request_date"], today),
+        "priority": m["effective_priority"],
+        "priority_rank": m["effective_rank"],
+        "ai_priority": m["priority"],
+        "overridden_by": m["override_by"],
+        "override_reason": m["override_reason"],
+        "case_likelihood": m["case_likelihood"],
+        "largest_lesion_ml": m["largest_lesion_ml"],
+        "gland_volume_ml": m["gland_volume_ml"],
+        "psa_density": m["psa_density"],
+        "status": m["status"],
+        "reason": reason.get("message"),
+        "reason_code": reason.get("code"),
+        "priority_reasons": list(result.get("priority_reasons") or []),
+        "lesion_count": len(result.get("lesions") or []),
+        "model": {"name": model["name"], "version": model["version"]} if model else None,
+        "disclaimer": result.get("disclaimer"),
+        "acknowledged_by": m["acknowledged_by"],
+        "reported_by": m["reported_by"],
+        "pirads_overall": m["pirads_overall"],
+        "isup_grade_group": m["isup_grade_group"],
+    }
+
+
+def request_date_of(result: TriageResult, now: float) -> str | None:
+    """YYYYMMDD of the imaging request: the result's own when it carries one, else the day
+    `days_waited` before the report."""
+    own = getattr(result, "request_date", None)
+    if own:
+        return str(own)
+    if result.days_waited is None:
+        return None
+    day = datetime.fromtimestamp(now, UTC).date() - timedelta(days=result.days_waited)
+    return day.strftime("%Y%m%d")
+
+
+def _patient_header(session: Session, study_id: int) -> tuple[str | None, str | None]:
+    """PatientSex (0010,0040) and PatientAge (0010,1010) from one instance of the study."""
+    from pydicom import dcmread
+
+    path = session.scalar(
+        select(Instance.path).where(Instance.study_fk == study_id).order_by(Instance.id).limit(1)
+    )
+    if path is None:
+        return None, None
+    try:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=["PatientSex", "PatientAge"])
+    except Exception:  # unreadable now: the columns stay empty, the worklist shows a dash
+        return None, None
+    sex = str(ds.get("PatientSex") or "")[:16] or None
+    age = str(ds.get("PatientAge") or "")[:16] or None
+    return sex, age
+
+
+def update_result_columns(
+    session: Session, study_id: int, result: TriageResult, now: float
+) -> None:
+    """Copy a finished result into the sortable ``studies`` columns (call it in the same
+    transaction that stores ``result_json``)."""
+    largest = max((lesion.volume_ml for lesion in result.lesions), default=None)
+    sex, age = _patient_header(session, study_id)
+    session.execute(
+        update(STUDIES)
+        .where(STUDIES.c.id == study_id)
+        .values(
+            priority=result.priority.value,
+            priority_rank=result.priority.rank,
+            case_likelihood=result.case_likelihood,
+            largest_lesion_ml=largest,
+            gland_volume_ml=result.gland_volume_ml,
+            psa_density=result.psa_density,
+            request_date=request_date_of(result, now),
+            patient_sex=sex,
+            patient_age=age,
+        )
+    )

@@ -1,0 +1,173 @@
+"""Users, login sessions and API tokens, stored in the index (`dicom_node.workspace_tables`).
+
+Passwords are hashed with argon2id (argon2-cffi, its default parameters; hashes are rehashed
+on login when those change). Session ids and bearer tokens are 32 random bytes from `secrets`;
+the database keeps only their sha256, so a copy of the index cannot be replayed as a login.
+A plain sha256 is enough there: unlike passwords, those secrets carry 256 bits of entropy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import delete, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from core.errors import InputError
+from dicom_node.workspace_tables import ROLES, ApiToken, User, UserSession
+
+TOKEN_PREFIX = "rt_"
+_hasher = PasswordHasher()
+# verifying against this keeps a login for an unknown user as slow as one for a known user
+_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who makes a request: a user, by login session or bearer token."""
+
+    name: str
+    role: str
+    via: str  # "session" | "token"
+    csrf_secret: str | None = None  # sessions only
+
+
+def _sha256(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class Accounts:
+    """User administration and credential checks over the index's engine."""
+
+    def __init__(self, engine: Engine, session_ttl_s: float = 8 * 3600.0) -> None:
+        self.engine = engine
+        self.session_ttl_s = session_ttl_s
+
+    def _session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    # --- administration -------------------------------------------------------------------
+
+    def add_user(self, name: str, role: str, password: str) -> None:
+        if not name or len(name) > 64 or not name.isprintable():
+            raise InputError("user name must be 1-64 printable characters")
+        if role not in ROLES:
+            raise InputError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        if len(password) < 8:
+            raise InputError("password must have at least 8 characters")
+        with self._session() as s, s.begin():
+            if s.scalar(select(User.id).where(User.name == name)) is not None:
+                raise InputError(f"user {name!r} exists already")
+            s.add(
+                User(
+                    name=name,
+                    role=role,
+                    password_hash=_hasher.hash(password),
+                    disabled=False,
+                    created_at=time.time(),
+                )
+            )
+
+    def list_users(self) -> list[dict[str, object]]:
+        with self._session() as s:
+            return [
+                {"name": u.name, "role": u.role, "disabled": u.disabled, "created_at": u.created_at}
+                for u in s.scalars(select(User).order_by(User.name))
+            ]
+
+    def disable(self, name: str) -> None:
+        """Disable a user: their sessions end and their tokens stop working at once."""
+        with self._session() as s, s.begin():
+            user = s.scalar(select(User).where(User.name == name))
+            if user is None:
+                raise InputError(f"no user {name!r}")
+            user.disabled = True
+            s.execute(delete(UserSession).where(UserSession.user_fk == user.id))
+            s.execute(update(ApiToken).where(ApiToken.user_fk == user.id).values(revoked=True))
+
+    def new_token(self, name: str) -> str:
+        """A new bearer token for `name` (shown once; only its hash is kept)."""
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        with self._session() as s, s.begin():
+            user = s.scalar(select(User).where(User.name == name))
+            if user is None or user.disabled:
+                raise InputError(f"no enabled user {name!r}")
+            s.add(ApiToken(token_hash=_sha256(token), user_fk=user.id, created_at=time.time()))
+        return token
+
+    # --- credentials ----------------------------------------------------------------------
+
+    def check_password(self, name: str, password: str) -> Principal | None:
+        with self._session() as s, s.begin():
+            user = s.scalar(select(User).where(User.name == name))
+            try:
+                _hasher.verify(user.password_hash if user else _DUMMY_HASH, password)
+            except (VerificationError, InvalidHashError):
+                return None
+            if user is None or user.disabled:
+                return None
+            if _hasher.check_needs_rehash(user.password_hash):
+                user.password_hash = _hasher.hash(password)
+            return Principal(user.name, user.role, "password")
+
+    def open_session(self, name: str, address: str) -> tuple[str, str]:
+        """Start a session for `name`; returns (session id for the cookie, CSRF token)."""
+        session_id = secrets.token_urlsafe(32)
+        csrf = secrets.token_urlsafe(32)
+        now = time.time()
+        with self._session() as s, s.begin():
+            user_id = s.scalar(select(User.id).where(User.name == name))
+            if user_id is None:
+                raise InputError(f"no user {name!r}")
+            s.execute(delete(UserSession).where(UserSession.expires_at < now))
+            s.add(
+                UserSession(
+                    session_hash=_sha256(session_id),
+                    user_fk=user_id,
+                    csrf_secret=csrf,
+                    created_at=now,
+                    expires_at=now + self.session_ttl_s,
+                    address=address[:64],
+                )
+            )
+        return session_id, csrf
+
+    def by_session(self, session_id: str) -> Principal | None:
+        with self._session() as s:
+            row = s.execute(
+                select(User, UserSession)
+                .join(UserSession, UserSession.user_fk == User.id)
+                .where(UserSession.session_hash == _sha256(session_id))
+            ).first()
+        if row is None:
+            return None
+        user, sess = row
+        if user.disabled or sess.expires_at < time.time():
+            return None
+        return Principal(user.name, user.role, "session", sess.csrf_secret)
+
+    def close_session(self, session_id: str) -> None:
+        with self._session() as s, s.begin():
+            s.execute(delete(UserSession).where(UserSession.session_hash == _sha256(session_id)))
+
+    def by_token(self, token: str) -> Principal | None:
+        if not token.startswith(TOKEN_PREFIX):
+            return None
+        with self._session() as s:
+            row = s.execute(
+                select(User, ApiToken)
+                .join(ApiToken, ApiToken.user_fk == User.id)
+                .where(ApiToken.token_hash == _sha256(token))
+            ).first()
+        if row is None:
+            return None
+        user, tok = row
+        if user.disabled or tok.revoked:
+            return None
+        return Principal(user.name, user.role, "token")

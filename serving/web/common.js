@@ -1,0 +1,53 @@
+"use strict";
+// Shared by the workspace pages. Every server value is put into the page with textContent
+// (never innerHTML), so hostile DICOM tag values render as text.
+const PRIORITY = {
+  urgent: {label: "URGENT", icon: "\u25B2"},
+  not_analysed: {label: "NOT ANALYSED", icon: "?"},
+  soon: {label: "SOON", icon: "\u25C6"},
+  routine: {label: "ROUTINE", icon: "\u25CB"},
+  pending: {label: "AWAITING AI", icon: "\u2026"},
+};
+const ORDER = ["urgent", "not_analysed", "soon", "routine"];
+let SESSION = null;
+
+function el(tag, props = {}, ...children) {
+  const node = Object.assign(document.createElement(tag), props);
+  for (const child of children) if (child != null) node.append(child);
+  return node;
+}
+function badge(priority) {
+  const p = PRIORITY[priority] || {label: String(priority), icon: ""};
+  return el("span", {className: `badge ${priority}`}, el("span", {ariaHidden: "true", textContent: p.icon}), p.label);
+}
+function personName(pn) {
+  // DICOM PN: family^given^middle^prefix^suffix (first component group only)
+  if (!pn) return "";
+  const [family, given, middle, prefix, suffix] = String(pn).split("=")[0].split("^");
+  const rest = [prefix, given, middle, suffix].filter(Boolean).join(" ");
+  return family && rest ? `${family}, ${rest}` : (family || rest || "");
+}
+function dicomDate(da) {
+  return da && /^\d{8}$/.test(da) ? `${da.slice(0, 4)}-${da.slice(4, 6)}-${da.slice(6, 8)}` : (da || "");
+}
+async function api(path, options = {}) {
+  const headers = Object.assign({"Content-Type": "application/json"}, options.headers || {});
+  if (options.method && options.method !== "GET" && SESSION) headers["X-CSRF-Token"] = SESSION.csrf_token;
+  const r = await fetch(path, Object.assign({cache: "no-store", credentials: "same-origin"}, options, {headers}));
+  if (r.status === 401) { location.assign("/login"); throw new Error("signed out"); }
+  if (!r.ok) {
+    let detail = `${r.status}`;
+    try { const body = await r.json(); detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail); } catch (e) { /* not JSON */ }
+    throw new Error(detail);
+  }
+  return r.json();
+}
+function post(path, body) { return api(path, {method: "POST", body: JSON.stringify(body || {})}); }
+async function startSession() {
+  SESSION = await api("/api/session");
+  const who = document.getElementById("who");
+  if (who) who.textContent = `Signed in as ${SESSION.name} (${SESSION.role.replace("_", " ")})`;
+  const out = document.getElementById("logout");
+  if (out) out.onclick = async () => { try { await post("/api/logout"); } finally { location.assign("/login"); } };
+  return SESSION;
+}
