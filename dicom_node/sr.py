@@ -7,7 +7,9 @@ docs/conformance.md)::
       Language; Observer Type = Device (TID 1004: the model as device observer)
       Procedure reported = Multiparametric MRI of prostate
       CONTAINER Imaging Measurements
-        CONTAINER Measurement Group (TID 1501)      "AI case assessment", first
+        CONTAINER Measurement Group (TID 1501)      "AI case assessment", first; TID 1411
+                                                    referencing the gland segment when the
+                                                    SEG has one (then every group is 1411)
           Tracking Identifier / UID; Finding = Overall Prostate Finding
           Algorithm Name / Version / Parameters "sha256=..." (TID 4019)
           NUM  AI csPCa case likelihood (0..1)      [analysed]
@@ -20,7 +22,7 @@ docs/conformance.md)::
         CONTAINER Measurement Group (TID 1411)      prostate gland, refs SEG segment [SEG]
           NUM  Volume (ml)
         CONTAINER Measurement Group (TID 1411)      one per AI lesion
-          Referenced Segment (SEG) or a POINT volume surface at the centroid
+          Referenced Segment (SEG with a gland segment) or a POINT volume surface
           Finding = Localized Prostate Finding; Finding Site = PI-RADS v2.1 sector (CID 6304)
           NUM  AI csPCa lesion likelihood; NUM Volume (ml)
           CODE AI lesion category (not PI-RADS)
@@ -222,14 +224,24 @@ def _text(name: hd.sr.CodedConcept, value: str) -> hd.sr.TextContentItem:
     )
 
 
+_VolumetricGroup = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+
+
 def _case_group(
     result: TriageResult,
     model: ModelRef | None,
     *,
     psa_density: float | None,
-    gland_in_seg: bool,
+    gland_segment: hd.sr.ReferencedSegment | None,
     disclaimer: str | None,
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+) -> hd.sr.MeasurementsAndQualitativeEvaluations | _VolumetricGroup:
+    """The case-level group: TID 1501, or TID 1411 over the gland segment when the SEG has one.
+
+    Over the gland segment, every group of the report is a TID 1411 volumetric ROI group; a
+    validator (PixelMed) that picks one sub-template for all groups of Imaging Measurements
+    then checks them all against the template they follow.
+    """
+    gland_in_seg = gland_segment is not None
     priority = Priority(result.priority)
     measurements = []
     if result.case_likelihood is not None:
@@ -263,16 +275,25 @@ def _case_group(
         evaluations.append(
             hd.sr.QualitativeEvaluation(dc.NOT_ANALYSED_REASON, dc.reason_concept(code))
         )
-    group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
+    common: dict[str, Any] = {
+        "tracking_identifier": hd.sr.TrackingIdentifier(
             uid=stable_uid("tracking", result.study_instance_uid, "case"),
             identifier="AI case assessment",
         ),
-        finding_type=dc.OVERALL_PROSTATE_FINDING,
-        algorithm_id=_algorithm(model) if model else None,
-        measurements=measurements or None,
-        qualitative_evaluations=evaluations,
-    )
+        "finding_type": dc.OVERALL_PROSTATE_FINDING,
+        "algorithm_id": _algorithm(model) if model else None,
+        "measurements": measurements or None,
+        "qualitative_evaluations": evaluations,
+    }
+    group: Any
+    if gland_segment is not None:
+        group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            referenced_segment=gland_segment,
+            finding_sites=[hd.sr.FindingSite(dc.PROSTATE)],
+            **common,
+        )
+    else:
+        group = hd.sr.MeasurementsAndQualitativeEvaluations(**common)
     content = group[0].ContentSequence
     content.append(_text(dc.AI_SUMMARY, summary_text(result, psa_density=psa_density)))
     if priority is Priority.NOT_ANALYSED and reason.get("message"):
@@ -452,12 +473,17 @@ def build_triage_sr(
         else None
     )
 
+    gland_segment = (
+        _referenced_segment(seg, gland_number, t2w_series)
+        if seg is not None and gland_number is not None
+        else None
+    )
     groups: list[Any] = [
         _case_group(
             result,
             model,
             psa_density=psa_density,
-            gland_in_seg=gland_number is not None,
+            gland_segment=gland_segment,
             disclaimer=disclaimer,
         )
     ]
@@ -470,8 +496,10 @@ def build_triage_sr(
                 study_instance_uid=result.study_instance_uid,
             )
         for i, lesion in enumerate(result.lesions):
-            number = segments.get(
-                segment_tracking_uid(result.study_instance_uid, model, "lesion", i)
+            number = (
+                segments.get(segment_tracking_uid(result.study_instance_uid, model, "lesion", i))
+                if gland_segment is not None
+                else None
             )
             groups.append(
                 _lesion_group(
