@@ -28,6 +28,9 @@ from dicom_node import dicom_codes as dc
 MANUFACTURER = "radtriage"
 GLAND_LABEL = "Prostate gland"
 _POSITION_TOLERANCE = 0.25  # voxels
+# Recommended Display CIELab Value: viewers (OHIF/cornerstone, dcmqi) colour segments by it
+GLAND_COLOR = hd.color.CIELabColor(70.0, -35.0, 25.0)  # green
+LESION_COLOR = hd.color.CIELabColor(55.0, 70.0, 50.0)  # red
 
 
 @contextmanager
@@ -175,6 +178,7 @@ def build_seg(
                     algorithm_identification=algorithm,
                     tracking_uid=segment_tracking_uid(study_uid, model, "gland"),
                     tracking_id="prostate gland",
+                    display_color=GLAND_COLOR,
                 ),
             )
         )
@@ -203,6 +207,7 @@ def build_seg(
                         tracking_uid=segment_tracking_uid(study_uid, model, "lesion", i),
                         tracking_id=f"AI lesion {i + 1}",
                         anatomic_regions=[dc.PROSTATE],
+                        display_color=LESION_COLOR,
                     ),
                 )
             )
