@@ -1,20 +1,33 @@
-"""The promotion gate: a candidate may not replace the promoted model if it is worse on the
-PI-CAI ranking score beyond the confidence interval of a paired bootstrap on the same cases.
+"""The promotion gate, one for every path (CLI `models promote|rollback`, training, the server's
+rollout, which only serves what `ModelRepository.promoted` vouches for).
 
-`radtriage models promote` calls `check_promotion`; forcing past a refusal needs a reason,
-which the caller records in the repository's promotion log together with `to_dict()`.
+A candidate may not replace the promoted model if it is worse beyond the confidence interval of
+a paired bootstrap on the same cases, on either kind of evidence:
+
+- offline: `data` (labelled cases, `--data`), both versions re-run, PI-CAI ranking score
+  (`check_promotion`);
+- live: the candidate's stored shadow results against the live model on the same studies,
+  AUROC against the biopsy outcomes that have arrived (`evaluation.shadow_report`).
+
+No evidence, or too little (no csPCa or no benign outcome), is a refusal too. Forcing past a
+refusal needs a non-empty reason; `gate` returns a `models.repository.GateDecision` that
+`ModelRepository.promote` records in the append-only promotion log.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from core.errors import InputError
 from evaluation.compare import compare_records
+from evaluation.outcomes import Outcome
 from evaluation.runner import LabelledCase, Predictor, load_cases, load_pipeline, run_cases
+from evaluation.shadow_report import compare_shadow
+from models.repository import GateDecision, ModelRepository
+from models.shadow_log import ShadowRecord
 
 
 @dataclass(frozen=True)
@@ -63,8 +76,6 @@ def check_promotion(
     `InputError`. `repository` is a `models.repository.ModelRepository`, a path, or None (the
     bundled one); `predictor_factory(ref)` replaces the server pipeline (tests, other runtimes).
     """
-    from models.repository import ModelRepository
-
     if force_reason is not None and not force_reason.strip():
         raise InputError("forcing a promotion needs a non-empty reason; it is recorded")
     repo = (
@@ -134,4 +145,183 @@ def check_promotion(
         False,
         force_reason,
         comparison,
+    )
+
+
+def _repo(repository: Any) -> ModelRepository:
+    if isinstance(repository, ModelRepository):
+        return repository
+    return ModelRepository(Path(repository) if repository is not None else None)
+
+
+def _live_verdict(
+    name: str,
+    candidate: str,
+    current: str,
+    shadow: Iterable[ShadowRecord],
+    outcomes: Sequence[Outcome],
+    *,
+    n_bootstrap: int,
+    seed: int,
+    level: float,
+) -> tuple[bool, str, dict[str, Any]]:
+    """(not worse?, why, evidence) from stored shadow results joined with outcomes."""
+    doc = compare_shadow(
+        shadow,
+        outcomes,
+        candidate=f"{name}:{candidate}",
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        level=level,
+    )
+    live = [m for m in doc["primary_models"] if m != f"{name}:{current}"]
+    if live:
+        return False, f"shadow results were recorded against {live}, not {name}:{current}", doc
+    auroc = doc.get("auroc")
+    n, pos = doc["n_with_outcome"], doc["n_cspca"]
+    if not auroc or pos == 0 or pos == n or auroc["difference"]["ci"][1] is None:
+        return (
+            False,
+            f"too little live evidence: {n} shadowed studies with an outcome ({pos} csPCa); "
+            "wait for more biopsy results",
+            doc,
+        )
+    diff = auroc["difference"]
+    low, high = diff["ci"]
+    text = (
+        f"live AUROC {name}:{current} {auroc['a']:.3f}, shadow {name}:{candidate} "
+        f"{auroc['b']:.3f}; difference {diff['value']:+.3f} ({level:.0%} CI {low:+.3f} to "
+        f"{high:+.3f}) on {n} studies with outcomes"
+    )
+    return high >= 0, text, doc
+
+
+def gate(
+    repository: Any,
+    name: str,
+    candidate_version: str,
+    *,
+    data: str | Sequence[LabelledCase] | None = None,
+    shadow: Iterable[ShadowRecord] | None = None,
+    outcomes: Sequence[Outcome] = (),
+    force_reason: str | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    gland: str = "prostate_gland",
+    predictor_factory: Callable[[str], Predictor] | None = None,
+) -> GateDecision:
+    """The one promotion gate: the decision for NAME:candidate_version against the promoted one.
+
+    Evidence: offline `data` and/or live `shadow` results with `outcomes`; every kind given
+    must pass. None given, or a refusal, gives `refused` unless `force_reason` (non-empty)
+    turns it into `forced`. Pass the result to `ModelRepository.promote`.
+    """
+    if force_reason is not None and not force_reason.strip():
+        raise InputError("forcing a promotion needs a non-empty reason; it is recorded")
+    repo = _repo(repository)
+    repo.resolve(f"{name}:{candidate_version}")
+    current = repo.promoted(name)
+    if current is None or current == candidate_version:
+        return GateDecision.first(name, candidate_version, current)
+    evidence: dict[str, Any] = {}
+    failures: list[str] = []
+    passes: list[str] = []
+    if data is not None:
+        verdict = check_promotion(
+            repo,
+            name,
+            candidate_version,
+            data,
+            gland=gland,
+            n_bootstrap=n_bootstrap,
+            seed=seed,
+            level=level,
+            predictor_factory=predictor_factory,
+        )
+        evidence["offline"] = verdict.to_dict()
+        (passes if verdict.allowed else failures).append(verdict.reason)
+    if shadow is not None:
+        ok, why, doc = _live_verdict(
+            name,
+            candidate_version,
+            current,
+            shadow,
+            outcomes,
+            n_bootstrap=n_bootstrap,
+            seed=seed,
+            level=level,
+        )
+        evidence["live"] = doc
+        (passes if ok else failures).append(why)
+    if not evidence:
+        failures.append(
+            f"no evidence: {name}:{current} is promoted; give labelled --data or shadow "
+            "results with --outcomes"
+        )
+    if not failures:
+        return GateDecision(
+            "passed", name, candidate_version, current, "; ".join(passes), evidence=evidence
+        )
+    why = "; ".join(failures)
+    if force_reason:
+        return GateDecision(
+            "forced",
+            name,
+            candidate_version,
+            current,
+            f"FORCED past a refusal: {why}",
+            force_reason=force_reason,
+            evidence=evidence,
+        )
+    return GateDecision(
+        "refused",
+        name,
+        candidate_version,
+        current,
+        f"refused: {why}; fix the model, gather evidence, or force with a recorded reason",
+        evidence=evidence,
+    )
+
+
+def rollback_decision(repository: Any, name: str, version: str, reason: str) -> GateDecision:
+    """Back to a version that was once promoted on an allowing decision; needs a reason."""
+    if not reason.strip():
+        raise InputError("a rollback needs a non-empty reason; it is recorded")
+    repo = _repo(repository)
+    targets = repo.rollback_targets(name)
+    current = repo.promoted(name)
+    if version == current:
+        return GateDecision.first(name, version, current)
+    if version not in targets:
+        raise InputError(
+            f"{name}:{version} was never promoted through the gate; roll back to one of "
+            f"{[t for t in targets if t != current] or 'none'}, or promote it"
+        )
+    return GateDecision(
+        "rollback",
+        name,
+        version,
+        current,
+        f"rollback from {name}:{current} to {name}:{version} (promoted before)",
+        force_reason=reason,
+    )
+
+
+def promote(
+    repository: Any,
+    name: str,
+    candidate_version: str,
+    *,
+    reason: str = "",
+    user: str | None = None,
+    **gate_kwargs: Any,
+) -> tuple[GateDecision, dict[str, Any] | None]:
+    """Run `gate` and promote when it allows; (decision, log entry or None when refused)."""
+    repo = _repo(repository)
+    decision = gate(repo, name, candidate_version, **gate_kwargs)
+    if not decision.allowed:
+        return decision, None
+    return decision, repo.promote(
+        f"{name}:{candidate_version}", decision, reason=reason or decision.reason, user=user
     )

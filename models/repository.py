@@ -3,6 +3,11 @@
 `<root>/<name>/production.json` names the promoted version that "NAME" resolves to;
 `<root>/<name>/promotions.jsonl` is the append-only promotion log (who, when, why, gate result).
 "NAME:VERSION" always resolves to that exact version.
+
+One gate: `ModelRepository.promote` takes a `GateDecision` (made by `evaluation.promotion.gate`)
+and refuses a refused, stale or reasonless forced one; `promoted(NAME)` (what "NAME" resolves to
+and what the server rolls out) returns a version only when production.json is the last line of
+the log and carries an allowing decision, so no path reaches production around the gate.
 """
 
 from __future__ import annotations
@@ -10,18 +15,28 @@ from __future__ import annotations
 import getpass
 import hashlib
 import json
+import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from core.errors import InputError, ModelIntegrityError, ModelNotFoundError
+from core.errors import InputError, ModelError, ModelIntegrityError, ModelNotFoundError
 from models.metadata import METADATA_FILE, MODEL_FILE, ModelMetadata, read_metadata
+
+log = logging.getLogger(__name__)
 
 PRODUCTION_FILE = "production.json"
 PROMOTION_LOG = "promotions.jsonl"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class PromotionRefusedError(ModelError):
+    """The promotion gate did not allow this promotion (refused, stale or missing decision)."""
+
+    http_status = 409
+    reason_code = "promotion_refused"
 
 
 def default_repository() -> Path:
@@ -105,10 +120,11 @@ class ModelRepository:
         return sorted(found, key=_version_key)
 
     def promoted(self, name: str) -> str | None:
-        path = self.root / name / PRODUCTION_FILE
-        if not path.is_file():
-            return None
-        return str(json.loads(path.read_text(encoding="utf-8"))["version"])
+        """The version "NAME" resolves to: production.json, only when its promotion record
+        carries an allowing gate decision (`promotion_record`). The server's rollout reads
+        this, so nothing reaches it except through the gate."""
+        entry = self.promotion_record(name)
+        return None if entry is None else str(entry["version"])
 
     def resolve(self, ref: str) -> ModelVersion:
         """ "NAME" (the promoted version) or "NAME:VERSION" -> its folder and metadata."""
@@ -168,40 +184,174 @@ class ModelRepository:
         lines = path.read_text(encoding="utf-8").splitlines()
         return [json.loads(line) for line in lines if line.strip()]
 
+    def promotion_record(self, name: str) -> dict[str, Any] | None:
+        """The production.json entry of NAME when it is trustworthy: its gate decision passed,
+        was forced with a reason, or is a first promotion or rollback, and it is the last line
+        of the append-only promotion log. Anything else (hand-edited, legacy without a gate,
+        refused) counts as nothing promoted, with a warning."""
+        path = self.root / name / PRODUCTION_FILE
+        if not path.is_file():
+            return None
+        entry = json.loads(path.read_text(encoding="utf-8"))
+        log_entries = self.promotion_log(name)
+        if not log_entries or log_entries[-1] != entry:
+            log.warning(
+                "%s does not match the last entry of %s: ignoring it (promote through the gate)",
+                path,
+                PROMOTION_LOG,
+            )
+            return None
+        if not _decision_allows(entry.get("gate")):
+            log.warning("%s carries no passed or forced gate decision: ignoring it", path)
+            return None
+        return dict(entry)
+
     def promote(
         self,
         ref: str,
+        decision: GateDecision | None = None,
         *,
         reason: str = "",
-        forced: bool = False,
-        gate: dict[str, Any] | None = None,
         user: str | None = None,
+        gate: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Make NAME:VERSION the version "NAME" resolves to; append to the promotion log.
+        """Make NAME:VERSION the version "NAME" resolves to, on the gate's `decision`.
 
-        The evaluation gate is the caller's job (`cli.commands.models`); `gate` records it.
+        `decision` comes from `evaluation.promotion.gate` (the one gate: CLI, training, server
+        rollout all read what it wrote). Without one, only a first promotion (nothing promoted
+        yet) is allowed. A refused, stale (made against another promoted version) or reasonless
+        forced decision raises `PromotionRefusedError`. `gate` is a legacy free-form note,
+        recorded but carrying no authority.
         """
         name, version = parse_ref(ref)
         if version is None:
             raise InputError(f"promote needs NAME:VERSION, got {ref!r}")
         self.verify(ref)  # never promote a file that does not match its metadata
+        current = self.promoted(name)
+        if decision is None:
+            if current is not None and current != version:
+                raise PromotionRefusedError(
+                    f"{name}:{current} is promoted: replacing it with {ref} needs a gate "
+                    "decision (radtriage models promote, evaluation.promotion.gate)"
+                )
+            decision = GateDecision.first(name, version, current)
+        decision.check_applies(name, version, current)
+        if decision.outcome == "rollback" and version not in self.rollback_targets(name):
+            raise PromotionRefusedError(
+                f"cannot roll back to {ref}: it was never promoted on an allowing gate decision"
+            )
         entry = {
             "name": name,
             "version": version,
-            "previous": self.promoted(name),
+            "previous": current,
             "promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "user": user or _user(),
-            "reason": reason,
-            "forced": forced,
-            "gate": gate,
+            "reason": reason or decision.reason,
+            "forced": decision.outcome == "forced",
+            "gate": decision.to_dict(),
         }
+        if gate is not None:
+            entry["caller_note"] = gate
         folder = self.root / name
+        with (folder / PROMOTION_LOG).open("a", encoding="utf-8") as promotions:
+            promotions.write(json.dumps(entry, default=str) + "\n")
         tmp = folder / (PRODUCTION_FILE + ".tmp")
-        tmp.write_text(json.dumps(entry, indent=2) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(entry, indent=2, default=str) + "\n", encoding="utf-8")
         tmp.replace(folder / PRODUCTION_FILE)
-        with (folder / PROMOTION_LOG).open("a", encoding="utf-8") as log:
-            log.write(json.dumps(entry) + "\n")
-        return entry
+        return json.loads(json.dumps(entry, default=str))
+
+    def rollback_targets(self, name: str) -> list[str]:
+        """Versions once promoted on an allowing gate decision (newest first), still valid."""
+        seen: list[str] = []
+        for entry in reversed(self.promotion_log(name)):
+            v = str(entry.get("version"))
+            if v not in seen and _decision_allows(entry.get("gate")) and v in self.versions(name):
+                seen.append(v)
+        return seen
+
+
+_ALLOWING = ("first", "passed", "forced", "rollback", "same")
+
+
+def _decision_allows(gate: Any) -> bool:
+    """Whether a recorded gate dict allows serving. Legacy records (before `outcome`) count
+    when `allowed` is True; a legacy "no evaluation gate ran" (`allowed` None) does not."""
+    if not isinstance(gate, dict):
+        return False
+    outcome = gate.get("outcome")
+    if outcome is None:
+        return gate.get("allowed") is True
+    if outcome == "forced" and not str(gate.get("force_reason") or "").strip():
+        return False
+    return outcome in _ALLOWING
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """What the promotion gate decided for NAME:candidate against the promoted `current`.
+
+    `outcome`: first (nothing promoted), same (already promoted), passed (evidence says not
+    worse), forced (worse or no evidence, overridden with `force_reason`), rollback (back to a
+    version once promoted on an allowing decision), refused. `evidence` is the comparison
+    behind it (offline paired bootstrap, live outcomes, shadow), recorded in the log.
+    """
+
+    outcome: Literal["first", "same", "passed", "forced", "rollback", "refused"]
+    name: str
+    candidate: str
+    current: str | None
+    reason: str
+    force_reason: str | None = None
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.outcome not in (*_ALLOWING, "refused"):
+            raise ValueError(f"outcome {self.outcome!r} is not a gate outcome")
+        if self.outcome in ("forced", "rollback") and not (self.force_reason or "").strip():
+            raise ValueError(f"a {self.outcome} decision needs a non-empty force_reason")
+        if self.outcome == "passed" and not self.evidence:
+            raise ValueError("a passed decision needs the evidence it passed on")
+        if not self.reason.strip():
+            raise ValueError("a gate decision needs a reason")
+
+    @property
+    def allowed(self) -> bool:
+        return self.outcome != "refused"
+
+    @classmethod
+    def first(cls, name: str, version: str, current: str | None) -> GateDecision:
+        """Nothing to compare with: a first promotion (or re-promoting the promoted one)."""
+        if current == version:
+            return cls("same", name, version, current, f"{name}:{version} is already promoted")
+        return cls("first", name, version, None, f"{name} has no promoted version yet")
+
+    def check_applies(self, name: str, version: str, current: str | None) -> None:
+        """Raise `PromotionRefusedError` unless this decision allows NAME:VERSION now."""
+        ref = f"{name}:{version}"
+        if (self.name, self.candidate) != (name, version):
+            raise PromotionRefusedError(
+                f"the gate decision is for {self.name}:{self.candidate}, not {ref}"
+            )
+        if self.outcome == "refused":
+            raise PromotionRefusedError(f"the gate refused {ref}: {self.reason}")
+        if self.current != current and self.outcome != "same":
+            raise PromotionRefusedError(
+                f"the gate compared {ref} with {self.current or 'nothing'}, but "
+                f"{current or 'nothing'} is promoted now: run the gate again"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "outcome": self.outcome,
+            "allowed": self.allowed,
+            "name": self.name,
+            "candidate_version": self.candidate,
+            "current_version": self.current,
+            "reason": self.reason,
+            "forced": self.outcome == "forced",
+            "force_reason": self.force_reason,
+            "evidence": self.evidence,
+        }
 
 
 def _user() -> str:

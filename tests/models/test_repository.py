@@ -19,7 +19,12 @@ from core.errors import (
 )
 from models.metadata import METADATA_FILE, MODEL_FILE, read_metadata
 from models.onnx_runner import OnnxModel
-from models.repository import ModelRepository, sha256_file
+from models.repository import (
+    GateDecision,
+    ModelRepository,
+    PromotionRefusedError,
+    sha256_file,
+)
 from tests.models.conftest import SPEC_ZYX
 
 
@@ -107,11 +112,70 @@ def test_resolve_and_promote(tiny_repo: Path) -> None:
     with pytest.raises(InputError):
         repo.resolve("bad name:1")
     repo.promote("cspca_detector:1.0.0", reason="first")
-    repo.promote("cspca_detector:1.1.0", reason="better")
+    with pytest.raises(PromotionRefusedError, match="needs a gate decision"):
+        repo.promote("cspca_detector:1.1.0", reason="no gate")
+    forced = GateDecision(
+        "forced", "cspca_detector", "1.1.0", "1.0.0", "no evidence", force_reason="better"
+    )
+    repo.promote("cspca_detector:1.1.0", forced)
     assert repo.resolve("cspca_detector").metadata.version == "1.1.0"
     log = repo.promotion_log("cspca_detector")
     assert [e["version"] for e in log] == ["1.0.0", "1.1.0"]
-    assert log[1]["previous"] == "1.0.0" and log[1]["reason"] == "better"
+    assert log[1]["previous"] == "1.0.0" and log[1]["reason"] == "no evidence"
+    assert log[1]["gate"]["outcome"] == "forced" and log[1]["gate"]["force_reason"] == "better"
+    assert log[0]["gate"]["outcome"] == "first"
+
+
+def test_promote_needs_an_applicable_gate_decision(tiny_repo: Path) -> None:
+    repo = ModelRepository(tiny_repo)
+    repo.promote("cspca_detector:1.0.0")
+    refused = GateDecision("refused", "cspca_detector", "1.1.0", "1.0.0", "worse")
+    with pytest.raises(PromotionRefusedError, match="refused"):
+        repo.promote("cspca_detector:1.1.0", refused)
+    stale = GateDecision("passed", "cspca_detector", "1.1.0", None, "ok", evidence={"x": 1})
+    with pytest.raises(PromotionRefusedError, match="run the gate again"):
+        repo.promote("cspca_detector:1.1.0", stale)
+    other = GateDecision("passed", "cspca_detector", "1.0.0", "1.0.0", "ok", evidence={"x": 1})
+    with pytest.raises(PromotionRefusedError, match="not cspca_detector:1.1.0"):
+        repo.promote("cspca_detector:1.1.0", other)
+    with pytest.raises(ValueError, match="force_reason"):
+        GateDecision("forced", "cspca_detector", "1.1.0", "1.0.0", "worse", force_reason=" ")
+    with pytest.raises(ValueError, match="evidence"):
+        GateDecision("passed", "cspca_detector", "1.1.0", "1.0.0", "trust me")
+    assert repo.promoted("cspca_detector") == "1.0.0"
+    assert len(repo.promotion_log("cspca_detector")) == 1
+
+
+def test_hand_edited_production_file_is_not_served(tiny_repo: Path) -> None:
+    """What the server rolls out (`promoted`) is only ever a gated, logged promotion."""
+    repo = ModelRepository(tiny_repo)
+    repo.promote("cspca_detector:1.0.0")
+    production = tiny_repo / "cspca_detector" / "production.json"
+    entry = json.loads(production.read_text())
+    production.write_text(json.dumps({**entry, "version": "1.1.0"}))
+    assert repo.promoted("cspca_detector") is None
+    with pytest.raises(ModelNotFoundError, match="no promoted version"):
+        repo.resolve("cspca_detector")
+    # a legacy record without a gate decision ("no evaluation gate ran") does not count either
+    legacy = {**entry, "gate": {"allowed": None, "reason": "no evaluation gate ran"}}
+    production.write_text(json.dumps(legacy))
+    log = tiny_repo / "cspca_detector" / "promotions.jsonl"
+    log.write_text(log.read_text() + json.dumps(legacy) + "\n")
+    assert repo.promoted("cspca_detector") is None
+
+
+def test_rollback_only_to_a_version_promoted_before(tiny_repo: Path) -> None:
+    repo = ModelRepository(tiny_repo)
+    repo.promote("cspca_detector:1.0.0")
+    forced = GateDecision("forced", "cspca_detector", "1.1.0", "1.0.0", "x", force_reason="y")
+    repo.promote("cspca_detector:1.1.0", forced)
+    assert repo.rollback_targets("cspca_detector") == ["1.1.0", "1.0.0"]
+    back = GateDecision(
+        "rollback", "cspca_detector", "1.0.0", "1.1.0", "back", force_reason="alert"
+    )
+    repo.promote("cspca_detector:1.0.0", back)
+    assert repo.promoted("cspca_detector") == "1.0.0"
+    assert repo.promotion_log("cspca_detector")[-1]["gate"]["outcome"] == "rollback"
 
 
 def test_promote_refuses_a_corrupted_version(tiny_repo: Path) -> None:
@@ -133,8 +197,21 @@ def test_models_cli_list_and_promote(tiny_repo: Path, capsys: pytest.CaptureFixt
     assert main([*base, "promote", "cspca_detector", "--json"]) == 2  # needs NAME:VERSION
     assert main([*base, "promote", "cspca_detector:1.0.0", "--force"]) == 2  # needs --reason
     capsys.readouterr()
+    assert main([*base, "promote", "cspca_detector:1.0.0", "--json"]) == 1  # no evidence
+    assert "no evidence" in json.loads(capsys.readouterr().out)["error"]["message"]
+    args = [*base, "promote", "cspca_detector:1.0.0", "--force", "--reason", "site data", "--json"]
+    assert main(args) == 0
+    entry = json.loads(capsys.readouterr().out)
+    assert entry["gate"]["outcome"] == "forced" and entry["gate"]["force_reason"] == "site data"
+    args = [*base, "rollback", "cspca_detector:1.1.0", "--reason", "alert fired", "--json"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["gate"]["outcome"] == "rollback"
+    assert main([*base, "rollback", "prostate_gland:1.0.0", "--reason", "x"]) == 2  # never promoted
+    assert main([*base, "log", "cspca_detector", "--json"]) == 0
+    log = json.loads(capsys.readouterr().out)["promotions"]
+    assert [e["gate"]["outcome"] for e in log] == ["first", "forced", "rollback"]
     assert main([*base, "list"]) == 0
-    assert "* cspca_detector:1.1.0" in capsys.readouterr().out
+    assert "* cspca_detector:1.1.0" in capsys.readouterr().out  # rolled back to it
 
 
 def test_bundled_repository_is_valid() -> None:
