@@ -52,6 +52,7 @@ from sqlalchemy.orm import (
 
 from core.domain import ReferralUrgency, StudyStatus
 from core.errors import ConfigError
+from core.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +70,17 @@ class Base(DeclarativeBase):
 
 
 class Patient(Base):
+    """A patient is Patient ID plus Issuer of Patient ID (0010,0021): the same MRN from two
+    hospitals is two patients. An absent issuer is "" (one namespace for all such senders)."""
+
     __tablename__ = "patients"
+    __table_args__ = (
+        UniqueConstraint("patient_id", "issuer_of_patient_id", name="uq_patients_identity"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    patient_id: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_id: Mapped[str] = mapped_column(String(64))
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="", server_default="")
     patient_name: Mapped[str] = mapped_column(String(324), default="")
 
 
@@ -180,6 +188,7 @@ class InstanceRecord:
     path: Path
     size_bytes: int
     patient_id: str = ""
+    issuer_of_patient_id: str = ""
     patient_name: str = ""
     accession_number: str = ""
     study_date: str = ""
@@ -245,10 +254,11 @@ class Index:
             self.engine = make_engine(database_url)
             upgrade(self.engine)
         except Exception as exc:  # a bad URL, an unreachable server, a newer schema
+            # the URL and the driver's message may both carry the password
             raise ConfigError(
-                f"cannot open the index database {database_url!r}: {exc}; "
-                "check storage.database_url"
-            ) from exc
+                f"cannot open the index database {redact(database_url)!r}: "
+                f"{redact(str(exc))}; check storage.database_url"
+            ) from None
         self._write_lock = threading.RLock()
         self._series_ids: dict[str, tuple[int, int]] = {}
 
@@ -343,10 +353,19 @@ class Index:
             )
         ).first()
         if row is None:
-            patient_id = conn.scalar(select(Patient.id).where(Patient.patient_id == rec.patient_id))
+            patient_id = conn.scalar(
+                select(Patient.id).where(
+                    Patient.patient_id == rec.patient_id,
+                    Patient.issuer_of_patient_id == rec.issuer_of_patient_id,
+                )
+            )
             if patient_id is None:
                 patient_id = conn.execute(
-                    insert(Patient).values(patient_id=rec.patient_id, patient_name=rec.patient_name)
+                    insert(Patient).values(
+                        patient_id=rec.patient_id,
+                        issuer_of_patient_id=rec.issuer_of_patient_id,
+                        patient_name=rec.patient_name,
+                    )
                 ).inserted_primary_key[0]  # type: ignore[index]
             study_id = conn.execute(
                 insert(Study).values(
@@ -586,6 +605,7 @@ def _study_dict(study: Study, patient: Patient) -> dict[str, Any]:
         "study_instance_uid": study.study_instance_uid,
         "node_id": study.node_id,
         "patient_id": patient.patient_id,
+        "issuer_of_patient_id": patient.issuer_of_patient_id,
         "patient_name": patient.patient_name,
         "accession_number": study.accession_number,
         "study_date": study.study_date,

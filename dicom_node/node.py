@@ -38,7 +38,12 @@ from core.settings import Settings, load_settings
 from dicom_node.assembler import Assembler
 from dicom_node.index import Index
 from dicom_node.jobs import Analyser, AnalysisOutput, JobWorker, recover
-from dicom_node.scp import StorageSCP, StoreHandler, record_from_header
+from dicom_node.scp import (
+    StorageSCP,
+    StoreHandler,
+    describe_peer_policy,
+    record_from_header,
+)
 from dicom_node.sender import Sender
 from dicom_node.spool import Spool
 
@@ -167,6 +172,12 @@ class DicomNode:
                 len(resumed),
             )
         self.scp.start()
+        if self.settings.dicom.open_beyond_loopback:
+            log.warning(
+                "DICOM port %d is open beyond loopback: %s",
+                self.port,
+                describe_peer_policy(self.settings.dicom),
+            )
         self._loops = [
             _Loop("radtriage-assembler", self._assemble, self.poll_interval_s, threading.Event()),
             *(

@@ -4,204 +4,94 @@ Accepts every storage SOP Class (MR, Enhanced MR, Enhanced MR Color, and also SR
 Data, private classes: a PACS sends whole studies) in whatever transfer syntax the peer
 proposes first, because the data set is stored exactly as received and decoded only later.
 
+Who may associate (safe by default; `peer_refusal`):
+
+- neither ``dicom.allowed_hosts`` nor ``dicom.allowed_calling_aets`` set: loopback peers only
+  (127.0.0.0/8, ::1), with any calling AE title;
+- ``allowed_hosts`` set (addresses or CIDR networks): only those addresses, and when
+  ``allowed_calling_aets`` is set as well, only those titles from them;
+- only ``allowed_calling_aets`` set: those titles from any address.
+
+The start-up log line says which of these applies (`describe_peer_policy`).
+
 Association negotiation (A-ASSOCIATE-RJ result/source/reason):
 
 - calling AE title not in ``dicom.allowed_calling_aets``: rejected-permanent / service-user /
   0x03 *calling AE title not recognised*;
 - called AE title is not ours (``dicom.ae_title``): rejected-permanent / service-user / 0x07
   *called AE title not recognised*;
-- peer address not in ``dicom.allowed_hosts``: rejected-permanent / service-user / 0x01 *no
+- peer address refused by the policy above: rejected-permanent / service-user / 0x01 *no
   reason given* (DICOM has no reason code for an address);
 - more than ``dicom.max_associations`` at once: rejected-transient / service-provider
   (presentation) / 0x02 *local limit exceeded*.
 
-C-STORE statuses this handler returns (the handler is thin: parse header, spool, fsync, index,
-return; it never runs analysis):
+Limits on what a peer sends: we announce ``dicom.max_pdu_size`` as our Maximum Length
+Received; a P-DATA-TF PDU longer than that, or any other PDU longer than `MAX_CONTROL_PDU`,
+gets an A-ABORT (service-provider, 0x06 invalid PDU parameter value) before its body is read.
+Unknown PDU types and undecodable PDUs abort the association (pynetdicom). Idle peers are
+dropped after 60 s (network timeout).
+
+C-STORE statuses (the handler is thin: `dicom_node.ingest.Ingest` validates, spools, fsyncs,
+indexes and returns; it never runs analysis):
 
 - ``0x0000`` Success: the instance is durably in the spool (fsynced file and directory) and in
   the index. A duplicate SOP Instance UID also gets 0x0000 (idempotent: the index is unchanged).
 - ``0xA700`` Refused, out of resources (`OutOfResourcesError`): free disk is below
   ``dicom.low_water_mark_mb`` or the spool write failed. Nothing is kept; the peer must resend.
-- ``0xA900`` Error, data set does not match SOP Class (`DatasetMismatchError`): SOP Class or SOP
-  Instance UID in the data set differ from the C-STORE request. Quarantined with a reason.
+- ``0xA900`` Error, data set does not match SOP Class: a Study/Series/SOP Instance UID, SOP
+  Class UID or transfer syntax UID breaks the DICOM UID syntax (`dicom_node.uids.InvalidUIDError`:
+  digits and dots, no leading zeros, at most 64 characters), or the data set's SOP Class/Instance
+  UID differ from the C-STORE request (`DatasetMismatchError`). Quarantined with a reason.
+  0xA900 rather than 0xC000 so that a sender's bad data and our own failures stay apart.
 - ``0xC210`` Error, cannot understand (`MalformedDicomError`): the data set cannot be parsed or
-  lacks Study/Series/SOP Instance UID. Quarantined with a reason.
+  lacks Study/Series Instance UID. Quarantined with a reason.
 - ``0xC000`` Error, cannot understand: an unexpected failure (e.g. the index database); the
   file may be in the spool and is indexed by `dicom_node.node.reconcile` at the next start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import ipaddress
 import logging
 import ssl
+import struct
 import threading
 import time
-import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from pathlib import Path
+from datetime import datetime
 from typing import Any
 
-from pydicom.datadict import tag_for_keyword
-from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
-from pydicom.tag import BaseTag
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
-
-from core.errors import (
-    DatasetMismatchError,
-    MalformedDicomError,
-    OutOfResourcesError,
-    RadtriageError,
-)
 from core.settings import DicomSettings, TlsSettings
-from dicom_node.index import Index, InstanceRecord
-from dicom_node.spool import Spool, encode_file_meta
+from dicom_node.index import Index
+from dicom_node.ingest import Ingest, IngestStats, read_header, record_from_header
+from dicom_node.spool import Spool
+
+__all__ = [
+    "IngestStats",
+    "StorageSCP",
+    "StoreHandler",
+    "client_ssl_context",
+    "read_header",
+    "record_from_header",
+    "server_ssl_context",
+]
 
 log = logging.getLogger(__name__)
 
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 
-# Header parsing stops after group 0x0040 (Requested Procedure Priority lives there); pixel
-# data and everything after it are never parsed in the handler.
-_LAST_GROUP = 0x0040
-
-
-def _stop_after_header(tag: BaseTag, _vr: str | None, _length: int) -> bool:
-    return bool(tag.group > _LAST_GROUP)
-
-
-def read_header(data: io.BytesIO | bytes, transfer_syntax_uid: str) -> Dataset:
-    """The data set's elements up to group 0x0040 from its encoded bytes, or
-    `MalformedDicomError`."""
-    ts = UID(transfer_syntax_uid)
-    raw = data.getbuffer() if isinstance(data, io.BytesIO) else memoryview(data)
-    try:
-        if ts == DeflatedExplicitVRLittleEndian:
-            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-            stream = io.BytesIO(inflater.decompress(raw, 1 << 20))
-        elif isinstance(data, io.BytesIO):
-            stream = data
-            stream.seek(0)
-        else:
-            stream = io.BytesIO(raw)
-        return read_dataset(
-            stream, ts.is_implicit_VR, ts.is_little_endian, stop_when=_stop_after_header
-        )
-    except Exception as exc:  # pydicom raises many types for broken input
-        raise MalformedDicomError(
-            f"cannot parse the data set in transfer syntax {ts}: {exc}; check the sender"
-        ) from exc
-
-
-def _str(ds: Dataset, keyword: str) -> str:
-    """An element's value as text. Raw ASCII values are decoded directly (this runs for every
-    C-STORE); anything else goes through pydicom's conversion (character sets, sequences)."""
-    tag = tag_for_keyword(keyword)
-    if tag is None or tag not in ds:
-        return ""
-    raw = ds.get_item(tag).value
-    if isinstance(raw, bytes) and raw.isascii():
-        return raw.decode("ascii").strip("\x00 ")
-    value = ds[tag].value
-    return "" if value is None else str(value).strip()
-
-
-def _int(ds: Dataset, keyword: str) -> int | None:
-    try:
-        return int(float(_str(ds, keyword).split("\\")[0]))
-    except (ValueError, OverflowError):
-        return None
-
-
-def _requested_procedure_priority(ds: Dataset) -> str:
-    value = _str(ds, "RequestedProcedurePriority")
-    if value:
-        return value
-    for item in ds.get("RequestAttributesSequence") or []:
-        value = _str(item, "RequestedProcedurePriority")
-        if value:
-            return value
-    return ""
-
-
-def record_from_header(
-    ds: Dataset,
-    *,
-    sop_class_uid: str,
-    sop_instance_uid: str,
-    transfer_syntax_uid: str,
-    path: Path,
-    size_bytes: int,
-    calling_ae_title: str = "",
-) -> InstanceRecord:
-    """Check the header against the request and build the index record.
-
-    Raises `MalformedDicomError` (UIDs missing/unreadable) or `DatasetMismatchError`."""
-    try:
-        study = _str(ds, "StudyInstanceUID")
-        series = _str(ds, "SeriesInstanceUID")
-        ds_sop_instance = _str(ds, "SOPInstanceUID")
-        ds_sop_class = _str(ds, "SOPClassUID")
-    except Exception as exc:
-        raise MalformedDicomError(f"unreadable UID elements: {exc}") from exc
-    if not study or not series:
-        raise MalformedDicomError(
-            "data set has no Study Instance UID or Series Instance UID; fix the sender"
-        )
-    if ds_sop_instance and ds_sop_instance != sop_instance_uid:
-        raise DatasetMismatchError(
-            f"SOP Instance UID {ds_sop_instance} in the data set differs from "
-            f"Affected SOP Instance UID {sop_instance_uid} in the C-STORE request"
-        )
-    if ds_sop_class and ds_sop_class != sop_class_uid:
-        raise DatasetMismatchError(
-            f"SOP Class UID {ds_sop_class} in the data set differs from "
-            f"Affected SOP Class UID {sop_class_uid} in the C-STORE request"
-        )
-    try:
-        return InstanceRecord(
-            sop_instance_uid=sop_instance_uid,
-            sop_class_uid=sop_class_uid,
-            series_instance_uid=series,
-            study_instance_uid=study,
-            transfer_syntax_uid=str(transfer_syntax_uid),
-            path=path,
-            size_bytes=size_bytes,
-            patient_id=_str(ds, "PatientID")[:64],
-            patient_name=_str(ds, "PatientName")[:324],
-            accession_number=_str(ds, "AccessionNumber")[:64],
-            study_date=_str(ds, "StudyDate")[:8],
-            study_description=_str(ds, "StudyDescription")[:64],
-            modality=_str(ds, "Modality")[:16],
-            series_number=_int(ds, "SeriesNumber"),
-            series_description=_str(ds, "SeriesDescription")[:64],
-            body_part_examined=_str(ds, "BodyPartExamined")[:16],
-            instance_number=_int(ds, "InstanceNumber"),
-            requested_procedure_priority=_requested_procedure_priority(ds),
-            calling_ae_title=calling_ae_title[:16],
-        )
-    except Exception as exc:
-        raise MalformedDicomError(f"unreadable header elements: {exc}") from exc
-
-
-@dataclass
-class IngestStats:
-    """Counters for metrics; updated under the handler's lock."""
-
-    stored: int = 0
-    duplicates: int = 0
-    refused: dict[int, int] | None = None
-    bytes: int = 0
-
-    def __post_init__(self) -> None:
-        if self.refused is None:
-            self.refused = {}
+#: Largest non-data PDU (A-ASSOCIATE-RQ with many presentation contexts, A-RELEASE, A-ABORT)
+#: read from a peer, whatever ``dicom.max_pdu_size`` says.
+MAX_CONTROL_PDU = 1 << 20
+_P_DATA_TF = 0x04
+#: A-ABORT PDU (PS3.8 9.3.8): source 2 service-provider, reason 6 invalid PDU parameter value
+A_ABORT_INVALID_PDU_PARAMETER = b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x06"
 
 
 class StoreHandler:
-    """The C-STORE logic, independent of the network: bytes in, status out."""
+    """The pynetdicom C-STORE handler: request in, `dicom_node.ingest.Ingest` status out."""
 
     def __init__(
         self,
@@ -210,12 +100,21 @@ class StoreHandler:
         on_stored: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self.ingest = Ingest(spool, index, on_stored, clock)
         self.spool = spool
         self.index = index
-        self.on_stored = on_stored
-        self.clock = clock
-        self.stats = IngestStats()
-        self._lock = threading.Lock()
+
+    @property
+    def stats(self) -> IngestStats:
+        return self.ingest.stats
+
+    @property
+    def on_stored(self) -> Callable[[str], None] | None:
+        return self.ingest.on_stored
+
+    @on_stored.setter
+    def on_stored(self, callback: Callable[[str], None] | None) -> None:
+        self.ingest.on_stored = callback
 
     def store(
         self,
@@ -227,78 +126,24 @@ class StoreHandler:
         calling_ae_title: str = "",
     ) -> int:
         """Spool and index one data set; returns the DIMSE status (module docstring)."""
-        try:
-            header = read_header(data, transfer_syntax_uid)
-            meta = encode_file_meta(
-                sop_class_uid, sop_instance_uid, transfer_syntax_uid, calling_ae_title
-            )
-            payload = data.getbuffer()
-            size = len(meta) + len(payload)
-            rec = record_from_header(
-                header,
-                sop_class_uid=sop_class_uid,
-                sop_instance_uid=sop_instance_uid,
-                transfer_syntax_uid=transfer_syntax_uid,
-                path=Path(),  # set once spooled
-                size_bytes=size,
-                calling_ae_title=calling_ae_title,
-            )
-            path = self.spool.store(
-                rec.study_instance_uid, rec.series_instance_uid, sop_instance_uid, meta, payload
-            )
-            del payload
-            new = self.index.add_instance(replace(rec, path=path), self.clock())
-        except OutOfResourcesError as exc:
-            self._count_refused(exc.dimse_status)
-            log.warning("C-STORE %s refused: %s", sop_instance_uid, exc.message)
-            return exc.dimse_status
-        except (MalformedDicomError, DatasetMismatchError) as exc:
-            self._count_refused(exc.dimse_status)
-            reason = f"0x{exc.dimse_status:04X} {type(exc).__name__}: {exc.message}"
-            content = _file_bytes(data, sop_class_uid, sop_instance_uid, transfer_syntax_uid)
-            where = self.spool.quarantine(sop_instance_uid, content, reason)
-            log.warning("C-STORE %s refused (%s), kept as %s", sop_instance_uid, reason, where)
-            return exc.dimse_status
-        except RadtriageError as exc:
-            self._count_refused(exc.dimse_status)
-            log.error("C-STORE %s failed: %s", sop_instance_uid, exc.message)
-            return exc.dimse_status
-        except Exception:
-            self._count_refused(0xC000)
-            log.exception("C-STORE %s failed unexpectedly", sop_instance_uid)
-            return 0xC000
-        with self._lock:
-            if new:
-                self.stats.stored += 1
-                self.stats.bytes += size
-            else:
-                self.stats.duplicates += 1
-        if new and self.on_stored is not None:
-            self.on_stored(rec.study_instance_uid)
-        return 0x0000
-
-    def _count_refused(self, status: int) -> None:
-        with self._lock:
-            assert self.stats.refused is not None
-            self.stats.refused[status] = self.stats.refused.get(status, 0) + 1
+        return self.ingest.receive(
+            data,
+            transfer_syntax_uid,
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+            calling_ae_title=calling_ae_title,
+        ).status
 
     def handle_store(self, event: Any) -> int:
         """pynetdicom ``EVT_C_STORE`` handler."""
         req = event.request
         return self.store(
             req.DataSet,
-            sop_class_uid=str(req.AffectedSOPClassUID),
-            sop_instance_uid=str(req.AffectedSOPInstanceUID),
+            sop_class_uid=str(req.AffectedSOPClassUID or ""),
+            sop_instance_uid=str(req.AffectedSOPInstanceUID or ""),
             transfer_syntax_uid=str(event.context.transfer_syntax),
             calling_ae_title=str(event.assoc.requestor.ae_title),
         )
-
-
-def _file_bytes(data: io.BytesIO, sop_class: str, sop_instance: str, ts: str) -> bytes:
-    try:
-        return encode_file_meta(sop_class, sop_instance, ts) + data.getvalue()
-    except Exception:
-        return data.getvalue()
 
 
 def server_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
@@ -314,16 +159,90 @@ def server_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
 
 
 def client_ssl_context(tls: TlsSettings | None) -> ssl.SSLContext:
-    """TLS for the sender: verify the destination against ``cafile`` (or the system store),
-    present our certificate when one is configured."""
+    """TLS for the sender: verify the destination against ``cafile`` (or the system store) and,
+    unless ``tls.check_hostname`` is false, that its certificate names the host we dialled
+    (pass the host as ``server_hostname``); present our certificate when one is configured."""
     ctx = ssl.create_default_context(
         ssl.Purpose.SERVER_AUTH, cafile=str(tls.cafile) if tls and tls.cafile else None
     )
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.check_hostname = False  # DICOM peers are addressed by IP; trust comes from the CA
+    ctx.check_hostname = tls.check_hostname if tls is not None else True
     if tls is not None:
         ctx.load_cert_chain(certfile=str(tls.certfile), keyfile=str(tls.keyfile))
     return ctx
+
+
+def peer_refusal(settings: DicomSettings, address: str) -> str | None:
+    """Why a peer at `address` may not associate, or None when it may (the calling AE title
+    is checked by pynetdicom against ``allowed_calling_aets``). See the module docstring."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return "address is not an IP address"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if settings.allowed_hosts:
+        networks = (ipaddress.ip_network(h, strict=False) for h in settings.allowed_hosts)
+        return None if any(ip in net for net in networks) else "address not in allowed_hosts"
+    if settings.allowed_calling_aets or ip.is_loopback:
+        return None
+    return "not a loopback address and no allowed_hosts/allowed_calling_aets configured"
+
+
+class _AbortingLimits:
+    """Reads each PDU header and refuses a body longer than allowed: P-DATA-TF up to
+    ``maximum_length`` (our ``dicom.max_pdu_size``), other PDUs up to `MAX_CONTROL_PDU`. The
+    peer gets an A-ABORT (source service-provider, reason 0x06 invalid PDU parameter value)
+    and the connection closes before any of the body is read."""
+
+    def __init__(self, max_pdu_size: int) -> None:
+        self.max_pdu_size = max_pdu_size
+        self.body_limit: int | None = None  # set while a body is expected
+
+    def check_header(self, header: bytes) -> None:
+        self.body_limit = None
+        if len(header) != 6:
+            return
+        pdu_type, _, _ = struct.unpack(">BBL", header)
+        if 0x01 <= pdu_type <= 0x07:
+            self.body_limit = self.max_pdu_size if pdu_type == _P_DATA_TF else MAX_CONTROL_PDU
+
+
+def _limited_socket_class(base: type) -> type:
+    class PduLimitedSocket(base):  # type: ignore[misc, valid-type]
+        """pynetdicom's `AssociationSocket` with the PDU length limits of `_AbortingLimits`.
+        pynetdicom reads a PDU as ``recv(6)`` (type, length) then ``recv(length)``."""
+
+        limits: _AbortingLimits
+
+        def recv(self, nr_bytes: int) -> bytearray:
+            limits = self.limits
+            if limits.body_limit is None:
+                data: bytearray = super().recv(nr_bytes)
+                limits.check_header(bytes(data))
+                return data
+            limit, limits.body_limit = limits.body_limit, None
+            if nr_bytes > limit:
+                log.warning(
+                    "PDU of %d bytes from %s exceeds the limit of %d bytes; aborting",
+                    nr_bytes,
+                    _peer_address(self),
+                    limit,
+                )
+                with contextlib.suppress(OSError):
+                    self.socket.sendall(A_ABORT_INVALID_PDU_PARAMETER)
+                return bytearray()  # short read: pynetdicom closes the connection (Evt17)
+            body: bytearray = super().recv(nr_bytes)
+            return body
+
+    return PduLimitedSocket
+
+
+def _peer_address(sock: Any) -> str:
+    try:
+        return str(sock.socket.getpeername()[0])
+    except (OSError, AttributeError):
+        return "?"
 
 
 class StorageSCP:
@@ -342,24 +261,27 @@ class StorageSCP:
         return int(self._server.server_address[1])
 
     def _check_peer(self, event: Any) -> None:
-        """``EVT_REQUESTED``: reject peers whose address is not allowed."""
-        allowed = self.settings.allowed_hosts
-        if not allowed:
-            return
-        address = event.assoc.requestor.address
-        if address not in allowed:
-            log.warning("association from %s rejected: address not allowed", address)
+        """``EVT_REQUESTED``: reject peers the address policy refuses (`peer_refusal`)."""
+        address = str(event.assoc.requestor.address)
+        why = peer_refusal(self.settings, address)
+        if why is not None:
+            log.warning("association from %s rejected: %s", address, why)
             event.assoc.acse.send_reject(0x01, 0x01, 0x01)
             event.assoc.kill()  # waits until the A-ASSOCIATE-RJ has gone out
 
     def start(self) -> None:
         from pynetdicom import AE, _config, evt
+        from pynetdicom.transport import (
+            AssociationSocket,
+            RequestHandler,
+            ThreadedAssociationServer,
+        )
 
         # Accept any storage SOP Class (also private ones) and store it unparsed; answer
         # C-STORE from our handler only; no per-message debug logging.
         _config.UNRESTRICTED_STORAGE_SERVICE = True
         _config.LOG_HANDLER_LEVEL = "none"
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
 
         s = self.settings
         ae = AE(ae_title=s.ae_title)
@@ -375,13 +297,25 @@ class StorageSCP:
             (evt.EVT_C_STORE, self.handler.handle_store),
             (evt.EVT_REQUESTED, self._check_peer),
         ]
+        socket_class = _limited_socket_class(AssociationSocket)
+        max_pdu_size = s.max_pdu_size
+
+        class LimitedRequestHandler(RequestHandler):  # type: ignore[misc]
+            def _create_association(self) -> Any:
+                assoc = super()._create_association()
+                sock = assoc.dul.socket
+                sock.__class__ = socket_class  # same object, limited recv (no second Evt5)
+                sock.limits = _AbortingLimits(max_pdu_size)
+                return assoc
+
         ssl_context = server_ssl_context(s.tls) if s.tls is not None else None
         try:
-            self._server = ae.start_server(
+            server = ae.make_server(
                 (s.bind_address, s.port),
-                block=False,
-                evt_handlers=handlers,
                 ssl_context=ssl_context,
+                evt_handlers=handlers,
+                server_class=ThreadedAssociationServer,
+                request_handler=LimitedRequestHandler,
             )
         except OSError as exc:
             from core.errors import ConfigError
@@ -389,13 +323,22 @@ class StorageSCP:
             raise ConfigError(
                 f"cannot listen on {s.bind_address}:{s.port}: {exc}; choose a free dicom.port"
             ) from exc
+        stamp = datetime.now().strftime("%Y%m%d%H%M%S")
+        threading.Thread(
+            target=server.serve_forever, name=f"AcceptorServer@{stamp}", daemon=True
+        ).start()
+        ae._servers.append(server)  # so that ae.shutdown() stops it
+        self._server = server
         self._ae = ae
         log.info(
-            "DICOM SCP %s listening on %s:%d%s",
+            "DICOM SCP %s listening on %s:%d%s, max PDU %d bytes, at most %d associations; %s",
             s.ae_title,
             s.bind_address,
             self.port,
             " (TLS)" if ssl_context else "",
+            s.max_pdu_size,
+            s.max_associations,
+            describe_peer_policy(s),
         )
 
     def stop(self) -> None:
@@ -406,3 +349,15 @@ class StorageSCP:
         if self._ae is not None:
             self._ae.shutdown()
             self._ae = None
+
+
+def describe_peer_policy(settings: DicomSettings) -> str:
+    """One line for the start-up log: who may associate."""
+    if settings.allowed_hosts:
+        aets = ", ".join(settings.allowed_calling_aets) or "any calling AE title"
+        hosts = ", ".join(settings.allowed_hosts)
+        return f"open beyond loopback to {hosts} ({aets})"
+    if settings.allowed_calling_aets:
+        aets = ", ".join(settings.allowed_calling_aets)
+        return f"open beyond loopback to calling AE titles {aets} from any address"
+    return "loopback peers only (set dicom.allowed_hosts or dicom.allowed_calling_aets to open)"

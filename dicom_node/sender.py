@@ -138,8 +138,9 @@ class Sender:
         if dest.tls:
             from dicom_node.scp import client_ssl_context
 
-            # no server_hostname: DICOM peers are addressed by IP, trust comes from the CA
-            tls_args = (client_ssl_context(self.tls), None)
+            # the certificate must name dest.host (DNS or IP SAN) unless tls.check_hostname
+            # is false
+            tls_args = (client_ssl_context(self.tls), dest.host)
         try:
             assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)  # type: ignore[arg-type]
         except Exception as exc:  # socket errors, TLS errors

@@ -3,9 +3,14 @@
 Layout under ``StorageSettings.root``::
 
     spool/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm   accepted instances
-    quarantine/<time>_<SOPInstanceUID>.dcm + .reason.txt                refused instances
+    quarantine/<time>_<random>.dcm + <time>_<random>.reason.txt         refused instances
     tmp/                                                                 half-written files
     outbox/<StudyInstanceUID>/...                                        documents to send
+
+Every folder and file name under ``spool/`` and ``outbox/`` is a UID that passed
+`dicom_node.uids.require_uid`, used verbatim (no cleaning, so two UIDs never share a file and
+``..`` or ``/`` can never occur); quarantine names are generated, and what the peer claimed
+(escaped) is written into the reason sidecar only.
 
 An instance is durable when `Spool.store` returns: data written to ``tmp/``, fsynced, renamed
 into place and the directory fsynced. Only then may the SCP answer C-STORE with success.
@@ -26,6 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from core.errors import OutOfResourcesError
+from dicom_node.uids import require_uid
 
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1429.1"
 IMPLEMENTATION_VERSION_NAME = "RADTRIAGE_01"
@@ -72,12 +78,6 @@ def encode_file_meta(
     )
     length = _element(0x0002, 0x0000, b"UL", struct.pack("<I", len(body)))
     return _PREAMBLE + length + body
-
-
-def _safe_name(uid: str) -> str:
-    """UIDs are digits and dots; anything else (a broken sender) is replaced."""
-    cleaned = "".join(c if c.isdigit() or c == "." else "_" for c in uid.strip("\x00 "))
-    return cleaned[:64] or "unknown"
 
 
 def fsync_dir(path: Path) -> None:
@@ -146,12 +146,17 @@ class Spool:
     def instance_path(
         self, study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str
     ) -> Path:
+        """Where an instance lies; `InvalidUIDError` for any UID that breaks the syntax."""
         return (
             self.spool_dir
-            / _safe_name(study_instance_uid)
-            / _safe_name(series_instance_uid)
-            / f"{_safe_name(sop_instance_uid)}.dcm"
+            / require_uid(study_instance_uid, "StudyInstanceUID")
+            / require_uid(series_instance_uid, "SeriesInstanceUID")
+            / f"{require_uid(sop_instance_uid, 'SOPInstanceUID')}.dcm"
         )
+
+    def outbox_folder(self, study_instance_uid: str) -> Path:
+        """The study's folder for documents to send; `InvalidUIDError` for a bad UID."""
+        return self.outbox_dir / require_uid(study_instance_uid, "StudyInstanceUID")
 
     def _ensure_dir(self, path: Path) -> None:
         if path in self._known_dirs:
@@ -183,15 +188,22 @@ class Spool:
             ) from exc
         return target
 
-    def quarantine(self, sop_instance_uid: str, data: bytes, reason: str) -> Path:
-        """Keep a refused instance with a reason file for a person to look at."""
-        stamp = time.strftime("%Y%m%dT%H%M%S")
-        name = f"{stamp}_{_safe_name(sop_instance_uid)}_{uuid.uuid4().hex[:6]}"
-        base = self.quarantine_dir / name
-        target = Path(f"{base}.dcm")
+    def quarantine(self, claimed_sop_instance_uid: str, data: bytes, reason: str) -> Path:
+        """Keep a refused instance with a reason sidecar for a person to look at.
+
+        The file name is generated (time + random); the SOP Instance UID the peer claimed is
+        recorded, escaped, in the sidecar only. Returns the path of the kept data."""
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        base = self.quarantine_dir / f"{stamp}_{uuid.uuid4().hex}"
+        target = base.with_suffix(".dcm")
+        sidecar = (
+            f"reason: {reason}\n"
+            f"claimed SOP Instance UID: {ascii(claimed_sop_instance_uid)[:200]}\n"
+            f"bytes: {len(data)}\n"
+        )
         try:
             write_atomic(target, (data,), self.tmp_dir)
-            write_atomic(Path(f"{base}.reason.txt"), (reason.encode() + b"\n",), self.tmp_dir)
+            write_atomic(base.with_suffix(".reason.txt"), (sidecar.encode(),), self.tmp_dir)
         except OSError:
             return target  # disk full: the status already tells the sender; nothing to keep
         return target

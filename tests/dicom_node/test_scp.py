@@ -203,6 +203,8 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
             "/CN=radtriage-test",
             "-addext",
             "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
             "-keyout",
             str(key),
             "-out",
@@ -228,7 +230,10 @@ def test_dicom_tls_with_client_certificates(make_scp: object, tmp_path: Path) ->
     ae = AE(ae_title="TLSSCU")
     ae.add_requested_context("1.2.840.10008.1.1")
     assoc = ae.associate(
-        "127.0.0.1", node.port, ae_title="RADTRIAGE", tls_args=(client_ssl_context(tls), None)
+        "127.0.0.1",
+        node.port,
+        ae_title="RADTRIAGE",
+        tls_args=(client_ssl_context(tls), "127.0.0.1"),
     )
     assert assoc.is_established
     assert assoc.send_c_echo().Status == 0
@@ -242,7 +247,7 @@ def test_dicom_tls_with_client_certificates(make_scp: object, tmp_path: Path) ->
     no_cert = client_ssl_context(None)
     no_cert.load_verify_locations(cafile=str(cert))
     refused = anonymous.associate(
-        "127.0.0.1", node.port, ae_title="RADTRIAGE", tls_args=(no_cert, None)
+        "127.0.0.1", node.port, ae_title="RADTRIAGE", tls_args=(no_cert, "127.0.0.1")
     )
     assert not refused.is_established  # a client without a certificate is refused
 
