@@ -186,7 +186,7 @@ def build_oru(
         f"PID|1||{pid3}||{_xpn(report.patient_name)}",
         f"ORC|RE|{placer}|{filler}||CM",
         "|".join(
-            ["OBR", "1", placer, filler, _cwe(SERVICE), *[""] * 3, ts]
+            ["OBR", "1", placer, filler, _cwe(SERVICE), "", "", ts]
             + [""] * 10
             + [escape(report.accession_number)]
             + [""] * 3

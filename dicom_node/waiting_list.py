@@ -105,20 +105,22 @@ class TickReport:
 
 
 def waiting_inputs(
-    result: TriageResult, order: OrderView | None, reported_at: float | None
+    result: TriageResult,
+    order: OrderView | None,
+    reported_at: float | None,
+    known_request_date: date | None = None,
 ) -> WaitingInputs:
-    """The order wins when the study has one; else what the images said at analysis time (the
-    request date is then the analysis date less the days waited then)."""
+    """The order wins when the study has one; else what the images said at analysis time. The
+    request date: the order's, else the one recorded for the study (``studies.request_date``),
+    else the analysis date less the days waited then."""
+    request = order.request_date if order is not None else None
+    request = request or known_request_date
+    if request is None and result.days_waited is not None and reported_at:
+        request = _analysis_date(reported_at) - timedelta(days=result.days_waited)
     if order is not None:
-        request = order.request_date
-        if request is None and result.days_waited is not None and reported_at:
-            request = _analysis_date(reported_at) - timedelta(days=result.days_waited)
         return WaitingInputs(
             order.referral_urgency, request, order.suspected_cancer_pathway, order.psa_ng_ml
         )
-    request = None
-    if result.days_waited is not None and reported_at:
-        request = _analysis_date(reported_at) - timedelta(days=result.days_waited)
     return WaitingInputs(result.referral_urgency or ReferralUrgency.ROUTINE, request, False, None)
 
 
@@ -209,7 +211,10 @@ class WaitingList:
                 return  # re-opened by a late instance meanwhile: the analysis decides again
             result = TriageResult.model_validate_json(study.result_json)
             order = order_for_study(s, uid)
-            inputs = waiting_inputs(result, order, study.reported_at)
+            known = s.scalar(
+                select(_RESULT_COLUMNS.c.request_date).where(_RESULT_COLUMNS.c.id == study.id)
+            )
+            inputs = waiting_inputs(result, order, study.reported_at, parse_request_date(known))
             thresholds = None
             if result.case_likelihood is not None:
                 thresholds = self.thresholds(result.model) if result.model else None

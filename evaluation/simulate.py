@@ -155,6 +155,18 @@ def _working_day(day: int) -> bool:
     return day % 7 < 5  # day 0 is a Monday
 
 
+def queue_rank(
+    likelihood: float | None,
+    thresholds: Thresholds,
+    referral: ReferralUrgency,
+    waited: int,
+    policy: WaitingPolicy,
+) -> int:
+    """A patient's place in the queue: `core.priority.decide_priority`'s rank, the function
+    the live waiting list (`dicom_node.waiting_list`) ranks studies with."""
+    return decide_priority(likelihood, thresholds, referral, waited, policy).rank
+
+
 def run_arm(arm: str, patients: Patients, p: SimulationParams) -> np.ndarray:
     """Days from scan to report for every patient under the arm's ordering rule."""
     if arm not in ARMS:
@@ -164,7 +176,7 @@ def run_arm(arm: str, patients: Patients, p: SimulationParams) -> np.ndarray:
     @cache
     def rank(band: Priority, referral: ReferralUrgency, waited: int) -> int:
         likelihood = 0.0 if arm == "referral" else _band_likelihood(band, thresholds)
-        return decide_priority(likelihood, thresholds, referral, waited, policy).priority.rank
+        return queue_rank(likelihood, thresholds, referral, waited, policy)
 
     bands = [ai_priority(float(v), thresholds) for v in patients.likelihood]
     n = patients.arrival.size

@@ -78,3 +78,87 @@ def test_ai_never_lowers_referral(likelihood: float, referral: ReferralUrgency) 
 def test_worklist_rank_puts_not_analysed_after_urgent() -> None:
     order = sorted(Priority, key=lambda p: p.rank)
     assert order == [Priority.URGENT, Priority.NOT_ANALYSED, Priority.SOON, Priority.ROUTINE]
+
+
+def test_not_analysed_keeps_its_flag_but_ranks_by_the_referral_floor() -> None:
+    stat = decide_priority(None, T, ReferralUrgency.URGENT)
+    assert stat.priority is Priority.NOT_ANALYSED
+    assert stat.rank == Priority.URGENT.rank
+    plain = decide_priority(None, T, ReferralUrgency.ROUTINE)
+    assert plain.rank == Priority.NOT_ANALYSED.rank
+    breaching = decide_priority(None, T, ReferralUrgency.ROUTINE, days_waited=26)
+    assert breaching.rank == Priority.URGENT.rank and breaching.priority is Priority.NOT_ANALYSED
+
+
+def test_rank_of_an_analysed_study_is_its_flag_rank() -> None:
+    for likelihood in (0.0, 0.4, 0.9):
+        d = decide_priority(likelihood, T, ReferralUrgency.SOON, days_waited=3)
+        assert d.rank == d.priority.rank
+
+
+def test_one_urgency_ranking() -> None:
+    assert [u.rank for u in ReferralUrgency] == [
+        Priority.URGENT.rank,
+        Priority.SOON.rank,
+        Priority.ROUTINE.rank,
+    ]
+    assert sorted(Priority, key=lambda p: p.rank) == [
+        Priority.URGENT,
+        Priority.NOT_ANALYSED,
+        Priority.SOON,
+        Priority.ROUTINE,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("hl7", "fhir", "dicom", "expected"),
+    [
+        ("S", "stat", "STAT", ReferralUrgency.URGENT),
+        ("A", "asap", "MEDIUM", ReferralUrgency.SOON),
+        ("R", "urgent", "ROUTINE", None),
+        ("", "routine", "", ReferralUrgency.ROUTINE),
+    ],
+)
+def test_urgency_from_each_source(
+    hl7: str, fhir: str, dicom: str, expected: ReferralUrgency | None
+) -> None:
+    if expected is None:  # FHIR urgent < asap: soon; HL7 R / DICOM ROUTINE: routine
+        assert ReferralUrgency.from_fhir(fhir) is ReferralUrgency.SOON
+        assert ReferralUrgency.from_hl7(hl7) is ReferralUrgency.ROUTINE
+        return
+    assert ReferralUrgency.from_hl7(hl7) is expected
+    assert ReferralUrgency.from_fhir(fhir) is expected
+    assert ReferralUrgency.from_dicom(dicom) is expected
+
+
+def test_days_waited_is_a_function_of_today() -> None:
+    from datetime import date
+
+    from core.priority import days_waited
+
+    requested = date(2026, 11, 1)
+    assert days_waited(requested, date(2026, 11, 6)) == 5
+    assert days_waited(requested, date(2026, 11, 27)) == 26
+    assert days_waited(requested, date(2026, 10, 30)) is None  # in the future
+    assert days_waited(requested, date(2027, 12, 1)) is None  # over a year: an archive study
+    assert days_waited(None, date(2026, 11, 6)) is None
+
+
+def test_policy_needs_a_pathway_at_least_as_long_as_the_fds() -> None:
+    with pytest.raises(ValueError, match="pathway_days"):
+        WaitingPolicy(fds_days=28, pathway_days=20)
+    d = decide_priority(0.0, T, days_waited=70, suspected_cancer_pathway=True)
+    assert any("62-day" in r for r in d.reasons)
+
+
+def test_bad_triage_section_fails_at_start_up() -> None:
+    from core.errors import ConfigError
+    from core.settings import load_settings
+
+    with pytest.raises(ConfigError, match="urgent_within_days"):
+        load_settings(environ={"RADTRIAGE_TRIAGE__URGENT_WITHIN_DAYS": "9"})
+    with pytest.raises(ConfigError, match="today"):
+        load_settings(environ={"RADTRIAGE_TRIAGE__TODAY": "26/11/2026"})
+    s = load_settings(environ={"RADTRIAGE_TRIAGE__TODAY": "2026-11-26"})
+    assert s.triage.current_date().isoformat() == "2026-11-26"
+    assert load_settings(environ={"RADTRIAGE_TRIAGE__TODAY": ""}).triage.today is None

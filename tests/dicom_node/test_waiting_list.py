@@ -1,0 +1,294 @@
+"""The live waiting list: priorities recomputed as days pass, superseding SRs and HL7 updates,
+with orders from a real MLLP client and results to a real MLLP RIS on loopback."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import select, text
+
+from core.domain import Priority, ReferralUrgency, StudyStatus, TriageResult
+from core.priority import Thresholds, decide_priority
+from core.settings import Hl7Destination, Hl7Settings, TriageSettings
+from dicom_node.hl7_listener import Hl7Listener, RecordingRis
+from dicom_node.hl7_results import HL7_SENT, Hl7Sender, outbox_rows
+from dicom_node.index import Index, Instance, OutboxItem
+from dicom_node.spool import Spool
+from dicom_node.sr import build_triage_sr, read_evidence
+from dicom_node.sr_reader import read_triage_sr
+from dicom_node.waiting_list import WaitingInputs, WaitingList, decide_today
+from evaluation.simulate import queue_rank
+
+from .hl7_peers import MODEL, index_study, mark_reported, orm_o01, segment, send
+
+THRESHOLDS = Thresholds(urgent=0.6, soon=0.3)
+ANALYSED_ON = date(2026, 11, 24)
+REPORTED_AT = datetime(2026, 11, 24, 9, tzinfo=UTC).timestamp()
+
+
+@pytest.fixture
+def index(tmp_path: Path) -> Index:
+    return Index(f"sqlite:///{tmp_path}/index.db")
+
+
+@pytest.fixture
+def ris() -> Iterator[RecordingRis]:
+    with RecordingRis() as peer:
+        yield peer
+
+
+def _first_sr(index: Index, uid: str, result: TriageResult, folder: Path) -> Path:
+    """The SR the analysis sent (built by the product's SR builder)."""
+    with index.read() as s:
+        paths = [Path(p) for p in s.scalars(select(Instance.path))]
+    evidence = read_evidence(paths)
+    series = str(evidence[0].SeriesInstanceUID)
+    result = result.model_copy(update={"series_used": {"t2w": series}})
+    sr = build_triage_sr(
+        result, evidence={"t2w": evidence}, model=None if not result.model else _model()
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "first_sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _model():  # type: ignore[no-untyped-def]
+    from core.domain import ModelRef
+
+    return ModelRef(MODEL.name, MODEL.version, MODEL.sha256)
+
+
+def _waiting_list(index: Index, tmp_path: Path, ris_port: int | None, today: str) -> WaitingList:
+    dests = [Hl7Destination(name="ris", host="127.0.0.1", port=ris_port)] if ris_port else []
+    return WaitingList(
+        index,
+        Spool(tmp_path / "var"),
+        TriageSettings(today=date.fromisoformat(today)),
+        Hl7Settings(destinations=dests, ack_timeout_s=2.0),
+        thresholds=lambda model: THRESHOLDS if model.name == MODEL.name else None,
+        dicom_destinations=["pacs"],
+    )
+
+
+def _columns(index: Index, uid: str) -> tuple[str, int, str | None, float | None]:
+    with index.read() as s:
+        row = s.execute(
+            text(
+                "SELECT priority, priority_rank, request_date, psa_density FROM studies "
+                "WHERE study_instance_uid = :uid"
+            ),
+            {"uid": uid},
+        ).one()
+    return row[0], row[1], row[2], row[3]
+
+
+def _reported(index: Index, tmp_path: Path, *, accession: str, days_waited: int) -> str:
+    uid = index_study(index, tmp_path / accession, patient_id="PAT001", accession=accession)
+    result = mark_reported(
+        index,
+        uid,
+        likelihood=0.1,
+        priority=Priority.ROUTINE,
+        days_waited=days_waited,
+        reported_at=REPORTED_AT,
+    )
+    result = result.model_copy(update={"series_used": {"t2w": _series(index, uid)}})
+    sr = _first_sr(index, uid, result, tmp_path / "sr" / accession)
+    mark_reported(
+        index,
+        uid,
+        likelihood=0.1,
+        priority=Priority.ROUTINE,
+        days_waited=days_waited,
+        reported_at=REPORTED_AT,
+        sr_path=sr,
+    )
+    with index.write() as s:  # keep the series used, as the analysis does
+        s.execute(
+            text("UPDATE studies SET result_json = :r WHERE study_instance_uid = :uid"),
+            {"r": json.dumps(result.to_json_dict()), "uid": uid},
+        )
+    return uid
+
+
+def _series(index: Index, uid: str) -> str:
+    with index.read() as s:
+        return str(
+            s.execute(
+                text(
+                    "SELECT se.series_instance_uid FROM series se JOIN studies st "
+                    "ON se.study_fk = st.id WHERE st.study_instance_uid = :uid"
+                ),
+                {"uid": uid},
+            ).scalar_one()
+        )
+
+
+@pytest.mark.integration
+def test_study_becomes_urgent_when_today_passes_its_escalation_date(
+    index: Index, tmp_path: Path, ris: RecordingRis
+) -> None:
+    """Routine on day 5; day 25 (28 - 3) is its escalation date: urgent without re-analysis,
+    a superseding SR to PACS and a corrected ORU^R01 to the RIS."""
+    uid = _reported(index, tmp_path, accession="ACC1", days_waited=5)
+    request = ANALYSED_ON - timedelta(days=5)
+
+    day = _waiting_list(index, tmp_path, ris.port, (request + timedelta(days=24)).isoformat())
+    report = day.tick()
+    assert (report.studies, report.superseding_srs, report.hl7_messages) == (1, 1, 1)
+    assert _columns(index, uid)[:3] == ("soon", Priority.SOON.rank, request.strftime("%Y%m%d"))
+
+    later = _waiting_list(index, tmp_path, ris.port, (request + timedelta(days=25)).isoformat())
+    report = later.tick()
+    assert (report.changed, report.superseding_srs, report.hl7_messages) == (1, 1, 1)
+    assert _columns(index, uid)[:2] == ("urgent", Priority.URGENT.rank)
+    assert later.tick().superseding_srs == 0  # same day, same flag: nothing re-sent
+
+    with index.read() as s:
+        dicom = list(s.scalars(select(OutboxItem).where(OutboxItem.study_instance_uid == uid)))
+    assert len(dicom) == 2  # one superseding SR per change, to the PACS destination
+    urgent_sr = pydicom.dcmread(dicom[-1].path)
+    soon_sr = pydicom.dcmread(dicom[0].path)
+    predecessor = urgent_sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+    assert predecessor.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == soon_sr.SOPInstanceUID
+    parsed = read_triage_sr(urgent_sr)
+    assert parsed.priority is Priority.URGENT
+    assert parsed.days_waited == 25
+    assert soon_sr.SOPInstanceUID in parsed.predecessors
+
+    sender = Hl7Sender(index, later.hl7)
+    assert sender.run_once() == 2
+    assert [r["state"] for r in outbox_rows(index)] == [HL7_SENT, HL7_SENT]
+    first, second = ris.messages
+    assert segment(first, "OBR")[25] == "P" and segment(second, "OBR")[25] == "C"
+    obx = [line.split("|") for line in second.split("\r") if line.startswith("OBX|1|")]
+    assert obx[0][5].startswith("RT101^Urgent")
+    sr_ref = [line for line in second.split("\r") if "RT514" in line][0]
+    assert sr_ref.split("|")[5] == urgent_sr.SOPInstanceUID
+
+
+@pytest.mark.integration
+def test_order_after_images_sets_urgency_and_psa_density(
+    index: Index, tmp_path: Path, ris: RecordingRis
+) -> None:
+    uid = _reported(index, tmp_path, accession="ACC2", days_waited=2)
+    with Hl7Listener(index, Hl7Settings(), port=0) as listener:
+        (ack,) = send(
+            listener.port,
+            orm_o01("M1", "PLC2", accession="ACC2", priority="S", psa="8.0",
+                    request_date="20261122"),
+        )  # fmt: skip
+    assert segment(ack, "MSA")[1] == "AA"
+    wl = _waiting_list(index, tmp_path, ris.port, "2026-11-25")
+    assert wl.tick().superseding_srs == 1
+    priority, rank, request, density = _columns(index, uid)
+    assert (priority, rank, request) == ("urgent", 0, "20261122")
+    assert density == pytest.approx(8.0 / 40.0)
+    assert Hl7Sender(index, wl.hl7).run_once() == 1
+    (oru,) = ris.messages
+    assert segment(oru, "OBR")[2] == "PLC2"  # the RIS's own order number comes back
+    psad = [line.split("|") for line in oru.split("\r") if "RT006" in line][0]
+    assert psad[5] == "0.200"
+
+
+@pytest.mark.integration
+def test_cancelled_order_gets_no_hl7_result(
+    index: Index, tmp_path: Path, ris: RecordingRis
+) -> None:
+    _reported(index, tmp_path, accession="ACC3", days_waited=1)
+    with Hl7Listener(index, Hl7Settings(), port=0) as listener:
+        send(
+            listener.port,
+            orm_o01("M1", "PLC3", accession="ACC3"),
+            orm_o01("M2", "PLC3", accession="ACC3", control="CA"),
+        )
+    assert _waiting_list(index, tmp_path, ris.port, "2026-11-25").tick().hl7_messages == 0
+
+
+def test_stat_study_not_analysed_ranks_with_the_urgent_ones(index: Index, tmp_path: Path) -> None:
+    uid = index_study(index, tmp_path / "s", patient_id="PAT009", accession="ACC9")
+    mark_reported(
+        index, uid, likelihood=None, priority=Priority.NOT_ANALYSED, days_waited=None,
+        reported_at=REPORTED_AT,
+    )  # fmt: skip
+    with index.write() as s:
+        s.execute(
+            text("UPDATE studies SET status = :st WHERE study_instance_uid = :uid"),
+            {"st": StudyStatus.REPORTED.value, "uid": uid},
+        )
+        from dicom_node.orders import OrderControl, OrderUpdate, apply_order
+
+        apply_order(
+            s,
+            OrderUpdate(
+                OrderControl.NEW,
+                "PLC9",
+                accession_number="ACC9",
+                referral_urgency=ReferralUrgency.URGENT,
+            ),  # fmt: skip
+            now=1.0,
+        )
+    _waiting_list(index, tmp_path, None, "2026-11-25").tick()
+    assert _columns(index, uid)[:2] == ("not_analysed", Priority.URGENT.rank)
+
+
+def test_many_studies_are_all_recomputed(index: Index, tmp_path: Path) -> None:
+    """More than one page (PAGE = 500): no cap."""
+    with index.write() as s:
+        s.execute(text("INSERT INTO patients (patient_id, issuer_of_patient_id, patient_name) "
+                       "VALUES ('P', '', '')"))  # fmt: skip
+        pid = s.execute(text("SELECT id FROM patients")).scalar_one()
+        for i in range(520):
+            result = TriageResult(
+                study_instance_uid=f"1.2.3.{i}", status=StudyStatus.REPORTED,
+                priority=Priority.ROUTINE, case_likelihood=0.1, model=MODEL, days_waited=i % 30,
+            )  # fmt: skip
+            s.execute(
+                text(
+                    "INSERT INTO studies (study_instance_uid, patient_fk, accession_number, "
+                    "study_date, study_description, referral_urgency, urgency_rank, status, "
+                    "node_id, status_changed_at, first_received_at, last_received_at, "
+                    "instance_count, checked_instance_count, analysed_instance_count, attempts, "
+                    "analysis_failures, result_json, reported_at) VALUES (:uid, :p, '', '', '', "
+                    "'routine', 2, 'reported', '', 0, 0, 0, 0, 0, 0, 0, 0, :r, :t)"
+                ),
+                {"uid": f"1.2.3.{i}", "p": pid, "r": json.dumps(result.to_json_dict()),
+                 "t": REPORTED_AT},
+            )  # fmt: skip
+    report = _waiting_list(index, tmp_path, None, "2026-11-24").tick()
+    assert report.studies == 520
+    with index.read() as s:
+        ranks = dict(s.execute(text("SELECT study_instance_uid, priority_rank FROM studies")).all())
+    assert ranks["1.2.3.29"] == Priority.URGENT.rank  # waited 29 days
+    assert ranks["1.2.3.22"] == Priority.SOON.rank
+    assert ranks["1.2.3.1"] == Priority.ROUTINE.rank
+
+
+@pytest.mark.parametrize("referral", list(ReferralUrgency))
+@pytest.mark.parametrize("likelihood", [None, 0.05, 0.35, 0.9])
+def test_simulate_ranks_with_the_same_function(
+    referral: ReferralUrgency, likelihood: float | None
+) -> None:
+    """`radtriage simulate` and the waiting list: same inputs, same ranks."""
+    triage = TriageSettings()
+    result = TriageResult(
+        study_instance_uid="1.2.3", status=StudyStatus.REPORTED,
+        priority=Priority.ROUTINE if likelihood is not None else Priority.NOT_ANALYSED,
+        case_likelihood=likelihood, model=MODEL,
+    )  # fmt: skip
+    today = date(2026, 12, 1)
+    for waited in range(0, 40, 3):
+        inputs = WaitingInputs(referral, today - timedelta(days=waited), False, None)
+        live = decide_today(result, inputs, THRESHOLDS, triage, today)
+        assert live.rank == queue_rank(
+            likelihood, THRESHOLDS, referral, waited, triage.waiting_policy()
+        )
+        assert live == decide_priority(
+            likelihood, THRESHOLDS, referral, waited, triage.waiting_policy()
+        )
