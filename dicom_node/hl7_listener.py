@@ -187,9 +187,12 @@ def parse_order_message(text: str) -> OrderMessage:
         raise Hl7Error("AR", 101, "MSH-10 message control ID is missing", "MSH", 10)
     if version not in SUPPORTED_VERSIONS:
         raise Hl7Error(
-            "AR", 203, f"version {version!r} not accepted ({', '.join(SUPPORTED_VERSIONS)})",
-            "MSH", 12,
-        )  # fmt: skip
+            "AR",
+            203,
+            f"version {version!r} not accepted ({', '.join(SUPPORTED_VERSIONS)})",
+            "MSH",
+            12,
+        )
     code, _, event = kind.partition("^")
     if (code, event) not in SUPPORTED_MESSAGES:
         raise Hl7Error(

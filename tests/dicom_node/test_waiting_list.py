@@ -12,12 +12,13 @@ import pydicom
 import pytest
 from sqlalchemy import select, text
 
-from core.domain import Priority, ReferralUrgency, StudyStatus, TriageResult
+from core.domain import ModelRef, Priority, ReferralUrgency, StudyStatus, TriageResult
 from core.priority import Thresholds, decide_priority
 from core.settings import Hl7Destination, Hl7Settings, TriageSettings
 from dicom_node.hl7_listener import Hl7Listener, RecordingRis
 from dicom_node.hl7_results import HL7_SENT, Hl7Sender, outbox_rows
 from dicom_node.index import Index, Instance, OutboxItem
+from dicom_node.orders import OrderControl, OrderUpdate, apply_order
 from dicom_node.spool import Spool
 from dicom_node.sr import build_triage_sr, read_evidence
 from dicom_node.sr_reader import read_triage_sr
@@ -49,19 +50,12 @@ def _first_sr(index: Index, uid: str, result: TriageResult, folder: Path) -> Pat
     evidence = read_evidence(paths)
     series = str(evidence[0].SeriesInstanceUID)
     result = result.model_copy(update={"series_used": {"t2w": series}})
-    sr = build_triage_sr(
-        result, evidence={"t2w": evidence}, model=None if not result.model else _model()
-    )
+    model = ModelRef(MODEL.name, MODEL.version, MODEL.sha256)
+    sr = build_triage_sr(result, evidence={"t2w": evidence}, model=model)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "first_sr.dcm"
     sr.save_as(path, enforce_file_format=True)
     return path
-
-
-def _model():  # type: ignore[no-untyped-def]
-    from core.domain import ModelRef
-
-    return ModelRef(MODEL.name, MODEL.version, MODEL.sha256)
 
 
 def _waiting_list(index: Index, tmp_path: Path, ris_port: int | None, today: str) -> WaitingList:
@@ -169,7 +163,7 @@ def test_study_becomes_urgent_when_today_passes_its_escalation_date(
     assert segment(first, "OBR")[25] == "P" and segment(second, "OBR")[25] == "C"
     obx = [line.split("|") for line in second.split("\r") if line.startswith("OBX|1|")]
     assert obx[0][5].startswith("RT101^Urgent")
-    sr_ref = [line for line in second.split("\r") if "RT514" in line][0]
+    sr_ref = next(line for line in second.split("\r") if "RT514" in line)
     assert sr_ref.split("|")[5] == urgent_sr.SOPInstanceUID
 
 
@@ -181,9 +175,10 @@ def test_order_after_images_sets_urgency_and_psa_density(
     with Hl7Listener(index, Hl7Settings(), port=0) as listener:
         (ack,) = send(
             listener.port,
-            orm_o01("M1", "PLC2", accession="ACC2", priority="S", psa="8.0",
-                    request_date="20261122"),
-        )  # fmt: skip
+            orm_o01(
+                "M1", "PLC2", accession="ACC2", priority="S", psa="8.0", request_date="20261122"
+            ),
+        )
     assert segment(ack, "MSA")[1] == "AA"
     wl = _waiting_list(index, tmp_path, ris.port, "2026-11-25")
     assert wl.tick().superseding_srs == 1
@@ -193,7 +188,7 @@ def test_order_after_images_sets_urgency_and_psa_density(
     assert Hl7Sender(index, wl.hl7).run_once() == 1
     (oru,) = ris.messages
     assert segment(oru, "OBR")[2] == "PLC2"  # the RIS's own order number comes back
-    psad = [line.split("|") for line in oru.split("\r") if "RT006" in line][0]
+    psad = next(line.split("|") for line in oru.split("\r") if "RT006" in line)
     assert psad[5] == "0.200"
 
 
@@ -214,16 +209,18 @@ def test_cancelled_order_gets_no_hl7_result(
 def test_stat_study_not_analysed_ranks_with_the_urgent_ones(index: Index, tmp_path: Path) -> None:
     uid = index_study(index, tmp_path / "s", patient_id="PAT009", accession="ACC9")
     mark_reported(
-        index, uid, likelihood=None, priority=Priority.NOT_ANALYSED, days_waited=None,
+        index,
+        uid,
+        likelihood=None,
+        priority=Priority.NOT_ANALYSED,
+        days_waited=None,
         reported_at=REPORTED_AT,
-    )  # fmt: skip
+    )
     with index.write() as s:
         s.execute(
             text("UPDATE studies SET status = :st WHERE study_instance_uid = :uid"),
             {"st": StudyStatus.REPORTED.value, "uid": uid},
         )
-        from dicom_node.orders import OrderControl, OrderUpdate, apply_order
-
         apply_order(
             s,
             OrderUpdate(
@@ -231,7 +228,7 @@ def test_stat_study_not_analysed_ranks_with_the_urgent_ones(index: Index, tmp_pa
                 "PLC9",
                 accession_number="ACC9",
                 referral_urgency=ReferralUrgency.URGENT,
-            ),  # fmt: skip
+            ),
             now=1.0,
         )
     _waiting_list(index, tmp_path, None, "2026-11-25").tick()
@@ -241,14 +238,22 @@ def test_stat_study_not_analysed_ranks_with_the_urgent_ones(index: Index, tmp_pa
 def test_many_studies_are_all_recomputed(index: Index, tmp_path: Path) -> None:
     """More than one page (PAGE = 500): no cap."""
     with index.write() as s:
-        s.execute(text("INSERT INTO patients (patient_id, issuer_of_patient_id, patient_name) "
-                       "VALUES ('P', '', '')"))  # fmt: skip
+        s.execute(
+            text(
+                "INSERT INTO patients (patient_id, issuer_of_patient_id, patient_name) "
+                "VALUES ('P', '', '')"
+            )
+        )
         pid = s.execute(text("SELECT id FROM patients")).scalar_one()
         for i in range(520):
             result = TriageResult(
-                study_instance_uid=f"1.2.3.{i}", status=StudyStatus.REPORTED,
-                priority=Priority.ROUTINE, case_likelihood=0.1, model=MODEL, days_waited=i % 30,
-            )  # fmt: skip
+                study_instance_uid=f"1.2.3.{i}",
+                status=StudyStatus.REPORTED,
+                priority=Priority.ROUTINE,
+                case_likelihood=0.1,
+                model=MODEL,
+                days_waited=i % 30,
+            )
             s.execute(
                 text(
                     "INSERT INTO studies (study_instance_uid, patient_fk, accession_number, "
@@ -258,9 +263,13 @@ def test_many_studies_are_all_recomputed(index: Index, tmp_path: Path) -> None:
                     "analysis_failures, result_json, reported_at) VALUES (:uid, :p, '', '', '', "
                     "'routine', 2, 'reported', '', 0, 0, 0, 0, 0, 0, 0, 0, :r, :t)"
                 ),
-                {"uid": f"1.2.3.{i}", "p": pid, "r": json.dumps(result.to_json_dict()),
-                 "t": REPORTED_AT},
-            )  # fmt: skip
+                {
+                    "uid": f"1.2.3.{i}",
+                    "p": pid,
+                    "r": json.dumps(result.to_json_dict()),
+                    "t": REPORTED_AT,
+                },
+            )
     report = _waiting_list(index, tmp_path, None, "2026-11-24").tick()
     assert report.studies == 520
     with index.read() as s:
@@ -278,10 +287,12 @@ def test_simulate_ranks_with_the_same_function(
     """`radtriage simulate` and the waiting list: same inputs, same ranks."""
     triage = TriageSettings()
     result = TriageResult(
-        study_instance_uid="1.2.3", status=StudyStatus.REPORTED,
+        study_instance_uid="1.2.3",
+        status=StudyStatus.REPORTED,
         priority=Priority.ROUTINE if likelihood is not None else Priority.NOT_ANALYSED,
-        case_likelihood=likelihood, model=MODEL,
-    )  # fmt: skip
+        case_likelihood=likelihood,
+        model=MODEL,
+    )
     today = date(2026, 12, 1)
     for waited in range(0, 40, 3):
         inputs = WaitingInputs(referral, today - timedelta(days=waited), False, None)
