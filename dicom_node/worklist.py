@@ -29,6 +29,7 @@ from sqlalchemy import (
     or_,
     select,
     table,
+    true,
     update,
 )
 from sqlalchemy.orm import Session
@@ -178,7 +179,7 @@ def _order(q: WorklistQuery) -> list[Any]:
         "patient_name": [Patient.patient_name],
         "status": [STUDIES.c.status],
     }
-    # "waited" ascending means longest waiting first, so it flips with the others
+    # "waited" sorts days waited (ascending: fewest first), i.e. the request date reversed
     flip = q.sort == "waited"
     desc = q.descending != flip
     primary = [(k.desc() if desc else k.asc()).nulls_last() for k in keys[q.sort]]
@@ -199,7 +200,7 @@ def _from() -> Any:
 
 def query_worklist(session: Session, q: WorklistQuery, today: date | None = None) -> WorklistPage:
     """One page of the worklist and the total count of studies matching the filters."""
-    where = and_(*_filters(q))
+    where = and_(true(), *_filters(q))
     total = session.scalar(select(func.count()).select_from(_from()).where(where)) or 0
     stmt = (
         select(

@@ -26,15 +26,15 @@ branch_labels = None
 depends_on = None
 
 RESULT_COLUMNS = (
-    sa.Column("priority", sa.String(16), nullable=True),
-    sa.Column("priority_rank", sa.Integer, nullable=True),
-    sa.Column("case_likelihood", sa.Float, nullable=True),
-    sa.Column("largest_lesion_ml", sa.Float, nullable=True),
-    sa.Column("gland_volume_ml", sa.Float, nullable=True),
-    sa.Column("psa_density", sa.Float, nullable=True),
-    sa.Column("request_date", sa.String(8), nullable=True),
-    sa.Column("patient_sex", sa.String(16), nullable=True),
-    sa.Column("patient_age", sa.String(16), nullable=True),
+    ("priority", sa.String(16)),
+    ("priority_rank", sa.Integer()),
+    ("case_likelihood", sa.Float()),
+    ("largest_lesion_ml", sa.Float()),
+    ("gland_volume_ml", sa.Float()),
+    ("psa_density", sa.Float()),
+    ("request_date", sa.String(8)),
+    ("patient_sex", sa.String(16)),
+    ("patient_age", sa.String(16)),
 )
 INDEXED = ("priority", "priority_rank", "case_likelihood", "request_date")
 
@@ -114,8 +114,8 @@ def upgrade() -> None:
         sa.UniqueConstraint("study_instance_uid", "finding_index"),
     )
     with op.batch_alter_table("studies") as batch:
-        for col in RESULT_COLUMNS:
-            batch.add_column(col.copy())
+        for name, type_ in RESULT_COLUMNS:
+            batch.add_column(sa.Column(name, type_, nullable=True))
         for name in INDEXED:
             batch.create_index(f"ix_studies_{name}", [name])
     _backfill()
@@ -129,7 +129,7 @@ def _backfill() -> None:
         sa.column("id", sa.Integer),
         sa.column("result_json", sa.Text),
         sa.column("reported_at", sa.Float),
-        *(sa.column(c.name, c.type) for c in RESULT_COLUMNS),
+        *(sa.column(name, type_) for name, type_ in RESULT_COLUMNS),
     )
     rows = conn.execute(
         sa.select(studies.c.id, studies.c.result_json, studies.c.reported_at).where(
@@ -173,8 +173,8 @@ def downgrade() -> None:
     with op.batch_alter_table("studies") as batch:
         for name in INDEXED:
             batch.drop_index(f"ix_studies_{name}")
-        for col in RESULT_COLUMNS:
-            batch.drop_column(col.name)
+        for name, _ in RESULT_COLUMNS:
+            batch.drop_column(name)
     for name in ("finding_assessments", "assessments", "audit_events", "api_tokens"):
         op.drop_table(name)
     op.drop_table("sessions")

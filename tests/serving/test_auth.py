@@ -1,0 +1,201 @@
+"""Access control over every route: who may call what (role matrix), 401 without credentials
+and no patient data in its body, pages redirect to /login, CSRF on session requests, cookie
+flags, disabled users. A real SQLite index; the app in-process (TestClient)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.routing import APIRoute
+from fastapi.testclient import TestClient
+
+from core.domain import LesionResult, Priority
+from dicom_node.index import Index
+from serving.accounts import Accounts
+from tests.serving.workspace_helpers import PASSWORD, USERS, add_study, add_users, client, login
+
+UID = "1.2.826.0.1.3680043.10.1.1"
+PATIENT_NAME = "Secret^Patient"
+PATIENT_ID = "MRN-SECRET-42"
+OPEN = "open"
+ANY = ("radiologist", "admin", "ml_engineer")
+CLINICAL = ("radiologist", "admin")
+RADIOLOGIST = ("radiologist",)
+LESION = LesionResult(likelihood=0.8, volume_ml=0.5, centroid_mm=(0, 0, 0), category="ai")
+
+#: (method, path template) -> who may call it. Every route of the app must be listed here.
+POLICY: dict[tuple[str, str], object] = {
+    ("GET", "/healthz"): OPEN,
+    ("GET", "/readyz"): OPEN,
+    ("GET", "/metrics"): OPEN,
+    ("GET", "/static/{name}"): OPEN,
+    ("GET", "/login"): OPEN,
+    ("POST", "/api/login"): OPEN,
+    ("GET", "/"): OPEN,  # a redirect to /worklist
+    ("GET", "/openapi.json"): OPEN,
+    ("GET", "/docs"): OPEN,
+    ("GET", "/docs/oauth2-redirect"): OPEN,
+    ("GET", "/redoc"): OPEN,
+    ("GET", "/api/session"): ANY,
+    ("POST", "/api/logout"): ANY,
+    ("GET", "/api/models"): ANY,
+    ("GET", "/api/studies/{study_instance_uid}/assessment"): ANY,
+    ("GET", "/api/outbox"): ("admin", "ml_engineer"),
+    ("GET", "/api/audit"): ("admin",),
+    ("GET", "/api/worklist"): CLINICAL,
+    ("GET", "/api/worklist/pending"): CLINICAL,
+    ("GET", "/api/studies/{study_instance_uid}"): CLINICAL,
+    ("GET", "/api/studies/{study_instance_uid}/images"): CLINICAL,
+    ("GET", "/api/studies/{study_instance_uid}/images/{role}/{z}.png"): CLINICAL,
+    ("GET", "/api/studies/{study_instance_uid}/sr"): CLINICAL,
+    ("GET", "/api/studies/{study_instance_uid}/seg"): CLINICAL,
+    ("GET", "/worklist"): CLINICAL,
+    ("GET", "/studies/{study_instance_uid}"): CLINICAL,
+    ("POST", "/api/studies/{study_instance_uid}/acknowledge"): RADIOLOGIST,
+    ("POST", "/api/studies/{study_instance_uid}/reported"): RADIOLOGIST,
+    ("POST", "/api/studies/{study_instance_uid}/override"): RADIOLOGIST,
+    ("POST", "/api/studies/{study_instance_uid}/findings/{finding_index}"): RADIOLOGIST,
+    ("POST", "/api/studies/{study_instance_uid}/pirads"): RADIOLOGIST,
+    ("POST", "/api/studies/{study_instance_uid}/biopsy"): RADIOLOGIST,
+}
+PAGES = {"/worklist", "/studies/{study_instance_uid}"}
+BODIES = {
+    "/api/login": {"name": "rita", "password": PASSWORD},
+    "/api/studies/{study_instance_uid}/override": {"priority": "urgent", "reason": "PSA rising"},
+    "/api/studies/{study_instance_uid}/findings/{finding_index}": {"decision": "reject"},
+    "/api/studies/{study_instance_uid}/pirads": {"pirads": 4},
+    "/api/studies/{study_instance_uid}/biopsy": {"isup_grade_group": 2, "biopsy_date": "20261120"},
+}
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[TestClient, dict[str, str], Index]:
+    index = Index(f"sqlite:///{tmp_path}/index.db")
+    add_study(
+        index,
+        UID,
+        priority=Priority.URGENT,
+        likelihood=0.9,
+        patient_id=PATIENT_ID,
+        patient_name=PATIENT_NAME,
+        lesions=(LESION,),
+    )
+    tokens = add_users(index)
+    return client(index), tokens, index
+
+
+def _url(template: str) -> str:
+    return (
+        template.replace("{study_instance_uid}", UID)
+        .replace("{finding_index}", "0")
+        .replace("{role}", "t2w")
+        .replace("{z}", "0")
+        .replace("{name}", "style.css")
+    )
+
+
+def _routes(c: TestClient) -> list[tuple[str, str]]:
+    out = []
+    for route in c.app.routes:  # type: ignore[attr-defined]
+        methods = route.methods if isinstance(route, APIRoute) else getattr(route, "methods", None)
+        for method in sorted(methods or ()):
+            if method != "HEAD":
+                out.append((method, route.path))
+    return out
+
+
+def test_every_route_has_a_policy(setup: tuple[TestClient, dict[str, str], Index]) -> None:
+    c, _, _ = setup
+    assert sorted(_routes(c)) == sorted(POLICY), "classify new routes in POLICY"
+
+
+@pytest.mark.parametrize("role", ["radiologist", "admin", "ml_engineer", None])
+def test_role_matrix(role: str | None, setup: tuple[TestClient, dict[str, str], Index]) -> None:
+    c, tokens, _ = setup
+    headers = {"Authorization": f"Bearer {tokens[role]}"} if role else {}
+    for (method, template), allowed in POLICY.items():
+        if template == "/api/logout":
+            continue  # would end nothing for a token, checked in the session tests
+        url = _url(template)
+        caller = TestClient(c.app) if template == "/api/login" else c  # keeps c signed out
+        r = caller.request(
+            method, url, headers=headers, json=BODIES.get(template), follow_redirects=False
+        )
+        where = f"{role} {method} {url}: {r.status_code} {r.text[:200]}"
+        if allowed == OPEN:
+            assert r.status_code not in (401, 403), where
+        elif role is None:
+            if template in PAGES:
+                assert r.status_code == 303 and r.headers["location"] == "/login", where
+            else:
+                assert r.status_code == 401, where
+                assert PATIENT_NAME not in r.text and PATIENT_ID not in r.text, where
+                assert r.headers["www-authenticate"] == "Bearer", where
+        elif role in allowed:  # type: ignore[operator]
+            assert r.status_code not in (401, 403, 422), where
+        else:
+            assert r.status_code == 403, where
+            assert PATIENT_NAME not in r.text and PATIENT_ID not in r.text, where
+
+
+def test_session_cookie_flags_and_csrf(setup: tuple[TestClient, dict[str, str], Index]) -> None:
+    c, tokens, _ = setup
+    r = c.post("/api/login", json={"name": USERS["radiologist"], "password": PASSWORD})
+    cookie = r.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie and "secure" not in cookie
+    csrf = r.json()["csrf_token"]
+    url = f"/api/studies/{UID}/acknowledge"
+    assert c.post(url).status_code == 403  # no token
+    assert c.post(url, headers={"X-CSRF-Token": "x" * 43}).status_code == 403  # wrong token
+    other = TestClient(c.app)
+    other_csrf = login(other, "radiologist")
+    assert c.post(url, headers={"X-CSRF-Token": other_csrf}).status_code == 403  # another session's
+    assert c.post(url, headers={"X-CSRF-Token": csrf}).status_code == 200
+    assert c.get("/api/session").json()["csrf_token"] == csrf
+    # bearer requests carry no ambient credential: no CSRF token needed
+    bearer = TestClient(c.app)
+    r = bearer.post(url, headers={"Authorization": f"Bearer {tokens['radiologist']}"})
+    assert r.status_code == 200
+    # logout ends the session on the server, not only in the browser
+    session_id = c.cookies.get("radtriage_session")
+    assert c.post("/api/logout", headers={"X-CSRF-Token": csrf}).status_code == 200
+    stale = TestClient(c.app, cookies={"radtriage_session": session_id})
+    assert stale.get("/api/worklist").status_code == 401
+
+
+def test_https_sets_secure_cookie(setup: tuple[TestClient, dict[str, str], Index]) -> None:
+    c, _, _ = setup
+    https = TestClient(c.app, base_url="https://testserver")
+    r = https.post("/api/login", json={"name": USERS["admin"], "password": PASSWORD})
+    assert "secure" in r.headers["set-cookie"].lower()
+
+
+def test_wrong_password_and_disabled_user(setup: tuple[TestClient, dict[str, str], Index]) -> None:
+    c, tokens, index = setup
+    assert c.post("/api/login", json={"name": "rita", "password": "nope"}).status_code == 401
+    assert c.post("/api/login", json={"name": "nobody", "password": "nope"}).status_code == 401
+    login(c, "radiologist")
+    Accounts(index.engine).disable("rita")
+    assert c.get("/api/worklist").status_code == 401  # the session ended
+    headers = {"Authorization": f"Bearer {tokens['radiologist']}"}
+    assert c.get("/api/worklist", headers=headers).status_code == 401  # the token too
+    assert c.post("/api/login", json={"name": "rita", "password": PASSWORD}).status_code == 401
+    admin = {"Authorization": f"Bearer {tokens['admin']}"}
+    actions = [e["action"] for e in c.get("/api/audit", headers=admin).json()["events"]]
+    assert actions.count("login_failed") == 3 and "login" in actions
+
+
+def test_passwords_and_tokens_are_not_stored(
+    setup: tuple[TestClient, dict[str, str], Index],
+) -> None:
+    _, tokens, index = setup
+    with index.engine.connect() as conn:
+        dump = "\n".join(
+            str(row)
+            for t in ("users", "api_tokens")
+            for row in conn.exec_driver_sql(f"SELECT * FROM {t}")
+        )
+    assert PASSWORD not in dump
+    assert all(token not in dump for token in tokens.values())
+    assert "$argon2id$" in dump
