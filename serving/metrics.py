@@ -15,6 +15,7 @@ from core.domain import ModelRef, TriageResult
 
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32)
+LIKELIHOOD_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 class Metrics:
@@ -66,14 +67,52 @@ class Metrics:
             registry=r,
         )
 
+        self.model_likelihood = Histogram(
+            "radtriage_case_likelihood",
+            "Case csPCa likelihood reported, by model NAME:VERSION (drift monitoring)",
+            ["model"],
+            buckets=LIKELIHOOD_BUCKETS,
+            registry=r,
+        )
+        self.model_priority = Counter(
+            "radtriage_model_priority",
+            "Studies by the model NAME:VERSION that analysed them and the priority given",
+            ["model", "priority"],
+            registry=r,
+        )
+        self.not_analysed = Counter(
+            "radtriage_not_analysed",
+            "Studies not analysed, by reason code (a bounded, coded set)",
+            ["reason"],
+            registry=r,
+        )
+        self.shadow_studies = Counter(
+            "radtriage_shadow_studies",
+            "Studies run by the shadow model (stored, never sent), by outcome",
+            ["shadow_model", "outcome"],
+            registry=r,
+        )
+
     def observe_result(self, result: TriageResult) -> None:
         self.studies.labels(result.status.value, result.priority.value).inc()
+        model = f"{result.model.name}:{result.model.version}" if result.model else "none"
+        self.model_priority.labels(model, result.priority.value).inc()
+        if result.case_likelihood is not None:
+            self.model_likelihood.labels(model).observe(result.case_likelihood)
+        if result.priority.value == "not_analysed":
+            self.not_analysed.labels((result.reason or {}).get("code") or "unknown").inc()
         total = result.timings_ms.get("total")
         if total is not None:
             self.analysis_seconds.observe(total / 1000.0)
         inference = result.timings_ms.get("inference")
         if inference is not None:
             self.inference_seconds.observe(inference / 1000.0)
+
+    def observe_shadow(self, shadow_model: str, delta: float | None) -> None:
+        """One shadow run: `delta` = |primary - shadow| likelihood, None when it failed."""
+        self.shadow_studies.labels(shadow_model, "error" if delta is None else "ok").inc()
+        if delta is not None:
+            self.shadow_delta.observe(delta)
 
     def set_models(self, models: dict[str, ModelRef]) -> None:
         """Replace the loaded-model gauge with `models` (role -> ref)."""

@@ -21,7 +21,9 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--data",
         required=True,
-        help="phantoms:N[:SEED] (default SEED 100000) or a labelled dataset folder",
+        help="phantoms:N[:SEED] (default SEED 100000), a labelled dataset folder, or an outcome "
+        "marksheet (CSV with ai_score: `feedback export`) for live performance per model "
+        "version, site and vendor",
     )
     p.add_argument("--model", default="cspca_detector", help="detector NAME[:VERSION]")
     p.add_argument("--gland", default="prostate_gland", help="gland model NAME[:VERSION]")
@@ -55,6 +57,8 @@ def handle(args: argparse.Namespace) -> int:
 
     if args.bootstrap < 10:
         raise InputError("--bootstrap must be at least 10")
+    if _is_marksheet(args.data):
+        return _live(args)
     cases = list(load_cases(args.data))
     if not cases:
         raise InputError(f"--data {args.data} held no cases")
@@ -70,6 +74,63 @@ def handle(args: argparse.Namespace) -> int:
     else:
         print(_text(doc))
     return 0
+
+
+def _is_marksheet(data: str) -> bool:
+    from evaluation.outcomes import is_outcome_marksheet
+
+    return not data.startswith("phantoms:") and is_outcome_marksheet(Path(data))
+
+
+def _live(args: argparse.Namespace) -> int:
+    """Live performance from an outcome marksheet: no images, the scores the models reported."""
+    from core.errors import ModelError
+    from core.priority import Thresholds
+    from evaluation.outcomes import live_performance, read_outcomes
+
+    repo = _repository(args)
+    provisional = Thresholds(urgent=0.5, soon=0.2)
+    sources: dict[str, str] = {}
+
+    def thresholds_for(ref: str) -> Thresholds:
+        try:
+            md = repo.resolve(ref).metadata if ":" in ref else None
+        except (ModelError, InputError):
+            md = None
+        if md is not None and md.thresholds is not None:
+            sources[ref] = md.thresholds.source
+            return md.thresholds.as_thresholds()
+        sources[ref] = "provisional (model not in this repository or without thresholds)"
+        return provisional
+
+    doc = live_performance(
+        read_outcomes(Path(args.data)), thresholds_for, n_bootstrap=args.bootstrap, seed=args.seed
+    )
+    doc["data"] = args.data
+    doc["thresholds_source"] = sources
+    if args.out:
+        args.out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(doc, indent=2) if args.json else _live_text(doc))
+    return 0
+
+
+def _live_text(doc: dict[str, Any]) -> str:
+    lines = [f"live performance on {doc['data']}: {doc['n_studies']} studies"]
+    for ref, v in doc["by_model_version"].items():
+        lines.append(
+            f"{ref}: {v['n_studies']} studies, {v['n_with_outcome']} with outcome "
+            f"({v['n_cspca']} csPCa, {v['n_pending']} pending); AUROC {_fmt(v['auroc'])} "
+            f"({_fmt(v['auroc_ci'][0])}-{_fmt(v['auroc_ci'][1])}); sensitivity at soon "
+            f"{_fmt(v['at_soon']['sensitivity'])}; PI-RADS kappa "
+            f"{_fmt(v['pirads_agreement']['kappa'])}"
+        )
+        for key in ("by_site", "by_vendor"):
+            for group, g in v[key].items():
+                lines.append(
+                    f"  {key[3:]} {group}: {g['n_with_outcome']} with outcome, AUROC "
+                    f"{_fmt(g['auroc'])}, sensitivity at soon {_fmt(g['at_soon']['sensitivity'])}"
+                )
+    return "\n".join(lines)
 
 
 def _repository(args: argparse.Namespace) -> Any:
