@@ -41,7 +41,7 @@ def pending_context(tmp_path: Path, phantoms: dict[str, Path]) -> tuple[ApiConte
     """A real index holding two studies still arriving: a routine one first, then a STAT one."""
     from cli.composition import IndexStudies
     from dicom_node.index import Index
-    from serving.http_api import ApiContext, AuditLog
+    from serving.http_api import ApiContext
     from serving.metrics import Metrics
     from tests.dicom_node.peers import index_series
 
@@ -49,11 +49,5 @@ def pending_context(tmp_path: Path, phantoms: dict[str, Path]) -> tuple[ApiConte
     now = time.time()
     routine = index_series(index, sorted(phantoms["negative"].glob("*_t2w/*.dcm"))[:5], now - 600)
     stat = index_series(index, sorted(phantoms["positive"].glob("*_adc/*.dcm")), now - 60, "STAT")
-    studies = IndexStudies(index)
-    ctx = ApiContext(
-        studies=studies,
-        metrics=Metrics(),
-        audit=AuditLog(tmp_path / "audit.jsonl"),
-        pending=studies.list_pending,
-    )
+    ctx = ApiContext(index=index, metrics=Metrics(), pending=IndexStudies(index).list_pending)
     return ctx, routine, stat

@@ -1,107 +1,175 @@
+"""The HTTP API over a real index holding a phantom the real pipeline analysed: the study
+view, key images (PNG with the outlines from the SEG that went to PACS), the SR/SEG as sent,
+the radiologist's read and its export as a marksheet `evaluation.outcomes` reads."""
+
 from __future__ import annotations
 
-import os
+import io
+import json
 import time
 from pathlib import Path
 
+import numpy as np
+import pydicom
+import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
+from sqlalchemy import select
 
-from core.domain import ModelInfo, Priority, StudyStatus, TriageResult
-from serving.http_api import ApiContext, AuditLog, ResultDirectory, create_app
-from serving.metrics import Metrics
+from core.domain import Priority
+from core.settings import Settings
+from dicom_node.index import Index, Study
+from dicom_node.worklist import update_result_columns
+from serving.http_api import ApiContext, create_app
+from serving.key_images import GLAND_COLOUR, LESION_COLOUR, SELECTED_COLOUR
+from tests.serving.workspace_helpers import add_study, add_users, client
 
 
-def _write(root: Path, uid: str, priority: Priority, likelihood: float | None) -> TriageResult:
-    result = TriageResult(
-        study_instance_uid=uid,
-        status=StudyStatus.REPORTED,
-        priority=priority,
-        case_likelihood=likelihood,
-        model=ModelInfo(name="det", version="1", sha256="0" * 64),
-        reason=None if likelihood is not None else {"code": "missing_t2w", "message": "no T2W"},
-        timings_ms={"total": 1200.0, "inference": 300.0},
+@pytest.fixture(scope="module")
+def analysed(
+    model_repository: Path, phantoms: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[TestClient, Index, str, dict[str, str]]:
+    """The csPCa phantom indexed as the SCP would, analysed by the real pipeline, recorded."""
+    from cli.composition import build_analyser, build_engine
+    from dicom_node.study_reader import scan_study
+    from tests.dicom_node.peers import index_series
+
+    work = tmp_path_factory.mktemp("api")
+    index = Index(f"sqlite:///{work}/index.db")
+    files = sorted(phantoms["positive"].rglob("*.dcm"))
+    uid = index_series(index, files, time.time() - 30)
+    settings = Settings.model_validate(
+        {"storage": {"root": str(work)}, "models": {"repository": str(model_repository)}}
     )
-    (root / uid).mkdir(parents=True)
-    (root / uid / "result.json").write_text(result.model_dump_json())
-    age = {"1.2.3.1": 300, "1.2.3.2": 200, "1.2.3.3": 100}[uid]  # seconds ago
-    os.utime(root / uid / "result.json", (time.time() - age, time.time() - age))
-    return result
+    engine = build_engine(settings.models, "cpu")
+    analysis = build_analyser(settings, engine).analyse(scan_study(files), work / "results" / uid)
+    now = time.time()
+    with index.write() as s:
+        study = s.scalars(select(Study).where(Study.study_instance_uid == uid)).one()
+        study.status = "sent"
+        study.reported_at = now
+        study.result_json = json.dumps(analysis.result.to_json_dict())
+        study.documents_json = json.dumps([str(d.path) for d in analysis.documents])
+        update_result_columns(s, study.id, analysis.result, now)
+    tokens = add_users(index)
+    return client(index), index, uid, tokens
 
 
-def _client(tmp_path: Path, ready: bool = True) -> tuple[TestClient, Metrics]:
-    results = tmp_path / "results"
-    _write(results, "1.2.3.1", Priority.ROUTINE, 0.05)
-    _write(results, "1.2.3.2", Priority.URGENT, 0.9)
-    _write(results, "1.2.3.3", Priority.NOT_ANALYSED, None)
-    metrics = Metrics()
-    for doc in ResultDirectory(results).list_studies():
-        metrics.observe_result(
-            TriageResult.model_validate({k: v for k, v in doc.items() if k != "updated_at"})
-        )
-    ctx = ApiContext(
-        studies=ResultDirectory(results),
-        metrics=metrics,
-        audit=AuditLog(tmp_path / "audit.jsonl"),
-        models=lambda: {"loaded": {"detector": {"name": "det", "version": "1"}}},
-        outbox=lambda: [{"sop_instance_uid": "9.9", "destination": "pacs", "error": "refused"}],
-        ready=lambda: ready,
+def _as(tokens: dict[str, str], role: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {tokens[role]}"}
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    image = Image.open(io.BytesIO(png))
+    assert image.format == "PNG"
+    return np.asarray(image.convert("RGB"))
+
+
+def _count(rgb: np.ndarray, colour: tuple[int, int, int]) -> int:
+    return int(np.all(rgb == np.asarray(colour, dtype=np.uint8), axis=-1).sum())
+
+
+def test_operations_endpoints_are_open(analysed: tuple) -> None:
+    c, *_ = analysed
+    assert c.get("/healthz").json() == {"status": "ok"}
+    assert c.get("/readyz").status_code == 200
+    assert c.get("/metrics").status_code == 200
+    schema = c.get("/openapi.json").json()
+    assert (
+        "/api/worklist" in schema["paths"]
+        and "/api/studies/{study_instance_uid}" in schema["paths"]
     )
-    return TestClient(create_app(ctx)), metrics
 
 
-def test_operations_endpoints(tmp_path: Path) -> None:
-    client, _ = _client(tmp_path, ready=False)
-    assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").status_code == 503
-    text = client.get("/metrics").text
-    assert 'radtriage_studies_total{priority="urgent",status="reported"} 1.0' in text
-    assert "radtriage_inference_seconds_bucket" in text
-    assert client.get("/api/models").json()["loaded"]["detector"]["version"] == "1"
-    assert client.get("/api/outbox").json()[0]["error"] == "refused"
+def test_study_view_has_the_patient_the_result_and_no_file_paths(analysed: tuple) -> None:
+    c, _, uid, tokens = analysed
+    doc = c.get(f"/api/studies/{uid}", headers=_as(tokens, "radiologist")).json()
+    assert doc["study_instance_uid"] == uid and doc["patient_id"]
+    assert doc["result"]["priority"] == Priority.URGENT.value
+    assert {d["kind"] for d in doc["documents"]} == {"sr", "seg"}
+    assert "/results/" not in json.dumps(doc)  # document URLs, never paths on the server
+    row = c.get("/api/worklist", headers=_as(tokens, "radiologist")).json()["rows"][0]
+    assert row["priority"] == "urgent" and row["largest_lesion_ml"] > 0
+    assert row["gland_volume_ml"] > 0 and row["patient_sex"] in ("M", None)
+    assert c.get("/api/studies/9.9.9", headers=_as(tokens, "radiologist")).status_code == 404
 
 
-def test_studies_follow_the_result_schema(tmp_path: Path) -> None:
-    client, _ = _client(tmp_path)
-    uids = {d["study_instance_uid"] for d in client.get("/api/studies").json()}
-    assert uids == {"1.2.3.1", "1.2.3.2", "1.2.3.3"}
-    doc = client.get("/api/studies/1.2.3.3").json()
-    assert doc["priority"] == "not_analysed" and doc["reason"]["code"] == "missing_t2w"
-    assert client.get("/api/studies/4.5.6").status_code == 404
+def test_key_images_show_the_lesion_and_the_gland(analysed: tuple) -> None:
+    c, _, uid, tokens = analysed
+    h = _as(tokens, "radiologist")
+    info = c.get(f"/api/studies/{uid}/images", headers=h).json()
+    assert info["has_gland"] and len(info["key_slices"]) >= 1
+    z = info["key_slices"][0]
+    assert 0 <= z < info["slices"] and info["default_slice"] == z
+    for role in ("t2w", "adc", "hbv"):
+        r = c.get(f"/api/studies/{uid}/images/{role}/{z}.png", params={"lesion": 0}, headers=h)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        rgb = _pixels(r.content)
+        assert _count(rgb, SELECTED_COLOUR) > 10, role  # the selected lesion's outline
+        assert _count(rgb, GLAND_COLOUR) > 10, role
+    plain = _pixels(c.get(f"/api/studies/{uid}/images/t2w/{z}.png", headers=h).content)
+    assert _count(plain, LESION_COLOUR) > 10 and _count(plain, SELECTED_COLOUR) == 0
+    empty = _pixels(c.get(f"/api/studies/{uid}/images/t2w/0.png", headers=h).content)
+    assert _count(empty, LESION_COLOUR) == 0  # first slice: below the prostate
+    out = c.get(f"/api/studies/{uid}/images/t2w/{info['slices']}.png", headers=h)
+    assert out.status_code == 404
+    assert c.get(f"/api/studies/{uid}/images/dwi/0.png", headers=h).status_code == 422
 
 
-def test_worklist_order_acknowledge_and_audited_override(tmp_path: Path) -> None:
-    client, _ = _client(tmp_path)
-    rows = client.get("/api/worklist").json()
-    assert [r["priority"] for r in rows] == ["urgent", "not_analysed", "routine"]
-    no_reason = {"user": "dr_a", "priority": "urgent"}
-    assert client.post("/api/worklist/1.2.3.1/override", json=no_reason).status_code == 422
-    r = client.post(
-        "/api/worklist/1.2.3.1/override",
-        json={"user": "dr_a", "priority": "urgent", "comment": "clinical concern"},
-    )
-    assert r.status_code == 200
-    client.post("/api/worklist/1.2.3.2/acknowledge", json={"user": "dr_b"})
-    rows = client.get("/api/worklist").json()
-    assert [r["study_instance_uid"] for r in rows][:2] == ["1.2.3.1", "1.2.3.2"]  # older first
-    overridden = next(r for r in rows if r["study_instance_uid"] == "1.2.3.1")
-    assert overridden["overridden_by"] == "dr_a" and overridden["ai_priority"] == "routine"
-    assert rows[1]["acknowledged_by"] == "dr_b"
-    audit = client.get("/api/audit").json()
-    assert [e["action"] for e in audit] == ["override", "acknowledge"]
-    assert client.get("/api/studies/1.2.3.1").json()["priority"] == "routine"  # result untouched
-    bad = client.post("/api/worklist/1.2.3.1/override", json={"user": "x", "priority": "later"})
-    assert bad.status_code == 422
-    assert client.post("/api/worklist/7.7/acknowledge", json={"user": "x"}).status_code == 404
-    assert "Prostate MRI worklist" in client.get("/worklist").text
+def test_sr_and_seg_as_sent_to_pacs(analysed: tuple) -> None:
+    c, _, uid, tokens = analysed
+    for kind, modality in (("sr", "SR"), ("seg", "SEG")):
+        r = c.get(f"/api/studies/{uid}/{kind}", headers=_as(tokens, "admin"))
+        assert r.status_code == 200 and r.headers["content-type"] == "application/dicom"
+        ds = pydicom.dcmread(io.BytesIO(r.content))
+        assert ds.Modality == modality and ds.StudyInstanceUID == uid
+
+
+def test_the_radiologists_read_and_the_feedback_export(analysed: tuple, tmp_path: Path) -> None:
+    from cli.main import main
+    from evaluation.outcomes import read_outcomes
+
+    c, index, uid, tokens = analysed
+    h = _as(tokens, "radiologist")
+    base = f"/api/studies/{uid}"
+    assert c.post(f"{base}/findings/0", json={"decision": "reject"}, headers=h).status_code == 200
+    edit = {"decision": "edit", "pirads": 4, "sector": "PZpl", "volume_ml": 0.4}
+    assert c.post(f"{base}/findings/0", json=edit, headers=h).status_code == 200
+    assert c.post(f"{base}/findings/7", json=edit, headers=h).status_code == 404
+    assert c.post(f"{base}/pirads", json={"pirads": 6}, headers=h).status_code == 422
+    assert c.post(f"{base}/pirads", json={"pirads": 4}, headers=h).status_code == 200
+    biopsy = {"isup_grade_group": 3, "biopsy_date": "20261120"}
+    assert c.post(f"{base}/biopsy", json=biopsy, headers=h).status_code == 200
+    assert c.post(f"{base}/reported", headers=h).status_code == 200
+    a = c.get(f"{base}/assessment", headers=_as(tokens, "ml_engineer")).json()
+    assert a["pirads_overall"] == 4 and a["isup_grade_group"] == 3 and a["reported_by"] == "rita"
+    assert a["findings"] == [
+        {**edit, "finding_index": 0, "comment": None, "by": "rita", "at": a["findings"][0]["at"]}
+    ]
+    events = c.get("/api/audit", params={"study": uid}, headers=_as(tokens, "admin")).json()
+    actions = [e["action"] for e in events["events"]]
+    assert actions[:5] == ["reported", "biopsy", "pirads", "finding", "finding"]
+    assert events["events"][3]["detail"]["decision"] == "edit"
+
+    add_study(index, "1.2.3.77", priority=Priority.ROUTINE, likelihood=0.2, patient_id="P77")
+    config = tmp_path / "radtriage.toml"
+    config.write_text(f'[storage]\ndatabase_url = "sqlite:///{index.engine.url.database}"\n')
+    assert main(["feedback", "export", "--out", str(tmp_path / "fb"), "--config", str(config)]) == 0
+    text = (tmp_path / "fb" / "marksheet.csv").read_text()
+    assert "P77" not in text  # pseudonymised
+    outcomes = {o.study_instance_uid: o for o in read_outcomes(tmp_path / "fb")}
+    assert outcomes[uid].is_cspca is True and outcomes[uid].pirads == 4
+    assert outcomes[uid].model_version and 0 <= outcomes[uid].ai_score <= 1
+    assert outcomes["1.2.3.77"].is_cspca is None  # no biopsy yet
 
 
 def test_pending_studies_are_listed_by_referral_urgency_without_patient_data(
     pending_context: tuple[ApiContext, str, str], phantoms: dict[str, Path]
 ) -> None:
     ctx, routine, stat = pending_context
-    client = TestClient(create_app(ctx))
-    assert client.get("/api/worklist").json() == []  # nothing triaged yet
-    rows = client.get("/api/worklist/pending").json()
+    tokens = add_users(ctx.index)
+    c = TestClient(create_app(ctx), headers=_as(tokens, "radiologist"))
+    rows = c.get("/api/worklist/pending").json()
     assert [r["study_instance_uid"] for r in rows] == [stat, routine]  # STAT first, though newer
     assert [r["referral_urgency"] for r in rows] == ["urgent", "routine"]
     assert [r["status"] for r in rows] == ["received", "received"]
@@ -109,56 +177,5 @@ def test_pending_studies_are_listed_by_referral_urgency_without_patient_data(
     assert [r["instances"] for r in rows] == [n_adc, 5]
     assert all(r["received_at"] and r["error"] is None for r in rows)
     assert not {"patient_id", "patient_name", "accession_number"} & set(rows[0])
-
-
-def test_worklist_rows_carry_the_waiting_time_and_the_priority_reasons(tmp_path: Path) -> None:
-    results = tmp_path / "results"
-    (results / "1.2.3.9").mkdir(parents=True)
-    result = TriageResult(
-        study_instance_uid="1.2.3.9",
-        status=StudyStatus.REPORTED,
-        priority=Priority.URGENT,
-        case_likelihood=0.05,
-        referral_urgency="routine",
-        days_waited=26,
-        priority_reasons=("AI csPCa likelihood 0.05 -> routine", "waited 26 days against 28"),
-    )
-    (results / "1.2.3.9" / "result.json").write_text(result.model_dump_json())
-    ctx = ApiContext(
-        studies=ResultDirectory(results), metrics=Metrics(), audit=AuditLog(tmp_path / "a.jsonl")
-    )
-    (row,) = TestClient(create_app(ctx)).get("/api/worklist").json()
-    assert row["priority"] == "urgent" and row["days_waited"] == 26
-    assert row["referral_urgency"] == "routine"
-    assert row["priority_reasons"] == list(result.priority_reasons)
-
-
-def test_a_stat_study_the_ai_could_not_analyse_sorts_with_the_urgent_ones() -> None:
-    from serving.http_api import worklist_rows
-
-    def doc(uid: str, priority: str, referral: str, at: str) -> dict:
-        return {
-            "study_instance_uid": uid,
-            "priority": priority,
-            "status": "sent",
-            "referral_urgency": referral,
-            "updated_at": at,
-        }
-
-    studies = [
-        doc("ai-urgent", "urgent", "routine", "2026-11-22T10:00:00"),
-        doc("na-routine", "not_analysed", "routine", "2026-11-22T08:00:00"),
-        doc("na-stat", "not_analysed", "urgent", "2026-11-22T09:00:00"),
-        doc("old-result", "routine", None, "2026-11-22T07:00:00"),  # before referral was kept
-        doc("stat-overridden", "urgent", "urgent", "2026-11-22T06:00:00"),
-    ]
-    state = {"stat-overridden": {"override": {"priority": "routine", "user": "dr", "at": "x"}}}
-    rows = worklist_rows(studies, state)
-    assert [r["study_instance_uid"] for r in rows] == [
-        "na-stat",  # urgent by its referral, waiting longer than the AI-urgent one
-        "ai-urgent",
-        "na-routine",
-        "stat-overridden",  # a person lowered it to routine: taken as it is (oldest routine)
-        "old-result",
-    ]
-    assert rows[0]["priority"] == "not_analysed"  # the flag itself is not changed
+    page = c.get("/api/worklist").json()  # received studies are on the worklist too, pending
+    assert page["total"] == 2 and {r["priority"] for r in page["rows"]} == {"pending"}
