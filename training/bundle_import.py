@@ -134,10 +134,12 @@ def read_bundle_spec(metadata_path: Path) -> BundleSpec:
     channel_def = image.get("channel_def")
     channels = None
     if isinstance(channel_def, dict) and channel_def:
+        if not all(str(k).isdigit() for k in channel_def):
+            raise InputError(f"{metadata_path}: channel_def keys must be channel indices")
         ordered = [channel_def[k] for k in sorted(channel_def, key=lambda k: int(k))]
         channels = tuple(_channel_name(c) for c in ordered)
     shape = image.get("spatial_shape")
-    out = next(iter(outputs.values()), {}) if outputs else {}
+    out: dict[str, Any] = next(iter(outputs.values()), {}) if outputs else {}
     out_channels = out.get("num_channels")
     ext = md.get("radtriage") or {}
     if not isinstance(ext, dict):
