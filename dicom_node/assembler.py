@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 
@@ -29,13 +29,10 @@ from core.domain import REQUIRED_ROLES, StudyStatus
 from dicom_node.index import Index, Series, Study
 from dicom_node.jobs import transition
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from dicom_node.series_selection import SelectionRules
 
-# Body Part Examined values under which a prostate MRI may be filed (PS3.16 Annex L and the
-# values scanners write in practice). Empty means unknown, which is not a reason to skip.
-PROSTATE_BODY_PARTS = frozenset(
-    {"", "PROSTATE", "PELVIS", "ABDOMENPELVIS", "ABDOMEN", "LOWERABDOMEN", "BLADDER", "WHOLEBODY"}
-)
+log = logging.getLogger(__name__)
 
 ReadyCheck = Callable[[Sequence[Path]], bool]
 
@@ -75,7 +72,11 @@ class Assembler:
         not_applicable_after_s: float = 2.0,
         ready_check: ReadyCheck = required_series_complete,
         clock: Callable[[], float] = time.time,
+        rules: SelectionRules | None = None,
     ) -> None:
+        from dicom_node.series_selection import load_rules
+
+        self.rules = rules or load_rules()  # its body-part policy decides `not_applicable`
         self.index = index
         self.stable_age_s = stable_age_s
         self.settle_s = min(settle_s, stable_age_s)
@@ -146,7 +147,9 @@ class Assembler:
         if not mr:
             found = sorted({m for m, _ in series}) or ["nothing"]
             return f"not_mr: no MR series in the study (found {', '.join(found)})"
-        parts = {bp.upper().replace(" ", "") for bp in mr}
-        if parts.isdisjoint(PROSTATE_BODY_PARTS):
-            return f"wrong_body_part: MR of {', '.join(sorted(parts))}, not of the prostate"
+        from dicom_node.series_selection import wrong_body_part
+
+        parts = wrong_body_part(mr, self.rules)
+        if parts is not None:
+            return f"wrong_body_part: MR of {', '.join(parts)}, not of the prostate"
         return None

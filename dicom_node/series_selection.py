@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,12 +75,25 @@ class RoleRule:
 
 
 @dataclass(frozen=True)
+class AdcContent:
+    """How a diffusion map is recognised as ADC when ImageType does not say so (rules file
+    ``adc_content``): diffusivity units in the header, or, for a DERIVED diffusion series
+    with no ADC/trace/computed-b ImageType value, pixel values in the ADC range
+    (10^-6 mm2/s: tissue ~500-2000, fluid ~3000; trace-weighted images are far darker)."""
+
+    units: frozenset[str] = frozenset()
+    median_range: tuple[float, float] = (300.0, 3000.0)
+    p99_range: tuple[float, float] = (1000.0, 6000.0)
+
+
+@dataclass(frozen=True)
 class SelectionRules:
     roles: dict[SeriesRole, RoleRule]
     role_order: tuple[SeriesRole, ...]
     max_oblique_deg: float
     tokens: dict[str, frozenset[str]]
     body_part_deny: frozenset[str] = frozenset()
+    adc_content: AdcContent = AdcContent()
     source: str = ""
 
 
@@ -128,14 +142,31 @@ def load_rules(path: Path | None = None) -> SelectionRules:
         if set(order) != set(roles):
             raise ValueError("role_order must name every role in 'roles' exactly once")
         tokens = {k: frozenset(v) for k, v in data["image_type_tokens"].items()}
-        for needed in ("diffusion", "adc", "not_trace", "computed_b", "localizer", "projection"):
+        for needed in (
+            "diffusion",
+            "adc",
+            "trace",
+            "not_trace",
+            "computed_b",
+            "localizer",
+            "projection",
+        ):
             tokens.setdefault(needed, frozenset())
+        adc = data.get("adc_content", {})
+        adc_content = AdcContent(
+            units=frozenset(_unit_key(u) for u in adc.get("units", [])),
+            median_range=_range(adc.get("pixel_median_range", (300.0, 3000.0))),
+            p99_range=_range(adc.get("pixel_p99_range", (1000.0, 6000.0))),
+        )
         return SelectionRules(
             roles=roles,
             role_order=order,
             max_oblique_deg=float(data["orientation"]["max_oblique_deg"]),
             tokens=tokens,
-            body_part_deny=frozenset(v.upper() for v in data.get("body_part", {}).get("deny", [])),
+            body_part_deny=frozenset(
+                normalise_body_part(v) for v in data.get("body_part", {}).get("deny", [])
+            ),
+            adc_content=adc_content,
             source=str(path),
         )
     except (OSError, ValueError, KeyError, TypeError, re.error) as exc:
@@ -144,7 +175,92 @@ def load_rules(path: Path | None = None) -> SelectionRules:
         ) from exc
 
 
+def _range(value: Any) -> tuple[float, float]:
+    low, high = (float(v) for v in value)
+    if not low < high:
+        raise ValueError(f"range must be [low, high] with low < high, got {value!r}")
+    return low, high
+
+
+def _unit_key(unit: str) -> str:
+    return "".join(str(unit).split()).lower().replace("^", "").replace("µ", "u")
+
+
+# --- body part --------------------------------------------------------------------------------
+
+
+def normalise_body_part(value: Any) -> str:
+    """Body Part Examined as compared with the rules: upper case, no spaces."""
+    return "".join(str(value or "").split()).upper()
+
+
+def wrong_body_part(parts: Iterable[Any], rules: SelectionRules) -> list[str] | None:
+    """The rules' body-part policy, the one place it is applied (study check and the node's
+    early ``not_applicable``): the MR series' Body Part Examined values when *every* one names
+    a body part on the deny list, else None. Absent values and PROSTATE/PELVIS/ABDOMEN pass."""
+    normalised = [normalise_body_part(p) for p in parts]
+    if normalised and all(p and p in rules.body_part_deny for p in normalised):
+        return sorted(set(normalised))
+    return None
+
+
 # --- features ---------------------------------------------------------------------------------
+
+
+def _header_units(h: Dataset) -> set[str]:
+    """Units the header gives the pixel values: Real World Value Mapping units (code value and
+    meaning, LUT Label) and Rescale Type."""
+    units: set[str] = set()
+    for item in h.get("RealWorldValueMappingSequence") or ():
+        for code in item.get("MeasurementUnitsCodeSequence") or ():
+            units |= {str(code.get("CodeValue", "")), str(code.get("CodeMeaning", ""))}
+        units.add(str(item.get("LUTLabel", "")))
+    units.add(str(h.get("RescaleType", "")))
+    return {_unit_key(u) for u in units if u}
+
+
+def _adc_like_pixels(series: SeriesInfo, content: AdcContent) -> bool | None:
+    """Whether the middle image's non-zero pixel values lie in the ADC range; None when the
+    pixels cannot be read."""
+    import pydicom
+
+    instances = series.instances
+    if not instances:
+        return None
+    try:
+        ds = pydicom.dcmread(instances[len(instances) // 2].path)
+        array = np.asarray(ds.pixel_array, dtype=float)
+    except Exception:  # unreadable pixels: the header decides
+        return None
+    array = array * float(ds.get("RescaleSlope", 1) or 1) + float(
+        ds.get("RescaleIntercept", 0) or 0
+    )
+    values = array[array > 0]
+    if values.size < 100:
+        return None
+    median, p99 = np.percentile(values, [50, 99])
+    lo, hi = content.median_range
+    lo99, hi99 = content.p99_range
+    return bool(lo <= median <= hi and lo99 <= p99 <= hi99)
+
+
+def _adc_evidence(
+    series: SeriesInfo, image_type: set[str], has_b_value: bool, rules: SelectionRules
+) -> str | None:
+    """Why this series is an ADC map (ImageType, units or pixel range), or None."""
+    tokens = rules.tokens
+    if image_type & tokens["adc"]:
+        return "ImageType ADC"
+    if _header_units(series.headers) & rules.adc_content.units:
+        return "diffusivity units"
+    ambiguous = (
+        "DERIVED" in image_type
+        and (has_b_value or bool(image_type & tokens["diffusion"]))
+        and not image_type & (tokens["trace"] | tokens["computed_b"] | tokens["not_trace"])
+    )
+    if ambiguous and _adc_like_pixels(series, rules.adc_content):
+        return "pixel values in the ADC range"
+    return None
 
 
 def _first_item(ds: Dataset, keyword: str) -> Dataset | None:
@@ -208,9 +324,11 @@ def series_features(series: SeriesInfo, rules: SelectionRules) -> dict[str, Any]
     if b_value is None and b_values:
         b_value = max(b_values)
     acquisition_contrast = str(h.get("AcquisitionContrast") or "").upper()
-    is_adc = bool(image_type & tokens["adc"])
     is_diffusion = bool(image_type & tokens["diffusion"]) or bool(b_values and max(b_values) > 0)
     is_diffusion = is_diffusion or acquisition_contrast == "DIFFUSION"
+    adc_evidence = _adc_evidence(series, image_type, bool(b_values), rules)
+    is_adc = adc_evidence is not None
+    is_diffusion = is_diffusion or is_adc
     orientation, obliquity = _orientation(series, rules.max_oblique_deg)
 
     frames = series.frames
@@ -246,8 +364,10 @@ def series_features(series: SeriesInfo, rules: SelectionRules) -> dict[str, Any]
         "modality": series.modality.upper(),
         "image_type": sorted(image_type),
         "is_adc": is_adc,
+        "adc_evidence": adc_evidence,
         "is_diffusion": is_diffusion,
-        "is_trace": is_diffusion and not (image_type & tokens["not_trace"]),
+        # an ADC map is never the trace-weighted image, whatever b-value its header carries
+        "is_trace": is_diffusion and not is_adc and not (image_type & tokens["not_trace"]),
         "is_computed_b": bool(image_type & tokens["computed_b"]),
         "is_localizer": bool(image_type & tokens["localizer"]) or orientation == "mixed",
         "is_projection": bool(image_type & tokens["projection"]),
@@ -341,7 +461,7 @@ def _summary(role: SeriesRole, f: dict[str, Any]) -> str:
         if f.get("scanning_sequence"):
             parts.append("/".join(f["scanning_sequence"]))
     if role is SeriesRole.ADC:
-        parts.append("ImageType ADC")
+        parts.append(f.get("adc_evidence") or "ImageType ADC")
     if role is SeriesRole.HBV:
         parts.append(f"b={f['b_value']:g}" + (" (computed)" if f["is_computed_b"] else ""))
     return ", ".join(parts)

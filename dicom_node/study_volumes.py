@@ -16,7 +16,13 @@ from core.errors import (
     RadtriageError,
     WrongBodyPartError,
 )
-from dicom_node.series_selection import Selection, SelectionRules, load_rules, select_series
+from dicom_node.series_selection import (
+    Selection,
+    SelectionRules,
+    load_rules,
+    select_series,
+    wrong_body_part,
+)
 from dicom_node.study_reader import StudyScan, scan_study
 from dicom_node.volumes import load_volume_with_headers
 
@@ -49,8 +55,8 @@ def _scan(source: Path | StudyScan) -> StudyScan:
 def check_study(scan: StudyScan, rules: SelectionRules) -> None:
     """Study-level refusals before selection: no MR at all, or clearly not a prostate exam.
 
-    Conservative: the body part is refused only when every MR series names a BodyPartExamined
-    on the rules' deny list (HEAD, KNEE, ...); absent or PELVIS/PROSTATE/ABDOMEN passes.
+    The body part is the rules' policy (`series_selection.wrong_body_part`): refused only when
+    every MR series names a BodyPartExamined on the deny list (HEAD, KNEE, ...).
     """
     uid = scan.study_instance_uid
     mr = [s for s in scan.series if s.modality.upper() == "MR"]
@@ -61,10 +67,10 @@ def check_study(scan: StudyScan, rules: SelectionRules) -> None:
             "prostate MRI",
             study_instance_uid=uid,
         )
-    parts = [str(s.headers.get("BodyPartExamined") or "").strip().upper() for s in mr]
-    if all(p and p in rules.body_part_deny for p in parts):
+    parts = wrong_body_part((s.headers.get("BodyPartExamined") for s in mr), rules)
+    if parts is not None:
         raise WrongBodyPartError(
-            f"BodyPartExamined is {', '.join(sorted(set(parts)))}, not prostate/pelvis; "
+            f"BodyPartExamined is {', '.join(parts)}, not prostate/pelvis; "
             "radtriage analyses prostate MRI only",
             study_instance_uid=uid,
         )
