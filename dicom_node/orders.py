@@ -24,7 +24,18 @@ from dataclasses import dataclass
 from datetime import date
 from enum import StrEnum
 
-from sqlalchemy import Boolean, Float, Integer, String, Text, UniqueConstraint, select, update
+from sqlalchemy import (
+    Boolean,
+    Float,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    column,
+    select,
+    table,
+    update,
+)
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from core.domain import ReferralUrgency
@@ -40,6 +51,12 @@ class OrderControl(StrEnum):
     CHANGE = "XO"
     CANCEL = "CA"
 
+
+# The waiting list's entries (dicom_node.waiting_list): a changed order marks its study's entry
+# stale in the order's own transaction, so the next tick decides the study again.
+_WAITING_LIST = table(
+    "waiting_list", column("study_instance_uid", String), column("stale", Boolean)
+)
 
 ORDER_ACTIVE = "active"
 ORDER_CANCELLED = "cancelled"
@@ -160,6 +177,7 @@ def apply_order(s: Session, update_: OrderUpdate, now: float) -> Order:
         order.state = ORDER_CANCELLED
         order.changes = (order.changes or 0) + 1
         s.flush()
+        _mark_stale(s, order.study_instance_uid)
         return order
     order.state = ORDER_ACTIVE
     if update_.control is OrderControl.CHANGE:
@@ -182,7 +200,17 @@ def apply_order(s: Session, update_: OrderUpdate, now: float) -> Order:
         order.psa_ng_ml = update_.psa_ng_ml
     s.flush()
     _match(s, order)
+    _mark_stale(s, order.study_instance_uid)
     return order
+
+
+def _mark_stale(s: Session, study_instance_uid: str | None) -> None:
+    if study_instance_uid:
+        s.execute(
+            update(_WAITING_LIST)
+            .where(_WAITING_LIST.c.study_instance_uid == study_instance_uid)
+            .values(stale=True)
+        )
 
 
 def _candidate_study(s: Session, order: Order) -> Study | None:
@@ -252,6 +280,7 @@ def match_orders(index: Index) -> int:
         ).all()
         for order in waiting:
             if _match(s, order) is not None:
+                _mark_stale(s, order.study_instance_uid)
                 matched += 1
         # an order with an IPC Study Instance UID may name a study that arrived later
         named = s.scalars(

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,16 +36,33 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
-from sqlalchemy import Float, Integer, String, Text, column, insert, select, table, update
+from sqlalchemy import (
+    Boolean,
+    Float,
+    Integer,
+    String,
+    Text,
+    column,
+    insert,
+    or_,
+    select,
+    table,
+    update,
+)
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from core.domain import ModelInfo, ModelRef, Priority, ReferralUrgency, StudyStatus, TriageResult
 from core.priority import PriorityDecision, Thresholds, days_waited, decide_priority
-from core.settings import Hl7Settings, TriageSettings
+from core.settings import Hl7Settings, Settings, TriageSettings
 from dicom_node.hl7_results import ResultReport, enqueue_result
 from dicom_node.index import OUTBOX_PENDING, Base, Index, Instance, OutboxItem, Patient, Series
 from dicom_node.index import Study as StudyRow
-from dicom_node.orders import OrderView, cancelled_order_for_study, match_orders, order_for_study
+from dicom_node.orders import (
+    OrderView,
+    cancelled_order_for_study,
+    match_orders,
+    order_for_study,
+)
 from dicom_node.request_attributes import parse_da
 from dicom_node.spool import Spool
 
@@ -82,6 +100,8 @@ class WaitingListEntry(Base):
     sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
     hl7_priority: Mapped[str | None] = mapped_column(String(16), nullable=True)
     hl7_fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    study_reported_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    stale: Mapped[bool] = mapped_column(Boolean, default=False)  # set by a changed order
     updated_at: Mapped[float] = mapped_column(Float)
 
 
@@ -173,27 +193,42 @@ class WaitingList:
         self.thresholds = thresholds
         self.dicom_destinations = dicom_destinations
         self.clock = clock
+        self._unknown_model: set[str] = set()
 
-    def tick(self, today: date | None = None) -> TickReport:
-        """One pass over every reported study of this node; `today` defaults to the clock."""
+    def tick(self, today: date | None = None, *, only_changed: bool = False) -> TickReport:
+        """One pass over every reported study of this node; `today` defaults to the clock.
+        `only_changed`: just the studies reported, re-reported or whose order changed since
+        they were last decided (the node runs this every few seconds, so the RIS hears of a
+        result before the radiologist starts reading, and the full pass daily or hourly)."""
         today = today or self.triage.current_date()
         report = TickReport(orders_matched=match_orders(self.index))
         last_id = 0
         while True:
-            with self.index.read() as s:
-                ids = list(
-                    s.execute(
-                        select(StudyRow.id, StudyRow.study_instance_uid)
-                        .where(
-                            StudyRow.id > last_id,
-                            StudyRow.status.in_(_REPORTED),
-                            StudyRow.result_json.is_not(None),
-                            self.index.mine(StudyRow.node_id),
-                        )
-                        .order_by(StudyRow.id)
-                        .limit(PAGE)
+            q = (
+                select(StudyRow.id, StudyRow.study_instance_uid)
+                .where(
+                    StudyRow.id > last_id,
+                    StudyRow.status.in_(_REPORTED),
+                    StudyRow.result_json.is_not(None),
+                    self.index.mine(StudyRow.node_id),
+                )
+                .order_by(StudyRow.id)
+                .limit(PAGE)
+            )
+            if only_changed:
+                entry = WaitingListEntry
+                q = q.outerjoin(
+                    entry, entry.study_instance_uid == StudyRow.study_instance_uid
+                ).where(
+                    or_(
+                        entry.id.is_(None),
+                        entry.stale.is_(True),
+                        entry.study_reported_at.is_(None),
+                        StudyRow.reported_at != entry.study_reported_at,
                     )
                 )
+            with self.index.read() as s:
+                ids = list(s.execute(q))
             if not ids:
                 return report
             for row_id, uid in ids:
@@ -219,7 +254,9 @@ class WaitingList:
             if result.case_likelihood is not None:
                 thresholds = self.thresholds(result.model) if result.model else None
                 if thresholds is None:
-                    log.warning("study %s: thresholds of its model unknown, flag kept", uid)
+                    if uid not in self._unknown_model:
+                        log.warning("study %s: thresholds of its model unknown, flag kept", uid)
+                        self._unknown_model.add(uid)
                     return
             decision = decide_today(result, inputs, thresholds, self.triage, today)
             density = psa_density(inputs.psa_ng_ml, result.gland_volume_ml)
@@ -251,6 +288,8 @@ class WaitingList:
             entry.decided_on = today.isoformat()
             entry.reasons_json = json.dumps(list(decision.reasons))
             entry.updated_at = now
+            entry.stale = False
+            entry.study_reported_at = study.reported_at
             s.execute(
                 update(_RESULT_COLUMNS)
                 .where(_RESULT_COLUMNS.c.id == study.id)
@@ -414,3 +453,80 @@ def parse_request_date(value: str | None) -> date | None:
         return date.fromisoformat(value)
     except ValueError:
         return parse_da(value)
+
+
+class LiveWaitingList:
+    """The waiting list's threads for a DICOM node: the HL7 order listener (when ``[hl7]
+    listen_port`` is set), the tick (studies that changed every `poll_s`, every study every
+    ``[triage] tick_s``) and the HL7 result sender. `start`/`stop`, like `DicomNode`."""
+
+    def __init__(
+        self,
+        index: Index,
+        spool: Spool,
+        settings: Settings,
+        thresholds: ThresholdsFor,
+        *,
+        poll_s: float = 2.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        from dicom_node.hl7_listener import Hl7Listener
+        from dicom_node.hl7_results import Hl7Sender
+
+        self.waiting_list = WaitingList(
+            index,
+            spool,
+            settings.triage,
+            settings.hl7,
+            thresholds,
+            [d.name for d in settings.dicom.destinations],
+            clock=clock,
+        )
+        self.listener = (
+            Hl7Listener(index, settings.hl7, clock=clock) if settings.hl7.listen_port else None
+        )
+        self.sender = Hl7Sender(index, settings.hl7, clock=clock)
+        self.poll_s = poll_s
+        self.full_every_s = settings.triage.tick_s
+        self.clock = clock
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def _ticks(self) -> None:
+        last_full = -float("inf")
+        while not self._stop.is_set():
+            try:
+                full = self.clock() - last_full >= self.full_every_s
+                self.waiting_list.tick(only_changed=not full)
+                if full:
+                    last_full = self.clock()
+            except Exception:
+                log.exception("waiting-list tick failed; continuing")
+            self._stop.wait(self.poll_s)
+
+    def _sends(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sender.run_once()
+            except Exception:
+                log.exception("HL7 sender round failed; continuing")
+            self._stop.wait(self.poll_s)
+
+    def start(self) -> None:
+        if self.listener is not None:
+            self.listener.start()
+        self._stop.clear()
+        self._threads = [
+            threading.Thread(target=self._ticks, name="radtriage-waiting-list", daemon=True),
+            threading.Thread(target=self._sends, name="radtriage-hl7-sender", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout)
+        self._threads = []
+        if self.listener is not None:
+            self.listener.stop()

@@ -270,7 +270,7 @@ def result_resources(
     conclusion = f"AI waiting-list priority: {priority.value.replace('_', ' ')}"
     if result.disclaimer:
         conclusion += f". {result.disclaimer}"
-    identifiers = [_uid(sr_sop_instance_uid)]
+    identifiers: list[dict[str, Any]] = [_uid(sr_sop_instance_uid)]
     if accession:
         identifiers.append(
             {

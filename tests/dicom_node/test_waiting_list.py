@@ -4,6 +4,7 @@ with orders from a real MLLP client and results to a real MLLP RIS on loopback."
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -14,7 +15,7 @@ from sqlalchemy import select, text
 
 from core.domain import ModelRef, Priority, ReferralUrgency, StudyStatus, TriageResult
 from core.priority import Thresholds, decide_priority
-from core.settings import Hl7Destination, Hl7Settings, TriageSettings
+from core.settings import Hl7Destination, Hl7Settings, Settings, TriageSettings
 from dicom_node.hl7_listener import Hl7Listener, RecordingRis
 from dicom_node.hl7_results import HL7_SENT, Hl7Sender, outbox_rows
 from dicom_node.index import Index, Instance, OutboxItem
@@ -22,7 +23,7 @@ from dicom_node.orders import OrderControl, OrderUpdate, apply_order
 from dicom_node.spool import Spool
 from dicom_node.sr import build_triage_sr, read_evidence
 from dicom_node.sr_reader import read_triage_sr
-from dicom_node.waiting_list import WaitingInputs, WaitingList, decide_today
+from dicom_node.waiting_list import LiveWaitingList, WaitingInputs, WaitingList, decide_today
 from evaluation.simulate import queue_rank
 
 from .hl7_peers import MODEL, index_study, mark_reported, orm_o01, segment, send
@@ -303,3 +304,65 @@ def test_simulate_ranks_with_the_same_function(
         assert live == decide_priority(
             likelihood, THRESHOLDS, referral, waited, triage.waiting_policy()
         )
+
+
+def test_only_changed_tick_takes_new_reports_and_changed_orders(
+    index: Index, tmp_path: Path
+) -> None:
+    uid = _reported(index, tmp_path, accession="ACC5", days_waited=1)
+    wl = _waiting_list(index, tmp_path, None, "2026-11-25")
+    assert wl.tick(only_changed=True).studies == 1  # new report
+    assert wl.tick(only_changed=True).studies == 0  # nothing changed since
+    with index.write() as s:
+        apply_order(
+            s,
+            OrderUpdate(
+                OrderControl.NEW,
+                "PLC5",
+                accession_number="ACC5",
+                referral_urgency=ReferralUrgency.URGENT,
+            ),
+            now=1.0,  # an older clock: the stale mark, not the time, says it changed
+        )
+    assert wl.tick(only_changed=True).studies == 1  # its order changed
+    assert _columns(index, uid)[0] == "urgent"
+
+
+@pytest.mark.integration
+def test_live_waiting_list_listens_ticks_and_sends(
+    index: Index, tmp_path: Path, ris: RecordingRis
+) -> None:
+    """Order in over MLLP after the images, the ORU out to the RIS, all on the node's threads."""
+    uid = _reported(index, tmp_path, accession="ACC6", days_waited=1)
+    port = _free_port()
+    settings = Settings(
+        triage=TriageSettings(today=date(2026, 11, 25)),
+        hl7=Hl7Settings(
+            listen_port=port,
+            destinations=[Hl7Destination(name="ris", host="127.0.0.1", port=ris.port)],
+        ),
+    )
+    live = LiveWaitingList(
+        index, Spool(tmp_path / "var"), settings, lambda m: THRESHOLDS, poll_s=0.1
+    )
+    live.start()
+    try:
+        (ack,) = send(port, orm_o01("M6", "PLC6", accession="ACC6", priority="S"))
+        assert segment(ack, "MSA")[1] == "AA"
+        deadline = time.time() + 20
+        while time.time() < deadline and not any(
+            "RT101" in m and "PLC6" in m for m in ris.messages
+        ):
+            time.sleep(0.1)
+    finally:
+        live.stop()
+    assert any("RT101" in m and "PLC6" in m for m in ris.messages), ris.messages
+    assert _columns(index, uid)[0] == "urgent"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

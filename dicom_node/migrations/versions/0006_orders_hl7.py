@@ -81,6 +81,8 @@ def upgrade() -> None:
         sa.Column("sr_sop_instance_uid", sa.String(64), nullable=True),
         sa.Column("hl7_priority", sa.String(16), nullable=True),
         sa.Column("hl7_fingerprint", sa.String(64), nullable=True),
+        sa.Column("study_reported_at", sa.Float, nullable=True),
+        sa.Column("stale", sa.Boolean, nullable=False, server_default=sa.false()),
         sa.Column("updated_at", sa.Float, nullable=False),
     )
 
