@@ -161,3 +161,38 @@ def test_peer_outside_the_allowlist_is_disconnected(index: Index) -> None:
     ):
         send(server.port, orm_o01("M50", "PLC50"))
     assert _orders(index) == []
+
+
+def test_demo_orders_are_valid_omi_o23_and_its_ris_summary_reads_oru(tmp_path: Path) -> None:
+    from cli.demo import DEMO_ORDERS, DemoStudy, format_oru, order_message
+    from core.domain import ModelInfo, Priority, StudyStatus, TriageResult
+    from core.settings import Hl7Destination
+    from dicom_node.hl7_results import ResultReport, build_oru
+
+    from .peers import make_mr_series
+
+    make_mr_series(tmp_path / "s", 1, patient_id="PHANTOM-1")
+    study = DemoStudy(tmp_path, "1.2.826.0.1.3680043.8.498.7", "csPCa", "siemens")
+    for number, (_, priority, psa, _late) in enumerate(DEMO_ORDERS, start=1):
+        (u,) = parse_order_message(order_message(study, number, priority, psa)).updates
+        assert u.study_instance_uid == study.study_instance_uid
+        assert u.referral_urgency is ReferralUrgency.from_hl7(priority)
+        assert u.psa_ng_ml == psa
+    result = TriageResult(
+        study_instance_uid=study.study_instance_uid,
+        status=StudyStatus.REPORTED,
+        priority=Priority.URGENT,
+        case_likelihood=0.7,
+        psa_density=0.21,
+        model=ModelInfo(name="m", version="1", sha256="0"),
+    )
+    dest = Hl7Destination(name="ris", host="127.0.0.1", port=1)
+    oru = build_oru(
+        ResultReport(result, accession_number="PH1", placer_order_number="DEMO0001"),
+        dest,
+        Hl7Settings(),
+        "RT1",
+    )
+    line = format_oru([oru])
+    assert "PH1" in line and "DEMO0001" in line and "preliminary" in line
+    assert "Urgent" in line and "0.210" in line
