@@ -88,6 +88,12 @@ def _live(args: argparse.Namespace) -> int:
     from core.priority import Thresholds
     from evaluation.outcomes import live_performance, read_outcomes
 
+    if args.compare or args.write_thresholds or args.report:
+        raise InputError(
+            "--compare, --write-thresholds and --report need images (--data DIR|phantoms:N); "
+            "an outcome marksheet holds the scores the models reported (compare versions live "
+            "with `radtriage models shadow-report`)"
+        )
     repo = _repository(args)
     provisional = Thresholds(urgent=0.5, soon=0.2)
     sources: dict[str, str] = {}

@@ -123,6 +123,8 @@ def test_feedback_evaluate_shadow_gate_end_to_end(
     assert live["pirads_agreement"]["n"] == N_STUDIES and live["pirads_agreement"]["kappa"] > 0
     assert main([*args, "--bootstrap", "50"]) == 0
     assert "site site-a" in capsys.readouterr().out
+    assert main([*args, "--write-thresholds"]) == 2  # needs images, not reported scores
+    assert "need images" in capsys.readouterr().err
 
     # the shadow comparison report (results stored by the server, never sent)
     shadow_args = [*base, "shadow-report", "--shadow", str(shadow), "--outcomes", str(marksheet)]
