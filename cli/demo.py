@@ -256,9 +256,9 @@ def format_table(studies: list[DemoStudy]) -> str:
 
 #: HL7 orders the demo's RIS sends: (study index, HL7 priority, PSA ng/mL, after the images)
 DEMO_ORDERS: tuple[tuple[int, str, float | None, bool], ...] = (
-    (1, "S", None, False),  # a STAT referral for a study the AI calls negative
+    (2, "S", None, False),  # a STAT referral: the queue takes it first, the flag is urgent
     (0, "R", 9.1, False),  # a routine order with a PSA: PSA density = PSA / gland volume
-    (3, "A", 4.2, True),  # an ASAP order that reaches radtriage after its images
+    (3, "A", 4.2, True),  # an ASAP order after its images (and after the table): soon
 )
 
 
