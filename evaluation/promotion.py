@@ -69,7 +69,8 @@ def check_promotion(
     level: float = 0.95,
     predictor_factory: Callable[[str], Predictor] | None = None,
 ) -> PromotionVerdict:
-    """Compare NAME:candidate_version with the promoted NAME on `data` (a `--data` spec or cases).
+    """Compare NAME:candidate_version with the promoted NAME on `data` (a `--data` spec or cases);
+    the offline evidence of `gate`.
 
     Refused when the upper end of the CI of (candidate - current) PI-CAI score is below 0.
     `force_reason` turns a refusal into an allowed, forced verdict; an empty reason is an

@@ -158,6 +158,28 @@ def test_promotion_gate_refuses_a_worse_candidate_unless_forced(cases, tmp_path)
     assert check_promotion(repo, "det", "1", cases, predictor_factory=factory).allowed
 
 
+def test_gate_on_offline_evidence_feeds_the_repository(cases, tmp_path) -> None:
+    """`models promote --data`: the same gate, its offline verdict recorded as evidence."""
+    from evaluation.promotion import gate
+    from models.repository import PromotionRefusedError
+
+    repo = _repo_with_two_versions(tmp_path)
+    skills = {"det:1": 1.0, "det:2": 0.0}
+
+    def factory(ref: str) -> MaskPredictor:
+        return MaskPredictor(cases, skills[ref], seed=3)
+
+    worse = gate(repo, "det", "2", data=cases, predictor_factory=factory, n_bootstrap=200)
+    assert worse.outcome == "refused" and "PI-CAI score" in worse.reason
+    with pytest.raises(PromotionRefusedError):
+        repo.promote("det:2", worse)
+    skills["det:2"] = 1.0
+    ok = gate(repo, "det", "2", data=cases, predictor_factory=factory, n_bootstrap=100)
+    assert ok.outcome == "passed" and ok.evidence["offline"]["allowed"]
+    entry = repo.promote("det:2", ok)
+    assert entry["gate"]["outcome"] == "passed" and repo.promoted("det") == "2"
+
+
 def test_dicom_folder_source_reads_phantom_studies(tmp_path) -> None:
     """`--data DIR`: DICOM studies + masks/ + ground_truth.json, as `radtriage phantom` writes."""
     phantoms = pytest.importorskip("training.phantoms")
