@@ -29,7 +29,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -63,7 +63,7 @@ from dicom_node.orders import (
     match_orders,
     order_for_study,
 )
-from dicom_node.request_attributes import parse_da
+from dicom_node.request_attributes import parse_da, referral_urgency, request_date
 from dicom_node.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,24 @@ def waiting_inputs(
             order.referral_urgency, request, order.suspected_cancer_pathway, order.psa_ng_ml
         )
     return WaitingInputs(result.referral_urgency or ReferralUrgency.ROUTINE, request, False, None)
+
+
+def analysis_inputs(
+    index: Index, study_instance_uid: str, headers: Iterable[Dataset], today: date
+) -> WaitingInputs:
+    """What the analysis step passes to `decide_priority` for a study: its RIS order when one
+    is matched, else the DICOM request attributes (`dicom_node.request_attributes`)."""
+    with index.read() as s:
+        order = order_for_study(s, study_instance_uid)
+    headers = list(headers)
+    if order is not None:
+        return WaitingInputs(
+            order.referral_urgency,
+            order.request_date or request_date(headers, today),
+            order.suspected_cancer_pathway,
+            order.psa_ng_ml,
+        )
+    return WaitingInputs(referral_urgency(headers), request_date(headers, today), False, None)
 
 
 def _analysis_date(epoch: float) -> date:

@@ -366,3 +366,69 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _header(priority: str = "", issued: str = "", in_sequence: bool = False) -> pydicom.Dataset:
+    ds = pydicom.Dataset()
+    target = ds
+    if in_sequence:
+        item = pydicom.Dataset()
+        ds.RequestAttributesSequence = [item]
+        target = item
+    if priority:
+        target.RequestedProcedurePriority = priority
+    if issued:
+        target.IssueDateOfImagingServiceRequest = issued
+    return ds
+
+
+def test_request_attributes_one_reader() -> None:
+    from dicom_node.request_attributes import (
+        days_since_referral,
+        referral_urgency,
+        request_date,
+        requested_procedure_priority,
+    )
+
+    headers = [_header("ROUTINE"), _header("HIGH", in_sequence=True), _header("MEDIUM")]
+    assert referral_urgency(headers) is ReferralUrgency.URGENT
+    assert requested_procedure_priority(headers[1]) == "HIGH"
+    both = _header("LOW")
+    both.RequestAttributesSequence = [_header("STAT")]
+    assert requested_procedure_priority(both) == "STAT"  # the most urgent, not the first
+    assert referral_urgency([]) is ReferralUrgency.ROUTINE
+    today = date(2026, 11, 30)
+    dated = [
+        _header(issued="20261110"),
+        _header(issued="20261101", in_sequence=True),
+        _header(issued="20261205"),
+        _header(issued="garbage"),
+    ]
+    assert request_date(dated, today) == date(2026, 11, 1)  # earliest, future one skipped
+    assert days_since_referral(dated, today) == 29
+    assert days_since_referral([_header(issued="20240101")], today) is None  # archive study
+
+
+def test_analysis_inputs_prefer_the_order(index: Index, tmp_path: Path) -> None:
+    from dicom_node.waiting_list import analysis_inputs
+
+    uid = index_study(index, tmp_path / "s", patient_id="PAT001", accession="ACC7")
+    headers = [_header("MEDIUM", issued="20261101")]
+    today = date(2026, 11, 30)
+    before = analysis_inputs(index, uid, headers, today)
+    assert (before.referral, before.request_date) == (ReferralUrgency.SOON, date(2026, 11, 1))
+    with index.write() as s:
+        apply_order(
+            s,
+            OrderUpdate(
+                OrderControl.NEW,
+                "PLC7",
+                accession_number="ACC7",
+                referral_urgency=ReferralUrgency.URGENT,
+                request_date=date(2026, 11, 20),
+                psa_ng_ml=6.0,
+            ),
+            now=1.0,
+        )
+    after = analysis_inputs(index, uid, headers, today)
+    assert after == WaitingInputs(ReferralUrgency.URGENT, date(2026, 11, 20), False, 6.0)
