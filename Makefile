@@ -14,7 +14,7 @@ CONSTRAINTS :=
 endif
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint lint-docker bench clean
+.PHONY: install demo test test-fast lint lint-docker bench clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,11 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -m "not own_process" $(PYTEST_ARGS)
 	$(BIN)/python -m pytest -m own_process $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+# Unit tests only: no Ray, Orthanc, Chromium, PostgreSQL or DICOM peers (tests/conftest.py fails
+# an unmarked test that starts one), for the edit-test loop.
+test-fast: install
+	$(BIN)/python -m pytest -m "not integration and not own_process" $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -300,11 +300,14 @@ def build_app(settings: Settings, refs: dict[str, str] | None = None) -> Any:
     repo = str(settings.models.repository) if settings.models.repository else None
     threads = max(1, round(s.num_cpus_per_replica))
 
+    def actor(num_cpus: float) -> dict[str, Any]:
+        return {"num_cpus": num_cpus, "resources": dict(s.resources)}
+
     def model(role: str) -> Any:
         return OnnxModelDeployment.options(
             name=role,
             num_replicas=s.replicas,
-            ray_actor_options={"num_cpus": s.num_cpus_per_replica},
+            ray_actor_options=actor(s.num_cpus_per_replica),
             user_config=refs,
             max_ongoing_requests=max(16, 4 * s.max_batch_size),
         ).bind(
@@ -312,10 +315,11 @@ def build_app(settings: Settings, refs: dict[str, str] | None = None) -> Any:
         )
 
     stage_args = (repo, initial["detector"], initial["gland"])
-    pre = Preprocessor.options(user_config=refs).bind(*stage_args)
-    post = Postprocessor.options(user_config=refs).bind(*stage_args)
+    stage = actor(STAGE_CPUS / 3)
+    pre = Preprocessor.options(user_config=refs, ray_actor_options=stage).bind(*stage_args)
+    post = Postprocessor.options(user_config=refs, ray_actor_options=stage).bind(*stage_args)
     shadow = model("shadow") if "shadow" in refs else None
-    return TriageIngress.bind(
+    return TriageIngress.options(ray_actor_options=stage).bind(
         pre,
         model("gland"),
         model("detector"),

@@ -6,6 +6,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -74,3 +75,56 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     process-wide driver state that another in-process Ray should not share."""
     last = [item for item in items if item.nodeid.startswith(RUN_LAST)]
     items[:] = [item for item in items if item not in last] + last
+
+
+#: Programs a unit test may run: file validators, parsers and dumpers that start no server.
+UNIT_TOOLS = frozenset(
+    {"dciodvfy", "dcentvfy", "dsrdump", "dcmdump", "dcmftest", "openssl", "java", "node"}
+)
+#: `radtriage` subcommands that start servers (the CLI's other subcommands are unit-test fair).
+SERVER_COMMANDS = frozenset({"serve", "demo"})
+
+
+def _starts_a_peer(argv: list[str]) -> bool:
+    program = Path(str(argv[0])).name if argv else ""
+    if program in UNIT_TOOLS:
+        return False
+    if program.startswith("python") or program == "radtriage":
+        return any(str(a) in SERVER_COMMANDS or str(a).endswith("dicom_node.node") for a in argv)
+    return True
+
+
+def _peer_guard(item: pytest.Item, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside `integration` tests, starting a server process or Ray fails the test: the
+    marker then stays true, and `make test-fast` really runs without peers."""
+    import subprocess
+
+    real_init = subprocess.Popen.__init__
+
+    def guarded_init(self: subprocess.Popen, args: Any, *a: Any, **kw: Any) -> None:
+        argv = str(args).split() if isinstance(args, str | os.PathLike) else list(args)
+        if _starts_a_peer(argv):
+            raise AssertionError(
+                f"{item.nodeid} starts {argv[:3]}: a test that starts a real peer is marked "
+                "@pytest.mark.integration"
+            )
+        real_init(self, args, *a, **kw)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded_init)
+    try:
+        import ray
+    except ImportError:
+        return
+
+    def no_ray(*_: Any, **__: Any) -> None:
+        raise AssertionError(f"{item.nodeid} starts Ray: mark it @pytest.mark.integration")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_peers(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if request.node.get_closest_marker("integration") is None:
+        _peer_guard(request.node, monkeypatch)

@@ -36,6 +36,7 @@ def _add_study(index: Index, folder: Path, now: float, seed: int) -> str:
     return index_series(index, make_mr_series(folder, 2, seed=seed), now)
 
 
+@pytest.mark.integration
 def test_two_indexes_on_one_postgresql_keep_to_their_own_studies(
     postgresql_url: str, tmp_path: Path
 ) -> None:

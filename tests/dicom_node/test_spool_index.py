@@ -126,6 +126,7 @@ def test_late_non_mr_instance_does_not_trigger_a_rerun(tmp_path: Path) -> None:
     assert study is not None and study["status"] == "sent" and study["instances"] == 2
 
 
+@pytest.mark.integration
 def test_index_on_postgresql(postgresql_url: str) -> None:
     from dicom_node.jobs import claim_next, transition
 

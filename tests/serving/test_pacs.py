@@ -20,6 +20,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_study(synthesize_case(4242, cspca=True), out, distractors=False)
 
 
+@pytest.mark.integration
 def test_orthanc_stores_and_finds_a_study(tmp_path: Path, study: Path) -> None:
     require_tool("Orthanc")
     files = sorted(study.rglob("*.dcm"))

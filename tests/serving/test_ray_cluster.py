@@ -7,6 +7,10 @@ it; a production head can leave it off. Each `ray start --block` runs in its
 own session, and the test ends exactly those process groups: `ray stop --force` would stop every
 Ray on the machine, including other tests'. Token authentication (on by default for `ray start`
 in Ray 2.5x+) is turned off for this loopback cluster (RAY_AUTH_MODE=disabled).
+
+The worker node runs in a mount namespace of its own (`unshare -m`) with an empty tmpfs over the
+DICOM node's storage folder: a Ray worker that cannot see the node's disk, as on a central
+inference cluster without a shared file system.
 """
 
 from __future__ import annotations
@@ -77,9 +81,31 @@ def _group_running(pgid: int) -> bool:
     return False
 
 
+HIDDEN = Path(tempfile.gettempdir()) / f"rt-node-disk-{os.getpid()}"
+
+
+def _hide_from(cmd: list[str], folder: Path) -> list[str]:
+    """`cmd` in a new mount namespace where `folder` is an empty tmpfs (needs root)."""
+    script = 'mount -t tmpfs radtriage-hidden "$0" && exec "$@"'
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c", script, str(folder), *cmd]
+
+
 @pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[str]:
-    """Head (2 CPUs, resource rt_head) + worker node (2 CPUs); yields the head address."""
+def node_disk() -> Iterator[Path]:
+    """The DICOM node's storage folder, invisible to the cluster's worker node."""
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare(1) to hide a folder from the Ray worker node")
+    HIDDEN.mkdir(exist_ok=True)
+    try:
+        yield HIDDEN
+    finally:
+        shutil.rmtree(HIDDEN, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(node_disk: Path) -> Iterator[str]:
+    """Head (2 CPUs, resource rt_head) + worker node (2 CPUs, resource rt_worker, `node_disk`
+    hidden); yields the head address."""
     temp = Path(tempfile.mkdtemp(prefix="rt-ray-", dir="/tmp"))  # short: unix socket paths
     port = free_port()
     address = f"127.0.0.1:{port}"
@@ -92,7 +118,8 @@ def ray_cluster() -> Iterator[str]:
     head_cmd += ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(free_port())]
     head_cmd += ["--ray-client-server-port", str(free_port()), *common, *_ports()]
     worker_cmd = [RAY, "start", "--address", address, "--node-ip-address", "127.0.0.1"]
-    worker_cmd += [*common, *_ports()]
+    worker_cmd += ["--resources", '{"rt_worker": 100}', *common, *_ports()]
+    worker_cmd = _hide_from(worker_cmd, node_disk)
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for cmd, log in ((head_cmd, "head.log"), (worker_cmd, "worker.log")):
@@ -203,3 +230,33 @@ def test_replicas_spread_over_nodes_and_a_second_server_attaches(
         assert "radtriage" not in serve.status().applications
     finally:
         ray.shutdown()
+
+
+@pytest.mark.integration
+def test_serve_on_a_worker_that_cannot_read_the_node_storage(
+    ray_cluster: str, node_disk: Path, model_repository: Path, phantoms: dict[str, Path]
+) -> None:
+    """Every deployment runs on the worker node, which cannot see the node's files; the node
+    reads the study, Ray gets volumes only, and the SR comes back into the node's storage."""
+    from cli.composition import RadtriageApp
+
+    root = node_disk / "var"
+    study = node_disk / "incoming" / "positive"
+    shutil.copytree(phantoms["positive"], study)
+    app = RadtriageApp(_settings(model_repository, root, replicas=1, resources={"rt_worker": 1}))
+    app.start_models()
+    try:
+
+        @ray.remote(resources={"rt_worker": 1}, num_cpus=0)
+        def visible(path: str) -> bool:
+            return os.path.exists(path)
+
+        assert ray.get(visible.remote(str(study))) is False, "the worker node sees the study"
+        assert ray.get(visible.remote(str(model_repository))) is True
+        analysis = app.analyse_folder(study, root / "results" / "positive")
+        assert analysis.result.priority == "urgent"
+        assert analysis.result.status == "reported"
+        assert {d.path.name for d in analysis.documents} == {"sr.dcm", "seg.dcm"}
+        assert all(d.path.is_file() and d.path.is_relative_to(root) for d in analysis.documents)
+    finally:
+        app.shutdown()
