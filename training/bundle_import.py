@@ -405,10 +405,9 @@ def _export(model: nn.Module, x: np.ndarray) -> bytes:
 class _OnnxReference(nn.Module):
     """The source ONNX file run by ONNX Runtime, as the parity check's reference."""
 
-    def __init__(self, data: bytes, output_channel: int | None) -> None:
+    def __init__(self, data: bytes) -> None:
         super().__init__()
         self.session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-        self.output_channel = output_channel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feed = {self.session.get_inputs()[0].name: x.numpy()}
@@ -448,7 +447,13 @@ def import_onnx(
         raise ModelSignatureError(
             f"{onnx_path}: needs exactly one input (got {len(graph.graph.input)})"
         )
-    reference = _OnnxReference(source, None)
+    dims = graph.graph.input[0].type.tensor_type.shape.dim
+    if len(dims) != 5 or not dims[0].dim_param:
+        raise ModelSignatureError(
+            f"{onnx_path}: the input must be (batch, C, Z, Y, X) with a dynamic batch axis "
+            "(torch.onnx.export dynamic_axes={input: {0: 'batch'}}); serving batches studies"
+        )
+    reference = _OnnxReference(source)
     x = parity_inputs(target)
     _check_runs(reference, x, str(onnx_path))
     in_name = graph.graph.input[0].name
