@@ -121,12 +121,21 @@ def _find_mask(folder: Path, stem: str) -> Path | None:
 
 
 def read_marksheet(path: Path) -> dict[str, bool]:
-    """PI-CAI marksheet.csv -> {"<patient_id>_<study_id>": case_csPCa}."""
+    """PI-CAI marksheet.csv -> {"<patient_id>_<study_id>": case_csPCa}. An empty case_csPCa
+    falls back to case_ISUP (>= 2); rows with neither (biopsy pending, as a `feedback export`
+    marksheet may hold) are left out rather than counted as negatives."""
+    out: dict[str, bool] = {}
     with path.open(newline="", encoding="utf-8") as f:
-        return {
-            f"{row['patient_id']}_{row['study_id']}": row["case_csPCa"].strip().upper() == "YES"
-            for row in csv.DictReader(f)
-        }
+        for line, row in enumerate(csv.DictReader(f), start=2):
+            label = (row.get("case_csPCa") or "").strip().upper()
+            isup = (row.get("case_ISUP") or "").strip()
+            if label in ("YES", "NO"):
+                out[f"{row['patient_id']}_{row['study_id']}"] = label == "YES"
+            elif label or (isup and not isup.isdigit()):
+                raise InputError(f"{path} line {line}: case_csPCa must be YES/NO, case_ISUP 0-5")
+            elif isup:
+                out[f"{row['patient_id']}_{row['study_id']}"] = int(isup) >= 2
+    return out
 
 
 @dataclass(frozen=True, eq=False)

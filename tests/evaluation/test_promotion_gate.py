@@ -208,6 +208,19 @@ def test_every_promotion_path_meets_the_same_gate(repo: ModelRepository, tmp_pat
         )
 
 
+def test_training_reads_the_feedback_marksheet_without_pending_cases(tmp_path: Path) -> None:
+    """The same marksheet feeds training (PI-CAI layout): a pending biopsy is no negative."""
+    from training.datasets import read_marksheet
+
+    studies = _studies()
+    labels = read_marksheet(_write_marksheet(tmp_path / "m.csv", studies))
+    assert len(labels) == N_STUDIES - 4
+    assert labels["10000_20000"] is True and labels["10001_20001"] is False
+    assert "1" + f"{N_STUDIES - 1:04d}_2{N_STUDIES - 1:04d}" not in labels
+    studies[0]["case_csPCa"] = ""  # ISUP alone decides
+    assert read_marksheet(_write_marksheet(tmp_path / "m.csv", studies))["10000_20000"] is True
+
+
 def _result(uid: str, priority: Priority, likelihood: float | None, code: str | None = None):
     return TriageResult(
         study_instance_uid=uid,
