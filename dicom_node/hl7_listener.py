@@ -32,6 +32,7 @@ import ipaddress
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -342,7 +343,7 @@ def build_ack(
         ack.msh.msh_9 = f"ACK^{event}"
     else:
         ack.msh.msh_9 = "ACK"
-    ack.msh.msh_10 = f"ACK{int(time.time() * 1000)}"[:20]
+    ack.msh.msh_10 = "ACK" + uuid.uuid4().hex[:17]
     ack.msh.msh_11 = "P"
     ack.msa.msa_1 = ack_code
     ack.msa.msa_2 = escape(control_id)[:20] if control_id else ""
