@@ -8,7 +8,6 @@ from core.domain import Priority, ReferralUrgency
 from core.priority import Thresholds, WaitingPolicy, ai_priority, decide_priority
 
 T = Thresholds(urgent=0.6, soon=0.3)
-_SEVERITY = {Priority.ROUTINE: 0, Priority.SOON: 1, Priority.URGENT: 2}
 
 
 @pytest.mark.parametrize(
@@ -66,13 +65,13 @@ def test_priority_monotone_in_likelihood(
     lo, hi = sorted((a, b))
     p_lo = decide_priority(lo, T, referral, days).priority
     p_hi = decide_priority(hi, T, referral, days).priority
-    assert _SEVERITY[p_hi] >= _SEVERITY[p_lo]
+    assert p_hi.severity >= p_lo.severity
 
 
 @given(likelihood=st.floats(0, 1), referral=st.sampled_from(list(ReferralUrgency)))
 def test_ai_never_lowers_referral(likelihood: float, referral: ReferralUrgency) -> None:
     p = decide_priority(likelihood, T, referral).priority
-    assert _SEVERITY[p] >= _SEVERITY[Priority(referral.value)]
+    assert p.severity >= referral.floor.severity
 
 
 def test_worklist_rank_puts_not_analysed_after_urgent() -> None:
