@@ -5,9 +5,11 @@ Input is a PI-CAI-style marksheet (CSV; `radtriage feedback export` writes one, 
 
 - `patient_id`, `study_id`: the case (`<patient_id>_<study_id>`, as PI-CAI names cases);
 - `case_csPCa` (YES/NO) or else `case_ISUP` (>= 2 is csPCa); both empty = outcome pending;
-- `pirads`: the radiologist's PI-RADS 1-5 (optional);
+- `pirads`: the radiologist's PI-RADS 1-5 (optional; else the highest of PI-CAI's
+  `lesion_PIRADS`, e.g. "4,4");
 - `ai_score`: the case likelihood the live model reported (0..1, required);
-- `model_name`, `model_version`, `site`, `vendor`, `mri_date`, `study_instance_uid` (optional).
+- `model_name`, `model_version`, `site` (else PI-CAI's `center`), `vendor`, `mri_date`,
+  `study_instance_uid` (optional).
 
 Every field is hostile: values are parsed, never used as paths; a bad row is an `InputError`
 naming its line.
@@ -123,7 +125,7 @@ def _outcome(row: dict[str, str | None], line: int) -> Outcome:
         raise InputError(f"marksheet line {line}: ai_score is not a number") from exc
     if not 0.0 <= score <= 1.0:
         raise InputError(f"marksheet line {line}: ai_score must be in 0..1, got {score}")
-    pirads_text = _text(row, "pirads")
+    pirads_text = _text(row, "pirads") or _highest_lesion_pirads(row)
     pirads = None
     if pirads_text is not None:
         try:
@@ -142,11 +144,18 @@ def _outcome(row: dict[str, str | None], line: int) -> Outcome:
         pirads=pirads,
         model_name=_text(row, "model_name"),
         model_version=_text(row, "model_version"),
-        site=_text(row, "site"),
+        site=_text(row, "site") or _text(row, "center"),
         vendor=_text(row, "vendor"),
         mri_date=_text(row, "mri_date"),
         study_instance_uid=_text(row, "study_instance_uid"),
     )
+
+
+def _highest_lesion_pirads(row: dict[str, str | None]) -> str | None:
+    """PI-CAI's per-lesion `lesion_PIRADS` ("4,4", "N/A") -> the case's highest, or None."""
+    values = [v.strip() for v in (_text(row, "lesion_PIRADS") or "").split(",")]
+    scores = [int(v) for v in values if v.isdigit()]
+    return str(max(scores)) if scores else None
 
 
 def _kappa(a: np.ndarray, b: np.ndarray) -> float:

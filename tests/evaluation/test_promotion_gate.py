@@ -221,6 +221,24 @@ def test_training_reads_the_feedback_marksheet_without_pending_cases(tmp_path: P
     assert read_marksheet(_write_marksheet(tmp_path / "m.csv", studies))["10000_20000"] is True
 
 
+def test_real_picai_marksheet_row_is_read(shared_data: Path, tmp_path: Path) -> None:
+    """A real PI-CAI marksheet row (ProstateX-0001: ISUP 1, two PI-RADS 4 lesions, RUMC) with
+    the AI columns a feedback export adds."""
+    source = shared_data / "prostatex" / "labels" / "marksheet_ProstateX-0001.csv"
+    if not source.is_file():
+        pytest.skip(f"{source} absent (../shared/data is not in a fresh clone)")
+    with source.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    target = tmp_path / "marksheet.csv"
+    with target.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=[*rows[0], "ai_score", "model_version"])
+        writer.writeheader()
+        writer.writerows({**r, "ai_score": "0.41", "model_version": "0.1.0"} for r in rows)
+    (outcome,) = read_outcomes(target)
+    assert outcome.case_id == "10795_1000811" and outcome.is_cspca is False
+    assert outcome.pirads == 4 and outcome.site == "RUMC" and outcome.mri_date == "2011-12-07"
+
+
 def _result(uid: str, priority: Priority, likelihood: float | None, code: str | None = None):
     return TriageResult(
         study_instance_uid=uid,
