@@ -23,8 +23,10 @@ Statuses (`IngestOutcome.status`):
 - ``0xA900`` data set does not match SOP Class: a UID breaks the DICOM UID syntax
   (`dicom_node.uids.InvalidUIDError`), or the data set's SOP Class/Instance UID differ from the
   request's. Quarantined with the reason.
-- ``0xC210`` cannot understand: the data set cannot be parsed or lacks Study/Series Instance
-  UID. Quarantined with the reason.
+- ``0xC210`` cannot understand: the data set cannot be parsed, its encoding is broken
+  (truncated or overlong elements, unknown VRs, unclosed sequences, nesting deeper than 32,
+  Pixel Data shorter than the image needs: `dicom_node.encoding_check`) or it lacks
+  Study/Series Instance UID. Quarantined with the reason.
 - ``0xC000`` cannot understand: an unexpected failure of ours (e.g. the index database); the
   file may be in the spool and `dicom_node.node.reconcile` indexes it at the next start.
 
@@ -56,6 +58,7 @@ from core.errors import (
     OutOfResourcesError,
     RadtriageError,
 )
+from dicom_node.encoding_check import check_encoding
 from dicom_node.index import Index, InstanceRecord
 from dicom_node.spool import Spool, encode_file_meta
 from dicom_node.uids import require_uid
@@ -275,6 +278,7 @@ class Ingest:
                 rec.sop_class_uid, rec.sop_instance_uid, rec.transfer_syntax_uid, calling_ae_title
             )
             payload = data.getbuffer() if isinstance(data, io.BytesIO) else memoryview(data)
+            check_encoding(payload, rec.transfer_syntax_uid, header)
             size = len(meta) + len(payload)
             path = self.spool.store(
                 rec.study_instance_uid, rec.series_instance_uid, rec.sop_instance_uid, meta, payload

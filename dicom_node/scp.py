@@ -28,8 +28,10 @@ Association negotiation (A-ASSOCIATE-RJ result/source/reason):
 Limits on what a peer sends: we announce ``dicom.max_pdu_size`` as our Maximum Length
 Received; a P-DATA-TF PDU longer than that, or any other PDU longer than `MAX_CONTROL_PDU`,
 gets an A-ABORT (service-provider, 0x06 invalid PDU parameter value) before its body is read.
-Unknown PDU types and undecodable PDUs abort the association (pynetdicom). Idle peers are
-dropped after 60 s (network timeout).
+Unknown PDU types and undecodable PDUs abort the association (pynetdicom), and so does a
+DIMSE request that lacks a required parameter (pynetdicom would leave it unanswered). A
+connection that sends no A-ASSOCIATE-RQ is closed after 10 s (ACSE timeout), an idle
+association after 60 s (network timeout).
 
 C-STORE statuses (the handler is thin: `dicom_node.ingest.Ingest` validates, spools, fsyncs,
 indexes and returns; it never runs analysis):
@@ -43,8 +45,10 @@ indexes and returns; it never runs analysis):
   digits and dots, no leading zeros, at most 64 characters), or the data set's SOP Class/Instance
   UID differ from the C-STORE request (`DatasetMismatchError`). Quarantined with a reason.
   0xA900 rather than 0xC000 so that a sender's bad data and our own failures stay apart.
-- ``0xC210`` Error, cannot understand (`MalformedDicomError`): the data set cannot be parsed or
-  lacks Study/Series Instance UID. Quarantined with a reason.
+- ``0xC210`` Error, cannot understand (`MalformedDicomError`): the data set cannot be parsed,
+  its encoding is broken (`dicom_node.encoding_check`: truncated elements, unknown VRs,
+  unclosed or too deeply nested sequences, short Pixel Data) or it lacks Study/Series Instance
+  UID. Quarantined with a reason.
 - ``0xC000`` Error, cannot understand: an unexpected failure (e.g. the index database); the
   file may be in the spool and is indexed by `dicom_node.node.reconcile` at the next start.
 """
@@ -62,6 +66,8 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
+
+import pydicom.config
 
 from core.settings import DicomSettings, TlsSettings
 from dicom_node.index import Index
@@ -193,11 +199,18 @@ class _AbortingLimits:
     """Reads each PDU header and refuses a body longer than allowed: P-DATA-TF up to
     ``maximum_length`` (our ``dicom.max_pdu_size``), other PDUs up to `MAX_CONTROL_PDU`. The
     peer gets an A-ABORT (source service-provider, reason 0x06 invalid PDU parameter value)
-    and the connection closes before any of the body is read."""
+    and the connection closes before any of the body is read.
+
+    Also: when the connection ends before a whole A-ASSOCIATE-RQ arrived, the acceptor is
+    woken at once (pynetdicom would otherwise hold the association slot for ``acse_timeout``,
+    so a few garbage connections could lock out real peers)."""
 
     def __init__(self, max_pdu_size: int) -> None:
         self.max_pdu_size = max_pdu_size
         self.body_limit: int | None = None  # set while a body is expected
+        self.body_type = 0
+        self.header = b""
+        self.requested = False  # a decodable A-ASSOCIATE-RQ was read (pynetdicom queues it)
 
     def check_header(self, header: bytes) -> None:
         self.body_limit = None
@@ -205,12 +218,13 @@ class _AbortingLimits:
             return
         pdu_type, _, _ = struct.unpack(">BBL", header)
         if 0x01 <= pdu_type <= 0x07:
+            self.body_type, self.header = pdu_type, header
             self.body_limit = self.max_pdu_size if pdu_type == _P_DATA_TF else MAX_CONTROL_PDU
 
 
 def _limited_socket_class(base: type) -> type:
     class PduLimitedSocket(base):  # type: ignore[misc, valid-type]
-        """pynetdicom's `AssociationSocket` with the PDU length limits of `_AbortingLimits`.
+        """pynetdicom's `AssociationSocket` with the PDU limits of `_AbortingLimits`.
         pynetdicom reads a PDU as ``recv(6)`` (type, length) then ``recv(length)``."""
 
         limits: _AbortingLimits
@@ -219,6 +233,8 @@ def _limited_socket_class(base: type) -> type:
             limits = self.limits
             if limits.body_limit is None:
                 data: bytearray = super().recv(nr_bytes)
+                if len(data) < nr_bytes:
+                    self._ended()
                 limits.check_header(bytes(data))
                 return data
             limit, limits.body_limit = limits.body_limit, None
@@ -231,11 +247,55 @@ def _limited_socket_class(base: type) -> type:
                 )
                 with contextlib.suppress(OSError):
                     self.socket.sendall(A_ABORT_INVALID_PDU_PARAMETER)
+                self._ended()
                 return bytearray()  # short read: pynetdicom closes the connection (Evt17)
             body: bytearray = super().recv(nr_bytes)
+            if len(body) < nr_bytes:
+                self._ended()
+            elif limits.body_type == 0x01 and not limits.requested:
+                limits.requested = _decodes_as_request(limits.header + body)
             return body
 
+        def _ended(self) -> None:
+            """The peer is gone or refused: wake an acceptor still waiting for its request
+            (None is what pynetdicom's queue gives on an ACSE timeout: it then closes)."""
+            if not self.limits.requested:
+                self.limits.requested = True
+                self._assoc.dul.to_user_queue.put(None)
+
     return PduLimitedSocket
+
+
+def _abort_unanswerable(
+    assoc: Any, serve: Callable[[Any, int], None]
+) -> Callable[[Any, int], None]:
+    """pynetdicom drops a DIMSE request that lacks a required parameter (an empty Affected SOP
+    Instance UID, say) without answering, so the peer would wait for its network timeout. We
+    abort the association instead: the peer learns at once that nothing was stored."""
+
+    def serve_or_abort(msg: Any, context_id: int) -> None:
+        if not msg.is_valid_request:
+            log.warning(
+                "%s message from %s lacks a required parameter; aborting the association",
+                msg.msg_type,
+                assoc.requestor.address,
+            )
+            assoc.abort()
+            return
+        serve(msg, context_id)
+
+    return serve_or_abort
+
+
+def _decodes_as_request(raw: bytes) -> bool:
+    """True when pynetdicom will decode `raw` as an A-ASSOCIATE-RQ (and queue it)."""
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+
+    try:
+        A_ASSOCIATE_RQ().decode(raw)
+    except Exception:  # whatever pynetdicom's decoder raises for broken input
+        return False
+    return True
 
 
 def _peer_address(sock: Any) -> str:
@@ -282,6 +342,9 @@ class StorageSCP:
         _config.UNRESTRICTED_STORAGE_SERVICE = True
         _config.LOG_HANDLER_LEVEL = "none"
         logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+        # pydicom's value warnings quote raw header text (patient names, control characters)
+        # into the log; ingest reports what is wrong itself, escaped and without patient data
+        pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
         s = self.settings
         ae = AE(ae_title=s.ae_title)
@@ -291,7 +354,7 @@ class StorageSCP:
         ae.require_called_aet = True
         ae.require_calling_aet = list(s.allowed_calling_aets)
         ae.network_timeout = 60
-        ae.acse_timeout = 30
+        ae.acse_timeout = 10  # a peer that connects sends its A-ASSOCIATE-RQ at once
         ae.dimse_timeout = 60
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self.handler.handle_store),
@@ -306,6 +369,7 @@ class StorageSCP:
                 sock = assoc.dul.socket
                 sock.__class__ = socket_class  # same object, limited recv (no second Evt5)
                 sock.limits = _AbortingLimits(max_pdu_size)
+                assoc._serve_request = _abort_unanswerable(assoc, assoc._serve_request)
                 return assoc
 
         ssl_context = server_ssl_context(s.tls) if s.tls is not None else None

@@ -1,0 +1,205 @@
+"""A structural check of an encoded data set, run on ingest before anything is stored.
+
+`check_encoding` walks every element at every nesting level without decoding a value: each
+element must fit in the bytes received, an explicit VR must be a DICOM VR, an undefined length
+is allowed only where PS3.5 7.5 allows it (SQ, UN, encapsulated OB/OW pixel data, items), every
+undefined-length sequence and item must be closed by its delimiter, and nesting is at most
+`MAX_DEPTH` deep. For native (uncompressed) transfer syntaxes Pixel Data must be as long as
+Rows x Columns x Samples per Pixel x Number of Frames x Bits Allocated needs.
+
+It costs one pass over the element headers (values are skipped by their length), so a
+truncated, mis-encoded or inconsistent instance is refused with a reason at the boundary
+instead of failing later in analysis. Deflated data sets are not walked (they would have to be
+inflated whole); their header is still parsed on ingest.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from core.errors import MalformedDicomError
+
+MAX_DEPTH = 32
+
+_VRS = frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN "
+    b"UR US UT UV".split()
+)
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+_UNDEFINED = 0xFFFFFFFF
+_ITEM = (0xFFFE, 0xE000)
+_ITEM_END = (0xFFFE, 0xE00D)
+_SEQUENCE_END = (0xFFFE, 0xE0DD)
+_PIXEL_DATA = (0x7FE0, 0x0010)
+
+_Frame = tuple[int | None, str, bool]
+
+
+def _fail(why: str, offset: int) -> MalformedDicomError:
+    return MalformedDicomError(f"data set encoding is broken at byte {offset}: {why}")
+
+
+class _Walker:
+    def __init__(self, data: memoryview, implicit: bool, little: bool) -> None:
+        self.data = data
+        self.implicit = implicit
+        self.end_char = "<" if little else ">"
+        self.pixel_data_length: int | None = None
+
+    def _tag(self, pos: int) -> tuple[int, int]:
+        if pos + 4 > len(self.data):
+            raise _fail("element header is truncated", pos)
+        group, element = struct.unpack_from(self.end_char + "HH", self.data, pos)
+        return group, element
+
+    def _length(self, pos: int, fmt: str) -> int:
+        size = struct.calcsize(fmt)
+        if pos + size > len(self.data):
+            raise _fail("element header is truncated", pos)
+        (value,) = struct.unpack_from(self.end_char + fmt, self.data, pos)
+        return int(value)
+
+    def walk(self) -> None:
+        """Check the whole data set; iterative, so nesting costs no Python stack."""
+        # each frame: (end offset or None for undefined length, kind, implicit VR) with kind
+        # "dataset", "sequence" (items until the sequence delimiter) or "fragments" (pixel
+        # items); the items of an undefined-length UN are implicit VR (PS3.5 6.2.2)
+        stack: list[_Frame] = [(len(self.data), "dataset", self.implicit)]
+        pos = 0
+        while stack:
+            end, kind, implicit = stack[-1]
+            if end is not None and pos == end:
+                stack.pop()
+                continue
+            limit = len(self.data) if end is None else end
+            if end is not None and pos > end:
+                raise _fail("an element runs past the end of its item or sequence", pos)
+            if pos >= limit:
+                raise _fail(f"undefined-length {kind} has no delimiter", pos)
+            tag = self._tag(pos)
+            if kind in ("sequence", "fragments"):
+                pos = self._sequence_entry(tag, pos, kind, implicit, stack)
+                continue
+            if tag == _ITEM_END:
+                if end is not None or len(stack) == 1:
+                    raise _fail("item delimiter outside an undefined-length item", pos)
+                stack.pop()
+                pos += 8
+                continue
+            if tag[0] == 0xFFFE:
+                raise _fail(f"unexpected delimiter ({tag[0]:04X},{tag[1]:04X})", pos)
+            pos = self._element(tag, pos, implicit, stack)
+
+    def _sequence_entry(
+        self, tag: tuple[int, int], pos: int, kind: str, implicit: bool, stack: list[_Frame]
+    ) -> int:
+        length = self._length(pos + 4, "I")
+        if tag == _SEQUENCE_END:
+            if stack[-1][0] is not None:
+                raise _fail("sequence delimiter in a defined-length sequence", pos)
+            stack.pop()
+            return pos + 8
+        if tag != _ITEM:
+            raise _fail(f"({tag[0]:04X},{tag[1]:04X}) where an item was expected", pos)
+        start = pos + 8
+        if kind == "fragments":
+            if length == _UNDEFINED or start + length > len(self.data):
+                raise _fail("pixel data fragment is truncated or has undefined length", pos)
+            return start + length
+        end = None if length == _UNDEFINED else start + length
+        self._push(stack, (end, "dataset", implicit), pos)
+        return start
+
+    def _push(self, stack: list[_Frame], frame: _Frame, pos: int) -> None:
+        if len(stack) > MAX_DEPTH * 2:
+            raise _fail(f"sequences nested deeper than {MAX_DEPTH} levels", pos)
+        end = frame[0]
+        if end is not None and end > len(self.data):
+            raise _fail("a value runs past the end of the data set", pos)
+        stack.append(frame)
+
+    def _element(self, tag: tuple[int, int], pos: int, implicit: bool, stack: list[_Frame]) -> int:
+        vr = b""
+        if implicit:
+            length, start = self._length(pos + 4, "I"), pos + 8
+        else:
+            vr = bytes(self.data[pos + 4 : pos + 6])
+            if vr not in _VRS:
+                raise _fail(f"{vr!r} of ({tag[0]:04X},{tag[1]:04X}) is not a DICOM VR", pos)
+            if vr in _LONG_VRS:
+                length, start = self._length(pos + 8, "I"), pos + 12
+            else:
+                length, start = self._length(pos + 6, "H"), pos + 8
+        if length == _UNDEFINED:
+            if tag == _PIXEL_DATA and vr != b"UN":
+                self._push(stack, (None, "fragments", implicit), pos)
+            elif implicit or vr in (b"SQ", b"UN"):
+                self._push(stack, (None, "sequence", implicit or vr == b"UN"), pos)
+            else:
+                raise _fail(f"undefined length on a {vr.decode()} element", pos)
+            return start
+        if start + length > len(self.data):
+            raise _fail(
+                f"({tag[0]:04X},{tag[1]:04X}) claims {length} bytes, "
+                f"{len(self.data) - start} remain",
+                pos,
+            )
+        if tag == _PIXEL_DATA and len(stack) == 1:
+            self.pixel_data_length = length
+        if vr == b"SQ" and length:
+            self._push(stack, (start + length, "sequence", implicit), pos)
+            return start
+        return start + length
+
+
+def _implicit_despite_explicit(data: memoryview | bytes, ts: UID) -> bool:
+    """True when an explicit VR data set's first element has no VR where one belongs."""
+    return not ts.is_implicit_VR and len(data) >= 6 and bytes(data[4:6]) not in _VRS
+
+
+def _native_pixel_bytes(header: Dataset) -> int | None:
+    """Bytes of native Pixel Data the image attributes call for, or None when they are not all
+    there or not numbers (then nothing is checked)."""
+    try:
+        rows, columns = int(header.Rows), int(header.Columns)
+        bits = int(header.BitsAllocated)
+        samples = int(header.get("SamplesPerPixel", 1) or 1)
+        frames = int(str(header.get("NumberOfFrames", 1) or 1).strip() or 1)
+    except (AttributeError, TypeError, ValueError, OverflowError):
+        return None
+    if min(rows, columns, bits, samples, frames) <= 0:
+        return None
+    if str(header.get("PhotometricInterpretation", "")).strip() in (
+        "YBR_FULL_422",
+        "YBR_PARTIAL_422",
+    ):
+        samples = 2  # two chroma values shared by two pixels (PS3.3 C.7.6.3.1.2)
+    pixels = rows * columns * samples * frames
+    return (pixels + 7) // 8 if bits == 1 else pixels * ((bits + 7) // 8)
+
+
+def check_encoding(data: memoryview | bytes, transfer_syntax_uid: str, header: Dataset) -> None:
+    """Raise `MalformedDicomError` with the reason when the encoding is broken (module
+    docstring). `header` is the parsed header (for the pixel data size check)."""
+    ts = UID(transfer_syntax_uid)
+    if ts == DeflatedExplicitVRLittleEndian or not ts.is_transfer_syntax:
+        return
+    walker = _Walker(memoryview(data), ts.is_implicit_VR, ts.is_little_endian)
+    try:
+        walker.walk()
+    except MalformedDicomError:
+        if not _implicit_despite_explicit(data, ts):
+            raise
+        # read tolerantly, like pydicom: an implicit VR data set sent as explicit VR
+        walker = _Walker(memoryview(data), True, ts.is_little_endian)
+        walker.walk()
+    if walker.pixel_data_length is not None and not ts.is_compressed:
+        needed = _native_pixel_bytes(header)
+        if needed is not None and walker.pixel_data_length < needed:
+            raise MalformedDicomError(
+                f"Pixel Data is {walker.pixel_data_length} bytes but Rows, Columns, Samples per "
+                f"Pixel, Number of Frames and Bits Allocated need {needed}; fix the sender"
+            )
