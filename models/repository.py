@@ -12,10 +12,12 @@ the log and carries an allowing decision, so no path reaches production around t
 
 from __future__ import annotations
 
+import fcntl
 import getpass
 import hashlib
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -227,37 +229,41 @@ class ModelRepository:
         if version is None:
             raise InputError(f"promote needs NAME:VERSION, got {ref!r}")
         self.verify(ref)  # never promote a file that does not match its metadata
-        current = self.promoted(name)
-        if decision is None:
-            if current is not None and current != version:
+        # the log is the lock: one promotion of NAME at a time decides against what is current
+        with (self.root / name / PROMOTION_LOG).open("a", encoding="utf-8") as promotions:
+            fcntl.flock(promotions.fileno(), fcntl.LOCK_EX)
+            current = self.promoted(name)
+            if decision is None:
+                if current is not None and current != version:
+                    raise PromotionRefusedError(
+                        f"{name}:{current} is promoted: replacing it with {ref} needs a gate "
+                        "decision (radtriage models promote, evaluation.promotion.gate)"
+                    )
+                decision = GateDecision.first(name, version, current)
+            decision.check_applies(name, version, current)
+            if decision.outcome == "rollback" and version not in self.rollback_targets(name):
                 raise PromotionRefusedError(
-                    f"{name}:{current} is promoted: replacing it with {ref} needs a gate "
-                    "decision (radtriage models promote, evaluation.promotion.gate)"
+                    f"cannot roll back to {ref}: it was never promoted on an allowing gate decision"
                 )
-            decision = GateDecision.first(name, version, current)
-        decision.check_applies(name, version, current)
-        if decision.outcome == "rollback" and version not in self.rollback_targets(name):
-            raise PromotionRefusedError(
-                f"cannot roll back to {ref}: it was never promoted on an allowing gate decision"
-            )
-        entry = {
-            "name": name,
-            "version": version,
-            "previous": current,
-            "promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "user": user or _user(),
-            "reason": reason or decision.reason,
-            "forced": decision.outcome == "forced",
-            "gate": decision.to_dict(),
-        }
-        if gate is not None:
-            entry["caller_note"] = gate
-        folder = self.root / name
-        with (folder / PROMOTION_LOG).open("a", encoding="utf-8") as promotions:
+            entry = {
+                "name": name,
+                "version": version,
+                "previous": current,
+                "promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "user": user or _user(),
+                "reason": reason or decision.reason,
+                "forced": decision.outcome == "forced",
+                "gate": decision.to_dict(),
+            }
+            if gate is not None:
+                entry["caller_note"] = gate
             promotions.write(json.dumps(entry, default=str) + "\n")
-        tmp = folder / (PRODUCTION_FILE + ".tmp")
-        tmp.write_text(json.dumps(entry, indent=2, default=str) + "\n", encoding="utf-8")
-        tmp.replace(folder / PRODUCTION_FILE)
+            promotions.flush()
+            os.fsync(promotions.fileno())
+            folder = self.root / name
+            tmp = folder / (PRODUCTION_FILE + ".tmp")
+            tmp.write_text(json.dumps(entry, indent=2, default=str) + "\n", encoding="utf-8")
+            tmp.replace(folder / PRODUCTION_FILE)
         return json.loads(json.dumps(entry, default=str))
 
     def rollback_targets(self, name: str) -> list[str]:
