@@ -9,9 +9,11 @@ listed by `Index.dead_letters` for the API) and its study becomes ``failed``. Wh
 ``reported`` study is sent, the study becomes ``sent``.
 
 Transfer syntax: each document's SOP Class is proposed with the file's own transfer syntax
-plus Explicit and Implicit VR Little Endian; what the destination accepts is sent (a
-compressed file is decompressed when only an uncompressed syntax is accepted). Resending is
-idempotent: the documents keep their SOP Instance UIDs.
+plus `FALLBACK_SYNTAXES` (Explicit VR Little Endian, Implicit VR Little Endian, Deflated
+Explicit VR Little Endian); what the destination accepts is sent (a compressed file is
+decompressed when only an uncompressed syntax is accepted); a destination that accepts none of
+them (e.g. only JPEG-LS for SR) fails the document with `DestinationError`, retried as usual.
+Resending is idempotent: the documents keep their SOP Instance UIDs.
 """
 
 from __future__ import annotations
@@ -19,12 +21,17 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import pydicom
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from sqlalchemy import func, select
 
 from core.domain import StudyStatus
@@ -36,6 +43,18 @@ from dicom_node.jobs import transition
 log = logging.getLogger(__name__)
 
 SUCCESS_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+# proposed for every document after its own transfer syntax (docs/conformance.md 2.3)
+FALLBACK_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian)
+
+
+def requested_contexts(datasets: Iterable[Any]) -> dict[str, list[str]]:
+    """SOP Class UID -> transfer syntaxes to propose, for the documents to send."""
+    by_class: dict[str, dict[str, None]] = defaultdict(dict)
+    for ds in datasets:
+        own = str(ds.file_meta.TransferSyntaxUID)
+        for syntax in (own, *FALLBACK_SYNTAXES):
+            by_class[str(ds.SOPClassUID)][str(syntax)] = None
+    return {sop_class: list(syntaxes) for sop_class, syntaxes in by_class.items()}
 
 
 def backoff_s(attempts: int, settings: SenderSettings) -> float:
@@ -124,15 +143,7 @@ class Sender:
         ae.acse_timeout = 15
         ae.dimse_timeout = 60
         ae.network_timeout = 30
-        proposed: dict[tuple[str, str], None] = {}
-        for _, ds in datasets:
-            ts = str(ds.file_meta.TransferSyntaxUID)
-            for syntax in (ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-                proposed[(str(ds.SOPClassUID), str(syntax))] = None
-        by_class: dict[str, list[str]] = defaultdict(list)
-        for sop_class, syntax in proposed:
-            by_class[sop_class].append(syntax)
-        for sop_class, syntaxes in by_class.items():
+        for sop_class, syntaxes in requested_contexts(ds for _, ds in datasets).items():
             ae.add_requested_context(sop_class, syntaxes)
         tls_args = None
         if dest.tls:
@@ -159,7 +170,7 @@ class Sender:
         try:
             for item, ds in datasets:
                 try:
-                    status = assoc.send_c_store(self._negotiated(assoc, ds))
+                    status = assoc.send_c_store(self.negotiated(assoc, ds))
                     code = int(status.Status) if status is not None and "Status" in status else -1
                 except Exception as exc:
                     self._failed(item, f"C-STORE to {dest.name} failed: {exc}")
@@ -175,7 +186,7 @@ class Sender:
         return sent
 
     @staticmethod
-    def _negotiated(assoc: Any, ds: Any) -> Any:
+    def negotiated(assoc: Any, ds: Any) -> Any:
         """`ds` as it can be sent: decompressed if only uncompressed syntaxes were accepted."""
         ts = UID(ds.file_meta.TransferSyntaxUID)
         accepted = {
