@@ -150,7 +150,7 @@ class RadtriageApp:
                 # host (2 cores: 2.75 requested). ONNX Runtime threads share the cores anyway.
                 cores = os.cpu_count() or 1
                 init_local_ray(max(cores, math.ceil(required_cpus(self.settings))))
-        serve.start(http_options={"location": "NoServer"})
+        serve.start(proxy_location="Disabled")
         app = build_app(self.settings, refs)
         name = self.settings.serving.app_name or APP_NAME
         return serve.run(app, name=name, route_prefix=None)

@@ -49,7 +49,7 @@ def app(settings: Settings) -> Iterator[object]:
 
     init_local_ray(num_cpus=2, log_to_driver=False)
     try:
-        serve.start(http_options={"location": "NoServer"})
+        serve.start(proxy_location="Disabled")
         handle = serve.run(build_app(settings), name=APP_NAME, route_prefix=None)
         yield handle
     finally:

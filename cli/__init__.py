@@ -1,0 +1,1 @@
+"""The `radtriage` command line: the only package that imports every other."""
