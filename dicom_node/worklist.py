@@ -113,6 +113,7 @@ class WorklistPage:
     offset: int
     limit: int
     rows: list[dict[str, Any]]
+    counts: dict[str, int]  # effective priority -> studies matching the filters
 
 
 def _floor_rank() -> Any:
@@ -201,7 +202,14 @@ def _from() -> Any:
 def query_worklist(session: Session, q: WorklistQuery, today: date | None = None) -> WorklistPage:
     """One page of the worklist and the total count of studies matching the filters."""
     where = and_(true(), *_filters(q))
-    total = session.scalar(select(func.count()).select_from(_from()).where(where)) or 0
+    priority = effective_priority()
+    counts = {
+        str(p): int(n)
+        for p, n in session.execute(
+            select(priority, func.count()).select_from(_from()).where(where).group_by(priority)
+        )
+    }
+    total = sum(counts.values())
     stmt = (
         select(
             STUDIES,
@@ -225,7 +233,7 @@ def query_worklist(session: Session, q: WorklistQuery, today: date | None = None
     )
     today = today or datetime.now(UTC).date()
     rows = [_row(r._mapping, today) for r in session.execute(stmt)]
-    return WorklistPage(total=int(total), offset=q.offset, limit=q.limit, rows=rows)
+    return WorklistPage(total=total, offset=q.offset, limit=q.limit, rows=rows, counts=counts)
 
 
 def days_since(yyyymmdd: str | None, today: date) -> int | None:

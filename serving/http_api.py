@@ -39,6 +39,7 @@ from serving.auth import (
     client_address,
     require,
 )
+from serving.fhir import create_fhir_router
 from serving.key_images import KeyImageCache, StudyImages, load_study_images
 from serving.metrics import Metrics
 
@@ -94,6 +95,7 @@ class WorklistPageModel(BaseModel):
     offset: int
     limit: int
     fds_days: int
+    counts: dict[str, int]
     rows: list[dict[str, Any]]
 
 
@@ -188,6 +190,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     assessments = Assessments(engine)
     app.state.accounts = accounts
     app.state.audit = audit
+    app.include_router(create_fhir_router())  # FHIR R4 orders in, results out (serving.fhir)
 
     @app.exception_handler(LoginRequired)
     def _to_login(request: Request, exc: LoginRequired) -> RedirectResponse:
@@ -338,6 +341,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
             "offset": page.offset,
             "limit": page.limit,
             "fds_days": ctx.fds_days,
+            "counts": page.counts,
             "rows": page.rows,
         }
 

@@ -1,6 +1,6 @@
 "use strict";
 // Shared by the workspace pages. Every server value is put into the page with textContent
-// (never innerHTML), so hostile DICOM tag values render as text.
+// (never as markup), so hostile DICOM tag values render as text.
 const PRIORITY = {
   urgent: {label: "URGENT", icon: "\u25B2"},
   not_analysed: {label: "NOT ANALYSED", icon: "?"},
@@ -21,11 +21,13 @@ function badge(priority) {
   return el("span", {className: `badge ${priority}`}, el("span", {ariaHidden: "true", textContent: p.icon}), p.label);
 }
 function personName(pn) {
-  // DICOM PN: family^given^middle^prefix^suffix (first component group only)
+  // DICOM PN: component groups (alphabetic=ideographic=phonetic), each family^given^middle^prefix^suffix
   if (!pn) return "";
-  const [family, given, middle, prefix, suffix] = String(pn).split("=")[0].split("^");
-  const rest = [prefix, given, middle, suffix].filter(Boolean).join(" ");
-  return family && rest ? `${family}, ${rest}` : (family || rest || "");
+  return String(pn).split("=").map(group => {
+    const [family, given, middle, prefix, suffix] = group.split("^");
+    const rest = [prefix, given, middle, suffix].filter(Boolean).join(" ");
+    return family && rest ? `${family}, ${rest}` : (family || rest || "");
+  }).filter(Boolean).join(" / ");
 }
 function dicomDate(da) {
   return da && /^\d{8}$/.test(da) ? `${da.slice(0, 4)}-${da.slice(4, 6)}-${da.slice(6, 8)}` : (da || "");

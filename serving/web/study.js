@@ -41,6 +41,11 @@ function renderAssessment(a) {
   fact(list, "PI-RADS", a.pirads_overall);
   fact(list, "Biopsy", a.isup_grade_group == null ? null : `ISUP ${a.isup_grade_group} on ${dicomDate(a.biopsy_date)}`);
   if (a.pirads_overall) document.getElementById("pirads").value = String(a.pirads_overall);
+  if (a.override && study) {
+    const ai = (study.result || {}).priority || "pending";
+    document.getElementById("priority").replaceChildren(badge(a.override.priority),
+      el("span", {className: "sub override-note", textContent: `override by ${a.override.by} (AI: ${ai.replace("_", " ")})`}));
+  }
   const byIndex = Object.fromEntries(a.findings.map(f => [f.finding_index, f]));
   for (const tr of document.querySelectorAll("#lesions tr")) {
     const f = byIndex[tr.dataset.index];

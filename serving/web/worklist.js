@@ -71,10 +71,10 @@ function render(page) {
   document.getElementById("disclaimer").hidden = disclaimers.length === 0;
   document.getElementById("disclaimer-text").textContent =
     disclaimers.map(d => d.replace(/^NOT FOR CLINICAL USE:?\s*/i, "")).join(" ");
-  const counts = {};
-  for (const r of rows) counts[r.priority] = (counts[r.priority] || 0) + 1;
+  const counts = page.counts || {};
   document.getElementById("summary").replaceChildren(
-    ...ORDER.map(p => el("div", {className: `count ${p}`}, el("b", {textContent: counts[p] || 0}), badge(p))),
+    ...[...ORDER, ...(counts.pending ? ["pending"] : [])].map(p =>
+      el("div", {className: `count ${p}`}, el("b", {textContent: counts[p] || 0}), badge(p))),
     el("span", {className: "hint", textContent: `${page.total} studies. Ordered by priority, then longest waiting first. Refreshes every 15 s.`}));
   const first = page.total ? page.offset + 1 : 0;
   document.getElementById("page-info").textContent = `${first}\u2013${page.offset + rows.length} of ${page.total}`;

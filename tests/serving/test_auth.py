@@ -199,3 +199,28 @@ def test_passwords_and_tokens_are_not_stored(
     assert PASSWORD not in dump
     assert all(token not in dump for token in tokens.values())
     assert "$argon2id$" in dump
+
+
+def test_pages_are_self_contained_and_script_free() -> None:
+    """No external URLs (closed hospital networks) and no inline script or handler: the CSP
+    (script-src 'self') would block them, and hostile values could not ride on them."""
+    import re
+
+    from serving.http_api import WEB_DIR
+
+    for page in WEB_DIR.glob("*.html"):
+        html = page.read_text(encoding="utf-8")
+        assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html), page.name
+        assert not re.search(r"<script(?![^>]*\bsrc=)", html), page.name
+        assert not re.search(r"\son[a-z]+\s*=", html), page.name
+    for script in WEB_DIR.glob("*.js"):
+        assert "innerHTML" not in script.read_text(encoding="utf-8"), script.name
+    css = (WEB_DIR / "style.css").read_text(encoding="utf-8")
+    assert not re.search(r"""url\(\s*["']?(https?:)?//|@import""", css)
+
+
+def test_pages_send_a_strict_csp(setup: tuple[TestClient, dict[str, str], Index]) -> None:
+    c, _, _ = setup
+    r = c.get("/login")
+    assert "script-src 'self'" in r.headers["content-security-policy"]
+    assert r.headers["x-content-type-options"] == "nosniff"

@@ -122,6 +122,9 @@ def test_sort_keys_in_sql(worklist: tuple) -> None:
 
 def test_filters(worklist: tuple) -> None:
     c, _, _ = worklist
+    counts = c.get("/api/worklist", params={"limit": 1}).json()["counts"]
+    assert counts == {"urgent": N // 4, "not_analysed": N // 4 + 1, "soon": N // 4,
+                      "routine": N // 4 + 1, "pending": 1}  # fmt: skip
     total, rows = _all(c, priority="urgent")
     assert total == N // 4 and {r["priority"] for r in rows} == {"urgent"}
     total, rows = _all(c, priority=["soon", "routine"])
