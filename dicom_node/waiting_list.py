@@ -25,6 +25,7 @@ flag (logged), as does a study being analysed again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -101,6 +102,9 @@ class WaitingListEntry(Base):
     hl7_priority: Mapped[str | None] = mapped_column(String(16), nullable=True)
     hl7_fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
     study_reported_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # what the result says now (flag, PSA density, SR), and what the RIS / FHIR server last got
+    result_fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    fhir_fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
     stale: Mapped[bool] = mapped_column(Boolean, default=False)  # set by a changed order
     updated_at: Mapped[float] = mapped_column(Float)
 
@@ -325,33 +329,39 @@ class WaitingList:
                 s, study, result, new, entry, now
             ):
                 report.superseding_srs += 1
-            if self.hl7.destinations and not cancelled_order_for_study(s, uid):
-                fingerprint = f"{new.priority.value}|{new.psa_density}|{entry.sr_sop_instance_uid}"
-                if fingerprint != entry.hl7_fingerprint:
-                    patient = s.get(Patient, study.patient_fk)
-                    enqueue_result(
-                        s,
-                        ResultReport(
-                            result=new,
-                            patient_id=patient.patient_id if patient else "",
-                            issuer_of_patient_id=getattr(patient, "issuer_of_patient_id", "")
-                            if patient
-                            else "",
-                            patient_name=patient.patient_name if patient else "",
-                            accession_number=study.accession_number
-                            or (order.accession_number if order else ""),
-                            placer_order_number=order.placer_order_number if order else "",
-                            filler_order_number=order.filler_order_number if order else "",
-                            sr_sop_instance_uid=entry.sr_sop_instance_uid or "",
-                            correction=entry.hl7_fingerprint is not None,
-                        ),
-                        self.hl7,
-                        now,
-                        node_id=study.node_id,
-                    )
-                    entry.hl7_priority = new.priority.value
-                    entry.hl7_fingerprint = fingerprint
-                    report.hl7_messages += 1
+            fingerprint = hashlib.sha256(
+                f"{new.priority.value}|{new.psa_density}|{entry.sr_sop_instance_uid}".encode()
+            ).hexdigest()
+            entry.result_fingerprint = fingerprint
+            if (
+                self.hl7.destinations
+                and fingerprint != entry.hl7_fingerprint
+                and not cancelled_order_for_study(s, uid)
+            ):
+                patient = s.get(Patient, study.patient_fk)
+                enqueue_result(
+                    s,
+                    ResultReport(
+                        result=new,
+                        patient_id=patient.patient_id if patient else "",
+                        issuer_of_patient_id=getattr(patient, "issuer_of_patient_id", "")
+                        if patient
+                        else "",
+                        patient_name=patient.patient_name if patient else "",
+                        accession_number=study.accession_number
+                        or (order.accession_number if order else ""),
+                        placer_order_number=order.placer_order_number if order else "",
+                        filler_order_number=order.filler_order_number if order else "",
+                        sr_sop_instance_uid=entry.sr_sop_instance_uid or "",
+                        correction=entry.hl7_fingerprint is not None,
+                    ),
+                    self.hl7,
+                    now,
+                    node_id=study.node_id,
+                )
+                entry.hl7_priority = new.priority.value
+                entry.hl7_fingerprint = fingerprint
+                report.hl7_messages += 1
 
     def _supersede(
         self,

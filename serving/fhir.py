@@ -29,12 +29,19 @@ algorithm name and version, ``method`` DCM 123110 Artificial Intelligence, ``bod
 41216001 Prostate). Searches are paginated (``_count`` up to 500, ``_offset``; Bundle ``next``
 link) and filter by ``identifier`` (Accession Number or SR SOP Instance UID) and
 ``subject:identifier`` (Patient ID).
+
+`FhirPush` optionally pushes every result to a FHIR server (``[hl7] fhir_base_url``) by PUT,
+again whenever the waiting list's decision changes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -51,6 +58,8 @@ from dicom_node.orders import Order, OrderControl, OrderError, OrderUpdate, appl
 from dicom_node.waiting_list import WaitingListEntry
 from serving.accounts import Principal
 from serving.auth import CLINICAL, require
+
+log = logging.getLogger(__name__)
 
 FHIR_JSON = "application/fhir+json"
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
@@ -364,6 +373,113 @@ def _bundle(
     return JSONResponse(bundle, media_type=FHIR_JSON)
 
 
+def _resources_for(
+    study: Study, patient: Patient, entry_uid: str | None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    result = TriageResult.model_validate(json.loads(study.result_json or "{}"))
+    return result_resources(
+        result,
+        sr_sop_instance_uid=_sr_uid(study, entry_uid),
+        patient_id=patient.patient_id,
+        issuer=getattr(patient, "issuer_of_patient_id", "") or "",
+        accession=study.accession_number,
+        issued=datetime.fromtimestamp(study.reported_at or 0.0, UTC),
+    )
+
+
+class FhirPush:
+    """Optional push of every result to a FHIR R4 server (``[hl7] fhir_base_url``): each
+    Observation, then the DiagnosticReport, by ``PUT [base]/[type]/[id]`` (update as create:
+    ids derive from the SR, so a re-push replaces), whenever the waiting list's decision
+    differs from what the server last accepted. A failed push is retried on the next round.
+    `run_once` does one round; `start`/`stop` run it every `interval_s` in a thread."""
+
+    def __init__(
+        self, index: Index, base_url: str, *, timeout_s: float = 10.0, interval_s: float = 5.0
+    ) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"fhir_base_url must be an http(s) URL, got {base_url!r}")
+        self.index = index
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _put(self, resource: dict[str, Any]) -> None:
+        from urllib.parse import quote
+
+        url = f"{self.base_url}/{resource['resourceType']}/{quote(resource['id'], safe='')}"
+        request = urllib.request.Request(
+            url,
+            data=json.dumps(resource).encode("utf-8"),
+            method="PUT",
+            headers={"Content-Type": FHIR_JSON, "Accept": FHIR_JSON},
+        )
+        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            if not 200 <= response.status < 300:
+                raise OSError(f"{url}: HTTP {response.status}")
+
+    def run_once(self) -> int:
+        """Push every changed result of this node; returns how many studies were pushed."""
+        pushed, last_id = 0, 0
+        while True:
+            with self.index.read() as s:
+                rows = s.execute(
+                    select(WaitingListEntry, Study, Patient)
+                    .join(Study, Study.study_instance_uid == WaitingListEntry.study_instance_uid)
+                    .join(Patient, Study.patient_fk == Patient.id)
+                    .where(
+                        WaitingListEntry.id > last_id,
+                        WaitingListEntry.result_fingerprint.is_not(None),
+                        or_(
+                            WaitingListEntry.fhir_fingerprint.is_(None),
+                            WaitingListEntry.fhir_fingerprint
+                            != WaitingListEntry.result_fingerprint,
+                        ),
+                        Study.result_json.is_not(None),
+                        self.index.mine(Study.node_id),
+                    )
+                    .order_by(WaitingListEntry.id)
+                    .limit(MAX_COUNT)
+                ).all()
+            if not rows:
+                return pushed
+            for entry, study, patient in rows:
+                last_id = entry.id
+                report, observations = _resources_for(study, patient, entry.sr_sop_instance_uid)
+                try:
+                    for resource in (*observations, report):
+                        self._put(resource)
+                except (OSError, urllib.error.URLError) as exc:
+                    log.warning("FHIR push of study %s failed: %s", study.study_instance_uid, exc)
+                    continue
+                with self.index.write() as s:
+                    row = s.get(WaitingListEntry, entry.id)
+                    if row is not None and row.result_fingerprint == entry.result_fingerprint:
+                        row.fhir_fingerprint = entry.result_fingerprint
+                pushed += 1
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except Exception:
+                log.exception("FHIR push round failed; continuing")
+            self._stop.wait(self.interval_s)
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="radtriage-fhir-push", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._thread = None
+
+
 def create_fhir_router(index_of: IndexOf = _index_of_app) -> APIRouter:
     """The /fhir routes; `index_of` finds the index for a request (the app's ApiContext)."""
     router = APIRouter(prefix="/fhir", tags=["fhir"])
@@ -413,16 +529,7 @@ def create_fhir_router(index_of: IndexOf = _index_of_app) -> APIRouter:
         total, rows = _rows(index_of(request), identifier, subject, offset, count)
         resources: list[dict[str, Any]] = []
         for study, patient, entry_uid in rows:
-            result = TriageResult.model_validate(json.loads(study.result_json or "{}"))
-            issued = datetime.fromtimestamp(study.reported_at or 0.0, UTC)
-            report, members = result_resources(
-                result,
-                sr_sop_instance_uid=_sr_uid(study, entry_uid),
-                patient_id=patient.patient_id,
-                issuer=getattr(patient, "issuer_of_patient_id", "") or "",
-                accession=study.accession_number,
-                issued=issued,
-            )
+            report, members = _resources_for(study, patient, entry_uid)
             resources.extend(members if observations else [report])
         return _bundle(request, total, offset, count, resources)
 

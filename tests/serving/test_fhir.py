@@ -240,3 +240,78 @@ def test_observations_map_tid1500_measurements(
         headers=_auth(tokens["radiologist"]),
     )
     assert r.json()["total"] == 0
+
+
+class _FhirServer:
+    """A real HTTP peer on loopback that stores what is PUT (a FHIR server's update)."""
+
+    def __init__(self, status: int = 200) -> None:
+        import http.server
+        import threading
+
+        self.status = status
+        self.resources: dict[str, dict[str, Any]] = {}
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_PUT(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if outer.status == 200:
+                    outer.resources[self.path] = body
+                self.send_response(outer.status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/fhir"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.integration
+def test_results_are_pushed_to_a_fhir_server_once_per_decision(index: Index) -> None:
+    from dicom_node.waiting_list import WaitingListEntry
+    from serving.fhir import FhirPush
+
+    _add_results(index, 2)
+    with index.write() as s:
+        for i in (1, 2):
+            s.add(
+                WaitingListEntry(
+                    study_instance_uid=f"1.2.826.0.1.3680043.8.498.{i}",
+                    priority="urgent",
+                    priority_rank=0,
+                    decided_on="2026-12-01",
+                    sr_sop_instance_uid=f"1.2.826.0.1.3680043.8.498.10{i}",
+                    result_fingerprint="a" * 64,
+                    updated_at=1.0,
+                )
+            )
+    server = _FhirServer(status=500)
+    try:
+        push = FhirPush(index, server.url)
+        assert push.run_once() == 0  # the server fails: nothing recorded, retried next round
+        server.status = 200
+        assert push.run_once() == 2
+        reports = [r for p, r in server.resources.items() if "/DiagnosticReport/" in p]
+        observations = [r for p, r in server.resources.items() if "/Observation/" in p]
+        assert len(reports) == 2
+        for report in reports:
+            DiagnosticReport.model_validate(report)
+        for observation in observations:
+            Observation.model_validate(observation)
+        assert push.run_once() == 0  # nothing changed
+        with index.write() as s:
+            entry = s.scalars(select(WaitingListEntry)).first()
+            assert entry is not None
+            entry.result_fingerprint = "b" * 64  # the decision changed
+        assert push.run_once() == 1
+    finally:
+        server.close()

@@ -82,6 +82,8 @@ def upgrade() -> None:
         sa.Column("hl7_priority", sa.String(16), nullable=True),
         sa.Column("hl7_fingerprint", sa.String(64), nullable=True),
         sa.Column("study_reported_at", sa.Float, nullable=True),
+        sa.Column("result_fingerprint", sa.String(64), nullable=True),
+        sa.Column("fhir_fingerprint", sa.String(64), nullable=True),
         sa.Column("stale", sa.Boolean, nullable=False, server_default=sa.false()),
         sa.Column("updated_at", sa.Float, nullable=False),
     )
