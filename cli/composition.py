@@ -35,9 +35,11 @@ from core.log_events import log_event
 from core.settings import ModelSettings, Settings
 from dicom_node.analysis import StudyAnalyser, StudyAnalysis
 from dicom_node.jobs import AnalysisOutput
+from dicom_node.node import DicomNode
 from dicom_node.study_reader import scan_study
 from models.engine import LocalEngine
 from models.repository import ModelRepository, parse_ref
+from models.shadow_log import ShadowLog
 from serving.http_api import ApiContext, create_app, is_pending, pending_row
 from serving.metrics import Metrics
 
@@ -104,11 +106,12 @@ class RadtriageApp:
         self.backend = backend
         self.metrics = Metrics()
         self.results_root = Path(settings.storage.root) / "results"
+        self.shadow_log = ShadowLog(Path(settings.storage.root) / "shadow")
         self.engine: LocalEngine | ServeEngine | None = None
         self.analyser: StudyAnalyser | None = None
         self._refs: dict[str, str] = {}
         self._ready = False
-        self.node: Any = None
+        self.node: DicomNode | None = None
 
     # --- models ---------------------------------------------------------------------------
 
@@ -240,6 +243,26 @@ class RadtriageApp:
         self.metrics.observe_result(analysis.result)
         for model, size in analysis.batch_sizes.items():
             self.metrics.batch_size.labels(model).observe(size)
+        shadow, result = analysis.shadow, analysis.result
+        if shadow is None or result.model is None or result.case_likelihood is None:
+            return
+        primary = ModelRef(result.model.name, result.model.version, result.model.sha256)
+        self.shadow_log.append_comparison(
+            result.study_instance_uid,
+            primary,
+            result.case_likelihood,
+            shadow.model,
+            shadow.case_likelihood,
+            shadow_lesions=shadow.lesions,
+            error=shadow.error,
+        )
+        name = f"{shadow.model.name}:{shadow.model.version}" if shadow.model else "unknown"
+        delta = (
+            abs(result.case_likelihood - shadow.case_likelihood)
+            if shadow.case_likelihood is not None
+            else None
+        )
+        self.metrics.observe_shadow(name, delta)
 
     def _analyser(self) -> StudyAnalyser:
         if self.analyser is None:
@@ -254,11 +277,9 @@ class RadtriageApp:
         self, study_instance_uid: str, instance_paths: list[Path], previous_sr: Path | None
     ) -> AnalysisOutput:
         """`dicom_node.jobs.Analyser`: results go to <storage.root>/results/<uid>/."""
-        self.metrics.queue_depth.inc()
-        try:
-            return self._analyser()(study_instance_uid, instance_paths, previous_sr)
-        finally:
-            self.metrics.queue_depth.dec()
+        if self.node is not None:  # queue_depth: studies waiting, read from the node's queue
+            self.metrics.watch_queue(self.node.queue_depth)
+        return self._analyser()(study_instance_uid, instance_paths, previous_sr)
 
     # --- HTTP and lifecycle -----------------------------------------------------------------
 
@@ -266,15 +287,13 @@ class RadtriageApp:
         """The HTTP app over the node's index (or the configured index when no node runs)."""
         from dicom_node.index import Index
 
-        if self.node is not None:
-            index = self.node.index
-        else:
-            index = Index(self.settings.storage.database_url)
+        node = self.node
+        index = node.index if node is not None else Index(self.settings.storage.database_url)
         ctx = ApiContext(
             index=index,
             metrics=self.metrics,
             models=self.models_info,
-            outbox=(lambda: self.node.dead_letters()) if self.node is not None else list,
+            outbox=node.dead_letters if node is not None else list,
             pending=IndexStudies(index).list_pending,
             ready=self.ready,
             node_id=index.node_id,
@@ -285,8 +304,6 @@ class RadtriageApp:
 
     def serve_forever(self, promotion_poll_s: float = 30.0) -> None:
         """Start everything; return after SIGTERM/SIGINT once in-flight work has finished."""
-        from dicom_node.node import DicomNode
-
         self.start_models()
         self.node = DicomNode(self.settings, self.analyse)
         self.node.start()

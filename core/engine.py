@@ -37,14 +37,26 @@ class InferenceRequest:
 
 
 @dataclass(frozen=True)
+class ShadowOutput:
+    """What a candidate detector run in shadow said on the same inputs: stored, never sent."""
+
+    model: ModelRef | None
+    case_likelihood: float | None = None
+    lesions: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class InferenceOutput:
     """A prediction with the detector version that made it and that version's thresholds (one
-    consistent triple, even while a new version rolls out), plus batch sizes for metrics."""
+    consistent triple, even while a new version rolls out), batch sizes for metrics, and the
+    shadow detector's answer when one is configured."""
 
     prediction: Prediction
     detector: ModelRef
     thresholds: Thresholds
     batch_sizes: dict[str, int] = field(default_factory=dict)
+    shadow: ShadowOutput | None = None
 
 
 class InferenceEngine(Protocol):

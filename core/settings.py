@@ -92,6 +92,13 @@ class DicomSettings(_Section):
     max_associations: int = Field(
         default=16, gt=0, le=1024, description="Associations at once; more are rejected"
     )
+    max_queued_studies: int = Field(
+        default=500,
+        gt=0,
+        description="Bounded work queue: studies received but not yet analysed (received, "
+        "complete, analysing). When full, instances of a new study are refused with 0xA700 "
+        "(out of resources; the sender retries later); instances of queued studies are accepted",
+    )
     low_water_mark_mb: int = Field(
         default=512, ge=0, description="Refuse C-STORE (0xA700) when free disk falls below this"
     )
@@ -187,6 +194,11 @@ class ServingSettings(_Section):
         min_length=1,
         description="Name of the Serve application deployed or attached to",
     )
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources every deployment asks for, e.g. {inference = 0.01} "
+        "to keep the Serve app on the cluster's inference nodes",
+    )
 
 
 class SenderSettings(_Section):
@@ -266,6 +278,31 @@ class Hl7Settings(_Section):
     )
 
 
+class MonitoringSettings(_Section):
+    """`[monitoring]` in the config TOML: alert thresholds (per model version and period)."""
+
+    min_studies: int = Field(default=20, ge=1, description="Fewer studies in a period: no alert")
+    not_analysed_share_max: float = Field(
+        default=0.10, ge=0, le=1, description="Alert above this share of not_analysed studies"
+    )
+    likelihood_shift_max: float = Field(
+        default=0.10,
+        ge=0,
+        le=1,
+        description="Alert when a period's median likelihood moves more than this from the "
+        "version's first period (input drift, scanner change)",
+    )
+    urgent_share_max: float = Field(
+        default=0.50, ge=0, le=1, description="Alert above this share of urgent studies"
+    )
+    pirads_agreement_min: float = Field(
+        default=0.60, ge=0, le=1, description="Alert below this AI vs PI-RADS>=3 agreement"
+    )
+    biopsy_sensitivity_min: float = Field(
+        default=0.85, ge=0, le=1, description="Alert below this sensitivity at `soon` vs biopsy"
+    )
+
+
 class Settings(_Section):
     dicom: DicomSettings = Field(default_factory=DicomSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
@@ -275,6 +312,7 @@ class Settings(_Section):
     sender: SenderSettings = Field(default_factory=SenderSettings)
     triage: TriageSettings = Field(default_factory=TriageSettings)
     hl7: Hl7Settings = Field(default_factory=Hl7Settings)
+    monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
 
 
 def _parse_env_value(raw: str) -> Any:

@@ -47,7 +47,7 @@ from core.domain import (
     StudyStatus,
     TriageResult,
 )
-from core.engine import InferenceEngine, InferenceRequest
+from core.engine import InferenceEngine, InferenceRequest, ShadowOutput
 from core.errors import (
     InferenceError,
     InputError,
@@ -84,6 +84,7 @@ class StudyAnalysis:
     documents: list[Document]
     out_dir: Path
     batch_sizes: dict[str, int] = field(default_factory=dict)
+    shadow: ShadowOutput | None = None  # a shadow detector's answer: stored, never sent
 
 
 class _Clock:
@@ -140,6 +141,7 @@ class _Outcome:
     thresholds: Thresholds | None = None
     error: BaseException | None = None
     batch_sizes: dict[str, int] = field(default_factory=dict)
+    shadow: ShadowOutput | None = None
 
 
 def _run_models(
@@ -160,7 +162,13 @@ def _run_models(
         return _Outcome(volumes=volumes, error=exc)
     clock.lap("inference")
     return _Outcome(
-        volumes, output.prediction, output.detector, output.thresholds, None, output.batch_sizes
+        volumes,
+        output.prediction,
+        output.detector,
+        output.thresholds,
+        None,
+        output.batch_sizes,
+        output.shadow,
     )
 
 
@@ -210,7 +218,7 @@ def analyse_study(
         timings_ms=result.timings_ms,
         batch_sizes=outcome.batch_sizes,
     )
-    return StudyAnalysis(result, documents, out_dir, outcome.batch_sizes)
+    return StudyAnalysis(result, documents, out_dir, outcome.batch_sizes, outcome.shadow)
 
 
 def _no_dicom_message(scan: StudyScan) -> str:

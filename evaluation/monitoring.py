@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from core.errors import ConfigError, InputError
+from core.errors import InputError
 from core.priority import Thresholds
+from core.settings import MonitoringSettings, load_settings
 from evaluation.metrics import json_safe
 from evaluation.outcomes import Outcome, performance
 
@@ -31,47 +30,10 @@ RESULT_FILE = "result.json"
 HISTOGRAM_EDGES = tuple(i / 10 for i in range(11))
 
 
-class MonitoringSettings(BaseModel):
-    """`[monitoring]` in the config TOML: alert thresholds (per model version and period)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    min_studies: int = Field(default=20, ge=1, description="Fewer studies in a period: no alert")
-    not_analysed_share_max: float = Field(
-        default=0.10, ge=0, le=1, description="Alert above this share of not_analysed studies"
-    )
-    likelihood_shift_max: float = Field(
-        default=0.10,
-        ge=0,
-        le=1,
-        description="Alert when a period's median likelihood moves more than this from the "
-        "version's first period (input drift, scanner change)",
-    )
-    urgent_share_max: float = Field(
-        default=0.50, ge=0, le=1, description="Alert above this share of urgent studies"
-    )
-    pirads_agreement_min: float = Field(
-        default=0.60, ge=0, le=1, description="Alert below this AI vs PI-RADS>=3 agreement"
-    )
-    biopsy_sensitivity_min: float = Field(
-        default=0.85, ge=0, le=1, description="Alert below this sensitivity at `soon` vs biopsy"
-    )
-
-
 def load_monitoring_settings(path: Path | None) -> MonitoringSettings:
-    """The `[monitoring]` table of the config TOML at `path` (defaults when absent)."""
-    if path is None:
-        return MonitoringSettings()
-    try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config file {path} does not exist") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
-    try:
-        return MonitoringSettings.model_validate(data.get("monitoring") or {})
-    except ValidationError as exc:
-        raise ConfigError(f"invalid [monitoring] in {path}: {exc}") from exc
+    """The `[monitoring]` section of the settings at `path` (defaults when absent)."""
+    return load_settings(path).monitoring
+
 
 
 @dataclass(frozen=True)

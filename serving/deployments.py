@@ -6,7 +6,7 @@ DICOM node (`dicom_node.analysis`), so no Ray worker needs the node's files.
     TriageIngress ──> Preprocessor (CPU: resample + normalise, models.preprocessing)
                   ├─> OnnxModelDeployment "gland"     @serve.batch, one result or error per item
                   ├─> OnnxModelDeployment "detector"  @serve.batch
-                  ├─> OnnxModelDeployment "shadow"    optional, logged only, never in results
+                  ├─> OnnxModelDeployment "shadow"    optional: returned apart, never sets a flag
                   └─> Postprocessor (CPU: lesions, zones, gland volume; models.postprocessing)
 
 Model versions travel in `user_config` ({"detector": "name:version", "gland": ...}): changing it
@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from ray import serve
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
 from core.domain import ModelRef, Prediction, Volume
-from core.engine import InferenceOutput, InferenceRequest
+from core.engine import InferenceOutput, InferenceRequest, ShadowOutput
 from core.errors import ModelError, ModelSignatureError
 from core.log_events import log_event
 from core.priority import Thresholds
@@ -198,6 +196,8 @@ class TriageIngress:
     """Answers `predict(InferenceRequest) -> InferenceOutput`: volumes in, prediction out.
 
     Arrays and small frozen objects only: no file path, no DICOM, nothing of the node's disk.
+    A shadow detector, when configured, runs on the same inputs in the same request; its answer
+    travels back in `InferenceOutput.shadow` for the node to store (it never sets a priority).
     """
 
     def __init__(
@@ -210,8 +210,6 @@ class TriageIngress:
     ) -> None:
         self.pre, self.gland, self.detector, self.post = pre, gland, detector, post
         self.shadow = shadow
-        self.shadow_log: deque[dict[str, Any]] = deque(maxlen=256)
-        self._background: set[asyncio.Task[None]] = set()
 
     async def predict(self, request: InferenceRequest) -> InferenceOutput:
         prepared, gland_in, detector_in = await self.pre.prepare.remote(
@@ -219,49 +217,50 @@ class TriageIngress:
         )
         gland_resp = self.gland.infer.remote(gland_in)
         detector_resp = self.detector.infer.remote(detector_in)
+        shadow_resp = self.shadow.infer.remote(detector_in) if self.shadow is not None else None
         gland_answer: ModelAnswer = await gland_resp
         detector_answer: ModelAnswer = await detector_resp
         gland_out = gland_answer.item.raise_for_error()["output"]
         detector_out = detector_answer.item.raise_for_error()["output"]
-        prediction = await self.post.finish.remote(prepared, gland_out, detector_out)
+        prediction: Prediction = await self.post.finish.remote(prepared, gland_out, detector_out)
         ran = detector_answer.model
         if ran.thresholds is None:  # refused at load; a guard, not a default
             raise ModelError(f"detector {ran.ref.name}:{ran.ref.version} has no thresholds")
-        if self.shadow is not None:
-            task = asyncio.create_task(
-                self._compare_shadow(prepared, gland_out, detector_in, prediction)
-            )
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+        shadow = None
+        if shadow_resp is not None:
+            shadow = await self._shadow(shadow_resp, prepared, gland_out, request)
         return InferenceOutput(
             prediction,
             ran.ref,
             ran.thresholds,
             {"gland": gland_answer.item.batch_size, "detector": detector_answer.item.batch_size},
+            shadow,
         )
 
-    async def _compare_shadow(
-        self, prepared: Any, gland_out: np.ndarray, detector_in: np.ndarray, primary: Prediction
-    ) -> None:
-        """Run the shadow detector on the same inputs; log, never propagate a failure."""
-        assert self.shadow is not None
+    async def _shadow(
+        self,
+        response: DeploymentResponse[Any] | DeploymentResponseGenerator[Any],
+        prepared: PreparedCase,
+        gland_out: np.ndarray,
+        request: InferenceRequest,
+    ) -> ShadowOutput:
+        """The shadow detector's case likelihood; a failure is reported, never propagated."""
+        ref: ModelRef | None = None
         try:
-            answer: ModelAnswer = await self.shadow.infer.remote(detector_in)
+            answer: ModelAnswer = await response
+            ref = answer.model.ref
             out = answer.item.raise_for_error()["output"]
-            pred = await self.post.finish.remote(prepared, gland_out, out)
-            shadow_ref = answer.model.ref
-            entry = {
-                "shadow_model": f"{shadow_ref.name}:{shadow_ref.version}",
-                "primary_likelihood": round(primary.case_likelihood, 4),
-                "shadow_likelihood": round(pred.case_likelihood, 4),
-                "primary_lesions": len(primary.lesions),
-                "shadow_lesions": len(pred.lesions),
-                "at": time.time(),
-            }
+            pred: Prediction = await self.post.finish.remote(prepared, gland_out, out)
+            return ShadowOutput(ref, pred.case_likelihood, len(pred.lesions))
         except Exception as exc:
-            entry = {"shadow_error": f"{type(exc).__name__}: {exc}", "at": time.time()}
-        self.shadow_log.append(entry)
-        log_event(log, "shadow comparison", **entry)
+            log_event(
+                log,
+                "shadow failed",
+                logging.WARNING,
+                study_instance_uid=request.study_instance_uid,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            return ShadowOutput(ref, error=f"{type(exc).__name__}: {exc}")
 
     async def current_detector(self) -> ModelRef:
         return await self.detector.ref.remote()  # type: ignore[no-any-return]
@@ -271,9 +270,6 @@ class TriageIngress:
         if self.shadow is not None:
             roles["shadow"] = self.shadow
         return {role: await h.info.remote() for role, h in roles.items()}
-
-    def shadow_comparisons(self) -> list[dict[str, Any]]:
-        return list(self.shadow_log)
 
 
 #: Logical CPUs of the deployments that are not models (pre/post-processing and the ingress).

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from cli.composition import RadtriageApp
 from core.settings import Settings
-from models.repository import ModelRepository
+from models.repository import GateDecision, ModelRepository
 
 
 def test_local_app_analyses_reports_metrics_and_rolls_out_promotions(
@@ -44,7 +44,8 @@ def test_local_app_analyses_reports_metrics_and_rolls_out_promotions(
     assert "radtriage_queue_depth 0.0" in metrics
 
     assert app.check_promotions() == {}
-    ModelRepository(repo).promote("cspca_detector:2", reason="test", user="test")
+    forced = GateDecision("forced", "cspca_detector", "2", "1", "test", force_reason="test")
+    ModelRepository(repo).promote("cspca_detector:2", forced, user="test")
     assert app.check_promotions() == {"detector": "cspca_detector:2"}
     models = client.get("/api/models").json()
     assert models["loaded"]["detector"]["version"] == "2"
