@@ -133,19 +133,6 @@ class ReferralUrgency(StrEnum):
         return cls.ROUTINE
 
 
-@dataclass(frozen=True)
-class StudyRef:
-    """Identifies a study; `study_instance_uid` is mandatory."""
-
-    study_instance_uid: str
-    patient_id: str = ""
-    accession_number: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.study_instance_uid:
-            raise ValueError("study_instance_uid must be a non-empty UID")
-
-
 def _as_triple(name: str, value: Any) -> tuple[float, float, float]:
     t = tuple(float(v) for v in value)
     if len(t) != 3 or not all(math.isfinite(v) for v in t):
@@ -329,6 +316,7 @@ class TriageResult(BaseModel):
     series_used: dict[str, str] = Field(default_factory=dict)
     reason: dict[str, str] | None = None  # {"code", "message"} when not analysed
     timings_ms: dict[str, float] = Field(default_factory=dict)
+    analysed_at: str | None = None  # ISO 8601 UTC, when the analysis finished
     disclaimer: str | None = None
     # The priority policy's other inputs and what it made of them (`core.priority`).
     referral_urgency: ReferralUrgency | None = None

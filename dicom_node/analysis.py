@@ -204,7 +204,8 @@ def analyse_study(
     clock.lap("priority")
     documents, result = _write_documents(out_dir, result, evidence, model, outcome, previous_sr)
     clock.lap("report")
-    result = result.model_copy(update={"timings_ms": clock.total()})
+    finished = datetime.now(UTC).isoformat(timespec="seconds")
+    result = result.model_copy(update={"timings_ms": clock.total(), "analysed_at": finished})
     _write_json_atomic(out_dir / RESULT_FILE, result.model_dump_json(indent=2))
     log_event(
         log,

@@ -422,7 +422,7 @@ def _character_set(first: Dataset, result: TriageResult, model: ModelRef | None)
 
 def _fingerprint(result: TriageResult, psa_density: float | None, seg: Dataset | None) -> str:
     content = result.to_json_dict()
-    for volatile in ("status", "timings_ms"):
+    for volatile in ("status", "timings_ms", "analysed_at"):
         content.pop(volatile, None)
     content["psa_density_arg"] = psa_density
     content["seg"] = str(seg.SOPInstanceUID) if seg is not None else None
