@@ -27,6 +27,7 @@ from dicom_node.waiting_list import LiveWaitingList, WaitingInputs, WaitingList,
 from evaluation.simulate import queue_rank
 
 from .hl7_peers import MODEL, index_study, mark_reported, orm_o01, segment, send
+from .pg import postgresql_server  # noqa: F401  (the postgresql_url fixture)
 
 THRESHOLDS = Thresholds(urgent=0.6, soon=0.3)
 ANALYSED_ON = date(2026, 11, 24)
@@ -432,3 +433,28 @@ def test_analysis_inputs_prefer_the_order(index: Index, tmp_path: Path) -> None:
         )
     after = analysis_inputs(index, uid, headers, today)
     assert after == WaitingInputs(ReferralUrgency.URGENT, date(2026, 11, 20), False, 6.0)
+
+
+@pytest.mark.integration
+def test_waiting_list_on_postgresql(postgresql_url: str, tmp_path: Path) -> None:
+    """Migration 0006 and the tick on PostgreSQL: order, escalation, superseding SR, ORU."""
+    index = Index(postgresql_url)
+    uid = _reported(index, tmp_path, accession="ACCPG", days_waited=5)
+    with index.write() as s:
+        apply_order(
+            s,
+            OrderUpdate(
+                OrderControl.NEW,
+                "PLCPG",
+                accession_number="ACCPG",
+                request_date=ANALYSED_ON - timedelta(days=5),
+                psa_ng_ml=6.0,
+            ),
+            now=1.0,
+        )
+    wl = _waiting_list(index, tmp_path, 2575, (ANALYSED_ON + timedelta(days=21)).isoformat())
+    report = wl.tick()
+    assert (report.superseding_srs, report.hl7_messages) == (1, 1)
+    assert _columns(index, uid) == ("urgent", 0, "20261119", pytest.approx(0.15))
+    (row,) = outbox_rows(index)
+    assert row["state"] == "pending" and "RT101" in row["message"]
