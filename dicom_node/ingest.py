@@ -18,8 +18,9 @@ Statuses (`IngestOutcome.status`):
 
 - ``0x0000`` success: durably spooled (file and folder fsynced) and indexed; also for a
   duplicate SOP Instance UID (``duplicate=True``, the index is unchanged).
-- ``0xA700`` out of resources: free disk below the low-water mark or the write failed;
-  nothing is kept, the sender must resend.
+- ``0xA700`` out of resources: free disk below the low-water mark, the write failed, or the
+  work queue is full (`admit` refused a new study: `dicom_node.node.WorkQueue`); nothing is
+  kept, the sender must resend.
 - ``0xA900`` data set does not match SOP Class: a UID breaks the DICOM UID syntax
   (`dicom_node.uids.InvalidUIDError`), or the data set's SOP Class/Instance UID differ from the
   request's. Quarantined with the reason.
@@ -244,11 +245,15 @@ class Ingest:
         index: Index,
         on_stored: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.time,
+        admit: Callable[[str], None] | None = None,
     ) -> None:
         self.spool = spool
         self.index = index
         self.on_stored = on_stored
         self.clock = clock
+        #: called with the StudyInstanceUID before spooling; raises `OutOfResourcesError`
+        #: when the study may not be queued now (bounded work queue)
+        self.admit = admit
         self.stats = IngestStats()
         self._lock = threading.Lock()
 
@@ -274,6 +279,8 @@ class Ingest:
                 size_bytes=0,
                 calling_ae_title=calling_ae_title,
             )
+            if self.admit is not None:
+                self.admit(rec.study_instance_uid)
             meta = encode_file_meta(
                 rec.sop_class_uid, rec.sop_instance_uid, rec.transfer_syntax_uid, calling_ae_title
             )

@@ -11,6 +11,11 @@ Several nodes (one per hospital, each with its own AE title, port and spool) may
 PostgreSQL index: each node is named by ``dicom.node_id`` (default: its AE title) and touches only
 the studies it received (see `dicom_node.index`). See docs/scaling.md.
 
+Backpressure: the work queue (studies received, complete or analysing) is bounded by
+``dicom.max_queued_studies`` (`WorkQueue`). When it is full, the first instance of a new study
+is answered 0xA700 (out of resources) and nothing is kept, so the sender retries later;
+instances of studies already queued are always accepted (a study is never half refused).
+
 Run standalone (used by the crash tests)::
 
     python -m dicom_node.node --config node.toml --analyser package.module:factory
@@ -31,12 +36,13 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from sqlalchemy import func, select
 
 from core.domain import StudyStatus
-from core.errors import ConfigError, RadtriageError
+from core.errors import ConfigError, OutOfResourcesError, RadtriageError
 from core.settings import Settings, load_settings
 from dicom_node.assembler import Assembler
-from dicom_node.index import Index
+from dicom_node.index import Index, Study
 from dicom_node.jobs import Analyser, AnalysisOutput, JobWorker, recover
 from dicom_node.scp import (
     StorageSCP,
@@ -47,7 +53,7 @@ from dicom_node.scp import (
 from dicom_node.sender import Sender
 from dicom_node.spool import Spool
 
-__all__ = ["Analyser", "AnalysisOutput", "DicomNode", "reconcile"]
+__all__ = ["Analyser", "AnalysisOutput", "DicomNode", "WorkQueue", "reconcile"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +84,95 @@ def reconcile(spool: Spool, index: Index, now: float) -> int:
         if index.add_instance(rec, now):
             added += 1
     return added
+
+
+#: Study statuses that count as queued work: not yet analysed (or being analysed).
+QUEUED_STATUSES = (
+    StudyStatus.RECEIVED.value,
+    StudyStatus.COMPLETE.value,
+    StudyStatus.ANALYSING.value,
+)
+
+
+class WorkQueue:
+    """The bounded work queue: this node's studies waiting for or in analysis.
+
+    `depth` counts them in the index (cached for `refresh_s`, plus the new studies admitted
+    since, so parallel associations cannot overshoot the bound between two counts). `admit`
+    is the ingest hook: a study already in the index is always admitted; a new one only while
+    the queue has room, else `OutOfResourcesError` (0xA700)."""
+
+    def __init__(
+        self,
+        index: Index,
+        limit: int,
+        refresh_s: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        self.index = index
+        self.limit = limit
+        self.refresh_s = refresh_s
+        self.clock = clock
+        self.refused_studies = 0
+        self._lock = threading.Lock()
+        self._counted = 0
+        self._counted_at = float("-inf")
+        self._admitted: set[str] = set()  # new studies admitted since the last count
+        self._seen: set[str] = set()  # studies admitted since the last count
+
+    def _count(self) -> int:
+        with self.index.read() as s:
+            q = (
+                select(func.count())
+                .select_from(Study)
+                .where(Study.status.in_(QUEUED_STATUSES), self.index.mine(Study.node_id))
+            )
+            return int(s.scalar(q) or 0)
+
+    def depth(self) -> int:
+        """Studies waiting for or in analysis (received, complete, analysing)."""
+        with self._lock:
+            self._refresh()
+            return self._counted + len(self._admitted)
+
+    def _refresh(self) -> None:
+        now = self.clock()
+        if now - self._counted_at >= self.refresh_s:
+            self._counted = self._count()
+            self._counted_at = now
+            self._admitted.clear()
+            self._seen.clear()
+
+    def _known(self, study_instance_uid: str) -> bool:
+        with self.index.read() as s:
+            q = select(Study.id).where(Study.study_instance_uid == study_instance_uid)
+            return s.scalar(q) is not None
+
+    def admit(self, study_instance_uid: str) -> None:
+        """Let an instance of `study_instance_uid` in, or raise `OutOfResourcesError`. The
+        index is asked about a study at most once per `refresh_s`."""
+        with self._lock:
+            self._refresh()
+            if study_instance_uid in self._seen:
+                return
+        known = self._known(study_instance_uid)
+        with self._lock:
+            if known:
+                self._seen.add(study_instance_uid)
+                return
+            if study_instance_uid in self._seen:  # admitted by another association meanwhile
+                return
+            if self._counted + len(self._admitted) < self.limit:
+                self._admitted.add(study_instance_uid)
+                self._seen.add(study_instance_uid)
+                return
+            self.refused_studies += 1
+        raise OutOfResourcesError(
+            f"the work queue is full ({self.limit} studies waiting for analysis, "
+            "dicom.max_queued_studies); resend this study later"
+        )
 
 
 class _Loop(threading.Thread):
@@ -127,6 +222,8 @@ class DicomNode:
         self._work = threading.Event()
         self._send = threading.Event()
         self.handler = StoreHandler(self.spool, self.index, clock=clock)
+        self.queue = WorkQueue(self.index, d.max_queued_studies)
+        self.handler.ingest.admit = self.queue.admit
         self.scp = StorageSCP(d, self.handler)
         self.assembler = Assembler(self.index, d.stable_age_s, clock=clock)
         self.worker = JobWorker(
@@ -224,6 +321,10 @@ class DicomNode:
     def dead_letters(self) -> list[dict[str, Any]]:
         return self.index.dead_letters()
 
+    def queue_depth(self) -> int:
+        """Studies waiting for or in analysis (the `radtriage_queue_depth` metric)."""
+        return self.queue.depth()
+
     def counts(self) -> dict[str, Any]:
         out = self.index.counts()
         stats = self.handler.stats
@@ -232,6 +333,11 @@ class DicomNode:
             "duplicates": stats.duplicates,
             "bytes": stats.bytes,
             "refused": {f"0x{k:04X}": v for k, v in (stats.refused or {}).items()},
+        }
+        out["queue"] = {
+            "depth": self.queue.depth(),
+            "limit": self.queue.limit,
+            "refused_studies": self.queue.refused_studies,
         }
         return out
 

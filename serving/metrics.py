@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -52,7 +54,9 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge(
-            "radtriage_queue_depth", "Studies waiting for or in analysis", registry=r
+            "radtriage_queue_depth",
+            "Studies waiting for or in analysis (received, complete, analysing)",
+            registry=r,
         )
         self.model_info = Gauge(
             "radtriage_model_info",
@@ -113,6 +117,10 @@ class Metrics:
         self.shadow_studies.labels(shadow_model, "error" if delta is None else "ok").inc()
         if delta is not None:
             self.shadow_delta.observe(delta)
+
+    def watch_queue(self, depth: Callable[[], float]) -> None:
+        """Read `queue_depth` from the node's work queue at every scrape."""
+        self.queue_depth.set_function(depth)
 
     def set_models(self, models: dict[str, ModelRef]) -> None:
         """Replace the loaded-model gauge with `models` (role -> ref)."""
