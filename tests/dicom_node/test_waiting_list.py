@@ -280,6 +280,23 @@ def test_many_studies_are_all_recomputed(index: Index, tmp_path: Path) -> None:
     assert ranks["1.2.3.22"] == Priority.SOON.rank
     assert ranks["1.2.3.1"] == Priority.ROUTINE.rank
 
+    # the worklist (one SQL query, paginated) lists every study once, in the tick's order
+    from dicom_node.worklist import WorklistQuery, query_worklist
+
+    seen: list[tuple[int, str]] = []
+    offset = 0
+    while True:
+        with index.read() as s:
+            page = query_worklist(s, WorklistQuery(offset=offset, limit=200), date(2026, 11, 24))
+        assert page.total == 520
+        seen += [(r["priority_rank"], r["study_instance_uid"]) for r in page.rows]
+        offset += 200
+        if offset >= page.total:
+            break
+    assert len({uid for _, uid in seen}) == 520
+    assert [rank for rank, _ in seen] == sorted(rank for rank, _ in seen)
+    assert seen[0][0] == Priority.URGENT.rank and seen[-1][0] == Priority.ROUTINE.rank
+
 
 @pytest.mark.parametrize("referral", list(ReferralUrgency))
 @pytest.mark.parametrize("likelihood", [None, 0.05, 0.35, 0.9])
