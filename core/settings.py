@@ -256,8 +256,10 @@ class Hl7Destination(_Section):
 
 class Hl7Settings(_Section):
     listen_port: int | None = Field(
-        default=None, gt=0, lt=65536, description="MLLP port for orders (ORM^O01, OMI^O23); "
-        "None = no listener"
+        default=None,
+        gt=0,
+        lt=65536,
+        description="MLLP port for orders (ORM^O01, OMI^O23); None = no listener",
     )
     bind_address: str = Field(default="127.0.0.1", description="Address the listener binds")
     allowed_hosts: list[str] = Field(
@@ -276,6 +278,18 @@ class Hl7Settings(_Section):
     fhir_base_url: str | None = Field(
         default=None, description="Optional FHIR R4 server that results are also pushed to"
     )
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hl7_networks(cls, hosts: list[str]) -> list[str]:
+        for host in hosts:
+            try:
+                ipaddress.ip_network(host.strip(), strict=False)
+            except ValueError as exc:
+                raise ValueError(
+                    f"hl7.allowed_hosts entry {host!r} is not an IP address or network: {exc}"
+                ) from None
+        return [h.strip() for h in hosts]
 
 
 class MonitoringSettings(_Section):

@@ -196,3 +196,22 @@ def test_demo_orders_are_valid_omi_o23_and_its_ris_summary_reads_oru(tmp_path: P
     line = format_oru([oru])
     assert "PH1" in line and "DEMO0001" in line and "preliminary" in line
     assert "Urgent" in line and "0.210" in line
+
+
+def test_hl7_settings_loopback_by_default_and_allowlist_validated() -> None:
+    from core.errors import ConfigError
+    from core.settings import load_settings
+
+    default = load_settings(environ={}).hl7
+    assert default.listen_port is None and default.bind_address == "127.0.0.1"
+    assert default.allowed_hosts == ["127.0.0.1", "::1"]
+    with pytest.raises(ConfigError, match="allowed_hosts"):
+        load_settings(environ={"RADTRIAGE_HL7__ALLOWED_HOSTS": '["ris.example"]'})
+    hl7 = load_settings(
+        environ={
+            "RADTRIAGE_HL7__LISTEN_PORT": "2575",
+            "RADTRIAGE_HL7__DESTINATIONS": '[{"name": "ris", "host": "10.0.0.5", "port": 2576, '
+            '"receiving_facility": "HOSP"}]',
+        }
+    ).hl7
+    assert hl7.listen_port == 2575 and hl7.destinations[0].receiving_facility == "HOSP"
