@@ -116,13 +116,17 @@ class RawAssociation:
     host: str
     port: int
     timeout: float = 10.0
+    source: str | None = None  # local address to connect from
     sock: socket.socket = field(init=False)
     accepted: dict[int, bytes] = field(default_factory=dict)  # context id -> transfer syntax
     peer_max_length: int = 0
     last_answer: bytes = b""
 
     def __post_init__(self) -> None:
-        self.sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        source = (self.source, 0) if self.source else None
+        self.sock = socket.create_connection(
+            (self.host, self.port), timeout=self.timeout, source_address=source
+        )
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -2,10 +2,10 @@
 12345 are two patients. patients.issuer_of_patient_id ("" when the sender gives none; existing
 rows get ""), and the unique key moves from patient_id to (patient_id, issuer_of_patient_id).
 
-SQLite cannot drop a column's UNIQUE, so there the table is rebuilt under deferred foreign keys
-(``PRAGMA defer_foreign_keys``, reset at commit): the rows are kept aside, the old table is
-dropped, the new one created and the rows put back with their ids, so every studies.patient_fk
-still points at its patient when the transaction commits.
+SQLite cannot drop a column's UNIQUE, so there the table is rebuilt inside a savepoint under
+deferred foreign keys (``PRAGMA defer_foreign_keys``, reset at commit): the rows are kept
+aside, the old table is dropped, the new one created and the rows put back with their ids, so
+every studies.patient_fk points at its patient again when the foreign keys are checked.
 
 Revision ID: 0004
 Revises: 0003
@@ -26,6 +26,8 @@ UNIQUE_NAME = "uq_patients_identity"
 
 
 def _rebuild_sqlite(with_issuer: bool) -> None:
+    # a savepoint opens a transaction when none is open, so the pragma holds until it ends
+    op.execute("SAVEPOINT migration_0004")
     op.execute("PRAGMA defer_foreign_keys = ON")
     op.execute("CREATE TABLE _patients_0004 AS SELECT * FROM patients")
     op.drop_table("patients")
@@ -47,6 +49,7 @@ def _rebuild_sqlite(with_issuer: bool) -> None:
     kept = "id, patient_id, patient_name"  # the issuer takes its server default ""
     op.execute(f"INSERT INTO patients ({kept}) SELECT {kept} FROM _patients_0004")
     op.drop_table("_patients_0004")
+    op.execute("RELEASE migration_0004")  # deferred foreign keys are checked at the commit
 
 
 def _patient_id_unique_name() -> str | None:
