@@ -104,7 +104,8 @@ def load_study_images(instance_paths: list[Path], seg_path: Path | None) -> Stud
         role: (float(np.percentile(a, 1)), float(np.percentile(a, 99.5)))
         for role, a in arrays.items()
     }
-    gland, lesions = (None, [])
+    gland: np.ndarray | None = None
+    lesions: list[np.ndarray] = []
     if seg_path is not None and seg_path.is_file():
         gland, lesions = read_seg_masks(seg_path, volumes.headers[SeriesRole.T2W], t2w)
     return StudyImages(arrays, windows, gland, lesions)

@@ -12,6 +12,7 @@ from sqlalchemy import event
 
 from core.domain import Priority, StudyStatus
 from dicom_node.index import Index
+from tests.dicom_node.pg import postgresql_server  # noqa: F401 - fixture
 from tests.serving.workspace_helpers import add_study, add_users, client
 
 N = 620
@@ -164,3 +165,34 @@ def test_override_moves_a_study_up(worklist: tuple) -> None:
         ).status_code
         == 422
     )  # a reason is required
+
+
+@pytest.mark.integration
+def test_the_same_worklist_and_audit_on_postgresql(postgresql_url: str) -> None:
+    """Migration 0005, the worklist SQL (NULLS LAST, LIKE escapes, CASE ranks), accounts and
+    the audit chain on a real PostgreSQL server."""
+    from serving.audit import AuditTrail
+
+    index = Index(postgresql_url)
+    for i in range(30):
+        add_study(index, f"2.25.{i}", priority=PRIORITIES[i % 4], patient_id=f"Q{i}",
+                  likelihood=None if i % 4 == 1 else i / 30, patient_name=f"Pg{i:02d}^X",
+                  days_waited=i)  # fmt: skip
+    tokens = add_users(index)
+    c = client(index)
+    c.headers["Authorization"] = f"Bearer {tokens['radiologist']}"
+    total, rows = _all(c, page=7)
+    assert total == 30 and len({r["study_instance_uid"] for r in rows}) == 30
+    ranks = [r["priority_rank"] for r in rows]
+    assert ranks == sorted(ranks)
+    _, by_likelihood = _all(c, page=50, sort="likelihood", order="desc")
+    values = [r["case_likelihood"] for r in by_likelihood]
+    assert values[-1] is None and values[0] == max(v for v in values if v is not None)
+    assert _all(c, q="pg07")[1][0]["patient_id"] == "Q7"
+    assert (
+        c.post(
+            "/api/studies/2.25.3/override", json={"priority": "urgent", "reason": "x"}
+        ).status_code
+        == 200
+    )
+    assert AuditTrail(index.engine).verify().ok
