@@ -39,6 +39,7 @@ from serving.auth import (
     client_address,
     require,
 )
+from serving.dicomweb import create_dicomweb_router
 from serving.fhir import create_fhir_router
 from serving.key_images import KeyImageCache, StudyImages, load_study_images
 from serving.metrics import Metrics
@@ -191,6 +192,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.state.accounts = accounts
     app.state.audit = audit
     app.include_router(create_fhir_router())  # FHIR R4 orders in, results out (serving.fhir)
+    app.include_router(create_dicomweb_router(ctx, dependencies=[Depends(require(*CLINICAL))]))
 
     @app.exception_handler(LoginRequired)
     def _to_login(request: Request, exc: LoginRequired) -> RedirectResponse:

@@ -114,3 +114,17 @@ def test_kept_validator_warnings_are_listed_with_a_reason(tool: str) -> None:
     for pattern in kept:
         hits = [r for r in rows if re.search(pattern, r[1].strip("`"))]
         assert hits and all(len(r[2]) > 20 for r in hits), f"{pattern!r} not listed with a reason"
+
+
+def test_dicomweb_routes_exist() -> None:
+    from serving.dicomweb import create_dicomweb_router
+
+    (table,) = _tables(_section("2.4 DICOMweb"))
+    routes = {
+        (method, route.path)
+        for route in create_dicomweb_router(object()).routes
+        for method in getattr(route, "methods", ())
+    }
+    for cell in _column(table, "route"):
+        method, path = cell.split(" ", 1)
+        assert (method, path) in routes, cell
