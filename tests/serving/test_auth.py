@@ -238,3 +238,89 @@ def test_pages_send_a_strict_csp(setup: tuple[TestClient, dict[str, str], Index]
     r = c.get("/login")
     assert "script-src 'self'" in r.headers["content-security-policy"]
     assert r.headers["x-content-type-options"] == "nosniff"
+
+
+def test_https_option(tmp_path: Path) -> None:
+    """[http] certfile + keyfile: uvicorn serves TLS (as `serve` configures it) and the session
+    cookie comes back Secure; one without the other is a configuration error."""
+    import datetime
+    import ipaddress
+    import ssl
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from core.errors import ConfigError
+    from core.settings import load_settings
+    from tests.conftest import free_port
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
+    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    keyfile.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    config = tmp_path / "site.toml"
+    config.write_text(f'[http]\ncertfile = "{certfile}"\n')
+    with pytest.raises(ConfigError, match="certfile and keyfile"):
+        load_settings(config, environ={})
+    config.write_text(f'[http]\ncertfile = "{certfile}"\nkeyfile = "{keyfile}"\n')
+    h = load_settings(config, environ={}).http
+
+    index = Index(f"sqlite:///{tmp_path}/index.db")
+    add_users(index)
+    port = free_port()
+    trust = ssl.create_default_context(cafile=str(certfile))
+    app = client(index).app
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            ssl_certfile=h.certfile,
+            ssl_keyfile=h.keyfile,
+            log_level="warning",
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        with httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=trust) as https:
+            for _ in range(100):
+                try:
+                    https.get("/healthz")
+                    break
+                except httpx.TransportError:
+                    time.sleep(0.1)
+            r = https.post("/api/login", json={"name": "adam", "password": PASSWORD})
+            assert r.status_code == 200
+            assert "secure" in r.headers["set-cookie"].lower()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
