@@ -7,6 +7,7 @@ from alembic import context
 from sqlalchemy import create_engine
 
 from dicom_node import hl7_results, orders, waiting_list  # noqa: F401 - their tables (0006)
+from dicom_node import workspace_tables  # noqa: F401 - users, sessions, audit... (0005)
 from dicom_node.index import Base
 
 config = context.config
