@@ -125,6 +125,18 @@ class AuditTrail:
             rows = s.scalars(q.order_by(AuditEvent.id.desc()).offset(offset).limit(limit))
             return int(total), [{"id": r.id, **_content(r), "hash": r.hash} for r in rows]
 
+    def count_since(self, action: str, since: float, user: str | None = None) -> int:
+        """Events of `action` (by `user`) at or after `since` (epoch seconds)."""
+        q = (
+            select(func.count())
+            .select_from(AuditEvent)
+            .where(AuditEvent.action == action, AuditEvent.at >= since)
+        )
+        if user is not None:
+            q = q.where(AuditEvent.user == user)
+        with Session(self.engine) as s:
+            return int(s.scalar(q) or 0)
+
     def verify(self, batch: int = 1000) -> Verification:
         """Walk the chain from the first event; report the first row that does not match."""
         prev = GENESIS

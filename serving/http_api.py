@@ -52,6 +52,9 @@ STATIC_FILES = {
     "worklist.js": "text/javascript",
     "study.js": "text/javascript",
 }
+#: failed sign-ins per user name within the window before /api/login answers 429
+LOGIN_FAILURES_ALLOWED = 10
+LOGIN_WINDOW_S = 15 * 60.0
 #: pages load their scripts and styles from /static only; no inline script can run
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -243,7 +246,12 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     @app.post("/api/login")
     def login(body: Login, request: Request, response: Response) -> dict[str, str]:
-        """Start a session: sets the HttpOnly session cookie, returns the CSRF token."""
+        """Start a session: sets the HttpOnly session cookie, returns the CSRF token. After
+        `LOGIN_FAILURES_ALLOWED` failures for a name within `LOGIN_WINDOW_S`, answers 429."""
+        since = time.time() - LOGIN_WINDOW_S
+        if audit.count_since("login_failed", since, body.name[:64]) >= LOGIN_FAILURES_ALLOWED:
+            audit.append("login_refused", user=body.name[:64], address=client_address(request))
+            raise HTTPException(429, "too many failed sign-ins for this user; try again later")
         who = accounts.check_password(body.name, body.password)
         if who is None:
             audit.append(
