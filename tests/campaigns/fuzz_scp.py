@@ -167,6 +167,8 @@ database_url = "sqlite:///{root / "var" / "index.db"}"
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         self.log.close()
 
 
