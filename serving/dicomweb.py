@@ -53,8 +53,10 @@ def _media_type(header: str) -> tuple[str, dict[str, str]]:
 def split_multipart(body: bytes, boundary: str) -> list[tuple[str, bytes]]:
     """The parts of a multipart body: (content type, payload). Raises ValueError when the
     body is not delimited by `boundary`."""
-    if not boundary or len(boundary) > 70:
-        raise ValueError("multipart boundary missing or longer than 70 characters")
+    # RFC 2046 caps boundaries at 70 characters; Orthanc's DICOMweb plugin sends 73: read
+    # tolerantly, but bounded
+    if not boundary or len(boundary) > 200:
+        raise ValueError("multipart boundary missing or longer than 200 characters")
     delimiter = b"--" + boundary.encode("ascii", "strict")
     chunks = body.split(delimiter)
     if len(chunks) < 3:

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -21,7 +22,7 @@ from dicom_node.ingest import Ingest
 from dicom_node.spool import Spool
 from serving.http_api import ApiContext, create_app
 from serving.metrics import Metrics
-from tests.conftest import free_port
+from tests.conftest import free_port, require_tool
 from tests.serving.workspace_helpers import add_study, add_users
 
 dicomweb_client = pytest.importorskip("dicomweb_client", reason="pip: dicomweb-client ([dev])")
@@ -166,3 +167,53 @@ def samples_sr_seg(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
         (study,) = [p for p in (root / "s").iterdir() if p.is_dir()]
         assert radtriage(["infer", str(study), "--out", str(root / "out"), "--device", "cpu"]) == 0
     return root / "out" / "sr.dcm", root / "out" / "seg.dcm"
+
+
+ORTHANC_DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+@pytest.mark.integration
+def test_orthanc_dicomweb_plugin_pushes_a_study_to_us(
+    tmp_path: Path, study_files: list[Path]
+) -> None:
+    """Orthanc's DICOMweb plugin (Debian `orthanc-dicomweb`) as a cloud platform would: STOW-RS
+    of a whole study to our endpoint, with a bearer token."""
+    from cli.pacs import OrthancPacs
+
+    require_tool("Orthanc")
+    if not ORTHANC_DICOMWEB_PLUGIN.is_file():
+        pytest.skip(f"{ORTHANC_DICOMWEB_PLUGIN} missing (apt: orthanc-dicomweb, see .ci/run)")
+    node = Node(tmp_path)
+    with _serve(node.app) as url:
+
+        class OrthancWithDicomWeb(OrthancPacs):
+            def config(self) -> dict[str, Any]:
+                return {
+                    **super().config(),
+                    "Plugins": [str(ORTHANC_DICOMWEB_PLUGIN)],
+                    "DicomWeb": {
+                        "Enable": True,
+                        "Servers": {
+                            "radtriage": {
+                                "Url": url + "/",
+                                "HttpHeaders": {
+                                    "Authorization": f"Bearer {node.tokens['radiologist']}"
+                                },
+                            }
+                        },
+                    },
+                }
+
+        with OrthancWithDicomWeb(tmp_path / "orthanc") as pacs:
+            for path in study_files:
+                pacs.upload(path)
+            uid = str(pydicom.dcmread(study_files[0], stop_before_pixels=True).StudyInstanceUID)
+            orthanc_id = pacs.find_study(uid)
+            pacs.request(
+                "POST",
+                "/dicom-web/servers/radtriage/stow",
+                {"Resources": [orthanc_id], "Synchronous": True},
+            )
+    study = node.index.get_study(uid)
+    assert study is not None and study["instances"] == len(study_files)
+    assert node.woken and set(node.woken) == {uid}
