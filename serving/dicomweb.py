@@ -121,7 +121,7 @@ def _paged(rows: list[dict[str, Any]], limit: int, offset: int) -> JSONResponse:
 
 
 def _documents(study: dict[str, Any]) -> list[pydicom.Dataset]:
-    out = []
+    out: list[pydicom.Dataset] = []
     for path in study.get("documents") or []:
         try:
             out.append(pydicom.dcmread(Path(path), stop_before_pixels=True))
