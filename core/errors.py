@@ -8,6 +8,7 @@
     │   ├── NotMRError                  modality is not MR
     │   ├── WrongBodyPartError          MR, but not of the prostate
     │   ├── MissingSeriesError          a required series role (t2w/adc/hbv) is absent
+    │   ├── OutsideValidatedDomainError  unlike every study the model was validated on
     │   └── GeometryError               a series does not form one regular volume
     │       ├── MissingSlicesError      gaps in the slice positions
     │       ├── InconsistentSpacingError  irregular slice spacing / mixed pixel grids
@@ -80,6 +81,12 @@ class MissingSeriesError(InputError):
         super().__init__(message, study_instance_uid=study_instance_uid)
         self.role = role
         self.reason_code = f"missing_{role}"
+
+
+class OutsideValidatedDomainError(InputError):
+    """The model's out-of-distribution gate (`models.ood_gate`) refused the study."""
+
+    reason_code = "outside_validated_domain"
 
 
 class GeometryError(InputError):

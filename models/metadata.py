@@ -11,11 +11,20 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from core.domain import ModelRef
 from core.errors import ModelError
 from core.priority import Thresholds
+from models.calibration import CalibrationSpec
+from models.ood_gate import OodGateSpec
 
 METADATA_FILE = "metadata.json"
 MODEL_FILE = "model.onnx"
@@ -91,6 +100,13 @@ class ThresholdSpec(_Frozen):
     urgent: float = Field(ge=0.0, le=1.0)
     soon: float = Field(ge=0.0, le=1.0)
     source: str = Field(description="e.g. 'provisional (training)' or 'radtriage evaluate ...'")
+    scale: Literal["raw", "calibrated"] = Field(
+        default="raw", description="compared with the calibrated likelihood when `calibrated`"
+    )
+    bands: dict[str, Any] = Field(
+        default_factory=dict,
+        description="each band's measured PPV/NPV with CIs on the held-out check split",
+    )
 
     def as_thresholds(self) -> Thresholds:
         return Thresholds(urgent=self.urgent, soon=self.soon)
@@ -129,6 +145,13 @@ class ModelMetadata(_Frozen):
     output_channels: tuple[str, ...] = Field(description="Meaning of each output channel")
     postprocessing: PostprocessingSpec = Field(default_factory=PostprocessingSpec)
     thresholds: ThresholdSpec | None = None
+    calibration: CalibrationSpec | None = Field(
+        default=None,
+        description="case-likelihood calibrator (models/calibration.py); None=identity",
+    )
+    ood_gate: OodGateSpec | None = Field(
+        default=None, description="out-of-distribution gate (models/ood_gate.py); None = no gate"
+    )
     clinical_use: bool = False
     intended_use: str = ""
     disclaimer: str | None = NOT_FOR_CLINICAL_USE
@@ -150,6 +173,17 @@ class ModelMetadata(_Frozen):
         if not info.data.get("clinical_use", False) and not v:
             raise ValueError("a model with clinical_use=false must carry a disclaimer")
         return v
+
+    @model_validator(mode="after")
+    def _thresholds_on_the_calibrated_scale(self) -> ModelMetadata:
+        t = self.thresholds
+        if t is not None and (t.scale == "calibrated") != (self.calibration is not None):
+            raise ValueError(
+                f"thresholds are on the {t.scale} scale but the model "
+                f"{'has a' if self.calibration is not None else 'has no'} calibration: choose "
+                "both together with `radtriage evaluate --write-thresholds`"
+            )
+        return self
 
     def model_ref(self) -> ModelRef:
         return ModelRef(

@@ -19,9 +19,13 @@ import numpy as np
 from core.domain import Prediction, Volume
 from core.errors import InferenceError, ModelSignatureError
 from core.priority import Thresholds
+from models.calibration import calibrate
 from models.metadata import InputSpec, ModelMetadata
 from models.onnx_runner import OnnxModel
+from models.ood_gate import domain_features
 from models.postprocessing import (
+    CalibratedPrediction,
+    check_domain,
     extract_lesions,
     gate_to_gland,
     gland_volume_ml,
@@ -33,6 +37,7 @@ from models.preprocessing import PreparedCase, prepare_case
 from models.repository import default_repository
 
 __all__ = ["TriagePipeline", "default_repository"]
+
 
 def _single(output: np.ndarray, channels: int, what: str) -> np.ndarray:
     out = output[0] if output.ndim == 5 and output.shape[0] == 1 else output
@@ -95,7 +100,8 @@ class PipelineSteps:
     def finish(
         self, prepared: PreparedCase, gland_out: np.ndarray, detector_out: np.ndarray
     ) -> Prediction:
-        """Model outputs ((3|1, Z, Y, X), batch axis optional) -> Prediction on the T2W grid."""
+        """Model outputs ((3|1, Z, Y, X), batch axis optional) -> Prediction on the T2W grid
+        (a `CalibratedPrediction`: calibrated likelihood, raw score, out-of-distribution gate)."""
         probabilities = _single(gland_out, 3, "gland")
         zones_grid = zones_from_probabilities(probabilities)
         likelihood_grid = _single(detector_out, 1, "detector")[0]
@@ -109,16 +115,30 @@ class PipelineSteps:
         zones = prepared.reference.with_array(zones_from_pz_tz(pz, tz))
         likelihood = prepared.to_reference(gated, order=1)
         likelihood = likelihood.with_array(np.clip(likelihood.array, 0.0, 1.0))
-        lesions, labels = extract_lesions(likelihood, zones, post, self.thresholds)
+        md = self.detector_metadata
+        features = domain_features(
+            prepared.image,
+            prepared.channels,
+            probabilities,
+            zones_grid,
+            gated,
+            prepared.reference,
+            self.spec.spacing_xyz,
+        )
+        domain = check_domain(md.ood_gate, features)  # raises OutsideValidatedDomainError
+        lesions, labels = extract_lesions(likelihood, zones, post, self.thresholds, md.calibration)
         gland_mask = zones.with_array((zones.array > 0).astype(np.uint8))
         volume = gland_volume_ml(gland_mask)
-        return Prediction(
-            case_likelihood=float(gated.max()),
+        raw = float(gated.max())
+        return CalibratedPrediction(
+            case_likelihood=float(calibrate(raw, md.calibration)),
             lesions=lesions,
             gland_volume_ml=volume if volume > 0 else None,
             likelihood_map=likelihood,
             lesion_labels=labels,
             gland_mask=gland_mask,
+            raw_case_likelihood=raw,
+            domain=domain,
         )
 
 

@@ -14,19 +14,57 @@ Choices (documented in the model card and DESIGN notes):
   gland's superior-inferior extent) and zone (PZ/TZ by majority, + a/p half), e.g. "left mid PZp".
 - Lesion category from the model's case thresholds: >= urgent "ai_high", >= soon
   "ai_intermediate", else "ai_low". Never a PI-RADS score.
+- Calibration (metadata `calibration`, models/calibration.py) maps the raw case likelihood and
+  each lesion's peak likelihood (monotone, so the case is still the max over its lesions) to the
+  calibrated scale the thresholds are on; voxel maps and `detection_threshold` stay raw.
+- The out-of-distribution gate (metadata `ood_gate`, models/ood_gate.py) checks each study:
+  outside the validated domain raises `OutsideValidatedDomainError` (-> `not_analysed`); a
+  low-confidence verdict travels in `CalibratedPrediction.domain`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import ndimage
 
-from core.domain import Lesion, Volume
+from core.domain import Lesion, Prediction, Priority, Volume
+from core.errors import OutsideValidatedDomainError
 from core.priority import Thresholds
+from models.calibration import CalibrationSpec, calibrate
 from models.metadata import PostprocessingSpec
+from models.ood_gate import DomainCheck, OodGateSpec, unchecked
 
 MIN_GLAND_ML = 5.0
 ZONE_NAMES = {1: "PZ", 2: "TZ"}
+#: The least priority a low-confidence study is shown with (it may raise, never lower).
+LOW_CONFIDENCE_FLOOR = Priority.SOON
+
+
+@dataclass(frozen=True)
+class CalibratedPrediction(Prediction):
+    """A `Prediction` (case likelihood calibrated) with the raw score and the gate's answer."""
+
+    raw_case_likelihood: float | None = None
+    domain: DomainCheck | None = None
+
+    @property
+    def low_confidence(self) -> bool:
+        return self.domain is not None and self.domain.low_confidence
+
+
+def check_domain(spec: OodGateSpec | None, features: Mapping[str, float]) -> DomainCheck:
+    """The gate's verdict; raise `OutsideValidatedDomainError` for a study outside it."""
+    if spec is None:
+        return unchecked(features)
+    result = spec.check(features)
+    if result.verdict == "outside":
+        raise OutsideValidatedDomainError(
+            "the study lies outside what this model was validated on: " + result.describe()
+        )
+    return result
 
 
 def zones_from_probabilities(probabilities: np.ndarray) -> np.ndarray:
@@ -108,8 +146,10 @@ def extract_lesions(
     zones: Volume | None,
     spec: PostprocessingSpec,
     thresholds: Thresholds,
+    calibration: CalibrationSpec | None = None,
 ) -> tuple[tuple[Lesion, ...], Volume]:
-    """Lesion candidates of a likelihood map (T2W grid) and their label volume (uint8)."""
+    """Lesion candidates of a likelihood map (T2W grid) and their label volume (uint8);
+    lesion likelihoods (and so categories) on the `calibration` scale when one is given."""
     lmap = likelihood.array
     labels, n = ndimage.label(lmap >= spec.detection_threshold)
     candidates = []
@@ -124,7 +164,8 @@ def extract_lesions(
     candidates.sort(key=lambda c: -c[0])
     out_labels = np.zeros(lmap.shape, dtype=np.uint8)
     lesions = []
-    for new_label, (peak, lab, volume) in enumerate(candidates[: spec.max_lesions], start=1):
+    for new_label, (raw_peak, lab, volume) in enumerate(candidates[: spec.max_lesions], start=1):
+        peak = float(calibrate(raw_peak, calibration))
         component = labels == lab
         out_labels[component] = new_label
         centroid = likelihood.index_to_lps(np.argwhere(component).mean(axis=0)[::-1])

@@ -1,0 +1,236 @@
+"""Out-of-distribution gate: is this study like the ones the model was validated on?
+
+Every prediction carries `DomainFeatures` (computed in `PipelineSteps.finish`, both engines):
+
+- what the network sees: 5th/50th/95th percentiles of each normalised input channel inside the
+  gland found on the model grid (zonal contrast and intensity profile after z-scoring);
+- anatomy and acquisition: gland volume, the T2W voxel spacing, the slice-stack obliquity
+  (angle between the T2W slice normal and the nearest patient axis);
+- model uncertainty: mean voxel entropy of the gland model's softmax around the gland, and mean
+  binary entropy of the detector's likelihood inside it.
+
+`radtriage evaluate --write-thresholds` fits `OodGateSpec` on validation cases: features are
+standardised (scales floored at `SCALE_FLOORS`, so a feature constant in validation, e.g. spacing,
+still has a tolerance), a Ledoit-Wolf covariance gives a Mahalanobis distance, and the
+low-confidence distance is the split-conformal (1 - alpha) quantile of distances on a second
+split, so an in-distribution study is flagged with probability <= alpha (+ 1/(n+1)). A study
+beyond `outside_distance` (= `outside_factor` x that) is outside the validated domain: the
+pipeline raises `core.errors.OutsideValidatedDomainError` and the study is `not_analysed` with
+reason `outside_validated_domain`. Between the two it is flagged low confidence, which may raise
+the priority shown (never lower it). No `ood_gate` in metadata = no gate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from core.domain import Volume
+
+QUANTILES = (5, 50, 95)
+CHANNELS = ("t2w", "adc", "hbv")
+FEATURES: tuple[str, ...] = (
+    *(f"{c}_q{q:02d}" for c in CHANNELS for q in QUANTILES),
+    "gland_volume_ml",
+    "t2w_spacing_x_mm",
+    "t2w_spacing_y_mm",
+    "t2w_spacing_z_mm",
+    "obliquity_deg",
+    "gland_entropy",
+    "detector_entropy",
+)
+#: Smallest standard deviation assumed per feature (its units): what counts as "different".
+SCALE_FLOORS: dict[str, float] = {
+    **{f"{c}_q{q:02d}": 0.1 for c in CHANNELS for q in QUANTILES},
+    "gland_volume_ml": 3.0,
+    "t2w_spacing_x_mm": 0.05,
+    "t2w_spacing_y_mm": 0.05,
+    "t2w_spacing_z_mm": 0.2,
+    "obliquity_deg": 2.0,
+    "gland_entropy": 0.01,
+    "detector_entropy": 0.005,
+}
+MIN_GLAND_VOXELS = 50
+Verdict = Literal["in_domain", "low_confidence", "outside"]
+
+
+def obliquity_deg(direction: Sequence[float]) -> float:
+    """Angle (degrees) between the slice normal (third direction column) and the nearest axis."""
+    normal = np.asarray(direction, dtype=float).reshape(3, 3)[:, 2]
+    norm = float(np.linalg.norm(normal)) or 1.0
+    return math.degrees(math.acos(min(1.0, float(np.max(np.abs(normal))) / norm)))
+
+
+def _entropy(p: np.ndarray, axis: int | None = None) -> np.ndarray:
+    q = np.clip(p, 1e-7, 1.0)
+    return -(q * np.log(q)).sum(axis=axis) if axis is not None else -(q * np.log(q))
+
+
+def domain_features(
+    image: np.ndarray,
+    channels: Sequence[str],
+    gland_probabilities: np.ndarray,
+    zones_grid: np.ndarray,
+    likelihood_grid: np.ndarray,
+    reference: Volume,
+    grid_spacing_xyz: Sequence[float],
+) -> dict[str, float]:
+    """The gate's features of one study (see module doc); arrays on the model grid."""
+    gland = zones_grid > 0
+    n_gland = int(gland.sum())
+    if n_gland < MIN_GLAND_VOXELS:  # no plausible gland: describe the central box instead
+        gland = np.zeros_like(gland)
+        z, y, x = gland.shape
+        gland[z // 4 : z - z // 4, y // 4 : y - y // 4, x // 4 : x - x // 4] = True
+    out: dict[str, float] = {}
+    for c in CHANNELS:
+        values = image[list(channels).index(c)][gland] if c in channels else np.zeros(1)
+        for q, v in zip(QUANTILES, np.percentile(values, QUANTILES), strict=True):
+            out[f"{c}_q{q:02d}"] = float(v)
+    voxel_ml = float(np.prod(grid_spacing_xyz)) / 1000.0
+    out["gland_volume_ml"] = n_gland * voxel_ml if n_gland >= MIN_GLAND_VOXELS else 0.0
+    for axis, s in zip("xyz", reference.spacing, strict=True):
+        out[f"t2w_spacing_{axis}_mm"] = float(s)
+    out["obliquity_deg"] = obliquity_deg(reference.direction)
+    around = gland_probabilities[1:].sum(axis=0) >= 0.05
+    out["gland_entropy"] = (
+        float(_entropy(gland_probabilities[:, around], axis=0).mean()) if around.any() else 0.0
+    )
+    lik = np.clip(likelihood_grid[gland], 0.0, 1.0)
+    out["detector_entropy"] = float((_entropy(lik) + _entropy(1.0 - lik)).mean())
+    return out
+
+
+@dataclass(frozen=True)
+class DomainCheck:
+    """The gate's answer for one study."""
+
+    verdict: Verdict
+    distance: float | None  # Mahalanobis distance to the validation set (None: no gate)
+    features: Mapping[str, float]
+    furthest: tuple[tuple[str, float], ...] = ()  # (feature, standardised deviation), worst first
+
+    @property
+    def low_confidence(self) -> bool:
+        return self.verdict == "low_confidence"
+
+    def describe(self) -> str:
+        worst = ", ".join(f"{name} {z:+.1f} SD" for name, z in self.furthest[:3])
+        d = "n/a" if self.distance is None else f"{self.distance:.1f}"
+        return f"distance {d} from the validation set (furthest: {worst or 'n/a'})"
+
+
+class OodGateSpec(BaseModel):
+    """Gate thresholds in `metadata.json` (`ood_gate`), fitted by `radtriage evaluate`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    features: tuple[str, ...]
+    location: tuple[float, ...]
+    scale: tuple[float, ...]
+    precision: tuple[tuple[float, ...], ...] = Field(
+        description="inverse Ledoit-Wolf covariance of the standardised features"
+    )
+    low_confidence_distance: float = Field(gt=0)
+    outside_distance: float = Field(gt=0)
+    alpha: float = Field(gt=0, lt=1, description="target in-distribution low-confidence rate")
+    validated_range: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    n_fit: int = Field(ge=1)
+    n_threshold: int = Field(ge=1)
+    source: str
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OodGateSpec:
+        k = len(self.features)
+        if len(self.location) != k or len(self.scale) != k or len(self.precision) != k:
+            raise ValueError("ood_gate location/scale/precision must match its features")
+        if any(len(row) != k for row in self.precision) or min(self.scale) <= 0:
+            raise ValueError("ood_gate precision must be k x k and scales positive")
+        if self.outside_distance < self.low_confidence_distance:
+            raise ValueError("ood_gate outside_distance must be >= low_confidence_distance")
+        return self
+
+    def standardised(self, features: Mapping[str, float]) -> np.ndarray:
+        missing = [f for f in self.features if f not in features]
+        if missing:
+            raise ValueError(f"features missing for the gate: {missing}")
+        x = np.array([features[f] for f in self.features], dtype=float)
+        return (x - np.asarray(self.location)) / np.asarray(self.scale)
+
+    def distance(self, features: Mapping[str, float]) -> float:
+        z = self.standardised(features)
+        return float(math.sqrt(max(0.0, float(z @ np.asarray(self.precision) @ z))))
+
+    def check(self, features: Mapping[str, float]) -> DomainCheck:
+        z = self.standardised(features)
+        if not np.isfinite(z).all():
+            return DomainCheck("outside", math.inf, dict(features), ())
+        d = self.distance(features)
+        order = np.argsort(-np.abs(z))
+        furthest = tuple((self.features[i], float(z[i])) for i in order[:5])
+        verdict: Verdict = (
+            "outside"
+            if d > self.outside_distance
+            else "low_confidence"
+            if d > self.low_confidence_distance
+            else "in_domain"
+        )
+        return DomainCheck(verdict, d, dict(features), furthest)
+
+
+def unchecked(features: Mapping[str, float]) -> DomainCheck:
+    """The answer of a model without a gate: in domain by assumption."""
+    return DomainCheck("in_domain", None, dict(features), ())
+
+
+def fit_ood_gate(
+    fit: Sequence[Mapping[str, float]],
+    threshold: Sequence[Mapping[str, float]],
+    *,
+    alpha: float = 0.02,
+    outside_factor: float = 2.0,
+    source: str,
+    features: Sequence[str] = FEATURES,
+) -> OodGateSpec:
+    """Fit the gate on `fit` cases and set its distance thresholds on `threshold` cases (split
+    conformal: the ceil((n + 1)(1 - alpha))-th smallest distance, or the largest when n is
+    too small for alpha)."""
+    from sklearn.covariance import LedoitWolf
+
+    if len(fit) < 5 or len(threshold) < 5:
+        raise ValueError("the gate needs >= 5 cases to fit and >= 5 to set thresholds")
+    if not 0 < alpha < 1 or outside_factor < 1:
+        raise ValueError("alpha must be in (0, 1) and outside_factor >= 1")
+    names = tuple(features)
+    x = np.array([[f[n] for n in names] for f in fit], dtype=float)
+    location = x.mean(axis=0)
+    floors = np.array([SCALE_FLOORS.get(n, 1e-3) for n in names])
+    scale = np.maximum(x.std(axis=0, ddof=1), floors)
+    precision = np.linalg.pinv(LedoitWolf().fit((x - location) / scale).covariance_)
+    spec = OodGateSpec(
+        features=names,
+        location=tuple(location.tolist()),
+        scale=tuple(scale.tolist()),
+        precision=tuple(tuple(row) for row in precision.tolist()),
+        low_confidence_distance=1.0,
+        outside_distance=1.0,
+        alpha=alpha,
+        validated_range={
+            n: (float(x[:, i].min()), float(x[:, i].max())) for i, n in enumerate(names)
+        },
+        n_fit=len(fit),
+        n_threshold=len(threshold),
+        source=source,
+    )
+    d = np.sort([spec.distance(f) for f in threshold])
+    k = math.ceil((d.size + 1) * (1 - alpha))
+    low = float(d[min(k, d.size) - 1])
+    low = max(low, 1e-3)
+    return spec.model_copy(
+        update={"low_confidence_distance": low, "outside_distance": outside_factor * low}
+    )
