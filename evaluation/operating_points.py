@@ -9,7 +9,16 @@ Rules (documented in the model metadata `thresholds.source` and in docs/simulati
   fewer, `meets_target` is False and `soon` falls back to catching every validation positive.
 - `urgent`: the lowest threshold at or above `soon` whose specificity on the validation
   negatives is >= `urgent_specificity` (default 0.90): urgent means "report first", so its
-  flag must be rare among csPCa-negative studies.
+  flag must be rare among csPCa-negative studies. It is also kept strictly above the score that
+  decided `soon` (halfway to the next higher score), so the three bands are distinct: the
+  `soon` band holds at least the cases at that score (`distinct` says whether this held).
+
+Split rule (docs/models.md, "Calibrated three-band priorities"): `radtriage evaluate
+--write-thresholds` chooses these on a calibration split and measures each band on a held-out
+check split (`band_metrics`: PPV of urgent and of soon, NPV of routine, Clopper-Pearson CIs).
+The `soon` rule is a split-conformal (PAC) bound: the threshold is an order statistic of the
+calibration positives, so for a new exchangeable csPCa case P(sensitivity >= target) >=
+confidence.
 
 A threshold is placed halfway between the deciding score and the next lower score in the data,
 so the counts on the validation set are exactly those stated, with a margin for new cases.
@@ -26,7 +35,7 @@ import numpy as np
 
 from core.errors import InputError
 from core.priority import Thresholds
-from evaluation.bootstrap import clopper_pearson_lower
+from evaluation.bootstrap import clopper_pearson, clopper_pearson_lower
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,7 @@ class ThresholdChoice:
     n_cspca: int
     min_cspca_needed: int
     rule: str
+    distinct: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -65,6 +75,7 @@ class ThresholdChoice:
             "n_cspca": self.n_cspca,
             "min_cspca_needed": self.min_cspca_needed,
             "rule": self.rule,
+            "distinct": self.distinct,
         }
 
 
@@ -132,6 +143,10 @@ def choose_thresholds(
             else ((deciding_negative + 1.0) / 2)
         )
         urgent = max(urgent, soon)
+    above = s[s > soon_score]
+    distinct = bool(above.size)
+    if distinct:  # keep the soon band non-empty: urgent above the score that decided soon
+        urgent = max(urgent, (soon_score + float(above.min())) / 2)
 
     caught_soon = int(np.sum(pos >= soon))
     rule = (
@@ -139,6 +154,7 @@ def choose_thresholds(
         f"on csPCa sensitivity >= {target_sensitivity:.2f}"
         + ("" if meets else " (NOT MET: too few csPCa cases; soon catches every positive)")
         + f"; urgent: lowest threshold >= soon with specificity >= {urgent_specificity:.2f}"
+        + ", strictly above the score deciding soon (three distinct bands)"
     )
     return ThresholdChoice(
         thresholds=Thresholds(urgent=float(urgent), soon=float(soon)),
@@ -155,4 +171,65 @@ def choose_thresholds(
         n_cspca=int(pos.size),
         min_cspca_needed=min_positives_needed(target_sensitivity, confidence),
         rule=rule,
+        distinct=distinct,
     )
+
+
+def stratified_split(
+    labels: Sequence[bool], fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (first, second) of a seeded split stratified by label: `fraction` of the
+    positives and of the negatives go to the first part."""
+    if not 0 < fraction < 1:
+        raise InputError("the split fraction must be in (0, 1)")
+    y = np.asarray(labels, dtype=bool)
+    rng = np.random.default_rng(seed)
+    first: list[int] = []
+    for value in (True, False):
+        idx = np.flatnonzero(y == value)
+        rng.shuffle(idx)
+        first.extend(idx[: round(fraction * idx.size)].tolist())
+    a = np.sort(np.asarray(first, dtype=int))
+    b = np.setdiff1d(np.arange(y.size), a)
+    return a, b
+
+
+def _proportion(k: int, n: int, level: float) -> dict[str, Any]:
+    low, high = clopper_pearson(k, n, level)
+    return {"value": k / n if n else None, "ci": [low, high], "k": k, "n": n}
+
+
+def band_metrics(
+    likelihoods: Sequence[float],
+    is_cspca: Sequence[bool],
+    thresholds: Thresholds,
+    *,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """Each band's measured value on labelled cases: PPV of `urgent` and of `soon` (csPCa
+    fraction inside the band), NPV of `routine`, sensitivity/PPV of soon-or-above and
+    specificity of urgent, all with exact Clopper-Pearson intervals at `level`."""
+    s = np.asarray(likelihoods, dtype=float)
+    y = np.asarray(is_cspca, dtype=bool)
+    urgent = s >= thresholds.urgent
+    soon = (s >= thresholds.soon) & ~urgent
+    routine = s < thresholds.soon
+    flagged = urgent | soon
+
+    def count(mask: np.ndarray, positive: bool = True) -> tuple[int, int]:
+        return int(np.sum(mask & (y if positive else ~y))), int(mask.sum())
+
+    return {
+        "n_cases": int(s.size),
+        "n_cspca": int(y.sum()),
+        "urgent": {"threshold": thresholds.urgent, "ppv": _proportion(*count(urgent), level)},
+        "soon": {"threshold": thresholds.soon, "ppv": _proportion(*count(soon), level)},
+        "routine": {"npv": _proportion(*count(routine, False), level)},
+        "soon_or_above": {
+            "sensitivity": _proportion(int(np.sum(flagged & y)), int(y.sum()), level),
+            "ppv": _proportion(*count(flagged), level),
+        },
+        "urgent_specificity": _proportion(int(np.sum(~urgent & ~y)), int(np.sum(~y)), level),
+        "distinct": bool(urgent.any() and soon.any() and routine.any()),
+        "ci_method": f"clopper-pearson {level:.0%}",
+    }

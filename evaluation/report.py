@@ -134,6 +134,59 @@ def calibration_plot(evaluations: dict[str, Evaluation]) -> str:
     return _png(fig)
 
 
+def reliability_before_after_plot(before_after: dict[str, Any]) -> str:
+    """Reliability diagram of raw and calibrated case likelihoods on the same cases."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    for key, style in (("raw", "s--"), ("calibrated", "o-")):
+        cal = before_after[key]
+        pts = [(b["mean_likelihood"], b["observed_fraction"]) for b in cal["bins"] if b["n"]]
+        if pts:
+            x, y = zip(*pts, strict=True)
+            ax.plot(x, y, style, label=f"{key} ECE {_num(cal['ece'])}")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set(
+        xlabel="mean predicted likelihood",
+        ylabel="observed csPCa fraction",
+        title=f"Reliability before/after ({before_after.get('method') or 'no calibration'})",
+        xlim=(0, 1),
+        ylim=(0, 1),
+    )
+    ax.legend(fontsize=8, loc="upper left")
+    return _png(fig)
+
+
+def _p(entry: dict[str, Any]) -> str:
+    if not entry or entry.get("value") is None:
+        return "n/a"
+    return f"{_ci(entry['value'], entry['ci'])} ({entry['k']}/{entry['n']})"
+
+
+def _bands_section(s: dict[str, Any]) -> str:
+    b = s.get("bands")
+    if not b:
+        return ""
+    gate = s.get("ood_gate") or {}
+    rows = (
+        f"<tr><td>urgent</td><td>PPV {_p(b['urgent']['ppv'])}</td></tr>"
+        f"<tr><td>soon</td><td>PPV {_p(b['soon']['ppv'])}</td></tr>"
+        f"<tr><td>routine</td><td>NPV {_p(b['routine']['npv'])}</td></tr>"
+        f"<tr><td>soon or above</td><td>sensitivity {_p(b['soon_or_above']['sensitivity'])}"
+        f"</td></tr><tr><td>urgent specificity</td><td>{_p(b['urgent_specificity'])}</td></tr>"
+        f"<tr><td>three distinct bands</td><td>{'yes' if b['distinct'] else 'no'}</td></tr>"
+    )
+    if gate.get("n"):
+        rows += (
+            f"<tr><td>out-of-distribution gate ({gate['n']} cases)</td><td>low confidence "
+            f"{_num(gate['low_confidence'])}, outside {_num(gate['outside'])}</td></tr>"
+        )
+    where = html.escape(str(s.get("evaluated_on", "")))
+    return (
+        f"<h2>Priority bands ({where})</h2><table><tr><th>band</th><th>measured (CI)</th></tr>"
+        f"{rows}</table>"
+    )
+
+
 def thumbnail(image: np.ndarray, overlay: np.ndarray | None) -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(1.6, 1.6))
@@ -237,8 +290,15 @@ def render_html(
             )
             + "</table>"
         )
+    parts.append(_bands_section(s))
+    before_after = s.get("calibration_before_after")
     parts.append(
         "<h2>Plots</h2><div class='plots'>"
+        + (
+            _img(reliability_before_after_plot(before_after), "reliability before/after")
+            if before_after
+            else ""
+        )
         + _img(roc_plot(evs), "ROC curve")
         + _img(pr_plot(evs), "precision-recall curve")
         + (_img(froc_plot(evs), "FROC curve") if s.get("froc") else "")

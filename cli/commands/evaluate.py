@@ -47,6 +47,28 @@ def register(subparsers: Any) -> None:
         "--confidence", type=float, default=0.95, help="confidence of the sensitivity lower bound"
     )
     p.add_argument("--urgent-specificity", type=float, default=0.90)
+    p.add_argument(
+        "--calibration",
+        choices=("isotonic", "platt", "none"),
+        default="isotonic",
+        help="with --write-thresholds: case-likelihood calibrator fitted on the calibration split",
+    )
+    p.add_argument(
+        "--check-fraction",
+        type=float,
+        default=0.4,
+        help="with --write-thresholds: share of cases held out to measure the bands",
+    )
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the calibration/check split")
+    p.add_argument(
+        "--gate-alpha",
+        type=float,
+        default=0.02,
+        help="target in-distribution low-confidence rate of the out-of-distribution gate",
+    )
+    p.add_argument(
+        "--no-ood-gate", action="store_true", help="with --write-thresholds: write no ood_gate"
+    )
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.set_defaults(func=handle)
@@ -64,7 +86,10 @@ def handle(args: argparse.Namespace) -> int:
         raise InputError(f"--data {args.data} held no cases")
 
     def records_for(ref: str) -> list[Any]:
-        return run_cases(load_pipeline(ref, args.gland, args.repository), cases)
+        from evaluation.validation_fit import GatedRecorder
+
+        recorder = GatedRecorder(load_pipeline(ref, args.gland, args.repository))
+        return recorder.attach(run_cases(recorder, cases))
 
     doc = _compare(args, records_for) if args.compare else _evaluate(args, records_for(args.model))
     if args.out:
@@ -147,8 +172,16 @@ def _repository(args: argparse.Namespace) -> Any:
 
 def _evaluate(args: argparse.Namespace, records: list[Any]) -> dict[str, Any]:
     from evaluation.metrics import evaluate_records, json_safe
-    from evaluation.operating_points import choose_thresholds
+    from evaluation.operating_points import band_metrics, choose_thresholds
     from evaluation.report import render_html
+    from evaluation.validation_fit import (
+        calibration_before_after,
+        fit_on_splits,
+        gate_rates,
+        model_card_section,
+        with_calibrated,
+        write_card_section,
+    )
     from models.metadata import METADATA_FILE, ThresholdSpec, read_metadata, write_metadata
 
     version = _repository(args).resolve(args.model)
@@ -161,25 +194,53 @@ def _evaluate(args: argparse.Namespace, records: list[Any]) -> dict[str, Any]:
         urgent_specificity=args.urgent_specificity,
     )
     written = None
+    fitted: dict[str, Any] | None = None
     if args.write_thresholds:
+        fit = fit_on_splits(
+            records,
+            data=args.data,
+            method=args.calibration,
+            check_fraction=args.check_fraction,
+            split_seed=args.split_seed,
+            target_sensitivity=args.target_sensitivity,
+            confidence=args.confidence,
+            urgent_specificity=args.urgent_specificity,
+            gate_alpha=args.gate_alpha,
+        )
+        choice = fit.choice
         if not choice.meets_target:
             raise InputError(
-                f"refusing to write thresholds: {choice.n_cspca} csPCa cases cannot show "
-                f"sensitivity >= {choice.target_sensitivity} with {choice.confidence:.0%} "
-                f"confidence (needs >= {choice.min_cspca_needed}); evaluate on more cases"
+                f"refusing to write thresholds: {choice.n_cspca} csPCa cases in the calibration "
+                f"split cannot show sensitivity >= {choice.target_sensitivity} with "
+                f"{choice.confidence:.0%} confidence (needs >= {choice.min_cspca_needed}); "
+                "evaluate on more cases"
             )
         source = (
-            f"radtriage evaluate --data {args.data} (n={choice.n_cases}, "
-            f"{choice.n_cspca} csPCa): {choice.rule}"
+            f"radtriage evaluate --data {args.data} --write-thresholds: calibration split "
+            f"n={choice.n_cases} ({choice.n_cspca} csPCa, split seed {args.split_seed}, "
+            f"calibration {args.calibration}): {choice.rule}; bands measured on the held-out "
+            f"check split n={fit.check_bands['n_cases']}"
         )
         spec = ThresholdSpec(
-            urgent=choice.thresholds.urgent, soon=choice.thresholds.soon, source=source
+            urgent=choice.thresholds.urgent,
+            soon=choice.thresholds.soon,
+            source=source,
+            scale="calibrated" if fit.calibration is not None else "raw",
+            bands=fit.check_bands,
         )
         path = version.path / METADATA_FILE
-        # only the "thresholds" key changes; the sha256 covers model.onnx, not this file
-        write_metadata(path, read_metadata(path).model_copy(update={"thresholds": spec}))
+        # thresholds, calibration and ood_gate change; the sha256 covers model.onnx only
+        update = {
+            "thresholds": spec,
+            "calibration": fit.calibration,
+            "ood_gate": None if args.no_ood_gate else fit.gate,
+        }
+        write_metadata(path, read_metadata(path).model_copy(update=update))
         md = read_metadata(path)
+        write_card_section(version.path / md.model_card, model_card_section(fit, source=source))
         written = str(path)
+        fitted = fit.summary
+        records = with_calibrated([records[i] for i in fit.check_index], fit.calibration)
     if md.thresholds is not None:
         thresholds, source = md.thresholds.as_thresholds(), md.thresholds.source
     else:
@@ -189,6 +250,18 @@ def _evaluate(args: argparse.Namespace, records: list[Any]) -> dict[str, Any]:
     summary["operating_points"] = json_safe(choice.to_dict())
     summary["thresholds_source"] = source
     summary["thresholds_written_to"] = written
+    summary["evaluated_on"] = "held-out check split" if fitted is not None else "all cases"
+    summary["validation_fit"] = fitted
+    summary["calibration_before_after"] = calibration_before_after(records, md.calibration)
+    summary["bands"] = json_safe(
+        band_metrics(
+            [r.likelihood for r in records],
+            [r.is_cspca for r in records],
+            thresholds,
+            level=args.confidence,
+        )
+    )
+    summary["ood_gate"] = gate_rates(r.extra.get("gate") for r in records)
     summary["model"] = {
         "name": md.name,
         "version": md.version,
@@ -273,6 +346,25 @@ def _text(doc: dict[str, Any]) -> str:
             f"{name} >= {p['threshold']:.3f}: sensitivity {_fmt(p['sensitivity'])} "
             f"({_fmt(p['sensitivity_ci'][0])}-{_fmt(p['sensitivity_ci'][1])}), specificity "
             f"{_fmt(p['specificity'])}"
+        )
+    b = doc.get("bands") or {}
+    if b:
+        lines.append(
+            f"bands ({doc.get('evaluated_on')}): urgent PPV {_fmt(b['urgent']['ppv']['value'])}, "
+            f"soon PPV {_fmt(b['soon']['ppv']['value'])}, routine NPV "
+            f"{_fmt(b['routine']['npv']['value'])}; distinct: {b['distinct']}"
+        )
+    cba = doc.get("calibration_before_after") or {}
+    if cba.get("method"):
+        lines.append(
+            f"calibration {cba['method']}: ECE {_fmt(cba['raw']['ece'])} raw -> "
+            f"{_fmt(cba['calibrated']['ece'])} calibrated"
+        )
+    gate = doc.get("ood_gate") or {}
+    if gate.get("n"):
+        lines.append(
+            f"out-of-distribution gate: low confidence {_fmt(gate['low_confidence'])}, outside "
+            f"{_fmt(gate['outside'])} of {gate['n']}"
         )
     op = doc["operating_points"]
     lines.append(
