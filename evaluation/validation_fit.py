@@ -123,7 +123,7 @@ def fit_on_splits(
     records: Sequence[CaseRecord],
     *,
     data: str,
-    method: Literal["isotonic", "platt", "none"] = "isotonic",
+    method: Literal["isotonic", "platt", "none"] = "platt",
     check_fraction: float = 0.4,
     split_seed: int = 0,
     target_sensitivity: float = 0.95,

@@ -49,8 +49,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--urgent-specificity", type=float, default=0.90)
     p.add_argument(
         "--calibration",
-        choices=("isotonic", "platt", "none"),
-        default="isotonic",
+        choices=("platt", "isotonic", "none"),
+        default="platt",
         help="with --write-thresholds: case-likelihood calibrator fitted on the calibration split",
     )
     p.add_argument(
