@@ -456,6 +456,13 @@ def test_analysis_inputs_prefer_the_order(index: Index, tmp_path: Path) -> None:
 def test_waiting_list_on_postgresql(postgresql_url: str, tmp_path: Path) -> None:
     """Migration 0006 and the tick on PostgreSQL: order, escalation, superseding SR, ORU."""
     index = Index(postgresql_url)
+    try:
+        _escalate_on(index, tmp_path)
+    finally:
+        index.close()
+
+
+def _escalate_on(index: Index, tmp_path: Path) -> None:
     uid = _reported(index, tmp_path, accession="ACCPG", days_waited=5)
     with index.write() as s:
         apply_order(
