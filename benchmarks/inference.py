@@ -6,6 +6,11 @@ Uses the bundled models' architecture and grid when they exist, else the default
 configs on `--shape` (weights do not change the compute). Writes benchmarks/results/inference.json.
 
     python -m benchmarks.inference [--threads N] [--repeats R] [--studies S]
+    python -m benchmarks.inference --grid picai    # 3 x 20x256x256 at 0.5x0.5x3.0 mm
+
+`--grid picai` measures the bundled network architecture (random weights: a speed measurement)
+on the PI-CAI baseline's grid, 3 channels x 20x256x256 voxels at 0.5x0.5x3.0 mm, writing
+benchmarks/results/inference_picai.json. CPU only: no GPU is lent to this workplace.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from typing import Any
 import numpy as np
 
 OUT = Path(__file__).with_name("results") / "inference.json"
+OUT_PICAI = Path(__file__).with_name("results") / "inference_picai.json"
+PICAI_SHAPE_ZYX = (20, 256, 256)
+PICAI_SPACING_XYZ = (0.5, 0.5, 3.0)
 
 
 def _timed_pair(a: Any, b: Any, repeats: int) -> tuple[list[float], list[float]]:
@@ -36,6 +44,12 @@ def _timed_pair(a: Any, b: Any, repeats: int) -> tuple[list[float], list[float]]
             fn()
             out.append(time.perf_counter() - t)
     return times
+
+
+def _picai(spec: Any, gspec: Any) -> tuple[Any, Any]:
+    """The same input specs moved onto the PI-CAI baseline's grid."""
+    update = {"shape_zyx": PICAI_SHAPE_ZYX, "spacing_xyz": PICAI_SPACING_XYZ}
+    return spec.model_copy(update=update), gspec.model_copy(update=update)
 
 
 def _nets(shape: tuple[int, int, int]) -> tuple[Any, Any, Any, Any]:
@@ -79,8 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--studies", type=int, default=3)
     p.add_argument("--shape", type=int, nargs=3, default=(24, 96, 96), metavar=("Z", "Y", "X"))
-    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument(
+        "--grid",
+        choices=("bundled", "picai"),
+        default="bundled",
+        help="bundled: the bundled models' grid; picai: 3 x 20x256x256 at 0.5x0.5x3.0 mm",
+    )
+    p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = OUT_PICAI if args.grid == "picai" else OUT
 
     import onnxruntime as ort
     import torch
@@ -94,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     det, d_cfg, gland, g_cfg, spec, gspec, source = _nets(tuple(args.shape))
+    if args.grid == "picai":
+        spec, gspec = _picai(spec, gspec)
+        source += ", on the PI-CAI grid (random weights)"
     tmp = Path(tempfile.mkdtemp(prefix="radtriage-bench-"))
     rng = np.random.default_rng(0)
     x1 = rng.normal(size=(1, len(spec.channels), *spec.shape_zyx)).astype(np.float32)
@@ -176,8 +201,11 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "providers": onnx.providers,
         },
+        "gpu": "none lent to this workplace: CPU only",
         "detector": {
             "source": source,
+            "grid": args.grid,
+            "spacing_xyz": list(spec.spacing_xyz),
             "input_shape": list(x1.shape[1:]),
             "network": d_cfg.as_dict(),
         },
