@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,8 +99,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         for path in folder.rglob("*.dcm"):
             ds = pydicom.dcmread(path)
             ds.SpecificCharacterSet = "ISO_IR 192"
-            ds.PatientName = NAMES[key]
-            ds.save_as(path)
+            with warnings.catch_warnings():  # hostile on purpose: over-long, too many groups
+                warnings.simplefilter("ignore", UserWarning)
+                ds.PatientName = NAMES[key]
+                ds.save_as(path)
         if key == "no_t2w":  # the AI cannot analyse it: NOT ANALYSED, with the reason
             for series in folder.glob("*_t2w*"):
                 shutil.rmtree(series)
@@ -131,8 +134,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     base_url = f"http://127.0.0.1:{http_port}"
     try:
         wait_ready(base_url, proc, log, timeout=240)
-        for study in studies.values():
-            push_direct(study, dicom_port)
+        with warnings.catch_warnings():  # encoding the hostile names warns, as it should
+            warnings.simplefilter("ignore", UserWarning)
+            for study in studies.values():
+                push_direct(study, dicom_port)
         deadline = time.monotonic() + 240
         rows: list[dict[str, Any]] = []
         while time.monotonic() < deadline:
