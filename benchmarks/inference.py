@@ -52,7 +52,7 @@ def _picai(spec: Any, gspec: Any) -> tuple[Any, Any]:
     return spec.model_copy(update=update), gspec.model_copy(update=update)
 
 
-def _nets(shape: tuple[int, int, int]) -> tuple[Any, Any, Any, Any]:
+def _nets(shape: tuple[int, int, int]) -> tuple[Any, ...]:
     """(detector net, detector config, gland net, gland config, input spec) for the benchmark."""
     from models.networks import NetworkConfig, build_network, detector_config, gland_config
     from models.repository import ModelRepository

@@ -37,8 +37,11 @@ from models.repository import default_repository
 PROSTATEX = Path(__file__).resolve().parents[2] / "shared" / "data" / "prostatex" / "ProstateX-0001"
 
 
+Row = tuple[bool, float | None, str, float | None]
+
+
 def _run(pipeline: TriagePipeline, cases: Iterable[LabelledCase]) -> dict[str, Any]:
-    rows = []
+    rows: list[Row] = []
     for case in cases:
         try:
             p = pipeline.predict(case.t2w, case.adc, case.hbv)
@@ -56,7 +59,7 @@ def _run(pipeline: TriagePipeline, cases: Iterable[LabelledCase]) -> dict[str, A
     return _summary(rows, pipeline)
 
 
-def _summary(rows: list[tuple[bool, float | None, str, float | None]], pipeline: Any) -> Any:
+def _summary(rows: list[Row], pipeline: Any) -> Any:
     n = len(rows)
     analysed = [(y, s) for y, s, _, _ in rows if s is not None]
     y = np.array([a[0] for a in analysed], dtype=bool)

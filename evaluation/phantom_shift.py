@@ -29,10 +29,8 @@ def _centre(v: Volume) -> np.ndarray:
     return np.asarray(v.index_to_lps((np.asarray(v.size, float) - 1) / 2), dtype=float)
 
 
-def _moved(v: Volume | None, centre: np.ndarray, matrix: np.ndarray) -> Volume | None:
+def _moved(v: Volume, centre: np.ndarray, matrix: np.ndarray) -> Volume:
     """`v` with patient geometry mapped by x -> centre + matrix @ (x - centre)."""
-    if v is None:
-        return None
     d = np.asarray(v.direction, float).reshape(3, 3)
     sp = np.asarray(v.spacing, float)
     axes = matrix @ (d * sp)  # columns: voxel steps in patient mm
@@ -40,8 +38,8 @@ def _moved(v: Volume | None, centre: np.ndarray, matrix: np.ndarray) -> Volume |
     origin = centre + matrix @ (np.asarray(v.origin, float) - centre)
     return dataclasses.replace(
         v,
-        spacing=tuple(float(s) for s in spacing),
-        origin=tuple(float(o) for o in origin),
+        spacing=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
+        origin=(float(origin[0]), float(origin[1]), float(origin[2])),
         direction=tuple(float(x) for x in (axes / spacing).ravel()),
     )
 
@@ -53,8 +51,8 @@ def _geometry(case: LabelledCase, matrix: np.ndarray) -> LabelledCase:
         t2w=_moved(case.t2w, c, matrix),
         adc=_moved(case.adc, c, matrix),
         hbv=_moved(case.hbv, c, matrix),
-        lesion_mask=_moved(case.lesion_mask, c, matrix),
-        gland_mask=_moved(case.gland_mask, c, matrix),
+        lesion_mask=_moved(case.lesion_mask, c, matrix) if case.lesion_mask is not None else None,
+        gland_mask=_moved(case.gland_mask, c, matrix) if case.gland_mask is not None else None,
     )
 
 
