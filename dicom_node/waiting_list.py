@@ -302,6 +302,9 @@ class WaitingList:
                     sr_sop_instance_uid=_sop_uid(study.previous_sr_path),
                 )
                 s.add(entry)
+            elif entry.study_reported_at != study.reported_at:  # analysed again: its own SR
+                entry.sr_priority = result.priority.value
+                entry.sr_sop_instance_uid = _sop_uid(study.previous_sr_path)
             if entry.priority != decision.priority.value:
                 report.changed += int(entry.priority is not None)
             entry.priority = decision.priority.value

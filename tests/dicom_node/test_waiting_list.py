@@ -482,3 +482,37 @@ def _escalate_on(index: Index, tmp_path: Path) -> None:
     assert _columns(index, uid) == ("urgent", 0, "20261119", pytest.approx(0.15))
     (row,) = outbox_rows(index)
     assert row["state"] == "pending" and "RT101" in row["message"]
+
+
+def test_a_new_analysis_resets_what_the_last_sr_said(index: Index, tmp_path: Path) -> None:
+    """After a re-analysis the study's own new SR is the one compared (and superseded)."""
+    uid = _reported(index, tmp_path, accession="ACC8", days_waited=5)
+    request = ANALYSED_ON - timedelta(days=5)
+    urgent_day = (request + timedelta(days=26)).isoformat()
+    assert _waiting_list(index, tmp_path, None, urgent_day).tick().superseding_srs == 1
+    # analysed again; its new SR says routine (the analysis did not know the request date)
+    with index.read() as s:
+        path = s.scalars(select(OutboxItem.path).where(OutboxItem.study_instance_uid == uid)).one()
+    with index.write() as s:
+        s.execute(
+            text(
+                "UPDATE studies SET reported_at = reported_at + 60, previous_sr_path = :p, "
+                "result_json = :r WHERE study_instance_uid = :uid"
+            ),
+            {
+                "p": path,
+                "uid": uid,
+                "r": json.dumps(
+                    TriageResult(
+                        study_instance_uid=uid,
+                        status=StudyStatus.REPORTED,
+                        priority=Priority.ROUTINE,
+                        case_likelihood=0.1,
+                        model=MODEL,
+                        series_used={"t2w": _series(index, uid)},
+                    ).to_json_dict()
+                ),
+            },
+        )
+    report = _waiting_list(index, tmp_path, None, urgent_day).tick(only_changed=True)
+    assert (report.studies, report.superseding_srs) == (1, 1)  # urgent again, over the new SR
