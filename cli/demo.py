@@ -287,20 +287,27 @@ def order_message(study: DemoStudy, number: int, priority: str, psa: float | Non
     return "\r".join(segments) + "\r"
 
 
-def send_orders(studies: list[DemoStudy], port: int, after_images: bool) -> None:
-    """Send the demo's orders of one phase over MLLP and print each ACK."""
+def send_orders(studies: list[DemoStudy], port: int, after_images: bool) -> bool:
+    """Send the demo's orders of one phase over MLLP and print each ACK; False when the
+    server's HL7 listener cannot be reached."""
     from dicom_node.hl7_results import parse_ack, send_message
 
     for number, (i, priority, psa, late) in enumerate(DEMO_ORDERS, start=1):
         if late != after_images or i >= len(studies):
             continue
-        ack = send_message("127.0.0.1", port, order_message(studies[i], number, priority, psa), 10)
+        message = order_message(studies[i], number, priority, psa)
+        try:
+            ack = send_message("127.0.0.1", port, message, 10)
+        except (OSError, TimeoutError) as exc:
+            _say(f"  HL7 listener on port {port} not reachable ({exc}): orders skipped")
+            return False
         code, detail = parse_ack(ack)
         extra = f", PSA {psa} ng/mL" if psa is not None else ""
         _say(
             f"  order DEMO{number:04d} for {studies[i].folder.name} (priority {priority}{extra}):"
             f" ACK {code}{' ' + detail if detail else ''}"
         )
+    return True
 
 
 def wait_for_oru(ris: Any, expected: int, timeout: float) -> None:
@@ -396,7 +403,7 @@ def run_demo(
         base_url = f"http://127.0.0.1:{http_port}"
         wait_ready(base_url, server, log)
         _say("  RIS sends orders over HL7 v2 (MLLP)")
-        send_orders(studies, hl7_port, after_images=False)
+        hl7_up = send_orders(studies, hl7_port, after_images=False)
 
         _say(
             "4/5 pushing studies "
@@ -422,13 +429,14 @@ def run_demo(
         print()
         print(format_table(studies))
         print()
-        _say("  RIS sends an order after its images")
-        send_orders(studies, hl7_port, after_images=True)
-        wait_for_oru(ris, len(studies) + 1, timeout=30.0)
-        _say(f"RIS received {len(ris.messages)} ORU^R01 result message(s):")
-        if ris.messages:
-            print(format_oru(list(ris.messages)))
-        print()
+        if hl7_up:
+            _say("  RIS sends an order after its images")
+            send_orders(studies, hl7_port, after_images=True)
+            wait_for_oru(ris, len(studies) + 1, timeout=30.0)
+            _say(f"RIS received {len(ris.messages)} ORU^R01 result message(s):")
+            if ris.messages:
+                print(format_oru(list(ris.messages)))
+            print()
         _say(f"API:      {base_url}/api/studies")
         _say(f"Worklist: {base_url}/worklist")
         if isinstance(pacs, OrthancPacs):

@@ -215,3 +215,31 @@ def test_hl7_settings_loopback_by_default_and_allowlist_validated() -> None:
         }
     ).hl7
     assert hl7.listen_port == 2575 and hl7.destinations[0].receiving_facility == "HOSP"
+
+
+def test_demo_skips_its_orders_when_the_listener_is_down(tmp_path: Path) -> None:
+    import socket
+
+    from cli.demo import DemoStudy, send_orders
+
+    from .peers import make_mr_series
+
+    make_mr_series(tmp_path / "s", 1)
+    studies = [DemoStudy(tmp_path, f"1.2.3.{i}", "x", "ge") for i in range(4)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    assert send_orders(studies, port, after_images=False) is False
+
+
+@pytest.mark.integration
+def test_demo_orders_reach_a_listener(index: Index, listener: Hl7Listener, tmp_path: Path) -> None:
+    from cli.demo import DemoStudy, send_orders
+
+    from .peers import make_mr_series
+
+    make_mr_series(tmp_path / "s", 1)
+    studies = [DemoStudy(tmp_path, f"1.2.3.{i}", "x", "ge") for i in range(4)]
+    assert send_orders(studies, listener.port, after_images=False) is True
+    assert send_orders(studies, listener.port, after_images=True) is True
+    assert len(_orders(index)) == 3
