@@ -84,3 +84,35 @@ def test_pipeline_gate_refuses_a_shifted_study(tiny_repo: Path) -> None:
     far = oblique(cases[0], degrees=60.0)
     with pytest.raises(OutsideValidatedDomainError):
         gated.predict(far.t2w, far.adc, far.hbv)
+
+
+def test_analysis_reports_not_analysed_outside_validated_domain(tiny_repo: Path, tmp_path) -> None:
+    """The node's analysis step turns the gate's refusal into a coded `not_analysed` result."""
+    from datetime import date
+
+    from core.domain import Priority
+    from core.priority import WaitingPolicy
+    from dicom_node.analysis import analyse_study
+    from dicom_node.study_reader import scan_study
+    from models.engine import LocalEngine
+    from training.phantoms import synthesize_case, write_study
+
+    rng = np.random.default_rng(4)
+    gate = fit_ood_gate(_features(rng, 20), _features(rng, 20), source="test")
+    far = tuple(v + 1000.0 for v in gate.location)  # nothing real is near this validation set
+    path = tiny_repo / "cspca_detector" / "1.0.0" / "metadata.json"
+    md = read_metadata(path)
+    write_metadata(
+        path, md.model_copy(update={"ood_gate": gate.model_copy(update={"location": far})})
+    )
+    engine = LocalEngine.load(
+        tiny_repo, "cspca_detector:1.0.0", "prostate_gland:1.0.0", device="cpu", threads=1
+    )
+    study = write_study(synthesize_case(7), tmp_path / "study", distractors=False)
+    out = analyse_study(
+        scan_study(study), tmp_path / "out", engine, WaitingPolicy(), today=date(2026, 12, 1)
+    )
+    assert out.result.priority is Priority.NOT_ANALYSED
+    assert out.result.reason is not None
+    assert out.result.reason["code"] == "outside_validated_domain"
+    assert (tmp_path / "out" / "sr.dcm").exists()
