@@ -1,8 +1,12 @@
 """The index: patients, studies, series, instances, the job state and the outbox, in SQL.
 
-SQLAlchemy 2 ORM. SQLite by default (WAL journal, one writer at a time through a process
-lock), PostgreSQL by URL (``postgresql+psycopg://...``). The schema is owned by the alembic
-migrations in ``dicom_node/migrations``; `Index.__init__` upgrades the database to head.
+SQLAlchemy 2 ORM. SQLite by default (WAL journal, synchronous=NORMAL; one writer at a time
+through a process lock, since SQLite has a single writer and its busy handler sleeps),
+PostgreSQL by URL (``postgresql+psycopg://...``: the ingest path, `Index.add_instance`, runs
+without the process lock in concurrent short transactions, a get-or-create race on a unique key
+retried once; job and outbox transactions keep the lock, which makes their claims exclusive).
+The schema is owned by the alembic migrations in ``dicom_node/migrations``; `Index.__init__`
+upgrades the database to head.
 
 Several DICOM nodes may share one database (one node per hospital, PostgreSQL): every study and
 outbox row records the ``node_id`` of the node that received it, and an `Index` opened with a
@@ -19,7 +23,7 @@ import json
 import logging
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +45,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import (
     DeclarativeBase,
     InstrumentedAttribute,
@@ -270,6 +275,11 @@ class Index:
                 f"{redact(str(exc))}; check storage.database_url"
             ) from None
         self._write_lock = threading.RLock()
+        # Ingest: SQLite has one writer, so queue writers here rather than in its sleeping busy
+        # handler; PostgreSQL takes concurrent ingest writers (docs/reliability.md).
+        self._ingest_lock: AbstractContextManager[Any] = (
+            self._write_lock if self.engine.dialect.name == "sqlite" else nullcontext()
+        )
         self._series_ids: dict[str, tuple[int, int]] = {}
 
     def close(self) -> None:
@@ -321,8 +331,20 @@ class Index:
         analysed sends the study back to ``received`` so it is analysed again.
 
         This runs once per C-STORE, so it uses prepared SQL text and a cache of series ->
-        (study, series) row ids: one SELECT, one INSERT and two UPDATEs in one transaction."""
-        with self._write_lock, self.engine.begin() as conn:
+        (study, series) row ids: one SELECT, one INSERT and two UPDATEs in one transaction.
+        Without the process lock (PostgreSQL) two associations may create the same patient,
+        study, series or instance at once: the loser's unique-key error is retried once, and
+        then finds the winner's rows (a duplicate instance returns False)."""
+        try:
+            return self._add_instance(rec, now)
+        except IntegrityError:
+            if self.engine.dialect.name == "sqlite":
+                raise  # serialised by the lock: a real constraint violation
+            self._series_ids.pop(rec.series_instance_uid, None)
+            return self._add_instance(rec, now)
+
+    def _add_instance(self, rec: InstanceRecord, now: float) -> bool:
+        with self._ingest_lock, self.engine.begin() as conn:
             if conn.execute(_SQL_DUPLICATE, {"sop": rec.sop_instance_uid}).first() is not None:
                 return False
             ids = self._series_ids.get(rec.series_instance_uid)

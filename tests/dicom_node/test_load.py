@@ -15,13 +15,14 @@ from pynetdicom.sop_class import MRImageStorage
 from core.domain import StudyStatus
 from core.errors import OutOfResourcesError
 from core.settings import Settings
-from dicom_node.index import Index
+from dicom_node.index import Index, InstanceRecord
 from dicom_node.jobs import claim_next, transition
 from dicom_node.node import DicomNode, WorkQueue
 from tests.campaigns.load_ingest import run_campaign
 from tests.conftest import free_port, require_tool
 
 from .peers import RecordingAnalyser, index_series, make_mr_series
+from .pg import postgresql_server  # noqa: F401  (fixture)
 
 
 def test_work_queue_refuses_a_new_study_when_full_and_admits_queued_ones(tmp_path: Path) -> None:
@@ -113,3 +114,49 @@ def test_eight_parallel_senders_lose_nothing_and_urgent_jumps_the_queue(tmp_path
     assert report["urgent"]["referral_urgency"] == "urgent"
     assert report["urgent"]["overtaken"] >= 1, report  # there was a backlog and it jumped it
     assert time.monotonic() - started < 120
+
+
+def _race_into(index: Index, files: list[Path]) -> list[bool]:
+    """Eight threads index the same new study at once, each file twice (a resend)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    records = []
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        records.append(
+            InstanceRecord(
+                sop_instance_uid=ds.SOPInstanceUID,
+                sop_class_uid=ds.SOPClassUID,
+                series_instance_uid=ds.SeriesInstanceUID,
+                study_instance_uid=ds.StudyInstanceUID,
+                transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+                path=f,
+                size_bytes=1,
+                patient_id=ds.PatientID,
+                modality="MR",
+            )
+        )
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(lambda r: index.add_instance(r, 1.0), records + records))
+
+
+def test_parallel_writers_on_sqlite_index_every_instance_once(tmp_path: Path) -> None:
+    index = Index(f"sqlite:///{tmp_path}/index.db")
+    files = make_mr_series(tmp_path / "a", 40, rows=8, columns=8)
+    added = _race_into(index, files)
+    assert sum(added) == 40
+    [study] = index.list_studies()
+    assert study["instances"] == 40
+
+
+@pytest.mark.integration
+def test_parallel_writers_on_postgresql_race_without_a_process_lock(
+    tmp_path: Path, postgresql_url: str
+) -> None:
+    index = Index(postgresql_url, node_id="RADTRIAGE")
+    files = make_mr_series(tmp_path / "a", 40, rows=8, columns=8)
+    added = _race_into(index, files)
+    assert sum(added) == 40  # every instance indexed once, the resends seen as duplicates
+    [study] = index.list_studies()
+    assert study["instances"] == 40
+    index.close()
