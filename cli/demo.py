@@ -17,6 +17,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -149,9 +150,41 @@ initial_backoff_s = 1.0
     )
 
 
-def _get_json(url: str, timeout: float = 5.0) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
+DEMO_USER = "demo"
+
+
+@dataclass(frozen=True)
+class DemoLogin:
+    """The radiologist account the demo creates: a password to sign in, a token for its API."""
+
+    name: str
+    password: str
+    token: str
+
+
+def create_demo_user(database_url: str) -> DemoLogin:
+    """A radiologist account in the demo's index (the worklist and API are behind a login)."""
+    from dicom_node.index import Index
+    from serving.accounts import Accounts
+
+    accounts = Accounts(Index(database_url).engine)
+    password = secrets.token_urlsafe(12)
+    accounts.add_user(DEMO_USER, "radiologist", password)
+    return DemoLogin(DEMO_USER, password, accounts.new_token(DEMO_USER))
+
+
+def _get_json(url: str, timeout: float = 5.0, token: str | None = None) -> Any:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
         return json.loads(resp.read() or b"null")
+
+
+def study_result(base_url: str, study_instance_uid: str, token: str) -> dict[str, Any] | None:
+    """The study's result.json fields with its current job status, from the API."""
+    doc = _get_json(f"{base_url}/api/studies/{study_instance_uid}", token=token)
+    result = doc.get("result") if isinstance(doc, dict) else None
+    return {**result, "status": doc["status"]} if result else None
 
 
 def wait_ready(
@@ -197,7 +230,11 @@ def push_direct(study: DemoStudy, port: int) -> None:
 
 
 def wait_results(
-    studies: list[DemoStudy], base_url: str, sr_in_pacs: Callable[[str], bool], timeout: float
+    studies: list[DemoStudy],
+    base_url: str,
+    sr_in_pacs: Callable[[str], bool],
+    timeout: float,
+    token: str,
 ) -> None:
     """Poll the PACS for each SR and the API for each study until every study has ended.
 
@@ -208,7 +245,7 @@ def wait_results(
     pending = {s.study_instance_uid: s for s in studies}
     while pending and time.monotonic() < deadline:
         for uid, study in list(pending.items()):
-            _refresh(study, base_url)
+            _refresh(study, base_url, token)
             if study.sr_at is None and sr_in_pacs(uid):
                 study.sr_at = time.monotonic()
                 _say(
@@ -224,9 +261,9 @@ def wait_results(
         _say(f"  {study.folder.name} not sent to the PACS after {timeout:.0f} s (status {status})")
 
 
-def _refresh(study: DemoStudy, base_url: str) -> None:
+def _refresh(study: DemoStudy, base_url: str, token: str) -> None:
     with contextlib.suppress(urllib.error.URLError, OSError):
-        study.result = _get_json(f"{base_url}/api/studies/{study.study_instance_uid}")
+        study.result = study_result(base_url, study.study_instance_uid, token)
 
 
 def format_table(studies: list[DemoStudy]) -> str:
@@ -387,6 +424,8 @@ def run_demo(
             hl7_port=hl7_port,
             ris_port=ris.port,
         )
+        (workdir / "var").mkdir(parents=True, exist_ok=True)
+        login = create_demo_user(f"sqlite:///{workdir / 'var'}/radtriage.db")
         log = workdir / "serve.log"
         _say(f"3/5 starting `radtriage serve --config {config}` (log: {log})")
         cmd = [sys.executable, "-m", "cli.main", "serve", "--config", str(config)]
@@ -425,7 +464,9 @@ def run_demo(
             _say(f"  pushed {study.folder.name}")
 
         _say("5/5 waiting for SRs in the PACS")
-        wait_results(studies, base_url, lambda uid: "SR" in pacs.series_modalities(uid), timeout)
+        wait_results(
+            studies, base_url, lambda uid: "SR" in pacs.series_modalities(uid), timeout, login.token
+        )
         print()
         print(format_table(studies))
         print()
@@ -437,8 +478,8 @@ def run_demo(
             if ris.messages:
                 print(format_oru(list(ris.messages)))
             print()
-        _say(f"API:      {base_url}/api/studies")
-        _say(f"Worklist: {base_url}/worklist")
+        _say(f"Worklist: {base_url}/worklist  (sign in as {login.name} / {login.password})")
+        _say(f"API:      {base_url}/api/worklist  (Authorization: Bearer {login.token})")
         if isinstance(pacs, OrthancPacs):
             _say(f"PACS:     {pacs.url}/app/explorer.html (Orthanc)")
         complete = all(s.sr_at is not None for s in studies)

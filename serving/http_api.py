@@ -141,8 +141,13 @@ def pending_row(row: dict[str, Any]) -> dict[str, Any]:
 
 def pending_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Referrer's urgency first (the AI cannot lower it), then longest waiting."""
-    rank = {u.value: i for i, u in enumerate(ReferralUrgency)}
-    return sorted(rows, key=lambda r: (rank.get(r["referral_urgency"], 99), r["received_at"] or ""))
+    def rank(row: dict[str, Any]) -> int:
+        try:
+            return ReferralUrgency(row["referral_urgency"]).rank
+        except ValueError:
+            return ReferralUrgency.ROUTINE.rank
+
+    return sorted(rows, key=lambda r: (rank(r), r["received_at"] or ""))
 
 
 def _document(row: dict[str, Any], kind: str) -> Path | None:

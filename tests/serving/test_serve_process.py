@@ -8,6 +8,7 @@ replicas); then start again (`--local`) over the same storage and find the study
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -121,7 +122,15 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 @pytest.fixture(scope="module")
 def lifecycle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lifecycle]:
     pytest.importorskip("ray")
-    from cli.demo import DemoStudy, push_direct, wait_ready, write_config
+    from cli.demo import (
+        DemoStudy,
+        _get_json,
+        create_demo_user,
+        push_direct,
+        study_result,
+        wait_ready,
+        write_config,
+    )
     from cli.pacs import LocalPacs, free_port
     from training.phantoms import synthesize_case, write_study
 
@@ -138,6 +147,8 @@ def lifecycle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lifecycle]:
     dicom_port, http_port = free_port(), free_port()
     config = work / "radtriage.toml"
     write_config(config, work / "var", dicom_port, http_port, pacs.aet, pacs.port)
+    (work / "var").mkdir()
+    token = create_demo_user(f"sqlite:///{work / 'var'}/radtriage.db").token
     base = f"http://127.0.0.1:{http_port}"
     log = work / "serve.log"
     out = Lifecycle(case.study_instance_uid)
@@ -156,10 +167,11 @@ def lifecycle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lifecycle]:
         push_direct(study, dicom_port)
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
-            if _status(f"{base}/api/studies/{out.study_instance_uid}") == 200:
-                out.first_result = _get(f"{base}/api/studies/{out.study_instance_uid}")
-                if out.first_result["status"] == "sent":
-                    break
+            assert _status(f"{base}/api/studies/{out.study_instance_uid}") == 401  # no login
+            with contextlib.suppress(urllib.error.HTTPError):  # 404 until it is indexed
+                out.first_result = study_result(base, out.study_instance_uid, token) or {}
+            if out.first_result.get("status") == "sent":
+                break
             time.sleep(1.0)
         out.metrics = _get(base + "/metrics")
         out.children = _descendants(proc.pid)
@@ -179,7 +191,7 @@ def lifecycle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lifecycle]:
 
         proc = _start(config, log, "--local")
         wait_ready(base, proc, log, timeout=120)
-        out.after_restart = _get(base + "/api/studies")
+        out.after_restart = _get_json(base + "/api/worklist?limit=500", token=token)["rows"]
         yield out
     finally:
         _kill_group(proc)
