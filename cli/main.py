@@ -26,6 +26,7 @@ COMMANDS = (
     "users",
     "audit",
     "feedback",
+    "doctor",
 )
 
 

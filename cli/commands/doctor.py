@@ -1,0 +1,48 @@
+"""`radtriage doctor --config FILE [--repair] [--json]`: check the index against the spool, the
+outbox and the results (`dicom_node.doctor`); exit 0 when nothing is left to fix, 1 when
+problems remain. Run it with the server stopped."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "doctor", help="check index vs spool vs outbox vs results; --repair fixes what it can"
+    )
+    p.add_argument("--config", type=Path, default=None, help="settings TOML")
+    p.add_argument("--repair", action="store_true", help="repair what can be repaired")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from core.settings import load_settings
+    from dicom_node.doctor import examine
+    from dicom_node.index import Index
+    from dicom_node.spool import Spool
+
+    settings = load_settings(args.config)
+    d = settings.dicom
+    index = Index(settings.storage.database_url, node_id=d.node_id or d.ae_title)
+    try:
+        spool = Spool(settings.storage.root)
+        report = examine(spool, index, spool.root / "results", repair=args.repair)
+    finally:
+        index.close()
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    else:
+        for p in report.problems:
+            state = "repaired" if p.repaired else "PROBLEM"
+            where = p.study_instance_uid or p.path or ""
+            print(f"{state:8s} {p.check:22s} {where}: {p.detail}")
+        print(
+            f"{len(report.problems)} found, {len(report.problems) - len(report.unrepaired)} "
+            f"repaired, {len(report.unrepaired)} left; checked {report.checked}"
+        )
+    return 0 if report.ok else 1
