@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repository", type=Path, default=None)
     ap.add_argument("--fit", default="phantoms:300:800000", help="--data of the fit run")
     ap.add_argument("--calibration", default="platt", choices=("platt", "isotonic", "none"))
+    ap.add_argument("--urgent-specificity", type=float, default=0.90)
     ap.add_argument("--fresh", type=int, nargs=2, default=(90, 910000), metavar=("N", "SEED"))
     ap.add_argument("--shifted", type=int, nargs=2, default=(30, 920000), metavar=("N", "SEED"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/domain_gate.json"))
@@ -128,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         "--write-thresholds",
         "--calibration",
         args.calibration,
+        "--urgent-specificity",
+        str(args.urgent_specificity),
         "--bootstrap",
         "200",
         "--out",
@@ -143,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         "fit": {
             "data": args.fit,
             "calibration": args.calibration,
+            "urgent_specificity": args.urgent_specificity,
             "thresholds": {"urgent": md.thresholds.urgent, "soon": md.thresholds.soon}
             if md.thresholds
             else None,
