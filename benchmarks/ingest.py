@@ -1,5 +1,6 @@
-"""Ingest benchmark: DCMTK storescu (1 and 4 parallel associations, TCP_NODELAY=1) sending a
-generated classic MR series into our SCP, DCMTK storescp and Orthanc, in one run.
+"""Ingest benchmark: DCMTK storescu (1, 2 and 4 parallel associations, TCP_NODELAY=1) sending a
+generated classic MR series into our SCP, DCMTK storescp and Orthanc, in one run, plus the
+scaling of each receiver (rate with N senders / rate with 1) from the same run.
 
 Also measures, for our node, the time from the last instance received to the result SR
 accepted by the destination (a storescp), with the small test analyser at the seam (so it is
@@ -34,6 +35,7 @@ from tests.dicom_node.peers import make_mr_series, storescp
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "ingest.json"
+SENDERS = (1, 2, 4)  # parallel storescu associations
 
 
 def _free_port() -> int:
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         total_mb = sum(f.stat().st_size for f in files) / 1e6
         runs: dict[str, dict[str, Any]] = {}
         for name, (target, aet) in _targets().items():
-            for parallel in (1, 4):
+            for parallel in SENDERS:
                 best = float("inf")
                 for rep in range(args.repeats):
                     work = root / f"{name}-{parallel}-{rep}"
@@ -217,7 +219,14 @@ def main(argv: list[str] | None = None) -> int:
                 3,
             )
             for peer in ("storescp", "orthanc")
-            for p in (1, 4)
+            for p in SENDERS
+        }
+        scaling = {
+            f"{name}_{p}_vs_1_sender": round(
+                run[f"{p}_sender"]["instances_per_s"] / run["1_sender"]["instances_per_s"], 3
+            )
+            for name, run in runs.items()
+            for p in SENDERS[1:]
         }
         latency = _sr_latency(files[:60], root)
         result = {
@@ -230,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             "runs": runs,
             "ratios": ratios,
+            "scaling": scaling,
             "sr_latency": latency,
             "notes": (
                 "radtriage fsyncs each file and directory and indexes it in SQLite before "
@@ -245,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(json.dumps({"ratios": ratios, "sr_latency": latency}, indent=2))
+        print(json.dumps({"ratios": ratios, "scaling": scaling, "sr_latency": latency}, indent=2))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -49,7 +49,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         (),  # its defaults: 320 instances of 256x256, best of 1
         ("--instances", "40", "--repeats", "1"),
         240,
-        "C-STORE ingest: radtriage vs DCMTK storescp vs Orthanc, 1 and 4 storescu senders",
+        "C-STORE ingest: radtriage vs DCMTK storescp vs Orthanc, 1, 2 and 4 storescu senders",
     ),
     Benchmark(
         "inference",
@@ -171,39 +171,41 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 def render_ingest(d: dict[str, Any]) -> str:
     runs = d["runs"]
     ours = runs["radtriage"]
+    senders = [k for k in ours if k.endswith("_sender")]  # "1_sender", "2_sender", "4_sender"
     rows = []
     for name, r in runs.items():
+        base = r["1_sender"]["instances_per_s"]
         rows.append(
             [
                 f"**{name}**" if name == "radtriage" else name,
-                _fmt(r["1_sender"]["instances_per_s"]),
-                _fmt(r["1_sender"]["mb_per_s"], 2),
-                _fmt(r["4_sender"]["instances_per_s"]),
-                _fmt(r["4_sender"]["mb_per_s"], 2),
+                *(_fmt(r[k]["instances_per_s"]) for k in senders),
+                _fmt(r[senders[-1]]["mb_per_s"], 2),
+                *(_ratio(r[k]["instances_per_s"], base) for k in senders[1:]),
                 *(
-                    ["(ours)", "(ours)"]
+                    ["(ours)"] * 2
                     if name == "radtriage"
                     else [
                         _ratio(ours[k]["instances_per_s"], r[k]["instances_per_s"])
-                        for k in ("1_sender", "4_sender")
+                        for k in (senders[0], senders[-1])
                     ]
                 ),
             ]
         )
     s = d["series"]
+    n = [k.split("_")[0] for k in senders]
     out = [
         f"One classic MR series, {s['instances']} instances of {s['rows']}x{s['columns']} "
-        f"({s['megabytes']} MB, {s['transfer_syntax']}), sent by DCMTK storescu.",
+        f"({s['megabytes']} MB, {s['transfer_syntax']}), sent by DCMTK storescu over "
+        f"{'/'.join(n)} parallel associations; every rate is from the same run.",
         "",
         table(
             [
                 "receiver",
-                "1 sender inst/s",
-                "1 sender MB/s",
-                "4 senders inst/s",
-                "4 senders MB/s",
-                "radtriage ÷ this (1)",
-                "radtriage ÷ this (4)",
+                *(f"{k} sender{'s' if k != '1' else ''} inst/s" for k in n),
+                f"{n[-1]} senders MB/s",
+                *(f"{k} ÷ 1 sender" for k in n[1:]),
+                f"radtriage ÷ this ({n[0]})",
+                f"radtriage ÷ this ({n[-1]})",
             ],
             rows,
         ),
