@@ -28,18 +28,22 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import uvicorn
 
-from core.domain import ModelRef
+from core.domain import ModelInfo, ModelRef
 from core.engine import InferenceEngine
 from core.errors import ConfigError, ModelError, ModelNotFoundError
 from core.log_events import log_event
+from core.priority import Thresholds
 from core.settings import ModelSettings, Settings
 from dicom_node.analysis import StudyAnalyser, StudyAnalysis
+from dicom_node.index import Index
 from dicom_node.jobs import AnalysisOutput
 from dicom_node.node import DicomNode
 from dicom_node.study_reader import scan_study
+from dicom_node.waiting_list import LiveWaitingList
 from models.engine import LocalEngine
 from models.repository import ModelRepository, parse_ref
 from models.shadow_log import ShadowLog
+from serving.fhir import FhirPush
 from serving.http_api import ApiContext, create_app, is_pending, pending_row
 from serving.metrics import Metrics
 
@@ -302,11 +306,37 @@ class RadtriageApp:
         )
         return create_app(ctx)
 
+    def model_thresholds(self, model: ModelInfo) -> Thresholds | None:
+        """The thresholds of the detector version that analysed a study (the waiting list
+        recomputes its flag as days pass); None when that version is not in the repository."""
+        try:
+            version = ModelRepository(self.settings.models.repository).resolve(
+                f"{model.name}:{model.version}"
+            )
+        except ModelError:
+            return None
+        spec = version.metadata.thresholds
+        return spec.as_thresholds() if spec is not None else None
+
+    def _fhir_push(self, index: Index) -> FhirPush | None:
+        url = self.settings.hl7.fhir_base_url
+        if not url:
+            return None
+        push = FhirPush(index, url)
+        push.start()
+        return push
+
     def serve_forever(self, promotion_poll_s: float = 30.0) -> None:
         """Start everything; return after SIGTERM/SIGINT once in-flight work has finished."""
         self.start_models()
         self.node = DicomNode(self.settings, self.analyse)
+        self._analyser().index = self.node.index  # RIS orders count at analysis time
         self.node.start()
+        live = LiveWaitingList(
+            self.node.index, self.node.spool, self.settings, self.model_thresholds
+        )
+        live.start()
+        fhir = self._fhir_push(self.node.index)
         stop = threading.Event()
 
         def poll_promotions() -> None:
@@ -341,6 +371,9 @@ class RadtriageApp:
             stop.set()
             self._ready = False
             started = time.monotonic()
+            if fhir is not None:
+                fhir.stop()
+            live.stop()
             self.node.stop()
             self.shutdown()
             log_event(log, "radtriage stopped", drain_s=round(time.monotonic() - started, 1))

@@ -322,6 +322,9 @@ class TriageResult(BaseModel):
     referral_urgency: ReferralUrgency | None = None
     days_waited: int | None = None  # since the imaging request was issued
     priority_reasons: tuple[str, ...] = ()
+    # worklist order, lowest first: the flag's rank, or a not-analysed study's referral or
+    # waiting-time floor (`core.priority.PriorityDecision.rank`)
+    priority_rank: int | None = None
 
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -58,16 +58,18 @@ from core.errors import (
     WrongBodyPartError,
 )
 from core.log_events import log_event
-from core.priority import Thresholds, WaitingPolicy, decide_priority
+from core.priority import Thresholds, WaitingPolicy, days_waited, decide_priority
 from core.settings import TriageSettings
 from dicom_node.evidence import scan_evidence
+from dicom_node.index import Index
 from dicom_node.jobs import AnalysisOutput, Document
-from dicom_node.request_attributes import days_since_referral, referral_urgency
+from dicom_node.request_attributes import referral_urgency, request_date
 from dicom_node.seg import build_seg
 from dicom_node.series_selection import SelectionRules, load_rules
 from dicom_node.sr import build_triage_sr
 from dicom_node.study_reader import StudyScan, scan_study
 from dicom_node.study_volumes import StudyVolumes, load_study_volumes
+from dicom_node.waiting_list import WaitingInputs, analysis_inputs, psa_density
 
 log = logging.getLogger(__name__)
 
@@ -179,11 +181,14 @@ def analyse_study(
     policy: WaitingPolicy,
     *,
     today: date,
+    inputs: WaitingInputs | None = None,
     rules: SelectionRules | None = None,
     previous_sr: Path | None = None,
 ) -> StudyAnalysis:
     """Analyse one scanned study; write result.json, sr.dcm and, when analysed, seg.dcm into
-    `out_dir`. Never raises for a bad study; raises when the engine cannot be reached."""
+    `out_dir`. `inputs`: the referral as the RIS order gives it (`waiting_list.analysis_inputs`);
+    None reads it from the images' request attributes. Never raises for a bad study; raises
+    when the engine cannot be reached."""
     out_dir.mkdir(parents=True, exist_ok=True)
     clock = _Clock()
     uid = scan.study_instance_uid
@@ -199,8 +204,10 @@ def analyse_study(
         else {"study": scan_evidence(scan)}
     )
     model = outcome.model or engine.current_detector()
-    headers = [s.headers for s in scan.series]
-    result = _result(uid, model, outcome, headers, policy, today)
+    if inputs is None:
+        headers = [s.headers for s in scan.series]
+        inputs = WaitingInputs(referral_urgency(headers), request_date(headers, today), False, None)
+    result = _result(uid, model, outcome, inputs, policy, today)
     clock.lap("priority")
     documents, result = _write_documents(out_dir, result, evidence, model, outcome, previous_sr)
     clock.lap("report")
@@ -231,24 +238,31 @@ def _result(
     uid: str,
     model: ModelRef,
     outcome: _Outcome,
-    headers: Sequence[Dataset],
+    inputs: WaitingInputs,
     policy: WaitingPolicy,
     today: date,
 ) -> TriageResult:
-    referral = referral_urgency(headers)
-    days_waited = days_since_referral(headers, today)
+    waited = days_waited(inputs.request_date, today)
     prediction = outcome.prediction
     likelihood = prediction.case_likelihood if prediction is not None else None
-    decision = decide_priority(likelihood, outcome.thresholds, referral, days_waited, policy)
+    decision = decide_priority(
+        likelihood,
+        outcome.thresholds,
+        inputs.referral,
+        waited,
+        policy,
+        suspected_cancer_pathway=inputs.suspected_cancer_pathway,
+    )
     common: dict[str, Any] = {
         "study_instance_uid": uid,
         "priority": decision.priority,
         "model": ModelInfo(name=model.name, version=model.version, sha256=model.sha256),
         "disclaimer": model.disclaimer,
         "series_used": dict(outcome.volumes.series_used) if outcome.volumes is not None else {},
-        "referral_urgency": referral,
-        "days_waited": days_waited,
+        "referral_urgency": inputs.referral,
+        "days_waited": waited,
         "priority_reasons": decision.reasons,
+        "priority_rank": decision.rank,
     }
     if prediction is None:
         error = outcome.error
@@ -264,6 +278,7 @@ def _result(
         case_likelihood=prediction.case_likelihood,
         lesions=tuple(LesionResult.from_lesion(les) for les in prediction.lesions),
         gland_volume_ml=prediction.gland_volume_ml,
+        psa_density=psa_density(inputs.psa_ng_ml, prediction.gland_volume_ml),
         **common,
     )
 
@@ -341,7 +356,9 @@ class StudyAnalyser:
     """`dicom_node.jobs.Analyser` for the node: analyses into ``<results_root>/<uid>/``.
 
     Settings are checked here, once, when the node is wired (a bad `[triage]` section fails at
-    start-up, not on every study).
+    start-up, not on every study). With the node's `index`, a study's RIS order (referral
+    urgency, request date, pathway, PSA) counts at analysis time; without one (`infer`) the
+    images' request attributes do.
     """
 
     def __init__(
@@ -350,28 +367,36 @@ class StudyAnalyser:
         results_root: Path,
         triage: TriageSettings,
         *,
+        index: Index | None = None,
         rules: SelectionRules | None = None,
-        today: Callable[[], date] = lambda: datetime.now(UTC).date(),
         observe: Callable[[StudyAnalysis], None] | None = None,
     ) -> None:
         self.engine = engine
         self.results_root = Path(results_root)
-        self.policy = WaitingPolicy(
-            triage.fds_days, triage.escalate_within_days, triage.urgent_within_days
-        )
+        self.triage = triage
+        self.policy = triage.waiting_policy()
+        self.index = index
         self.rules = rules or load_rules()
-        self.today = today
         self.observe = observe
 
     def analyse(
-        self, scan: StudyScan, out_dir: Path, previous_sr: Path | None = None
+        self,
+        scan: StudyScan,
+        out_dir: Path,
+        previous_sr: Path | None = None,
+        study_instance_uid: str | None = None,
     ) -> StudyAnalysis:
+        today = self.triage.current_date()
+        inputs = None
+        if self.index is not None and (uid := scan.study_instance_uid or study_instance_uid):
+            inputs = analysis_inputs(self.index, uid, [s.headers for s in scan.series], today)
         analysis = analyse_study(
             scan,
             out_dir,
             self.engine,
             self.policy,
-            today=self.today(),
+            today=today,
+            inputs=inputs,
             rules=self.rules,
             previous_sr=previous_sr,
         )
@@ -384,5 +409,6 @@ class StudyAnalyser:
     ) -> AnalysisOutput:
         scan = scan_study(instance_paths)
         # the index's key names the folder: a validated UID, never raw header text
-        analysis = self.analyse(scan, self.results_root / study_instance_uid, previous_sr)
+        out_dir = self.results_root / study_instance_uid
+        analysis = self.analyse(scan, out_dir, previous_sr, study_instance_uid)
         return AnalysisOutput(result=analysis.result, documents=analysis.documents)

@@ -67,7 +67,8 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 #: a node adopts them when it starts (`Index.adopt_unowned`).
 UNOWNED = ""
 
-URGENCY_RANK = {ReferralUrgency.URGENT: 0, ReferralUrgency.SOON: 1, ReferralUrgency.ROUTINE: 2}
+#: The claim order of the work queue: `ReferralUrgency.rank`, the one urgency ranking.
+URGENCY_RANK = {u: u.rank for u in ReferralUrgency}
 
 
 class Base(DeclarativeBase):
@@ -99,7 +100,7 @@ class Study(Base):
     study_date: Mapped[str] = mapped_column(String(8), default="")
     study_description: Mapped[str] = mapped_column(String(64), default="")
     referral_urgency: Mapped[str] = mapped_column(String(16), default="routine")
-    urgency_rank: Mapped[int] = mapped_column(Integer, default=2)
+    urgency_rank: Mapped[int] = mapped_column(Integer, default=ReferralUrgency.ROUTINE.rank)
     status: Mapped[str] = mapped_column(String(16), default="received", index=True)
     node_id: Mapped[str] = mapped_column(String(64), default=UNOWNED, server_default="", index=True)
     status_changed_at: Mapped[float] = mapped_column(Float)

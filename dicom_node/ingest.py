@@ -61,6 +61,7 @@ from core.errors import (
 )
 from dicom_node.encoding_check import check_encoding
 from dicom_node.index import Index, InstanceRecord
+from dicom_node.request_attributes import requested_procedure_priority
 from dicom_node.spool import Spool, encode_file_meta
 from dicom_node.uids import require_uid
 
@@ -126,17 +127,6 @@ def _int(ds: Dataset, keyword: str) -> int | None:
     return value if -(2**31) <= value < 2**31 else None  # IS is a 32-bit integer
 
 
-def _requested_procedure_priority(ds: Dataset) -> str:
-    value = _str(ds, "RequestedProcedurePriority")
-    if value:
-        return value
-    for item in ds.get("RequestAttributesSequence") or []:
-        value = _str(item, "RequestedProcedurePriority")
-        if value:
-            return value
-    return ""
-
-
 def record_from_header(
     ds: Dataset,
     *,
@@ -197,7 +187,7 @@ def record_from_header(
             series_description=_str(ds, "SeriesDescription")[:64],
             body_part_examined=_str(ds, "BodyPartExamined")[:16],
             instance_number=_int(ds, "InstanceNumber"),
-            requested_procedure_priority=_requested_procedure_priority(ds)[:16],
+            requested_procedure_priority=requested_procedure_priority(ds)[:16],
             calling_ae_title=calling_ae_title[:16],
         )
     except Exception as exc:

@@ -326,7 +326,9 @@ def update_result_columns(
         .where(STUDIES.c.id == study_id)
         .values(
             priority=result.priority.value,
-            priority_rank=result.priority.rank,
+            priority_rank=result.priority_rank
+            if result.priority_rank is not None
+            else result.priority.rank,
             case_likelihood=result.case_likelihood,
             largest_lesion_ml=largest,
             gland_volume_ml=result.gland_volume_ml,

@@ -26,6 +26,12 @@ depends_on = None
 
 
 def upgrade() -> None:
+    # studies.urgency_rank follows ReferralUrgency.rank (0 urgent, 2 soon, 3 routine), the one
+    # urgency ranking, instead of 0/1/2
+    op.execute(
+        "UPDATE studies SET urgency_rank = CASE referral_urgency WHEN 'urgent' THEN 0 "
+        "WHEN 'soon' THEN 2 ELSE 3 END"
+    )
     op.create_table(
         "orders",
         sa.Column("id", sa.Integer, primary_key=True),
