@@ -119,7 +119,7 @@ class WorklistPage:
 def _floor_rank() -> Any:
     """The referrer's urgency as a `Priority.rank` (the AI never goes below it)."""
     return case(
-        {u.value: Priority(u.value).rank for u in ReferralUrgency},
+        {u.value: u.rank for u in ReferralUrgency},
         value=STUDIES.c.referral_urgency,
         else_=Priority.ROUTINE.rank,
     )
