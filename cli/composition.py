@@ -298,6 +298,7 @@ class RadtriageApp:
             metrics=self.metrics,
             models=self.models_info,
             outbox=node.dead_letters if node is not None else list,
+            ingest=node.handler.ingest if node is not None else None,
             pending=IndexStudies(index).list_pending,
             ready=self.ready,
             node_id=index.node_id,

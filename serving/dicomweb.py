@@ -156,7 +156,7 @@ def create_dicomweb_router(ctx: Any, *, dependencies: Sequence[Any] = ()) -> API
     @router.post("/studies")
     async def store_instances(request: Request) -> JSONResponse:
         """STOW-RS: store the Part 10 files of a multipart/related request."""
-        ingest = getattr(ctx, "ingest", None)
+        ingest = ctx.ingest
         if ingest is None:
             raise HTTPException(503, "this node has no DICOM ingest path (STOW-RS disabled)")
         media, params = _media_type(request.headers.get("content-type", ""))

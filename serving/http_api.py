@@ -24,6 +24,8 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.domain import ReferralUrgency, SeriesRole, StudyStatus
+from dicom_node.index import Index
+from dicom_node.ingest import Ingest
 from dicom_node.worklist import MAX_PAGE, SORT_KEYS, WorklistQuery, query_worklist
 from serving.accounts import Accounts, Principal
 from serving.assessments import Assessments, BiopsyBody, FindingBody, OverrideBody, PiradsBody
@@ -76,7 +78,7 @@ Operations = Annotated[Principal, Depends(require(ADMIN, ML_ENGINEER))]
 class ApiContext:
     """What the HTTP layer reads; each piece is supplied by the composition root."""
 
-    index: Any  # dicom_node.index.Index: studies, users, sessions, audit, assessments
+    index: Index  # studies, users, sessions, audit, assessments
     metrics: Metrics
     models: Callable[[], dict[str, Any]] = dict
     outbox: Callable[[], list[dict[str, Any]]] = list
@@ -86,6 +88,7 @@ class ApiContext:
     session_ttl_s: float = 8 * 3600.0
     fds_days: int = 28
     key_images: KeyImageCache = field(default_factory=KeyImageCache)
+    ingest: Ingest | None = None  # the node's C-STORE store path, for STOW-RS (None: off)
 
 
 class Login(BaseModel):

@@ -44,8 +44,8 @@ class Node:
         self.spool = Spool(tmp_path / "var")
         self.woken: list[str] = []
         self.ingest = Ingest(self.spool, self.index, on_stored=self.woken.append)
-        ctx = ApiContext(index=self.index, metrics=Metrics())
-        ctx.ingest = self.ingest  # type: ignore[attr-defined]  # wired by the composition root
+        # the node's C-STORE store path, as the composition root wires it
+        ctx = ApiContext(index=self.index, metrics=Metrics(), ingest=self.ingest)
         self.app = create_app(ctx)
         self.tokens = add_users(self.index)
 
