@@ -365,8 +365,8 @@ class StorageSCP:
 
         class LimitedRequestHandler(RequestHandler):  # type: ignore[misc]
             def _create_association(self) -> Any:
-                assoc = super()._create_association()
-                sock = assoc.dul.socket
+                assoc: Any = super()._create_association()
+                sock: Any = assoc.dul.socket
                 sock.__class__ = socket_class  # same object, limited recv (no second Evt5)
                 sock.limits = _AbortingLimits(max_pdu_size)
                 assoc._serve_request = _abort_unanswerable(assoc, assoc._serve_request)
