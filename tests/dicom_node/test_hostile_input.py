@@ -218,3 +218,29 @@ def test_hostile_header_from_pynetdicom_and_storescu(node: LiveNode, tmp_path: P
     assert _indexed(node) == {stored}
     assert {p.stem for p in node.spool.rglob("*.dcm")} == {stored}
     assert not (tmp_path / "x").exists() and not (node.root / "x").exists()
+
+
+def test_part10_ingest_for_stow(tmp_path: Path) -> None:
+    """`Ingest.receive_part10` (the STOW-RS entry) takes UIDs from the File Meta Information
+    and applies the same checks."""
+    from dicom_node.index import Index
+    from dicom_node.ingest import Ingest
+
+    spool = Spool(tmp_path / "var")
+    ingest = Ingest(spool, Index(f"sqlite:///{tmp_path}/index.db"))
+    good, bad = make_mr_series(tmp_path / "src", 2)
+    outcome = ingest.receive_part10(good.read_bytes(), source="stow:alice")
+    assert outcome.ok and outcome.http_status == 200 and not outcome.duplicate
+    assert ingest.receive_part10(good.read_bytes()).duplicate
+    ds = pydicom.dcmread(bad)
+    ds.StudyInstanceUID = "../../x"
+    ds.save_as(bad)
+    refused = ingest.receive_part10(bad.read_bytes())
+    assert refused.status == 0xA900 and refused.http_status == 409
+    assert refused.reason is not None and "StudyInstanceUID" in refused.reason
+    assert refused.quarantined is not None and refused.quarantined.is_file()
+    not_part10 = ingest.receive_part10(b"\x00" * 200)
+    assert not_part10.status == 0xC210 and not_part10.quarantined is not None
+    assert [p.stem for p in spool.spool_dir.rglob("*.dcm")] == [
+        str(pydicom.dcmread(good).SOPInstanceUID)
+    ]
