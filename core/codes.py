@@ -70,6 +70,9 @@ NOT_ANALYSED_REASONS: dict[str, Code] = {
     "malformed_dicom": Code("RT313", CODING_SCHEME, "Malformed DICOM"),
     "not_dicom": Code("RT314", CODING_SCHEME, "Not DICOM"),
     "invalid_input": Code("RT315", CODING_SCHEME, "Input not usable by the AI"),
+    "outside_validated_domain": Code(
+        "RT316", CODING_SCHEME, "Outside the model's validated domain"
+    ),
     "internal_error": Code("RT399", CODING_SCHEME, "Internal error"),
 }
 

@@ -251,6 +251,12 @@ class Prediction:
         if not 0.0 <= self.case_likelihood <= 1.0:
             raise ValueError(f"case_likelihood must be in [0, 1], got {self.case_likelihood}")
 
+    @property
+    def low_confidence(self) -> bool:
+        """Whether the model's domain gate found the study near the edge of what the model was
+        validated on (a prediction with a gate answer overrides this)."""
+        return False
+
 
 @dataclass(frozen=True)
 class ModelRef:

@@ -121,8 +121,10 @@ def decide_priority(
     policy: WaitingPolicy = WaitingPolicy(),
     *,
     suspected_cancer_pathway: bool = False,
+    low_confidence: bool = False,
 ) -> PriorityDecision:
-    """Combine the three inputs; `reasons` says which rule set the result."""
+    """Combine the three inputs; `reasons` says which rule set the result. `low_confidence`
+    (the model's domain gate): an analysed study is at least `soon`, never lowered."""
     reasons: list[str] = []
     floor = referral.floor
     wait_floor = policy.wait_floor(days_waited)
@@ -152,6 +154,9 @@ def decide_priority(
         if most_urgent(result, wait_floor) is not result:
             result = wait_floor
             reasons.append(wait_reason)
+        if low_confidence and most_urgent(result, Priority.SOON) is not result:
+            result = Priority.SOON
+            reasons.append("low confidence: the study lies near the edge of the model's domain")
         rank = result.rank
     if suspected_cancer_pathway and days_waited is not None and days_waited >= policy.pathway_days:
         reasons.append(f"past the {policy.pathway_days}-day suspected-cancer pathway target")

@@ -252,6 +252,7 @@ def _result(
         waited,
         policy,
         suspected_cancer_pathway=inputs.suspected_cancer_pathway,
+        low_confidence=prediction is not None and prediction.low_confidence,
     )
     common: dict[str, Any] = {
         "study_instance_uid": uid,

@@ -161,3 +161,12 @@ def test_bad_triage_section_fails_at_start_up() -> None:
     s = load_settings(environ={"RADTRIAGE_TRIAGE__TODAY": "2026-11-26"})
     assert s.triage.current_date().isoformat() == "2026-11-26"
     assert load_settings(environ={"RADTRIAGE_TRIAGE__TODAY": ""}).triage.today is None
+
+
+def test_low_confidence_raises_an_analysed_study_to_soon_and_never_lowers() -> None:
+    t = Thresholds(urgent=0.6, soon=0.3)
+    low = decide_priority(0.1, t, low_confidence=True)
+    assert low.priority is Priority.SOON
+    assert any("low confidence" in r for r in low.reasons)
+    assert decide_priority(0.9, t, low_confidence=True).priority is Priority.URGENT
+    assert decide_priority(None, t, low_confidence=True).priority is Priority.NOT_ANALYSED
