@@ -390,6 +390,10 @@ def _machine_section(m: dict[str, Any]) -> str:
     return table(["", ""], rows)
 
 
+#: `benchmarks.inference --grid picai` (run by hand: minutes at this size on 2 CPUs).
+PICAI_FILE = "inference_picai.json"
+
+
 def render(results: Path) -> str:
     """The README for the results in `results` (any subset of benchmarks may be missing)."""
     run = _load(results / RUN_FILE) or {}
@@ -440,6 +444,18 @@ def render(results: Path) -> str:
             )
         if notes:
             out += [f"<sub>{'; '.join(notes)}</sub>", ""]
+        picai = _load(results / PICAI_FILE) if bench.name == "inference" else None
+        if picai is not None:
+            out += [
+                "### At the PI-CAI grid (3 x 20 x 256 x 256)",
+                "",
+                f"`python -m benchmarks.inference --grid picai` (measured {picai.get('date')}): "
+                "the bundled architecture with random weights at the PI-CAI baseline's grid, a "
+                "speed measurement only.",
+                "",
+                render_inference(picai),
+                "",
+            ]
     return "\n".join(out).rstrip() + "\n"
 
 
