@@ -432,8 +432,9 @@ def run_store(node: LiveNode, case: StoreCase, stats: Stats) -> None:
     stats.statuses[f"0x{status:04X}"] += 1
     stats.outcomes[f"{case.kind} 0x{status:04X}"] += 1
     if status == 0x0000:
-        stats.acknowledged.append(case.sop_instance.decode())
-        if not _spooled(node, case.sop_instance):
+        sop = case.sop_instance.rstrip(b"\x00 ")  # UI padding is not part of the UID
+        stats.acknowledged.append(sop.decode())
+        if not _spooled(node, sop):
             raise CampaignFailure(f"acknowledged {case.sop_instance!r} is not in the spool")
         return
     if case.kind in ("valid", "good"):
