@@ -281,8 +281,6 @@ class RadtriageApp:
         self, study_instance_uid: str, instance_paths: list[Path], previous_sr: Path | None
     ) -> AnalysisOutput:
         """`dicom_node.jobs.Analyser`: results go to <storage.root>/results/<uid>/."""
-        if self.node is not None:  # queue_depth: studies waiting, read from the node's queue
-            self.metrics.watch_queue(self.node.queue_depth)
         return self._analyser()(study_instance_uid, instance_paths, previous_sr)
 
     # --- HTTP and lifecycle -----------------------------------------------------------------
@@ -331,6 +329,7 @@ class RadtriageApp:
         """Start everything; return after SIGTERM/SIGINT once in-flight work has finished."""
         self.start_models()
         self.node = DicomNode(self.settings, self.analyse)
+        self.metrics.watch_queue(self.node.queue_depth)  # studies waiting, not only in flight
         self._analyser().index = self.node.index  # RIS orders count at analysis time
         self.node.start()
         live = LiveWaitingList(
