@@ -35,7 +35,6 @@ def load_monitoring_settings(path: Path | None) -> MonitoringSettings:
     return load_settings(path).monitoring
 
 
-
 @dataclass(frozen=True)
 class StoredResult:
     study_instance_uid: str

@@ -144,6 +144,7 @@ def pending_row(row: dict[str, Any]) -> dict[str, Any]:
 
 def pending_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Referrer's urgency first (the AI cannot lower it), then longest waiting."""
+
     def rank(row: dict[str, Any]) -> int:
         try:
             return ReferralUrgency(row["referral_urgency"]).rank

@@ -136,7 +136,7 @@ def test_promote_needs_an_applicable_gate_decision(tiny_repo: Path) -> None:
     with pytest.raises(PromotionRefusedError, match="run the gate again"):
         repo.promote("cspca_detector:1.1.0", stale)
     other = GateDecision("passed", "cspca_detector", "1.0.0", "1.0.0", "ok", evidence={"x": 1})
-    with pytest.raises(PromotionRefusedError, match="not cspca_detector:1.1.0"):
+    with pytest.raises(PromotionRefusedError, match=r"not cspca_detector:1\.1\.0"):
         repo.promote("cspca_detector:1.1.0", other)
     with pytest.raises(ValueError, match="force_reason"):
         GateDecision("forced", "cspca_detector", "1.1.0", "1.0.0", "worse", force_reason=" ")

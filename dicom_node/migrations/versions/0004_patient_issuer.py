@@ -31,7 +31,7 @@ def _rebuild_sqlite(with_issuer: bool) -> None:
     op.execute("PRAGMA defer_foreign_keys = ON")
     op.execute("CREATE TABLE _patients_0004 AS SELECT * FROM patients")
     op.drop_table("patients")
-    extra: list[sa.SchemaItem] = (
+    extra: list[sa.schema.SchemaItem] = (
         [
             sa.Column("issuer_of_patient_id", sa.String(64), nullable=False, server_default=""),
             sa.UniqueConstraint("patient_id", "issuer_of_patient_id", name=UNIQUE_NAME),
