@@ -4,6 +4,7 @@
     ├── InputError                      bad or unusable input (HTTP 422)
     │   ├── NotDicomError               not a DICOM file at all            (DIMSE 0xC210)
     │   ├── MalformedDicomError         DICOM, but unreadable/inconsistent (DIMSE 0xC210)
+    │   │   └── InvalidUIDError         a UID breaks the DICOM UID syntax  (DIMSE 0xA900)
     │   ├── UndecodablePixelDataError   pixel data no installed decoder can read
     │   ├── NotMRError                  modality is not MR
     │   ├── WrongBodyPartError          MR, but not of the prostate
@@ -60,6 +61,14 @@ class NotDicomError(InputError):
 class MalformedDicomError(InputError):
     dimse_status = 0xC210
     reason_code = "malformed_dicom"
+
+
+class InvalidUIDError(MalformedDicomError):
+    """A UID element breaks the UID syntax. DIMSE 0xA900 (Data Set does not match SOP Class):
+    the data set does not conform to its IOD, and 0xC000 stays reserved for our own failures."""
+
+    dimse_status = 0xA900
+    reason_code = "invalid_uid"
 
 
 class UndecodablePixelDataError(InputError):

@@ -69,6 +69,7 @@ from dicom_node.series_selection import SelectionRules, load_rules
 from dicom_node.sr import build_triage_sr
 from dicom_node.study_reader import StudyScan, scan_study
 from dicom_node.study_volumes import StudyVolumes, load_study_volumes
+from dicom_node.uids import require_uid
 from dicom_node.waiting_list import WaitingInputs, analysis_inputs, psa_density
 
 log = logging.getLogger(__name__)
@@ -409,7 +410,7 @@ class StudyAnalyser:
         self, study_instance_uid: str, instance_paths: list[Path], previous_sr: Path | None
     ) -> AnalysisOutput:
         scan = scan_study(instance_paths)
-        # the index's key names the folder: a validated UID, never raw header text
-        out_dir = self.results_root / study_instance_uid
+        # the index's key, checked again: a folder is never named by raw header text
+        out_dir = self.results_root / require_uid(study_instance_uid, "StudyInstanceUID")
         analysis = self.analyse(scan, out_dir, previous_sr, study_instance_uid)
         return AnalysisOutput(result=analysis.result, documents=analysis.documents)

@@ -161,7 +161,7 @@ def record_report(
     the study to ``reported`` (or back to ``received`` when instances arrived meanwhile)."""
     uid = claim.study_instance_uid
     kept: list[tuple[Path, str, str, str]] = []
-    folder = spool.outbox_dir / uid
+    folder = spool.outbox_folder(uid)
     folder.mkdir(parents=True, exist_ok=True)
     for doc in output.documents:
         target = folder / f"{doc.sop_instance_uid}.dcm"

@@ -12,19 +12,13 @@ from __future__ import annotations
 
 import re
 
-from core.errors import MalformedDicomError
+from core.errors import InvalidUIDError
+
+__all__ = ["InvalidUIDError", "is_valid_uid", "require_uid"]
 
 MAX_UID_LENGTH = 64
 
 _UID_RE = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
-
-
-class InvalidUIDError(MalformedDicomError):
-    """A UID element breaks the UID syntax. DIMSE 0xA900 (Data Set does not match SOP Class):
-    the data set does not conform to its IOD, and 0xC000 stays reserved for our own failures."""
-
-    dimse_status = 0xA900
-    reason_code = "invalid_uid"
 
 
 def _unpadded(value: str) -> str:

@@ -91,6 +91,8 @@ database_url = "sqlite:///{var}/index.db"
             os.killpg(node.pid, signal.SIGKILL)
         if sender.poll() is None:
             sender.kill()
+        if node.stdout is not None:
+            node.stdout.close()  # the killed node's pipe, before the next node starts
     acked = _acknowledged(log)
     assert 20 <= len(acked) < len(files), log[-2000:]
     acked_uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in acked}
@@ -125,3 +127,5 @@ database_url = "sqlite:///{var}/index.db"
     finally:
         node.send_signal(signal.SIGTERM)
         assert node.wait(30) == 0  # graceful stop
+        if node.stdout is not None:
+            node.stdout.close()
