@@ -25,13 +25,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import pydicom
 from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session
 
 from core.domain import Priority, StudyStatus, TriageResult
 from core.errors import RadtriageError
@@ -149,6 +150,39 @@ def claim_next(index: Index, now: float) -> Claim | None:
         return Claim(study.study_instance_uid, Index.mr_instance_count(s, study.id), previous)
 
 
+def enqueue_document(
+    s: Session,
+    study: Study,
+    path: Path,
+    sop_instance_uid: str,
+    sop_class_uid: str,
+    destinations: Iterable[str],
+    now: float,
+) -> None:
+    """Queue one document of `study` for every destination, once (a resend reuses the row)."""
+    for dest in destinations:
+        exists = s.scalar(
+            select(OutboxItem.id).where(
+                OutboxItem.destination == dest, OutboxItem.sop_instance_uid == sop_instance_uid
+            )
+        )
+        if exists is None:
+            s.execute(
+                insert(OutboxItem).values(
+                    study_instance_uid=study.study_instance_uid,
+                    node_id=study.node_id,
+                    destination=dest,
+                    sop_instance_uid=sop_instance_uid,
+                    sop_class_uid=sop_class_uid,
+                    path=str(path),
+                    state=OUTBOX_PENDING,
+                    attempts=0,
+                    next_attempt_at=now,
+                    created_at=now,
+                )
+            )
+
+
 def record_report(
     index: Index,
     spool: Spool,
@@ -188,27 +222,7 @@ def record_report(
         if sr is not None:
             study.previous_sr_path = str(sr)
         for path, sop_uid, sop_class, _ in kept:
-            for dest in destinations:
-                exists = s.scalar(
-                    select(OutboxItem.id).where(
-                        OutboxItem.destination == dest, OutboxItem.sop_instance_uid == sop_uid
-                    )
-                )
-                if exists is None:
-                    s.execute(
-                        insert(OutboxItem).values(
-                            study_instance_uid=uid,
-                            node_id=study.node_id,
-                            destination=dest,
-                            sop_instance_uid=sop_uid,
-                            sop_class_uid=sop_class,
-                            path=str(path),
-                            state=OUTBOX_PENDING,
-                            attempts=0,
-                            next_attempt_at=now,
-                            created_at=now,
-                        )
-                    )
+            enqueue_document(s, study, path, sop_uid, sop_class, destinations, now)
         if late:
             log.info("study %s got new instances during analysis: analysing again", uid)
 

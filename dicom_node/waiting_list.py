@@ -44,7 +44,6 @@ from sqlalchemy import (
     String,
     Text,
     column,
-    insert,
     or_,
     select,
     table,
@@ -56,8 +55,9 @@ from core.domain import ModelInfo, ModelRef, Priority, ReferralUrgency, StudySta
 from core.priority import PriorityDecision, Thresholds, days_waited, decide_priority
 from core.settings import Hl7Settings, Settings, TriageSettings
 from dicom_node.hl7_results import ResultReport, enqueue_result
-from dicom_node.index import OUTBOX_PENDING, Base, Index, Instance, OutboxItem, Patient, Series
+from dicom_node.index import Base, Index, Instance, Patient, Series
 from dicom_node.index import Study as StudyRow
+from dicom_node.jobs import enqueue_document
 from dicom_node.orders import (
     OrderView,
     cancelled_order_for_study,
@@ -385,27 +385,7 @@ class WaitingList:
             return False
         ds = pydicom.dcmread(sr_path, stop_before_pixels=True)
         sop_uid, sop_class = str(ds.SOPInstanceUID), str(ds.SOPClassUID)
-        for dest in self.dicom_destinations:
-            exists = s.scalar(
-                select(OutboxItem.id).where(
-                    OutboxItem.destination == dest, OutboxItem.sop_instance_uid == sop_uid
-                )
-            )
-            if exists is None:
-                s.execute(
-                    insert(OutboxItem).values(
-                        study_instance_uid=uid,
-                        node_id=study.node_id,
-                        destination=dest,
-                        sop_instance_uid=sop_uid,
-                        sop_class_uid=sop_class,
-                        path=str(sr_path),
-                        state=OUTBOX_PENDING,
-                        attempts=0,
-                        next_attempt_at=now,
-                        created_at=now,
-                    )
-                )
+        enqueue_document(s, study, sr_path, sop_uid, sop_class, self.dicom_destinations, now)
         documents = json.loads(study.documents_json) if study.documents_json else []
         study.documents_json = json.dumps([*documents, str(sr_path)])
         study.previous_sr_path = str(sr_path)
