@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pydicom
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from core.domain import Priority, StudyStatus, TriageResult
 from core.errors import RadtriageError
-from dicom_node.index import OUTBOX_PENDING, Index, OutboxItem, Study
+from dicom_node.index import OUTBOX_PENDING, OUTBOX_SENT, Index, OutboxItem, Study
 from dicom_node.spool import Spool, write_atomic
 from dicom_node.worklist import update_result_columns
 
@@ -225,6 +225,25 @@ def record_report(
             enqueue_document(s, study, path, sop_uid, sop_class, destinations, now)
         if late:
             log.info("study %s got new instances during analysis: analysing again", uid)
+        elif kept and destinations and not _unsent(s, uid):
+            # the same documents were already delivered (a re-run that changed nothing, whose
+            # first report the sender finished while the study was being analysed again)
+            study.status = S.SENT.value
+            study.sent_at = now
+
+
+def _unsent(s: Session, study_instance_uid: str) -> int:
+    return int(
+        s.scalar(
+            select(func.count())
+            .select_from(OutboxItem)
+            .where(
+                OutboxItem.study_instance_uid == study_instance_uid,
+                OutboxItem.state != OUTBOX_SENT,
+            )
+        )
+        or 0
+    )
 
 
 def not_analysed_fallback(

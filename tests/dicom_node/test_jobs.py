@@ -151,3 +151,28 @@ def test_workers_analyse_different_studies_concurrently(index: Index, tmp_path: 
         t.join(timeout=60)
     assert sorted(done) == sorted(uids)  # type: ignore[type-var]
     assert all(index.get_study(u)["status"] == "reported" for u in uids)  # type: ignore[index]
+
+
+def test_a_rerun_whose_documents_were_already_delivered_ends_sent(
+    index: Index, tmp_path: Path
+) -> None:
+    """The sender may finish a study's documents while it is being analysed again (a late
+    instance re-opened it); a re-run that gives the same documents then has nothing to send,
+    and the study must still end `sent`, not stay `reported` for ever."""
+    from sqlalchemy import update
+
+    from dicom_node.index import OUTBOX_SENT, OutboxItem
+
+    spool = Spool(tmp_path / "var")
+    worker = JobWorker(index, spool, RecordingAnalyser(tmp_path / "sr"), ["pacs"])
+    uid = index_series(index, make_mr_series(tmp_path / "a", 3), 1.0)
+    transition(index, uid, S.COMPLETE)
+    worker.run_once()
+    assert transition(index, uid, S.RECEIVED)  # re-opened before the sender finished
+    with index.write() as s:
+        s.execute(update(OutboxItem).values(state=OUTBOX_SENT))
+    transition(index, uid, S.COMPLETE)
+    worker.run_once()
+    study = index.get_study(uid)
+    assert study is not None and study["status"] == "sent"
+    assert [o["state"] for o in study["outbox"]] == ["sent"]  # nothing sent twice
