@@ -130,8 +130,8 @@ def test_render_tables_ratios_and_machine(tmp_path: Path) -> None:
         assert heading in text
     assert "Fake CPU" in text and "2030-01-01T00:00:00Z" in text
     # ingest: radtriage 100 inst/s vs storescp 400 and Orthanc 50 in the same run
-    assert "| storescp | 400.0 | 4.00 | 400.0 | 4.00 | 0.25x | 0.50x |" in text
-    assert "| orthanc | 50.0 | 0.50 | 80.0 | 0.80 | 2.00x | 2.50x |" in text
+    assert "| storescp | 400.0 | 400.0 | 4.00 | 1.00x | 0.25x | 0.50x |" in text
+    assert "| orthanc | 50.0 | 80.0 | 0.80 | 1.60x | 2.00x | 2.50x |" in text
     # inference: ORT vs torch eager
     assert "| 1 | 30.0 | 10.0 | 3.00x | 10.0 |" in text
     # end-to-end: levels, the verdict, the ratio to the inference benchmark, memory
