@@ -218,9 +218,23 @@ def _num(name: hd.sr.CodedConcept, value: float, unit: hd.sr.CodedConcept, **kw:
     return hd.sr.Measurement(name=name, value=round(float(value), 6), unit=unit, **kw)
 
 
+#: C0 control characters a UT value may not carry in our UTF-8 SRs (PS3.5 6.1.3: only LF, FF
+#: and CR; ESC would start a code extension that ISO_IR 192 does not allow).
+_CONTROL = dict.fromkeys(c for c in range(0x20) if c not in (0x0A, 0x0C, 0x0D))
+_CONTROL[0x7F] = None
+
+
+def clean_text(value: str) -> str:
+    """`value` without the control characters a DICOM text value may not hold (error messages
+    can quote hostile header text)."""
+    return value.translate(_CONTROL)
+
+
 def _text(name: hd.sr.CodedConcept, value: str) -> hd.sr.TextContentItem:
     return hd.sr.TextContentItem(
-        name=name, value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+        name=name,
+        value=clean_text(value),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     )
 
 
