@@ -287,8 +287,6 @@ class RadtriageApp:
 
     def http_app(self) -> Any:
         """The HTTP app over the node's index (or the configured index when no node runs)."""
-        from dicom_node.index import Index
-
         node = self.node
         index = node.index if node is not None else Index(self.settings.storage.database_url)
         ctx = ApiContext(

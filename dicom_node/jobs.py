@@ -225,14 +225,15 @@ def record_report(
             enqueue_document(s, study, path, sop_uid, sop_class, destinations, now)
         if late:
             log.info("study %s got new instances during analysis: analysing again", uid)
-        elif kept and destinations and not _unsent(s, uid):
+        elif kept and destinations and not unsent_documents(s, uid):
             # the same documents were already delivered (a re-run that changed nothing, whose
             # first report the sender finished while the study was being analysed again)
             study.status = S.SENT.value
             study.sent_at = now
 
 
-def _unsent(s: Session, study_instance_uid: str) -> int:
+def unsent_documents(s: Session, study_instance_uid: str) -> int:
+    """Outbox items of the study not yet delivered (pending or dead)."""
     return int(
         s.scalar(
             select(func.count())

@@ -32,13 +32,13 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from core.domain import StudyStatus
 from core.errors import DestinationError
 from core.settings import Destination, SenderSettings, TlsSettings
 from dicom_node.index import OUTBOX_DEAD, OUTBOX_PENDING, OUTBOX_SENT, Index, OutboxItem
-from dicom_node.jobs import transition
+from dicom_node.jobs import transition, unsent_documents
 
 log = logging.getLogger(__name__)
 
@@ -210,14 +210,7 @@ class Sender:
             row.attempts += 1
             row.sent_at = now
             row.last_error = None
-            pending = s.scalar(
-                select(func.count())
-                .select_from(OutboxItem)
-                .where(
-                    OutboxItem.study_instance_uid == item.study_instance_uid,
-                    OutboxItem.state != OUTBOX_SENT,
-                )
-            )
+            pending = unsent_documents(s, item.study_instance_uid)
         if not pending:
             transition(self.index, item.study_instance_uid, StudyStatus.SENT, now=now, sent_at=now)
 
