@@ -6,10 +6,16 @@ optimisation at the basic level (constant folding, redundant-node removal: porta
 CUDA providers, unlike the extended level), then the parity check: the optimised graph vs eager
 PyTorch on real prepared inputs, batched (exercises the dynamic axis). Max abs difference goes into
 metadata; above the tolerance the export fails and nothing is written to the repository.
+
+Next to the ONNX file goes `weights.pt`, the exported network's state dict (what
+`radtriage train --init-from NAME:VERSION` fine-tunes from), its sha256 and size in metadata's
+``training.weights``. Serving never reads it; `load_weights` checks it and loads it with
+``torch.load(..., weights_only=True)`` (no pickled code runs).
 """
 
 from __future__ import annotations
 
+import io
 import platform
 import shutil
 import tempfile
@@ -23,7 +29,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from core.errors import ModelError
+from core.errors import ModelError, ModelIntegrityError
 from models.metadata import (
     METADATA_FILE,
     MODEL_CARD_FILE,
@@ -44,6 +50,7 @@ INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
 DEFAULT_OPSET = 17
 PARITY_TOLERANCE = 1e-3
+WEIGHTS_FILE = "weights.pt"  # the torch state dict, for `radtriage train --init-from`
 
 
 class ParityError(ModelError):
@@ -121,6 +128,7 @@ def model_card(md: ModelMetadata) -> str:
         "",
         "## Training data",
         *(f"- {k}: {v}" for k, v in md.training_data.items()),
+        *_parent_lines(md.training.get("init_from")),
         "",
         "## Metrics",
         *(f"- {k}: {v}" for k, v in md.metrics.items()),
@@ -129,7 +137,10 @@ def model_card(md: ModelMetadata) -> str:
         f"- urgent >= {t.urgent}, soon >= {t.soon} (source: {t.source})" if t else "- none",
         "",
         "## Limitations",
-        "- Trained on synthetic phantoms only; real MRI differs in anatomy, noise and artefacts.",
+        "- Trained on synthetic phantoms only; real MRI differs in anatomy, noise and artefacts."
+        if md.training_data.get("synthetic", True)
+        else "- Labels come from AI lesions radiologists accepted on biopsy-positive studies: "
+        "missed lesions stay unlabelled.",
         "- Never a PI-RADS score: lesion categories are the AI's own (ai_high/intermediate/low).",
         "",
         f"ONNX opset {md.opset}; parity vs PyTorch max abs diff {md.parity.max_abs_diff:.2e}."
@@ -139,6 +150,13 @@ def model_card(md: ModelMetadata) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _parent_lines(parent: Any) -> list[str]:
+    if not isinstance(parent, dict):
+        return []
+    weights = parent.get("weights_sha256")
+    return [f"- fine-tuned from: {parent.get('ref')} (weights sha256 {weights})"]
 
 
 def export_model(
@@ -181,6 +199,7 @@ def export_model(
         optimise_offline(raw, optimised)
         data = optimised.read_bytes()
         parity = parity_check(net, data, parity_inputs, tolerance)
+        weights = state_dict_bytes(net)
         shape = ("batch", len(input_spec.channels), *input_spec.shape_zyx)
         out_shape = ("batch", len(output_channels), *input_spec.shape_zyx)
         md = ModelMetadata(
@@ -198,7 +217,14 @@ def export_model(
             intended_use=intended_use,
             disclaimer=None if clinical_use else NOT_FOR_CLINICAL_USE,
             training_data=training_data or {},
-            training=training or {},
+            training={
+                **(training or {}),
+                "weights": {
+                    "file": WEIGHTS_FILE,
+                    "sha256": sha256_bytes(weights),
+                    "size_bytes": len(weights),
+                },
+            },
             metrics=metrics or {},
             network=network.as_dict(),
             parity=parity,
@@ -216,6 +242,7 @@ def export_model(
         staging = Path(tmp) / "version"
         staging.mkdir()
         shutil.copyfile(optimised, staging / MODEL_FILE)
+        (staging / WEIGHTS_FILE).write_bytes(weights)
         write_metadata(staging / METADATA_FILE, md)
         (staging / MODEL_CARD_FILE).write_text(model_card(md), encoding="utf-8")
         if target.exists():
@@ -223,3 +250,45 @@ def export_model(
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(staging, target)
     return ModelRepository(repository).verify(f"{name}:{version}")
+
+
+def state_dict_bytes(net: torch.nn.Module) -> bytes:
+    """`net`'s state dict as `torch.save` writes it (tensors only, CPU, contiguous)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def load_weights(version: ModelVersion) -> dict[str, torch.Tensor]:
+    """The state dict a version was exported with, checked against metadata's
+    ``training.weights`` sha256 and read with ``weights_only=True``.
+
+    Raises `ModelError` when the version has no weights file listed (exported before weights
+    were kept, or imported from a bundle/ONNX file) and `ModelIntegrityError` when the file is
+    missing or differs from its sha256."""
+    md = version.metadata
+    listed = md.training.get("weights") if isinstance(md.training, dict) else None
+    ref = f"{md.name}:{md.version}"
+    if not isinstance(listed, dict) or listed.get("file") != WEIGHTS_FILE:
+        raise ModelError(
+            f"{ref} has no torch weights ({WEIGHTS_FILE} is not listed in its metadata: it was "
+            "exported before weights were kept, or imported as ONNX/bundle); only a version "
+            "exported by radtriage train can be fine-tuned"
+        )
+    path = version.path / WEIGHTS_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ModelIntegrityError(f"{path} is missing; metadata lists it for {ref}") from exc
+    if sha256_bytes(data) != listed.get("sha256"):
+        raise ModelIntegrityError(
+            f"{path} has sha256 {sha256_bytes(data)}, but metadata.json expects "
+            f"{listed.get('sha256')}: refusing to fine-tune from it"
+        )
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise ModelIntegrityError(f"{path} is not a state dict of tensors")
+    return state
