@@ -27,7 +27,7 @@ so the counts on the validation set are exactly those stated, with a margin for 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,16 +199,35 @@ def _proportion(k: int, n: int, level: float) -> dict[str, Any]:
     return {"value": k / n if n else None, "ci": [low, high], "k": k, "n": n}
 
 
+SMALL_LESION_ML = 0.5
+
+
+def lesion_size_class(largest_lesion_ml: float | None) -> str | None:
+    """`< 0.5 ml` / `>= 0.5 ml` by a case's largest csPCa lesion (None without one)."""
+    if largest_lesion_ml is None:
+        return None
+    return (
+        f"< {SMALL_LESION_ML} ml"
+        if largest_lesion_ml < SMALL_LESION_ML
+        else (f">= {SMALL_LESION_ML} ml")
+    )
+
+
 def band_metrics(
     likelihoods: Sequence[float],
     is_cspca: Sequence[bool],
     thresholds: Thresholds,
     *,
     level: float = 0.95,
+    strata: Mapping[str, Sequence[str | None]] | None = None,
 ) -> dict[str, Any]:
     """Each band's measured value on labelled cases: PPV of `urgent` and of `soon` (csPCa
     fraction inside the band), NPV of `routine`, sensitivity/PPV of soon-or-above and
-    specificity of urgent, all with exact Clopper-Pearson intervals at `level`."""
+    specificity of urgent, all with exact Clopper-Pearson intervals at `level`.
+
+    `strata` (e.g. vendor, lesion size class per case) adds the sensitivity at soon-or-above
+    within each stratum, so a guarantee that holds overall but not for small lesions or one
+    vendor shows."""
     s = np.asarray(likelihoods, dtype=float)
     y = np.asarray(is_cspca, dtype=bool)
     urgent = s >= thresholds.urgent
@@ -219,6 +238,17 @@ def band_metrics(
     def count(mask: np.ndarray, positive: bool = True) -> tuple[int, int]:
         return int(np.sum(mask & (y if positive else ~y))), int(mask.sum())
 
+    by: dict[str, dict[str, Any]] = {}
+    for key, values in (strata or {}).items():
+        if len(values) != s.size:
+            raise ValueError(f"stratum {key!r} has {len(values)} values for {s.size} cases")
+        v = np.asarray([str(x) if x is not None else "" for x in values])
+        by[key] = {
+            name: _proportion(
+                int(np.sum(flagged & y & (v == name))), int(np.sum(y & (v == name))), level
+            )
+            for name in sorted(set(v[y].tolist()) - {""})
+        }
     return {
         "n_cases": int(s.size),
         "n_cspca": int(y.sum()),
@@ -228,8 +258,17 @@ def band_metrics(
         "soon_or_above": {
             "sensitivity": _proportion(int(np.sum(flagged & y)), int(y.sum()), level),
             "ppv": _proportion(*count(flagged), level),
+            "sensitivity_by": by,
         },
         "urgent_specificity": _proportion(int(np.sum(~urgent & ~y)), int(np.sum(~y)), level),
         "distinct": bool(urgent.any() and soon.any() and routine.any()),
         "ci_method": f"clopper-pearson {level:.0%}",
+    }
+
+
+def record_strata(records: Sequence[Any]) -> dict[str, list[str | None]]:
+    """Vendor and lesion size class of each `CaseRecord`, for `band_metrics(strata=...)`."""
+    return {
+        "vendor": [r.vendor for r in records],
+        "lesion_size": [lesion_size_class(r.extra.get("largest_lesion_ml")) for r in records],
     }

@@ -175,6 +175,12 @@ def _bands_section(s: dict[str, Any]) -> str:
         f"</td></tr><tr><td>urgent specificity</td><td>{_p(b['urgent_specificity'])}</td></tr>"
         f"<tr><td>three distinct bands</td><td>{'yes' if b['distinct'] else 'no'}</td></tr>"
     )
+    for key, groups in (b["soon_or_above"].get("sensitivity_by") or {}).items():
+        for name, entry in groups.items():
+            rows += (
+                f"<tr><td>soon or above, {html.escape(key)} {html.escape(name)}</td>"
+                f"<td>sensitivity {_p(entry)}</td></tr>"
+            )
     if gate.get("n"):
         rows += (
             f"<tr><td>out-of-distribution gate ({gate['n']} cases)</td><td>low confidence "

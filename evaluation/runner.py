@@ -1,7 +1,8 @@
 """Labelled data sources and inference: turn `--data` into `CaseRecord`s with the server's code.
 
-`--data` is either `phantoms:N[:SEED]` (synthetic cases from `training.phantoms`, seeds
-SEED..SEED+N-1, vendors in rotation; default SEED 100000, outside the training seeds) or a
+`--data` is either `phantoms:N[:SEED[:FAMILY]]` (synthetic cases from `training.phantoms`, seeds
+SEED..SEED+N-1, vendors in rotation; default SEED 100000, outside the training seeds; FAMILY
+`standard` (default) or `randomised`, the domain-randomised family) or a
 folder read by `training.datasets` (PI-CAI MHA layout or DICOM folders with masks).
 
 Inference goes through `models.pipeline.TriagePipeline`, the same pre/post-processing and ONNX
@@ -14,9 +15,10 @@ import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
+from scipy import ndimage
 
 from core.domain import Prediction, Volume
 from core.errors import InputError
@@ -47,19 +49,29 @@ class Predictor(Protocol):
     def predict(self, t2w: Volume, adc: Volume, hbv: Volume) -> Prediction: ...
 
 
-def phantom_cases(n: int, seed: int = DEFAULT_PHANTOM_SEED) -> Iterator[LabelledCase]:
+class PhantomSpec(NamedTuple):
+    """A parsed `phantoms:N[:SEED[:FAMILY]]`."""
+
+    n: int
+    seed: int = DEFAULT_PHANTOM_SEED
+    family: str = "standard"
+
+
+def phantom_cases(
+    n: int, seed: int = DEFAULT_PHANTOM_SEED, family: str = "standard"
+) -> Iterator[LabelledCase]:
     """`n` synthetic cases (label drawn by the phantom generator, ~40% csPCa)."""
     from training.phantoms import VENDORS, synthesize_case
     from training.phantoms.vendors import FLAVOURS
 
     for i in range(n):
         vendor = VENDORS[i % len(VENDORS)]
-        case = synthesize_case(seed + i, vendor=vendor)
+        case = synthesize_case(seed + i, vendor=vendor, family=family)
         cspca_labels = [lesion.label for lesion in case.lesions if lesion.is_cspca]
         mask = np.isin(case.lesion_mask.array, cspca_labels).astype(np.uint8)
         flavour = FLAVOURS.get(vendor)
         yield LabelledCase(
-            case_id=f"{case.case_id}-{vendor}",
+            case_id=f"{case.case_id}-{vendor}" + ("" if family == "standard" else f"-{family}"),
             t2w=case.t2w,
             adc=case.adc,
             hbv=case.hbv,
@@ -72,19 +84,25 @@ def phantom_cases(n: int, seed: int = DEFAULT_PHANTOM_SEED) -> Iterator[Labelled
         )
 
 
-def parse_phantom_spec(spec: str) -> tuple[int, int] | None:
-    """`phantoms:N[:SEED]` -> (N, SEED); None when `spec` is not a phantom spec."""
+def parse_phantom_spec(spec: str) -> PhantomSpec | None:
+    """`phantoms:N[:SEED[:FAMILY]]` -> PhantomSpec; None when `spec` is not a phantom spec."""
+    from training.phantoms.anatomy import FAMILIES
+
     if not spec.startswith("phantoms:"):
         return None
     parts = spec.split(":")[1:]
+    usage = "phantoms:N[:SEED[:FAMILY]]"
     try:
         n = int(parts[0])
         seed = int(parts[1]) if len(parts) > 1 else DEFAULT_PHANTOM_SEED
     except (IndexError, ValueError) as exc:
-        raise InputError(f"--data {spec!r} must look like phantoms:N or phantoms:N:SEED") from exc
-    if n <= 0 or len(parts) > 2:
-        raise InputError(f"--data {spec!r}: N must be a positive integer (phantoms:N[:SEED])")
-    return n, seed
+        raise InputError(f"--data {spec!r} must look like {usage}") from exc
+    if n <= 0 or len(parts) > 3:
+        raise InputError(f"--data {spec!r}: N must be a positive integer ({usage})")
+    family = parts[2] if len(parts) > 2 else "standard"
+    if family not in FAMILIES:
+        raise InputError(f"--data {spec!r}: FAMILY must be one of {', '.join(FAMILIES)}")
+    return PhantomSpec(n, seed, family)
 
 
 def load_cases(spec: str) -> Iterator[LabelledCase]:
@@ -97,7 +115,7 @@ def load_cases(spec: str) -> Iterator[LabelledCase]:
     if not path.is_dir():
         raise InputError(
             f"--data {spec}: no such folder; give a PI-CAI folder (marksheet.csv, images/, "
-            "labels/), DICOM study folders with masks/, or phantoms:N[:SEED]"
+            "labels/), DICOM study folders with masks/, or phantoms:N[:SEED[:FAMILY]]"
         )
     yield from _dataset_cases(path)
 
@@ -187,8 +205,20 @@ def run_case(predictor: Predictor, case: LabelledCase) -> CaseRecord:
         extra={
             "n_lesions_predicted": len(prediction.lesions),
             "gland_volume_ml": prediction.gland_volume_ml,
+            "largest_lesion_ml": largest_lesion_ml(case.lesion_mask),
         },
     )
+
+
+def largest_lesion_ml(mask: Volume | None) -> float | None:
+    """Volume (ml) of the largest connected ground-truth csPCa lesion; None without lesions."""
+    if mask is None:
+        return None
+    labels, n = ndimage.label(np.asarray(mask.array) > 0)
+    if n == 0:
+        return None
+    sizes = np.bincount(labels.ravel())[1:]
+    return float(sizes.max()) * mask.voxel_volume_ml
 
 
 def run_cases(predictor: Predictor, cases: Iterable[LabelledCase]) -> list[CaseRecord]:

@@ -32,6 +32,7 @@ from evaluation.operating_points import (
     ThresholdChoice,
     band_metrics,
     choose_thresholds,
+    record_strata,
     stratified_split,
 )
 from models.calibration import CalibrationSpec, calibrate, fit_calibration
@@ -168,7 +169,11 @@ def fit_on_splits(
     check_scores = np.asarray(calibrate(np.array([_raw(r) for r in check]), spec), dtype=float)
     bands = json_safe(
         band_metrics(
-            check_scores.tolist(), [r.is_cspca for r in check], choice.thresholds, level=confidence
+            check_scores.tolist(),
+            [r.is_cspca for r in check],
+            choice.thresholds,
+            level=confidence,
+            strata=record_strata(check),
         )
     )
     bands["split"] = f"{data}, held-out check split n={len(check)} (seed {split_seed})"
@@ -217,6 +222,11 @@ def model_card_section(fit: ValidationFit, *, source: str) -> str:
         f"| routine | < {t.soon:.4f} | NPV {_p(b['routine']['npv'])} |",
         f"| soon or above | >= {t.soon:.4f} | sensitivity "
         f"{_p(b['soon_or_above']['sensitivity'])}, PPV {_p(b['soon_or_above']['ppv'])} |",
+        *(
+            f"| soon or above, {key} {name} | >= {t.soon:.4f} | sensitivity {_p(entry)} |"
+            for key, groups in (b["soon_or_above"].get("sensitivity_by") or {}).items()
+            for name, entry in groups.items()
+        ),
         "",
         f"Urgent specificity: {_p(b['urgent_specificity'])}. Bands distinct on the check split: "
         f"{'yes' if b['distinct'] else 'NO'}.",

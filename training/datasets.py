@@ -77,16 +77,18 @@ def case_from_volumes(
     return TrainingCase(case_id, image, channels, zones, lesions, positive, has_zones)
 
 
-def phantom_case(seed: int, spec: InputSpec, vendor: str = "siemens") -> TrainingCase:
+def phantom_case(
+    seed: int, spec: InputSpec, vendor: str = "siemens", family: str = "standard"
+) -> TrainingCase:
     from training.phantoms import synthesize_case
 
-    case = synthesize_case(seed, vendor=vendor)
+    case = synthesize_case(seed, vendor=vendor, family=family)
     cspca_labels = [lesion.label for lesion in case.lesions if lesion.is_cspca]
     lesion_mask = case.lesion_mask.with_array(
         np.isin(case.lesion_mask.array, cspca_labels).astype(np.uint8)
     )
     return case_from_volumes(
-        f"phantom-{vendor}-{seed}",
+        f"phantom-{vendor}-{seed}" + ("" if family == "standard" else f"-{family}"),
         case.t2w,
         case.adc,
         case.hbv,
@@ -98,10 +100,18 @@ def phantom_case(seed: int, spec: InputSpec, vendor: str = "siemens") -> Trainin
 
 
 def phantom_cases(
-    spec: InputSpec, seeds: Iterable[int], vendors: Sequence[str] = ("siemens", "ge", "philips")
+    spec: InputSpec,
+    seeds: Iterable[int],
+    vendors: Sequence[str] = ("siemens", "ge", "philips"),
+    families: Sequence[str] = ("standard",),
 ) -> list[TrainingCase]:
-    """Phantoms for `seeds`, vendors in rotation (deterministic)."""
-    return [phantom_case(s, spec, vendors[i % len(vendors)]) for i, s in enumerate(seeds)]
+    """Phantoms for `seeds`, vendors and phantom families in rotation (deterministic)."""
+    return [
+        phantom_case(
+            s, spec, vendors[i % len(vendors)], families[(i // len(vendors)) % len(families)]
+        )
+        for i, s in enumerate(seeds)
+    ]
 
 
 def read_volume(path: Path) -> Volume:

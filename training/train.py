@@ -144,8 +144,11 @@ def load_data(config: TrainConfig) -> tuple[list[TrainingCase], list[TrainingCas
     source = data.get("source", "phantoms")
     if source == "phantoms":
         vendors = tuple(data.get("vendors", ("siemens", "ge", "philips")))
-        train = datasets.phantom_cases(spec, range(*data.get("train_seeds", (0, 64))), vendors)
-        val = datasets.phantom_cases(spec, range(*data.get("val_seeds", (10000, 10016))), vendors)
+        families = tuple(data.get("families", ("standard",)))
+        train_seeds = range(*data.get("train_seeds", (0, 64)))
+        val_seeds = range(*data.get("val_seeds", (10000, 10016)))
+        train = datasets.phantom_cases(spec, train_seeds, vendors, families)
+        val = datasets.phantom_cases(spec, val_seeds, vendors, families)
         return train, val
     if source == "picai":
         cases = datasets.picai_cases(
@@ -454,7 +457,12 @@ def export_trained(
             "loss": f"soft Dice + BCE (pos_weight {mc.pos_weight})"
             if mc.name == DETECTOR
             else "monai DiceCELoss (softmax)",
-            "augmentation": "flip L-R, intensity scale/shift, Gaussian noise (MONAI)",
+            "augmentation": "flip L-R, intensity scale/shift, Gaussian noise (MONAI)"
+            + (
+                "; phantom families " + ", ".join(config.data["families"])
+                if source == "phantoms" and config.data.get("families")
+                else ""
+            ),
         },
         metrics=metrics,
         overwrite=overwrite,

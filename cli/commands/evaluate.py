@@ -21,9 +21,9 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--data",
         required=True,
-        help="phantoms:N[:SEED] (default SEED 100000), a labelled dataset folder, or an outcome "
-        "marksheet (CSV with ai_score: `feedback export`) for live performance per model "
-        "version, site and vendor",
+        help="phantoms:N[:SEED[:FAMILY]] (default SEED 100000, FAMILY standard|randomised), a "
+        "labelled dataset folder, or an outcome marksheet (CSV with ai_score: `feedback "
+        "export`) for live performance per model version, site and vendor",
     )
     p.add_argument("--model", default="cspca_detector", help="detector NAME[:VERSION]")
     p.add_argument("--gland", default="prostate_gland", help="gland model NAME[:VERSION]")
@@ -172,7 +172,7 @@ def _repository(args: argparse.Namespace) -> Any:
 
 def _evaluate(args: argparse.Namespace, records: list[Any]) -> dict[str, Any]:
     from evaluation.metrics import evaluate_records, json_safe
-    from evaluation.operating_points import band_metrics, choose_thresholds
+    from evaluation.operating_points import band_metrics, choose_thresholds, record_strata
     from evaluation.report import render_html
     from evaluation.validation_fit import (
         calibration_before_after,
@@ -259,6 +259,7 @@ def _evaluate(args: argparse.Namespace, records: list[Any]) -> dict[str, Any]:
             [r.is_cspca for r in records],
             thresholds,
             level=args.confidence,
+            strata=record_strata(records),
         )
     )
     summary["ood_gate"] = gate_rates(r.extra.get("gate") for r in records)

@@ -55,8 +55,11 @@ def cases() -> list[LabelledCase]:
 
 
 def test_phantom_spec() -> None:
-    assert parse_phantom_spec("phantoms:5") == (5, 100_000)
-    assert parse_phantom_spec("phantoms:5:7") == (5, 7)
+    assert parse_phantom_spec("phantoms:5") == (5, 100_000, "standard")
+    assert parse_phantom_spec("phantoms:5:7") == (5, 7, "standard")
+    assert parse_phantom_spec("phantoms:5:7:randomised") == (5, 7, "randomised")
+    with pytest.raises(InputError, match="FAMILY"):
+        parse_phantom_spec("phantoms:5:7:alien")
     assert parse_phantom_spec("/data/picai") is None
     with pytest.raises(InputError):
         parse_phantom_spec("phantoms:x")

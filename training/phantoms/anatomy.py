@@ -193,11 +193,59 @@ class _Anatomy:
     mimics: tuple[_Ellipsoid, ...]  # prostatitis / BPH-nodule look-alikes, unlabelled
     waves: np.ndarray  # (n, 4): kx, ky, kz, phase of smooth texture inside the gland
     tissue: dict[str, tuple[float, float, float]]  # name -> (T2W, S0 at b0, ADC)
+    conspicuity: float = 1.0  # 1: lesion contrast as graded; < 1: closer to the tissue it replaces
 
 
-def _tissues(rng: np.random.Generator) -> dict[str, tuple[float, float, float]]:
+FAMILIES = ("standard", "randomised")
+
+
+@dataclass(frozen=True)
+class DomainRanges:
+    """What a phantom family draws: `standard` is the fixed family tests and the demo use;
+    `randomised` widens every axis the issue names (domain randomisation for training).
+
+    Randomised values come from their own generator, so `standard` cases never change.
+    """
+
+    gland_ml: tuple[float, float] = (20.0, 80.0)
+    shape_jitter: float = 0.08  # per-axis semi-axis factor 1 +- this
+    zonal_jitter: tuple[float, float] = (0.08, 0.06)  # PZ/TZ (T2W, ADC) relative jitter
+    cspca_ml: tuple[float, float] = (0.35, 2.5)  # lesion volume (log-uniform when randomised)
+    conspicuity: tuple[float, float] = (1.0, 1.0)
+    bias: tuple[float, float] = (0.25, 0.25)  # T2W coil-bias strength (DWI: 0.8x)
+    noise_factor: tuple[float, float] = (1.0, 1.0)
+    slice_mm: tuple[float, ...] = (3.0,)
+    inplane_mm: tuple[float, ...] = (0.5, 0.5, 0.5625, 0.625)
+    dwi_mm: tuple[float, ...] = (1.75, 2.0, 2.0, 2.2)
+    tilt_deg: tuple[float, float, float] = (8.0, 3.0, 3.0)
+    intensity_factor: tuple[float, float] = (1.0, 1.0)  # extra receiver scaling (x vendor)
+    log_uniform_lesions: bool = False
+
+
+STANDARD = DomainRanges()
+RANDOMISED = DomainRanges(
+    gland_ml=(15.0, 110.0),
+    shape_jitter=0.2,
+    zonal_jitter=(0.25, 0.12),
+    cspca_ml=(0.1, 3.0),
+    conspicuity=(0.55, 1.0),
+    bias=(0.05, 0.45),
+    noise_factor=(0.5, 2.2),
+    slice_mm=(3.0, 3.0, 3.5, 4.0),
+    inplane_mm=(0.4, 0.5, 0.5625, 0.625, 0.7, 0.8),
+    dwi_mm=(1.6, 1.75, 2.0, 2.2, 2.5, 2.8),
+    tilt_deg=(20.0, 8.0, 8.0),
+    intensity_factor=(0.45, 1.5),
+    log_uniform_lesions=True,
+)
+_RANGES = {"standard": STANDARD, "randomised": RANDOMISED}
+
+
+def _tissues(
+    rng: np.random.Generator, zonal: tuple[float, float] = STANDARD.zonal_jitter
+) -> dict[str, tuple[float, float, float]]:
     j = lambda v, f=0.08: float(v * (1 + rng.uniform(-f, f)))  # noqa: E731
-    return {
+    tissues = {
         "fat": (j(720), j(90), j(300, 0.3)),
         "muscle": (j(210), j(520), j(1450)),
         "bone": (j(90), j(120), j(500, 0.3)),
@@ -212,18 +260,28 @@ def _tissues(rng: np.random.Generator) -> dict[str, tuple[float, float, float]]:
         "urethra": (j(620), j(900), j(1900)),
         "mimic": (j(340), j(900), j(1350)),
     }
+    if zonal != STANDARD.zonal_jitter:  # randomised zonal contrast, from the same draws
+        (pz_t2, pz_s0, pz_adc), (tz_t2, tz_s0, tz_adc) = tissues["pz"], tissues["tz"]
+        t2f, adcf = zonal[0] / 0.08, zonal[1] / 0.06
+        tissues["pz"] = (560 + (pz_t2 - 560) * t2f, pz_s0, 1700 + (pz_adc - 1700) * adcf)
+        tissues["tz"] = (330 + (tz_t2 - 330) * t2f, tz_s0, 1300 + (tz_adc - 1300) * adcf)
+    return tissues
 
 
 def _draw_anatomy(
-    rng: np.random.Generator, centre: np.ndarray
+    rng: np.random.Generator, centre: np.ndarray, ranges: DomainRanges = STANDARD
 ) -> tuple[_Ellipsoid, _Ellipsoid, tuple[tuple[str, _Ellipsoid], ...]]:
-    volume_ml = float(rng.uniform(20.0, 80.0))
+    lo, hi = ranges.gland_ml
+    volume_ml = lo + (hi - lo) * float(rng.uniform(0.0, 1.0))
     # Semi-axes with realistic proportions (LR > SI > AP), scaled to the drawn volume.
-    shape = np.array([1.0, 0.68, 0.82]) * rng.uniform(0.92, 1.08, 3)
+    jitter = rng.uniform(0.92, 1.08, 3)
+    if ranges.shape_jitter != STANDARD.shape_jitter:
+        jitter = 1.0 + (jitter - 1.0) * (ranges.shape_jitter / STANDARD.shape_jitter)
+    shape = np.array([1.0, 0.68, 0.82]) * jitter
     scale = (volume_ml * 1000.0 / (4.0 / 3.0 * math.pi * float(np.prod(shape)))) ** (1 / 3)
     radii = shape * scale
     gland = _Ellipsoid(centre, radii)
-    tz_frac = 0.5 + 0.25 * (volume_ml - 20.0) / 60.0  # BPH: bigger glands, bigger TZ
+    tz_frac = float(np.clip(0.5 + 0.25 * (volume_ml - 20.0) / 60.0, 0.4, 0.85))  # BPH: bigger TZ
     tz = _Ellipsoid(
         centre + np.array([0.0, -0.28 * radii[1], 0.12 * radii[2]]),
         radii * np.array([0.72, 0.68, 0.78]) * tz_frac**0.5,
@@ -260,12 +318,22 @@ def _draw_anatomy(
 
 
 def _place_lesions(
-    rng: np.random.Generator, gland: _Ellipsoid, tz: _Ellipsoid, grades: list[int]
+    rng: np.random.Generator,
+    gland: _Ellipsoid,
+    tz: _Ellipsoid,
+    grades: list[int],
+    ranges: DomainRanges = STANDARD,
 ) -> tuple[tuple[int, _Ellipsoid], ...]:
     placed: list[tuple[int, _Ellipsoid]] = []
+    lo, hi = ranges.cspca_ml
     for isup in grades:
         in_pz = rng.random() < 0.7
-        vol = rng.uniform(0.35, 2.5) if isup >= 2 else rng.uniform(0.15, 0.7)
+        if isup < 2:
+            vol = rng.uniform(0.15, 0.7)
+        elif ranges.log_uniform_lesions:
+            vol = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+        else:
+            vol = rng.uniform(lo, hi)
         r = (vol * 1000 * 3 / (4 * math.pi)) ** (1 / 3)
         radii = r * rng.uniform(0.8, 1.2, 3)
         for _ in range(200):
@@ -342,7 +410,7 @@ def _render(
             target = sub * 0.95
         else:
             target = np.float32(_LESION_ADC[isup] * (0.9 if in_tz else 1.0))
-        sub += (target - sub) * m
+        sub += (target - sub) * m * np.float32(an.conspicuity)
         lesion_hard[(m >= 0.5) & (lesion_hard == 0)] = label
     out[box] = sub
     masks = {"box": box, "gland": g >= 0.5, "tz": tz_m >= 0.5 * g, "lesion": lesion_hard}
@@ -381,16 +449,21 @@ def _rng(*parts: object) -> np.random.Generator:
 
 
 def synthesize_case(
-    seed: int, *, vendor: str = "siemens", cspca: bool | None = None
+    seed: int, *, vendor: str = "siemens", cspca: bool | None = None, family: str = "standard"
 ) -> PhantomCase:
-    """One synthetic bpMRI case, deterministic by (seed, vendor, cspca).
+    """One synthetic bpMRI case, deterministic by (seed, vendor, cspca, family).
 
     `cspca=None` draws the label with ~40% prevalence; True guarantees >= 1 lesion with ISUP >= 2;
     False gives no lesion or only ISUP 1 lesions. Anatomy depends on `seed` (and the label), not
-    on `vendor`, which changes intensity scaling and acquisition details.
+    on `vendor`, which changes intensity scaling and acquisition details. `family="randomised"`
+    draws anatomy, contrast, lesion size/conspicuity and acquisition from `RANDOMISED`.
     """
     if vendor not in VENDORS:
         raise ValueError(f"vendor must be one of {VENDORS}, got {vendor!r}")
+    if family not in _RANGES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    ranges = _RANGES[family]
+    dom = _rng("domain", seed, vendor, cspca, family)  # unused draws for "standard"
     if cspca is None:
         cspca = bool(_rng("label", seed).random() < 0.4)
     rng = _rng("anatomy", seed, cspca)
@@ -398,8 +471,8 @@ def synthesize_case(
     case_id = f"phantom-{seed:06d}" if seed >= 0 else f"phantom-n{-seed:06d}"
 
     centre = np.array([rng.uniform(-8, 8), rng.uniform(-6, 10), rng.uniform(-40, 40)])
-    gland, tz, structures = _draw_anatomy(rng, centre)
-    lesions = _place_lesions(rng, gland, tz, _grades(rng, cspca))
+    gland, tz, structures = _draw_anatomy(rng, centre, ranges)
+    lesions = _place_lesions(rng, gland, tz, _grades(rng, cspca), ranges)
     mimics = tuple(
         _Ellipsoid(
             gland.centre + rng.uniform(-0.6, 0.6, 3) * gland.radii + [0, 0.3 * gland.radii[1], 0],
@@ -411,39 +484,55 @@ def synthesize_case(
     k = rng.normal(size=(n_waves, 3))
     k = k / np.linalg.norm(k, axis=1, keepdims=True) * rng.uniform(0.3, 1.2, (n_waves, 1))
     waves = np.concatenate([k, rng.uniform(0, 2 * math.pi, (n_waves, 1))], axis=1)
-    anatomy = _Anatomy(gland, tz, structures, lesions, mimics, waves, _tissues(rng))
+    tissues = _tissues(rng, ranges.zonal_jitter)
+    conspicuity = float(dom.uniform(*ranges.conspicuity))
+    anatomy = _Anatomy(gland, tz, structures, lesions, mimics, waves, tissues, conspicuity)
 
     # Shared slice-stack obliquity (a few degrees), as planned on the localizer.
-    direction = _rotation(rng.uniform(-8, 8), rng.uniform(-3, 3), rng.uniform(-3, 3))
+    tilt = [rng.uniform(-t, t) for t in (8.0, 3.0, 3.0)]
+    if family != "standard":
+        tilt = [dom.uniform(-t, t) for t in ranges.tilt_deg]
+    direction = _rotation(*tilt)
     fov_centre = centre + rng.uniform(-6, 6, 3)
     n_slices = int(rng.integers(18, 25))
-    inplane = float(acq.choice([0.5, 0.5, 0.5625, 0.625]))
+    inplane = float(acq.choice(list(STANDARD.inplane_mm)))
+    slice_mm = 3.0
+    if family != "standard":
+        inplane = float(dom.choice(list(ranges.inplane_mm)))
+        slice_mm = float(dom.choice(list(ranges.slice_mm)))
+        n_slices = max(14, round(n_slices * 3.0 / slice_mm))
     fov = float(acq.uniform(160, 200))
     n_xy = round(fov / inplane / 16) * 16
-    t2_grid = Grid.centred(fov_centre, (n_xy, n_xy, n_slices), (inplane, inplane, 3.0), direction)
-    dwi_sp = float(acq.choice([1.75, 2.0, 2.0, 2.2]))
+    t2_grid = Grid.centred(
+        fov_centre, (n_xy, n_xy, n_slices), (inplane, inplane, slice_mm), direction
+    )
+    dwi_sp = float(acq.choice(list(STANDARD.dwi_mm)))
+    if family != "standard":
+        dwi_sp = float(dom.choice(list(ranges.dwi_mm)))
     dwi_nx = round(acq.uniform(230, 270) / dwi_sp / 2) * 2
     dwi_ny = round(dwi_nx * acq.uniform(0.62, 0.8) / 2) * 2
     dwi_size = (dwi_nx, dwi_ny, n_slices)
-    dwi_grid = Grid.centred(fov_centre, dwi_size, (dwi_sp, dwi_sp, 3.0), direction)
+    dwi_grid = Grid.centred(fov_centre, dwi_size, (dwi_sp, dwi_sp, slice_mm), direction)
 
     study_uid = case_uid(seed, vendor, case_id, f"study|{cspca}")
     for_uid = case_uid(seed, vendor, case_id, f"frame|{cspca}")
     suid = lambda key: case_uid(seed, vendor, case_id, f"series|{key}|{cspca}")  # noqa: E731
-    scale = _VENDOR_SCALE[vendor]
+    scale = _VENDOR_SCALE[vendor] * float(dom.uniform(*ranges.intensity_factor))
+    bias = float(dom.uniform(*ranges.bias))
+    noise = float(dom.uniform(*ranges.noise_factor))
 
     # T2W: tissue contrast x bias field + Rician noise.
     t2, masks = _render(anatomy, t2_grid, 0, edge_mm=0.8)
-    t2 = t2 * _bias(t2_grid, acq, 0.25) * np.float32(scale)
-    t2 = _rician(t2, float(acq.uniform(10, 18)) * scale, acq)
+    t2 = t2 * _bias(t2_grid, acq, bias) * np.float32(scale)
+    t2 = _rician(t2, float(acq.uniform(10, 18)) * scale * noise, acq)
     t2 = np.round(np.clip(t2, 0, 4095)).astype(np.float32)
 
     # DWI: S0 and ADC on the coarse grid, blurred to EPI resolution, signal per b-value.
     s0, _ = _render(anatomy, dwi_grid, 1, edge_mm=2.0)
     adc_true, _ = _render(anatomy, dwi_grid, 2, edge_mm=2.0)
-    s0 = ndimage.gaussian_filter(s0, (0.3, 0.7, 0.7)) * _bias(dwi_grid, acq, 0.2)
+    s0 = ndimage.gaussian_filter(s0, (0.3, 0.7, 0.7)) * _bias(dwi_grid, acq, bias * 0.8)
     adc_true = ndimage.gaussian_filter(adc_true, (0.3, 0.7, 0.7))
-    sigma = float(acq.uniform(10, 16))
+    sigma = float(acq.uniform(10, 16)) * noise
     dwi: dict[int, np.ndarray] = {}
     for b in ACQUIRED_B_VALUES:
         signal = s0 * np.exp(-np.float32(b) * adc_true * np.float32(1e-6))
