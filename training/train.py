@@ -9,6 +9,10 @@
   TensorBoard/MLflow: no extra dependency or server, append-only (a resumed run just appends),
   greppable and diffable, and loads in one line with pandas/json for plots.
 - Export: each model goes through `training.export.export_model` (ONNX + parity + metadata).
+- Fine-tuning (`init_from`, `radtriage train --init-from NAME:VERSION`): a model starts from a
+  repository version's exported weights (`weights.pt`) instead of a random init, after its task,
+  network, grid, spacing, channels and normalisation are checked against the config; metadata
+  records the parent (`training.init_from`) and the marksheet it was tuned on.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import logging
 import time
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from core.errors import ConfigError, InputError
+from core.errors import ConfigError, InputError, ModelSignatureError
 from models.metadata import (
     CHANNELS,
     InputSpec,
@@ -310,6 +315,117 @@ def validate(
     }
 
 
+# --- fine-tuning ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class InitFrom:
+    """A repository version one model is fine-tuned from, its weights checked and loaded."""
+
+    ref: str  # NAME:VERSION
+    sha256: str  # of the parent's model.onnx
+    weights_sha256: str
+    state: dict[str, torch.Tensor]
+
+    def provenance(self) -> dict[str, str]:
+        return {"ref": self.ref, "sha256": self.sha256, "weights_sha256": self.weights_sha256}
+
+
+def _fit_problems(md: Any, config: TrainConfig, mc: ModelTrainConfig) -> list[str]:
+    """How a parent's metadata differs from what `mc` trains (empty: it fits)."""
+    problems = []
+    if md.task != TASKS[mc.name]:
+        problems.append(f"task {md.task} (training {TASKS[mc.name]})")
+    try:
+        parent_net = NetworkConfig.from_dict(dict(md.network)).as_dict()
+    except (TypeError, ValueError):
+        parent_net = dict(md.network)
+    want = mc.network.as_dict()
+    diff = sorted(k for k in set(parent_net) | set(want) if parent_net.get(k) != want.get(k))
+    if diff:
+        problems.append(
+            "network " + ", ".join(f"{k} {parent_net.get(k)!r} vs {want.get(k)!r}" for k in diff)
+        )
+    spec, mine = md.input_spec, config.input_spec(mc.channels)
+    for key in ("shape_zyx", "spacing_xyz", "channels", "normalisation"):
+        if getattr(spec, key) != getattr(mine, key):
+            problems.append(f"{key} {getattr(spec, key)!r} vs {getattr(mine, key)!r}")
+    return problems
+
+
+def resolve_init_from(
+    config: TrainConfig, refs: Sequence[str], repository: Path
+) -> dict[str, InitFrom]:
+    """{model name: parent} for `radtriage train --init-from NAME:VERSION` (one per model).
+
+    Refuses (`ModelSignatureError`, nothing trained) a parent whose task, network, grid,
+    spacing, channels or normalisation differ from the training config, or whose weights do
+    not load strictly; `ModelError` for a version without a weights file; `InputError` for a
+    ref without a version or naming no model of the config."""
+    from models.repository import ModelRepository, parse_ref
+    from training.export import load_weights
+
+    by_name = {mc.name: mc for mc in config.models}
+    out: dict[str, InitFrom] = {}
+    for ref in refs:
+        name, version = parse_ref(ref)
+        if version is None:
+            raise InputError(f"--init-from {ref!r} must name a version: NAME:VERSION")
+        if name not in by_name:
+            raise InputError(
+                f"--init-from {ref}: {name} is not trained by this config "
+                f"(models: {', '.join(by_name)})"
+            )
+        if name in out:
+            raise InputError(f"--init-from names {name} twice")
+        mc = by_name[name]
+        parent = ModelRepository(repository).verify(ref)
+        problems = _fit_problems(parent.metadata, config, mc)
+        if problems:
+            raise ModelSignatureError(
+                f"cannot fine-tune {name} from {ref}: it differs from the training config in "
+                + "; ".join(problems)
+            )
+        state = load_weights(parent)
+        try:
+            build_network(mc.network).load_state_dict(state)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ModelSignatureError(
+                f"cannot fine-tune {name} from {ref}: its weights do not fit the network ({first})"
+            ) from exc
+        weights = parent.metadata.training["weights"]["sha256"]
+        out[name] = InitFrom(ref, parent.metadata.sha256, str(weights), state)
+    return out
+
+
+def _check_resume_parent(state: dict[str, Any], init: InitFrom | None, path: Path) -> None:
+    started = state.get("init_from")
+    wanted = init.weights_sha256 if init is not None else None
+    if started != wanted:
+        raise ConfigError(
+            f"{path} was started from weights {started or '(random init)'}, this run from "
+            f"{wanted or '(random init)'}: resume with the same --init-from, or use a new --out"
+        )
+
+
+def data_provenance(config: TrainConfig) -> dict[str, Any]:
+    """What identifies PI-CAI-layout training data beyond its paths: the marksheet's sha256
+    and, for a `radtriage feedback export --dataset`, its export.json counts."""
+    marksheet = config.data.get("marksheet") if config.data.get("source") == "picai" else None
+    if not marksheet or not Path(marksheet).is_file():
+        return {}
+    from models.repository import sha256_file
+
+    out: dict[str, Any] = {"marksheet_sha256": sha256_file(Path(marksheet))}
+    manifest = Path(marksheet).parent / "export.json"
+    if manifest.is_file():
+        doc = json.loads(manifest.read_text(encoding="utf-8"))
+        keep = ("created", "written", "positive", "negative", "labelled_findings", "skipped")
+        out["feedback_export"] = {k: doc[k] for k in keep if k in doc}
+    return out
+
+
 # --- loop ---------------------------------------------------------------------------------
 
 
@@ -328,11 +444,13 @@ def train_model(
     resume: bool = False,
     progress: bool = True,
     stop_at: int | None = None,
+    init: InitFrom | None = None,
 ) -> tuple[ProbabilityNet, dict[str, Any]]:
     """Train one model for `mc.steps` steps; return the net and its final validation metrics.
 
     `stop_at` ends this run early after that step (with a checkpoint), as an interruption
-    would; `resume=True` then continues to exactly where an uninterrupted run would be."""
+    would; `resume=True` then continues to exactly where an uninterrupted run would be.
+    `init`: start from a repository version's weights (fine-tuning) instead of a random init."""
     from monai.utils import set_determinism
 
     folder = out / mc.name
@@ -342,6 +460,8 @@ def train_model(
         train = [c for c in train if c.has_zones] or train
     set_determinism(seed=seed)
     net = build_network(mc.network)
+    if init is not None:
+        net.load_state_dict(init.state)
     optimiser = torch.optim.AdamW(net.parameters(), lr=mc.learning_rate, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimiser, max_lr=mc.learning_rate, total_steps=mc.steps, pct_start=0.1
@@ -349,6 +469,7 @@ def train_model(
     start, seconds = 0, 0.0
     if resume and ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        _check_resume_parent(state, init, ckpt_path)
         net.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
         scheduler.load_state_dict(state["scheduler"])
@@ -386,6 +507,7 @@ def train_model(
                 "step": done,
                 "seconds": elapsed,
                 "network": mc.network.as_dict(),
+                "init_from": init.weights_sha256 if init is not None else None,
             }
             torch.save(state, ckpt_path.with_suffix(".tmp"))
             ckpt_path.with_suffix(".tmp").replace(ckpt_path)
@@ -411,6 +533,7 @@ def export_trained(
     *,
     repository: Path,
     overwrite: bool = False,
+    init: InitFrom | None = None,
 ) -> Any:
     from training.export import export_model
 
@@ -449,6 +572,7 @@ def export_trained(
             "synthetic": synthetic,
             **{k: v for k, v in config.data.items() if k != "source"},
             "seed": config.seed,
+            **data_provenance(config),
         },
         training={
             "steps": mc.steps,
@@ -457,6 +581,7 @@ def export_trained(
             "loss": f"soft Dice + BCE (pos_weight {mc.pos_weight})"
             if mc.name == DETECTOR
             else "monai DiceCELoss (softmax)",
+            **({"init_from": init.provenance()} if init is not None else {}),
             "augmentation": "flip L-R, intensity scale/shift, Gaussian noise (MONAI)"
             + (
                 "; phantom families " + ", ".join(config.data["families"])
@@ -498,9 +623,13 @@ def run_training(
     repository: Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    init_from: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Train (and export) every model in `config`; returns a summary dict."""
+    """Train (and export) every model in `config`; returns a summary dict. `init_from`:
+    NAME:VERSION refs in the repository to fine-tune from (checked before any data is read)."""
     torch.set_num_threads(config.threads)
+    repo = repository if repository is not None else config.repository
+    inits = resolve_init_from(config, init_from, repo)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     train, val = load_data(config)
@@ -510,15 +639,17 @@ def run_training(
         "val_cases": len(val),
         "models": {},
     }
-    repo = repository if repository is not None else config.repository
     for mc in config.models:
+        init = inits.get(mc.name)
         net, metrics = train_model(
-            mc, train, val, out, seed=config.seed, resume=resume, progress=progress
+            mc, train, val, out, seed=config.seed, resume=resume, progress=progress, init=init
         )
         entry: dict[str, Any] = {"metrics": metrics}
+        if init is not None:
+            entry["init_from"] = init.ref
         if export:
             version = export_trained(
-                config, mc, net, metrics, val, repository=repo, overwrite=overwrite
+                config, mc, net, metrics, val, repository=repo, overwrite=overwrite, init=init
             )
             entry.update(
                 {

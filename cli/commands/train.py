@@ -1,4 +1,5 @@
-"""`radtriage train --config FILE.toml [--out DIR] [--resume]`: train, export, register."""
+"""`radtriage train --config FILE.toml [--out DIR] [--resume] [--init-from NAME:VERSION]`:
+train (or fine-tune from a repository version), export, register."""
 
 from __future__ import annotations
 
@@ -18,6 +19,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, required=True, help="training TOML")
     p.add_argument("--out", type=Path, default=Path("var/train"), help="checkpoints and logs")
     p.add_argument("--resume", action="store_true", help="continue from OUT's checkpoints")
+    p.add_argument(
+        "--init-from",
+        action="append",
+        default=[],
+        metavar="NAME:VERSION",
+        help="fine-tune model NAME from that version's weights in the repository (repeat per "
+        "model); refused when its network, grid, spacing or channels differ from the config",
+    )
     p.add_argument("--repository", type=Path, default=None, help="export target (else config)")
     p.add_argument("--no-export", action="store_true", help="train only")
     p.add_argument("--overwrite", action="store_true", help="replace an existing version")
@@ -37,11 +46,13 @@ def run(args: argparse.Namespace) -> int:
         repository=args.repository,
         overwrite=args.overwrite,
         progress=not args.json,
+        init_from=args.init_from,
     )
     if args.json:
         print(json.dumps(summary))
     else:
         for name, entry in summary["models"].items():
             where = entry.get("path", "(not exported)")
-            print(f"{name}: {entry['metrics']} -> {where}")
+            parent = f" (fine-tuned from {entry['init_from']})" if "init_from" in entry else ""
+            print(f"{name}{parent}: {entry['metrics']} -> {where}")
     return 0
