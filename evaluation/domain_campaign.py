@@ -110,12 +110,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--urgent-specificity", type=float, default=0.90)
     ap.add_argument("--fresh", type=int, nargs=2, default=(90, 910000), metavar=("N", "SEED"))
     ap.add_argument("--shifted", type=int, nargs=2, default=(30, 920000), metavar=("N", "SEED"))
+    ap.add_argument(
+        "--no-fit",
+        action="store_true",
+        help="measure the repository's own calibration, bands and gate (no refit on a copy)",
+    )
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/domain_gate.json"))
     args = ap.parse_args(argv)
     started = time.time()
     work = Path(tempfile.mkdtemp(prefix="radtriage-domain-"))
     repo = work / "repository"
     shutil.copytree(args.repository or default_repository(), repo)
+    if args.no_fit:
+        return _write(args, _measure(args, repo, None), started, work)
     fit_json = work / "fit.json"
     cmd = [
         sys.executable,
@@ -139,30 +146,49 @@ def main(argv: list[str] | None = None) -> int:
         str(work / "fit.html"),
     ]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    fit = json.loads(fit_json.read_text())
+    return _write(args, _measure(args, repo, json.loads(fit_json.read_text())), started, work)
+
+
+def _measure(args: argparse.Namespace, repo: Path, fit: dict[str, Any] | None) -> dict[str, Any]:
     pipeline = TriagePipeline.from_repository(repository=repo)
     md = pipeline.detector_metadata
-    doc: dict[str, Any] = {
+    thresholds = (
+        {"urgent": md.thresholds.urgent, "soon": md.thresholds.soon} if md.thresholds else None
+    )
+    n, seed = args.fresh
+    return {
+        "model": f"{md.name}:{md.version}",
         "fit": {
             "data": args.fit,
             "calibration": args.calibration,
             "urgent_specificity": args.urgent_specificity,
-            "thresholds": {"urgent": md.thresholds.urgent, "soon": md.thresholds.soon}
-            if md.thresholds
-            else None,
+            "thresholds": thresholds,
             "validation_fit": fit.get("validation_fit"),
             "check_split_auroc": fit.get("auroc"),
             "check_split_auroc_ci": fit.get("auroc_ci"),
+        }
+        if fit is not None
+        else {
+            "refit": False,
+            "thresholds": thresholds,
+            "source": md.thresholds.source if md.thresholds else None,
         },
-        "fresh_phantoms": {"seed": args.fresh[1], **_run(pipeline, phantom_cases(*args.fresh))},
+        "fresh_phantoms": {"seed": seed, **_run(pipeline, phantom_cases(n, seed))},
+        "fresh_randomised_phantoms": {
+            "seed": seed + n,
+            **_run(pipeline, phantom_cases(n, seed + n, "randomised")),
+        },
         "shifted": {
             shift: _run(pipeline, shifted_phantom_cases(args.shifted[0], args.shifted[1], shift))
             for shift in SHIFTS
         },
         "prostatex": _prostatex(pipeline),
-        "seconds": round(time.time() - started, 1),
-        "work": str(work),
     }
+
+
+def _write(args: argparse.Namespace, doc: dict[str, Any], started: float, work: Path) -> int:
+    doc["seconds"] = round(time.time() - started, 1)
+    doc["work"] = str(work)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(json_safe(doc), indent=2) + "\n", encoding="utf-8")
     print(json.dumps(json_safe(doc), indent=2))

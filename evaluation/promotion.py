@@ -99,9 +99,7 @@ def check_promotion(
             candidate_version,
             current,
         )
-    factory = predictor_factory or (
-        lambda ref: load_pipeline(ref, gland=gland, repository=repo.root)
-    )
+    factory = predictor_factory or (lambda ref: _paired_pipeline(repo, ref, gland))
     cases = list(load_cases(data) if isinstance(data, str) else data)
     current_records = run_cases(factory(f"{name}:{current}"), cases)
     candidate_records = run_cases(factory(candidate_ref), cases)
@@ -147,6 +145,16 @@ def check_promotion(
         force_reason,
         comparison,
     )
+
+
+def _paired_pipeline(repo: ModelRepository, ref: str, gland: str) -> Predictor:
+    """The pipeline for a detector or gland version `ref`, paired with the other model's
+    version on its grid (`ModelRepository.partner`), so a grid change can pass the gate."""
+    if repo.resolve(ref).metadata.task == "gland_segmentation":
+        return load_pipeline(repo.partner(ref, "cspca_detector"), gland=ref, repository=repo.root)
+    if ":" not in gland:
+        gland = repo.partner(ref, gland)
+    return load_pipeline(ref, gland=gland, repository=repo.root)
 
 
 def _repo(repository: Any) -> ModelRepository:

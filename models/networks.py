@@ -5,6 +5,9 @@
 
 Both are small 3D U-Nets with anisotropic first stride (MRI slices are ~3x thicker than pixels).
 The architecture is described by a `NetworkConfig` so training configs and metadata name it.
+`input_pool` (z, y, x) average-pools the input before the U-Net and resizes its logits back
+(trilinear) to the input size: the graph takes and returns the full model grid (PI-CAI's
+20 x 256 x 256 at 0.5 mm) while the U-Net runs at 1 mm in-plane, which CPU training affords.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class NetworkConfig:
     norm: str = "instance"
     dropout: float = 0.0
     activation: Literal["sigmoid", "softmax"] = "sigmoid"
+    input_pool: tuple[int, int, int] = (1, 1, 1)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -39,6 +43,9 @@ class NetworkConfig:
             )
         if self.activation == "sigmoid" and self.out_channels != 1:
             raise ValueError("activation 'sigmoid' is for a single output channel")
+        if len(self.input_pool) != 3 or any(int(k) < 1 for k in self.input_pool):
+            raise ValueError(f"input_pool must be 3 factors >= 1, got {self.input_pool}")
+        object.__setattr__(self, "input_pool", tuple(int(k) for k in self.input_pool))
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -51,15 +58,30 @@ class NetworkConfig:
         d["channels"] = tuple(d.get("channels", cls.channels))
         if "strides" in d:
             d["strides"] = tuple(tuple(s) for s in d["strides"])
+        if "input_pool" in d:
+            d["input_pool"] = tuple(int(k) for k in d["input_pool"])
         return cls(**d)
 
     def divisor_zyx(self) -> tuple[int, int, int]:
         """The input shape must be divisible by this along (z, y, x)."""
-        out = [1, 1, 1]
+        out = [int(k) for k in self.input_pool]
         for s in self.strides:
             for i in range(3):
                 out[i] *= s[i]
         return (out[0], out[1], out[2])
+
+
+class PooledNet(nn.Module):
+    """`net` on an average-pooled input, its output resized back to the input's size."""
+
+    def __init__(self, net: nn.Module, pool: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.pool = nn.AvgPool3d(pool, stride=pool)
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.net(self.pool(x))
+        return nn.functional.interpolate(y, size=x.shape[2:], mode="trilinear", align_corners=False)
 
 
 class ProbabilityNet(nn.Module):
@@ -92,6 +114,9 @@ def build_network(config: NetworkConfig) -> ProbabilityNet:
         norm=config.norm,
         dropout=config.dropout,
     )
+    pool = tuple(int(k) for k in config.input_pool)
+    if pool != (1, 1, 1):
+        return ProbabilityNet(PooledNet(net, pool), config.activation)  # type: ignore[arg-type]
     return ProbabilityNet(net, config.activation)
 
 

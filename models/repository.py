@@ -150,6 +150,19 @@ class ModelRepository:
         folder = self.root / name / version
         return ModelVersion(folder, read_metadata(folder / METADATA_FILE))
 
+    def partner(self, ref: str, name: str) -> str:
+        """The NAME:VERSION of model `name` that runs with `ref` on one model grid: the
+        promoted version when its grid matches, else the newest version that matches (a grid
+        change promotes a detector and gland pair). Falls back to the promoted one, whose grid
+        mismatch the pipeline then reports."""
+        grid = self.resolve(ref).metadata.input_spec
+        promoted = self.promoted(name)
+        candidates = ([promoted] if promoted else []) + self.versions(name)[::-1]
+        for version in candidates:
+            if self.resolve(f"{name}:{version}").metadata.input_spec.same_grid(grid):
+                return f"{name}:{version}"
+        return name
+
     def verify(self, ref: str) -> ModelVersion:
         """Resolve `ref` and check model.onnx against its sha256 (raises ModelIntegrityError)."""
         version = self.resolve(ref)

@@ -100,6 +100,8 @@ def test_evaluate_write_thresholds_writes_calibration_bands_and_gate(tmp_path, c
         version = ModelRepository(repo).resolve("cspca_detector")
     except Exception as exc:
         pytest.skip(f"no promoted bundled detector: {exc}")
+    bundled_path = default_repository() / version.path.relative_to(repo) / "metadata.json"
+    bundled_before = bundled_path.read_bytes()
     rc = main(
         [
             "evaluate",
@@ -127,7 +129,4 @@ def test_evaluate_write_thresholds_writes_calibration_bands_and_gate(tmp_path, c
     assert "ppv" in md["thresholds"]["bands"]["urgent"]
     assert md["ood_gate"]["features"] == list(FEATURES)
     assert CARD_BEGIN in (version.path / "model_card.md").read_text()
-    bundled = json.loads(
-        (default_repository() / version.path.relative_to(repo) / "metadata.json").read_text()
-    )
-    assert bundled.get("calibration") is None  # the bundled model is untouched
+    assert bundled_path.read_bytes() == bundled_before  # the bundled model is untouched
