@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from core.domain import Volume
-from evaluation.runner import LabelledCase, phantom_cases
+from evaluation.runner import SHIFTS, LabelledCase, phantom_cases
 
-SHIFTS = ("oblique", "large", "contrast", "all")
+__all__ = ["SHIFTS", "shifted", "shifted_phantom_cases"]
 
 
 def _centre(v: Volume) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 `--data` is either `phantoms:N[:SEED[:FAMILY]]` (synthetic cases from `training.phantoms`, seeds
 SEED..SEED+N-1, vendors in rotation; default SEED 100000, outside the training seeds; FAMILY
-`standard` (default) or `randomised`, the domain-randomised family) or a
+`standard` (default), `randomised` (the domain-randomised family) or `shifted-oblique|large|
+contrast|all`, the held-out shifted families of `evaluation.phantom_shift`) or a
 folder read by `training.datasets` (PI-CAI MHA layout or DICOM folders with masks).
 
 Inference goes through `models.pipeline.TriagePipeline`, the same pre/post-processing and ONNX
@@ -100,14 +101,24 @@ def parse_phantom_spec(spec: str) -> PhantomSpec | None:
     if n <= 0 or len(parts) > 3:
         raise InputError(f"--data {spec!r}: N must be a positive integer ({usage})")
     family = parts[2] if len(parts) > 2 else "standard"
-    if family not in FAMILIES:
-        raise InputError(f"--data {spec!r}: FAMILY must be one of {', '.join(FAMILIES)}")
+    allowed = (*FAMILIES, *(f"shifted-{s}" for s in SHIFTS))
+    if family not in allowed:
+        raise InputError(f"--data {spec!r}: FAMILY must be one of {', '.join(allowed)}")
     return PhantomSpec(n, seed, family)
+
+
+# The held-out shifted families of `evaluation.phantom_shift` (kept here: it imports this module).
+SHIFTS = ("oblique", "large", "contrast", "all")
 
 
 def load_cases(spec: str) -> Iterator[LabelledCase]:
     """The labelled cases named by `--data`."""
     phantom = parse_phantom_spec(spec)
+    if phantom is not None and phantom.family.startswith("shifted-"):
+        from evaluation.phantom_shift import shifted_phantom_cases
+
+        yield from shifted_phantom_cases(phantom.n, phantom.seed, phantom.family[8:])
+        return
     if phantom is not None:
         yield from phantom_cases(*phantom)
         return

@@ -58,6 +58,7 @@ def test_phantom_spec() -> None:
     assert parse_phantom_spec("phantoms:5") == (5, 100_000, "standard")
     assert parse_phantom_spec("phantoms:5:7") == (5, 7, "standard")
     assert parse_phantom_spec("phantoms:5:7:randomised") == (5, 7, "randomised")
+    assert parse_phantom_spec("phantoms:5:7:shifted-contrast") == (5, 7, "shifted-contrast")
     with pytest.raises(InputError, match="FAMILY"):
         parse_phantom_spec("phantoms:5:7:alien")
     assert parse_phantom_spec("/data/picai") is None
