@@ -38,13 +38,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import highdicom as hd
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as sr_codes
 
@@ -59,21 +57,6 @@ from core.domain import (
 from core.errors import InputError
 from dicom_node import dicom_codes as dc
 from dicom_node.seg import MANUFACTURER, copying_source_names, segment_tracking_uid, stable_uid
-
-
-def read_evidence(paths: Iterable[Path], limit: int = 2000) -> list[Dataset]:
-    """Headers (no pixels) of the readable instances among `paths`, for an SR's evidence.
-    Best-effort: unreadable files and files without Study/SOP UIDs are simply not cited."""
-    out: list[Dataset] = []
-    for path in list(paths)[:limit]:
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception:
-            continue
-        if "SOPInstanceUID" in ds and "StudyInstanceUID" in ds and "SOPClassUID" in ds:
-            out.append(ds)
-    return out
-
 
 __all__ = ["build_triage_sr", "stable_uid", "summary_text"]
 

@@ -401,10 +401,48 @@ class WaitingList:
         )
         return True
 
+    @staticmethod
+    def _evidence(
+        s: Session, study: StudyRow, old: TriageResult, new: TriageResult
+    ) -> dict[str, list[Dataset]]:
+        """The superseding SR's evidence from the index (every instance, UIDs as stored) and
+        one header for the patient and study modules: no pass over the study's files."""
+        from dicom_node.evidence import cited_evidence
+
+        query = (
+            select(
+                Series.series_instance_uid,
+                Instance.sop_class_uid,
+                Instance.sop_instance_uid,
+                Instance.path,
+            )
+            .join(Series, Instance.series_fk == Series.id)
+            .where(Instance.study_fk == study.id)
+            .order_by(Instance.id)
+        )
+        rows = s.execute(query).all()
+        header = None
+        for row in rows:
+            try:
+                header = pydicom.dcmread(row.path, stop_before_pixels=True)
+                break
+            except (OSError, pydicom.errors.InvalidDicomError):
+                continue
+        if header is None:
+            return {}
+        header.StudyInstanceUID = study.study_instance_uid
+        cited = [(r[0], r[1], r[2]) for r in rows]
+        if old.series_used and Priority(new.priority) is not Priority.NOT_ANALYSED:
+            return {
+                role: cited_evidence(header, [c for c in cited if c[0] == series_uid])
+                for role, series_uid in old.series_used.items()
+            }
+        return {"study": cited_evidence(header, cited)}
+
     def _build_sr(self, s: Session, study: StudyRow, old: TriageResult, new: TriageResult) -> Path:
         import highdicom as hd
 
-        from dicom_node.sr import build_triage_sr, read_evidence
+        from dicom_node.sr import build_triage_sr
 
         uid = study.study_instance_uid
         documents = [Path(p) for p in json.loads(study.documents_json or "[]")]
@@ -414,21 +452,7 @@ class WaitingList:
                 head = pydicom.dcmread(path, stop_before_pixels=True)
                 if str(head.get("Modality", "")) == "SEG":
                     seg = hd.seg.segread(path)
-        evidence: dict[str, list[Dataset]] = {}
-        if old.series_used and Priority(new.priority) is not Priority.NOT_ANALYSED:
-            for role, series_uid in old.series_used.items():
-                paths = s.scalars(
-                    select(Instance.path)
-                    .join(Series, Instance.series_fk == Series.id)
-                    .where(Series.series_instance_uid == series_uid)
-                    .order_by(Instance.id)
-                ).all()
-                evidence[role] = read_evidence([Path(p) for p in paths])
-        else:
-            paths = s.scalars(
-                select(Instance.path).where(Instance.study_fk == study.id).order_by(Instance.id)
-            ).all()
-            evidence["study"] = read_evidence([Path(p) for p in paths])
+        evidence = self._evidence(s, study, old, new)
         previous = Path(study.previous_sr_path) if study.previous_sr_path else None
         predecessor = pydicom.dcmread(previous) if previous and previous.is_file() else None
         model = (

@@ -16,13 +16,15 @@ from sqlalchemy import select, text
 from core.domain import ModelRef, Priority, ReferralUrgency, StudyStatus, TriageResult
 from core.priority import Thresholds, decide_priority
 from core.settings import Hl7Destination, Hl7Settings, Settings, TriageSettings
+from dicom_node.evidence import scan_evidence
 from dicom_node.hl7_listener import Hl7Listener, RecordingRis
 from dicom_node.hl7_results import HL7_SENT, Hl7Sender, outbox_rows
 from dicom_node.index import Index, Instance, OutboxItem
 from dicom_node.orders import OrderControl, OrderUpdate, apply_order
 from dicom_node.spool import Spool
-from dicom_node.sr import build_triage_sr, read_evidence
+from dicom_node.sr import build_triage_sr
 from dicom_node.sr_reader import read_triage_sr
+from dicom_node.study_reader import scan_study
 from dicom_node.waiting_list import LiveWaitingList, WaitingInputs, WaitingList, decide_today
 from evaluation.simulate import queue_rank
 
@@ -49,7 +51,7 @@ def _first_sr(index: Index, uid: str, result: TriageResult, folder: Path) -> Pat
     """The SR the analysis sent (built by the product's SR builder)."""
     with index.read() as s:
         paths = [Path(p) for p in s.scalars(select(Instance.path))]
-    evidence = read_evidence(paths)
+    evidence = scan_evidence(scan_study(paths))
     series = str(evidence[0].SeriesInstanceUID)
     result = result.model_copy(update={"series_used": {"t2w": series}})
     model = ModelRef(MODEL.name, MODEL.version, MODEL.sha256)
