@@ -95,11 +95,32 @@ class ProbabilityNet(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    @property
+    def input_pool(self) -> tuple[int, int, int]:
+        return self.net.pool.kernel_size if isinstance(self.net, PooledNet) else (1, 1, 1)  # type: ignore[return-value]
+
+    def coarse_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Training: the U-Net's logits at the pooled resolution (no resize back), for a loss
+        against `coarse_target` labels; the exported graph is `forward`."""
+        if isinstance(self.net, PooledNet):
+            return self.net.net(self.net.pool(x))
+        return self.net(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.net(x)
         if self.activation == "softmax":
             return torch.softmax(y, dim=1)
         return torch.sigmoid(y)
+
+
+def coarse_target(y: torch.Tensor, pool: tuple[int, int, int], *, binary: bool) -> torch.Tensor:
+    """Labels (B, 1, Z, Y, X) on the pooled grid: max-pooled when binary (a lesion smaller than
+    a pooled voxel stays), else the label at each pooling window's first voxel (zones)."""
+    if tuple(pool) == (1, 1, 1):
+        return y
+    if binary:
+        return torch.nn.functional.max_pool3d(y, pool, stride=pool)
+    return y[..., :: pool[0], :: pool[1], :: pool[2]]
 
 
 def build_network(config: NetworkConfig) -> ProbabilityNet:

@@ -38,7 +38,13 @@ from models.metadata import (
     PostprocessingSpec,
     ThresholdSpec,
 )
-from models.networks import NetworkConfig, ProbabilityNet, build_network, count_parameters
+from models.networks import (
+    NetworkConfig,
+    ProbabilityNet,
+    build_network,
+    coarse_target,
+    count_parameters,
+)
 from training.datasets import TrainingCase
 
 log = logging.getLogger(__name__)
@@ -486,7 +492,8 @@ def train_model(
     for step in bar:
         x, y = _batch(train, mc, seed, step)
         optimiser.zero_grad(set_to_none=True)
-        loss = loss_fn(net.logits(x), y)
+        pool = net.input_pool
+        loss = loss_fn(net.coarse_logits(x), coarse_target(y, pool, binary=mc.name == DETECTOR))
         loss.backward()
         optimiser.step()
         scheduler.step()

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.networks import NetworkConfig, PooledNet, build_network, detector_config, gland_config
+from models.networks import (
+    NetworkConfig,
+    PooledNet,
+    build_network,
+    coarse_target,
+    detector_config,
+    gland_config,
+)
 
 
 def test_input_pool_round_trips_and_scales_the_divisor() -> None:
@@ -34,3 +41,17 @@ def test_pooled_network_returns_the_input_grid() -> None:
 def test_input_pool_is_validated() -> None:
     with pytest.raises(ValueError, match="input_pool"):
         detector_config(input_pool=(1, 0, 2))
+
+
+def test_coarse_training_targets_keep_small_lesions() -> None:
+    y = torch.zeros(1, 1, 2, 8, 8)
+    y[0, 0, 1, 3, 5] = 1.0  # one voxel: survives max-pooling
+    lesions = coarse_target(y, (1, 2, 2), binary=True)
+    assert lesions.shape == (1, 1, 2, 4, 4) and float(lesions.sum()) == 1.0
+    zones = torch.arange(64, dtype=torch.float32).reshape(1, 1, 1, 8, 8)
+    assert coarse_target(zones, (1, 2, 2), binary=False)[0, 0, 0, 1, 1] == zones[0, 0, 0, 2, 2]
+    net = build_network(
+        detector_config(channels=(4, 8), strides=((2, 2, 2),), input_pool=(1, 2, 2))
+    )
+    assert net.input_pool == (1, 2, 2)
+    assert net.coarse_logits(torch.randn(1, 3, 4, 16, 16)).shape == (1, 1, 4, 8, 8)
