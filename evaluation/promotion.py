@@ -9,7 +9,8 @@ a paired bootstrap on the same cases, on either kind of evidence:
 - live: the candidate's stored shadow results against the live model on the same studies,
   AUROC against the biopsy outcomes that have arrived (`evaluation.shadow_report`).
 
-No evidence, or too little (no csPCa or no benign outcome), is a refusal too. Forcing past a
+No evidence, or too little (fewer than `MIN_LIVE_PER_CLASS` csPCa or benign outcomes), is a
+refusal too. Forcing past a
 refusal needs a non-empty reason; `gate` returns a `models.repository.GateDecision` that
 `ModelRepository.promote` records in the append-only promotion log.
 """
@@ -28,6 +29,10 @@ from evaluation.runner import LabelledCase, Predictor, load_cases, load_pipeline
 from evaluation.shadow_report import compare_shadow
 from models.repository import GateDecision, ModelRepository
 from models.shadow_log import ShadowRecord
+
+# Live evidence below this many csPCa or benign outcomes cannot show a candidate is worse (the
+# paired AUROC interval spans everything), so the gate refuses rather than passes on it.
+MIN_LIVE_PER_CLASS = 10
 
 
 @dataclass(frozen=True)
@@ -188,11 +193,12 @@ def _live_verdict(
         return False, f"shadow results were recorded against {live}, not {name}:{current}", doc
     auroc = doc.get("auroc")
     n, pos = doc["n_with_outcome"], doc["n_cspca"]
-    if not auroc or pos == 0 or pos == n or auroc["difference"]["ci"][1] is None:
+    if not auroc or min(pos, n - pos) < MIN_LIVE_PER_CLASS or auroc["difference"]["ci"][1] is None:
         return (
             False,
             f"too little live evidence: {n} shadowed studies with an outcome ({pos} csPCa); "
-            "wait for more biopsy results",
+            f"the gate needs >= {MIN_LIVE_PER_CLASS} csPCa and >= {MIN_LIVE_PER_CLASS} benign "
+            "outcomes: wait for more biopsy results",
             doc,
         )
     diff = auroc["difference"]
