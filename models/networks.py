@@ -81,7 +81,11 @@ class PooledNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.net(self.pool(x))
-        return nn.functional.interpolate(y, size=x.shape[2:], mode="trilinear", align_corners=False)
+        # A constant scale (not the input's size) keeps the exported output shape static.
+        scale = tuple(float(k) for k in self.pool.kernel_size)  # type: ignore[union-attr]
+        return nn.functional.interpolate(
+            y, scale_factor=scale, mode="trilinear", align_corners=False
+        )
 
 
 class ProbabilityNet(nn.Module):
