@@ -27,6 +27,7 @@ import numpy as np
 
 from core.domain import Prediction, Volume
 from core.errors import InputError
+from core.priority import Thresholds
 from evaluation.metrics import CaseRecord, calibration, json_safe
 from evaluation.operating_points import (
     ThresholdChoice,
@@ -243,11 +244,19 @@ def model_card_section(fit: ValidationFit, *, source: str) -> str:
     return "\n".join(lines)
 
 
-def write_card_section(card: Path, section: str) -> None:
-    """Replace (or append) the evaluate section of a model card."""
+def write_card_section(card: Path, section: str, thresholds: Thresholds | None = None) -> None:
+    """Replace (or append) the evaluate section of a model card; with `thresholds`, also the
+    card's operating-thresholds line, so no provisional value is left beside the bands."""
     text = card.read_text(encoding="utf-8") if card.exists() else ""
     pattern = re.compile(re.escape(CARD_BEGIN) + r".*?" + re.escape(CARD_END) + r"\n?", re.S)
     text = pattern.sub("", text).rstrip("\n") + "\n\n" + section
+    if thresholds is not None:
+        line = (
+            f"- urgent >= {thresholds.urgent:.4f}, soon >= {thresholds.soon:.4f} on the "
+            "calibrated scale (chosen by radtriage evaluate --write-thresholds: see Priority "
+            "bands below)"
+        )
+        text = re.sub(r"(## Operating thresholds\n)- [^\n]*", lambda m: m.group(1) + line, text)
     card.write_text(text, encoding="utf-8")
 
 

@@ -127,6 +127,9 @@ class PipelineSteps:
         )
         domain = check_domain(md.ood_gate, features)  # raises OutsideValidatedDomainError
         lesions, labels = extract_lesions(likelihood, zones, post, self.thresholds, md.calibration)
+        if md.calibration is not None:  # one scale for every likelihood the prediction carries
+            calibrated = calibrate(likelihood.array, md.calibration)
+            likelihood = likelihood.with_array(np.asarray(calibrated, dtype=np.float32))
         gland_mask = zones.with_array((zones.array > 0).astype(np.uint8))
         volume = gland_volume_ml(gland_mask)
         raw = float(gated.max())

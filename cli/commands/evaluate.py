@@ -237,7 +237,11 @@ def _evaluate(args: argparse.Namespace, records: list[Any]) -> dict[str, Any]:
         }
         write_metadata(path, read_metadata(path).model_copy(update=update))
         md = read_metadata(path)
-        write_card_section(version.path / md.model_card, model_card_section(fit, source=source))
+        write_card_section(
+            version.path / md.model_card,
+            model_card_section(fit, source=source),
+            fit.choice.thresholds,
+        )
         written = str(path)
         fitted = fit.summary
         records = with_calibrated([records[i] for i in fit.check_index], fit.calibration)

@@ -224,3 +224,18 @@ def test_bundled_repository_is_valid() -> None:
         assert md.size_bytes is not None and md.size_bytes < 20_000_000
         assert not md.clinical_use and md.training_data.get("synthetic") is True
         assert md.parity is not None and md.parity.max_abs_diff <= 1e-3
+
+
+def test_bundled_pair_shares_the_pi_cai_grid_and_every_detector_has_a_partner() -> None:
+    repo = ModelRepository()
+    detector, gland = repo.resolve("cspca_detector"), repo.resolve("prostate_gland")
+    spec = detector.metadata.input_spec
+    assert spec.same_grid(gland.metadata.input_spec)
+    assert spec.shape_zyx == (20, 256, 256) and spec.spacing_xyz == (0.5, 0.5, 3.0)
+    assert detector.metadata.calibration is not None  # calibrated three bands ship with it
+    t = detector.metadata.thresholds
+    assert t is not None and t.urgent > t.soon
+    for version in repo.versions("cspca_detector"):
+        ref = f"cspca_detector:{version}"
+        partner = repo.resolve(repo.partner(ref, "prostate_gland"))
+        assert partner.metadata.input_spec.same_grid(repo.resolve(ref).metadata.input_spec)
