@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from scipy.special import expit
 
 _EPS = 1e-6
 _PLATT_KNOTS = 201
@@ -115,7 +116,7 @@ def fit_platt(scores: Sequence[float], labels: Sequence[bool], *, source: str) -
         )
     grid = np.unique(np.concatenate([np.linspace(0.0, 1.0, _PLATT_KNOTS), s]))
     g = np.log(np.clip(grid, _EPS, 1 - _EPS) / np.clip(1 - grid, _EPS, 1 - _EPS))
-    curve = 1.0 / (1.0 + np.exp(-(a * g + b)))
+    curve = expit(a * g + b)  # stable for the steep slopes of near-separable scores
     return CalibrationSpec(
         method="platt",
         x=tuple(float(v) for v in grid),
