@@ -54,5 +54,5 @@ def test_demo_once_analyses_every_study_and_returns_srs_to_orthanc(tmp_path: Pat
             assert f"urgent (waited {days_ago} d)" in row, row
         elif cspca:
             assert re.search(r"\b(urgent|soon)\b", row), row
-        else:
-            assert "routine" in row, row
+        else:  # the soon band holds false positives by design (its PPV is ~0.35): never urgent
+            assert re.search(r"\b(routine|soon)\b", row) and "urgent" not in row, row
