@@ -130,3 +130,30 @@ def test_evaluate_write_thresholds_writes_calibration_bands_and_gate(tmp_path, c
     assert md["ood_gate"]["features"] == list(FEATURES)
     assert CARD_BEGIN in (version.path / "model_card.md").read_text()
     assert bundled_path.read_bytes() == bundled_before  # the bundled model is untouched
+
+
+def test_soon_or_above_sensitivity_is_reported_per_vendor_and_lesion_size() -> None:
+    from evaluation.operating_points import lesion_size_class, record_strata
+
+    # two small csPCa lesions on GE, one missed; large ones on Siemens all caught
+    records = [
+        CaseRecord("a", True, 0.9, vendor="siemens", extra={"largest_lesion_ml": 1.2}),
+        CaseRecord("b", True, 0.8, vendor="siemens", extra={"largest_lesion_ml": 0.9}),
+        CaseRecord("c", True, 0.4, vendor="ge", extra={"largest_lesion_ml": 0.2}),
+        CaseRecord("d", True, 0.05, vendor="ge", extra={"largest_lesion_ml": 0.3}),
+        CaseRecord("e", False, 0.02, vendor="ge", extra={"largest_lesion_ml": None}),
+    ]
+    b = band_metrics(
+        [r.likelihood for r in records],
+        [r.is_cspca for r in records],
+        Thresholds(urgent=0.7, soon=0.1),
+        strata=record_strata(records),
+    )
+    by = b["soon_or_above"]["sensitivity_by"]
+    assert (by["vendor"]["ge"]["k"], by["vendor"]["ge"]["n"]) == (1, 2)
+    assert (by["vendor"]["siemens"]["k"], by["vendor"]["siemens"]["n"]) == (2, 2)
+    assert (by["lesion_size"]["< 0.5 ml"]["k"], by["lesion_size"]["< 0.5 ml"]["n"]) == (1, 2)
+    assert by["lesion_size"][">= 0.5 ml"]["value"] == 1.0
+    assert lesion_size_class(None) is None and lesion_size_class(0.49) == "< 0.5 ml"
+    with pytest.raises(ValueError, match="stratum"):
+        band_metrics([0.5], [True], Thresholds(0.7, 0.1), strata={"vendor": []})
