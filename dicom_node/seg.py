@@ -100,6 +100,37 @@ def _frame_positions(source_images: Sequence[Dataset]) -> tuple[np.ndarray, np.n
     return np.asarray(ipps), np.asarray(iops)
 
 
+def segment_masks(
+    seg: Dataset, source_images: Sequence[Dataset], grid: Volume, *, strict: bool
+) -> dict[int, np.ndarray]:
+    """{segment number: bool mask on `grid`} of a SEG whose frames reference `source_images`
+    (the series `grid` was read from). A frame referencing another image is skipped, or, when
+    `strict`, a GeometryError (the SEG was made on other images)."""
+    z_of_sop = dict(
+        zip(
+            (str(ds.SOPInstanceUID) for ds in source_images),
+            frame_slice_indices(source_images, grid),
+            strict=True,
+        )
+    )
+    shape = grid.array.shape
+    masks = {int(s.SegmentNumber): np.zeros(shape, dtype=bool) for s in seg.SegmentSequence}
+    frames = seg.pixel_array
+    if frames.ndim == 2:
+        frames = frames[None]
+    for i, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        source = item.DerivationImageSequence[0].SourceImageSequence[0]
+        z = z_of_sop.get(str(source.ReferencedSOPInstanceUID))
+        if z is None:
+            if strict:
+                raise GeometryError("the SEG references images outside the series given")
+            continue
+        if number in masks:
+            masks[number][z] |= frames[i].astype(bool)
+    return masks
+
+
 def frame_slice_indices(source_images: Sequence[Dataset], grid: Volume) -> list[int]:
     """For each source frame, the z index of `grid` it shows.
 

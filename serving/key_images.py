@@ -63,28 +63,11 @@ def read_seg_masks(
     """(gland mask, lesion masks) on the T2W grid from a SEG written by `dicom_node.seg`."""
     import pydicom
 
-    from dicom_node.seg import GLAND_LABEL, frame_slice_indices
+    from dicom_node.seg import GLAND_LABEL, segment_masks
 
     seg = pydicom.dcmread(seg_path)
-    z_of_sop = dict(
-        zip(
-            (str(ds.SOPInstanceUID) for ds in t2w_headers),
-            frame_slice_indices(t2w_headers, t2w),
-            strict=True,
-        )
-    )
     labels = {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg.SegmentSequence}
-    shape = t2w.array.shape
-    masks = {n: np.zeros(shape, dtype=bool) for n in labels}
-    frames = seg.pixel_array
-    if frames.ndim == 2:
-        frames = frames[None]
-    for i, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
-        number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-        source = item.DerivationImageSequence[0].SourceImageSequence[0]
-        z = z_of_sop.get(str(source.ReferencedSOPInstanceUID))
-        if z is not None and number in masks:
-            masks[number][z] |= frames[i].astype(bool)
+    masks = segment_masks(seg, t2w_headers, t2w, strict=False)
     gland = next((masks[n] for n, label in labels.items() if label == GLAND_LABEL), None)
     lesions = [masks[n] for n, label in sorted(labels.items()) if label != GLAND_LABEL]
     return gland, lesions

@@ -193,36 +193,18 @@ def read_lesion_masks(
 
     Raises GeometryError when the SEG belongs to another study or references images that are
     not this T2W series (a re-sent or re-analysed study)."""
-    from dicom_node.seg import frame_slice_indices
+    from dicom_node.seg import segment_masks
 
     seg = pydicom.dcmread(seg_path)
     if str(seg.get("StudyInstanceUID", "")) != study_instance_uid:
         raise GeometryError("the SEG belongs to another study")
-    z_of_sop = dict(
-        zip(
-            (str(ds.SOPInstanceUID) for ds in t2w_headers),
-            frame_slice_indices(t2w_headers, t2w),
-            strict=True,
-        )
-    )
+    by_number = segment_masks(seg, t2w_headers, t2w, strict=True)
     findings: dict[int, int] = {}  # segment number -> finding index
     for s in seg.SegmentSequence:
         m = _LESION_LABEL.match(str(s.SegmentLabel))
         if m:
             findings[int(s.SegmentNumber)] = int(m.group(1)) - 1
-    masks = {i: np.zeros(t2w.array.shape, dtype=bool) for i in findings.values()}
-    frames = seg.pixel_array
-    if frames.ndim == 2:
-        frames = frames[None]
-    for i, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
-        number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-        source = item.DerivationImageSequence[0].SourceImageSequence[0]
-        z = z_of_sop.get(str(source.ReferencedSOPInstanceUID))
-        if z is None:
-            raise GeometryError("the SEG references images outside the T2W series used")
-        if number in findings:
-            masks[findings[number]][z] |= frames[i].astype(bool)
-    return masks
+    return {index: by_number[number] for number, index in findings.items()}
 
 
 # --- the dataset ------------------------------------------------------------------------------
