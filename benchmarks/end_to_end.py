@@ -43,7 +43,7 @@ from typing import Any
 
 from benchmarks.memory import TreeSampler, process_name
 from cli.demo import DemoStudy, push_direct, wait_ready, write_config
-from cli.pacs import LocalPacs, free_port, stop_process
+from cli.demo.pacs import LocalPacs, free_port, stop_process
 from core.errors import DestinationError, RadtriageError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {
             "backend": args.backend,
             "models": "bundled (models/repository, promoted versions)",
-            "pacs": "in-process pynetdicom C-STORE SCP (cli.pacs.LocalPacs), stamps the SR",
+            "pacs": "in-process pynetdicom C-STORE SCP (cli.demo.pacs.LocalPacs), stamps the SR",
             "sender": (
                 "DCMTK storescu, one association per study (TCP_NODELAY=1)"
                 if args.sender == "storescu"

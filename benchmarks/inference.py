@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cli.composition import build_analyser, build_engine
     from core.settings import ModelSettings, Settings
-    from dicom_node.study_reader import scan_study
+    from imaging.study_reader import scan_study
     from models.metadata import ThresholdSpec
     from training.export import export_model
     from training.phantoms import synthesize_case, write_study

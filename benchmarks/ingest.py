@@ -29,8 +29,8 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
-from cli.pacs import OrthancPacs as Orthanc
-from cli.pacs import wait_port
+from cli.demo.pacs import OrthancPacs as Orthanc
+from cli.demo.pacs import wait_port
 from tests.dicom_node.peers import make_mr_series, storescp
 
 REPO = Path(__file__).resolve().parents[1]

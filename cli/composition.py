@@ -2,7 +2,7 @@
 
 This is the only module that wires packages together, for `serve`, `infer` and `evaluate`
 alike (`build_engine`, `build_analyser`). The DicomNode's analysis step
-(`dicom_node.analysis.StudyAnalyser`) runs in this process and calls an `InferenceEngine`:
+(`triage.analysis.StudyAnalyser`) runs in this process and calls an `InferenceEngine`:
 Ray Serve (`backend="ray"`, `serving.serve_engine.ServeEngine`: only volumes go to the cluster,
 only predictions come back) or ONNX Runtime in this process (`backend="local"`,
 `models.engine.LocalEngine`: small installs and tests). HTTP is uvicorn in this process rather
@@ -27,6 +27,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, Literal
 
 import uvicorn
+from fastapi import Depends, FastAPI
 
 from core.domain import ModelInfo, ModelRef
 from core.engine import InferenceEngine
@@ -34,18 +35,21 @@ from core.errors import ConfigError, ModelError, ModelNotFoundError
 from core.log_events import log_event
 from core.priority import Thresholds
 from core.settings import ModelSettings, Settings
-from dicom_node.analysis import StudyAnalyser, StudyAnalysis
+from dicom_node.dicomweb import create_dicomweb_router
 from dicom_node.index import Index
 from dicom_node.jobs import AnalysisOutput
 from dicom_node.node import DicomNode
-from dicom_node.study_reader import scan_study
-from dicom_node.waiting_list import LiveWaitingList
+from imaging.study_reader import scan_study
 from models.engine import LocalEngine
 from models.repository import ModelRepository, parse_ref
 from models.shadow_log import ShadowLog
-from serving.fhir import FhirPush
-from serving.http_api import ApiContext, create_app, is_pending, pending_row
-from serving.metrics import Metrics
+from ris.fhir import create_fhir_router
+from ris.node import RisNode
+from triage.analysis import StudyAnalyser, StudyAnalysis
+from triage.waiting_list import LiveWaitingList
+from workspace.app import ApiContext, create_app, is_pending, pending_row
+from workspace.auth import CLINICAL, require
+from workspace.metrics import Metrics
 
 if TYPE_CHECKING:  # Ray is imported only by the Ray backend
     from ray.serve.handle import DeploymentHandle
@@ -57,6 +61,16 @@ log = logging.getLogger(__name__)
 Backend = Literal["ray", "local"]
 
 
+def build_http_app(ctx: ApiContext) -> FastAPI:
+    """The web app with the ways in that share its sign-in: FHIR R4 (`ris.fhir`) and DICOMweb
+    (`dicom_node.dicomweb`), each behind the clinical roles."""
+    app = create_app(ctx)
+    clinical = [Depends(require(*CLINICAL))]
+    app.include_router(create_fhir_router(dependencies=clinical))
+    app.include_router(create_dicomweb_router(ctx, dependencies=clinical))
+    return app
+
+
 class IndexStudies:
     """The "awaiting AI analysis" list over the node's index: every study received but not
     reported yet (no cap), without patient identifiers."""
@@ -66,7 +80,7 @@ class IndexStudies:
 
     def list_pending(self) -> list[dict[str, Any]]:
         """Studies received but not yet reported (arriving, queued, analysing, retrying)."""
-        from serving.http_api import PENDING_STATUSES
+        from workspace.app import PENDING_STATUSES
 
         rows = []
         for status in PENDING_STATUSES:
@@ -301,7 +315,7 @@ class RadtriageApp:
             session_ttl_s=self.settings.http.session_ttl_s,
             fds_days=self.settings.triage.fds_days,
         )
-        return create_app(ctx)
+        return build_http_app(ctx)
 
     def model_thresholds(self, model: ModelInfo) -> Thresholds | None:
         """The thresholds of the detector version that analysed a study (the waiting list
@@ -315,14 +329,6 @@ class RadtriageApp:
         spec = version.metadata.thresholds
         return spec.as_thresholds() if spec is not None else None
 
-    def _fhir_push(self, index: Index) -> FhirPush | None:
-        url = self.settings.hl7.fhir_base_url
-        if not url:
-            return None
-        push = FhirPush(index, url)
-        push.start()
-        return push
-
     def serve_forever(self, promotion_poll_s: float = 30.0) -> None:
         """Start everything; return after SIGTERM/SIGINT once in-flight work has finished."""
         self.start_models()
@@ -334,7 +340,8 @@ class RadtriageApp:
             self.node.index, self.node.spool, self.settings, self.model_thresholds
         )
         live.start()
-        fhir = self._fhir_push(self.node.index)
+        ris = RisNode(self.node.index, self.settings.hl7)
+        ris.start()
         stop = threading.Event()
 
         def poll_promotions() -> None:
@@ -369,8 +376,7 @@ class RadtriageApp:
             stop.set()
             self._ready = False
             started = time.monotonic()
-            if fhir is not None:
-                fhir.stop()
+            ris.stop()
             live.stop()
             self.node.stop()
             self.shutdown()

@@ -1,6 +1,6 @@
 """The engine port: three volumes of one study in, a prediction out.
 
-The DICOM node's analysis step (`dicom_node.analysis`) calls an `InferenceEngine`; the
+The DICOM node's analysis step (`triage.analysis`) calls an `InferenceEngine`; the
 composition root picks the implementation:
 
 - `models.engine.LocalEngine`: ONNX Runtime in this process (`infer`, `evaluate`, tests, small

@@ -1,2 +1,2 @@
-"""DICOM side of radtriage: SCP/SCU, spool, index, study assembly, series selection, volumes,
-SR/SEG writing. Imports `core` and third-party DICOM libraries only."""
+"""DICOM only: SCP/SCU, ingest, spool, instance index, study assembly, job states, sender, SR/SEG
+writing and reading, DICOMweb (STOW-RS/QIDO-RS). Imports `core` and `imaging`."""

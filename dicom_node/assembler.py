@@ -2,7 +2,7 @@
 
 A study becomes ``complete``
 
-- as soon as the required series (t2w, adc, hbv, found by `dicom_node.series_selection`) are
+- as soon as the required series (t2w, adc, hbv, found by `imaging.series_selection`) are
   present and geometrically whole (every slice, ImagesInAcquisition / NumberOfFrames / positions,
   `series_geometrically_complete`); this is checked once the study has been quiet for
   ``settle_s`` and has new instances since the last check, so a burst is not rescanned per file;
@@ -30,7 +30,7 @@ from dicom_node.index import Index, Series, Study
 from dicom_node.jobs import transition
 
 if TYPE_CHECKING:
-    from dicom_node.series_selection import SelectionRules
+    from imaging.series_selection import SelectionRules
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ ReadyCheck = Callable[[Sequence[Path]], bool]
 
 def required_series_complete(paths: Sequence[Path]) -> bool:
     """True when t2w, adc and hbv are all selected and each is geometrically whole."""
-    from dicom_node.series_selection import select_series, series_geometrically_complete
-    from dicom_node.study_reader import scan_study
+    from imaging.series_selection import select_series, series_geometrically_complete
+    from imaging.study_reader import scan_study
 
     try:
         selection = select_series(scan_study(list(paths)))
@@ -74,7 +74,7 @@ class Assembler:
         clock: Callable[[], float] = time.time,
         rules: SelectionRules | None = None,
     ) -> None:
-        from dicom_node.series_selection import load_rules
+        from imaging.series_selection import load_rules
 
         self.rules = rules or load_rules()  # its body-part policy decides `not_applicable`
         self.index = index
@@ -147,7 +147,7 @@ class Assembler:
         if not mr:
             found = sorted({m for m, _ in series}) or ["nothing"]
             return f"not_mr: no MR series in the study (found {', '.join(found)})"
-        from dicom_node.series_selection import wrong_body_part
+        from imaging.series_selection import wrong_body_part
 
         parts = wrong_body_part(mr, self.rules)
         if parts is not None:

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 from pydicom.dataset import Dataset
 
-from dicom_node.study_reader import StudyScan
+from imaging.study_reader import StudyScan
 
 # (Series Instance UID, SOP Class UID, SOP Instance UID) of one cited instance.
 CitedInstance = tuple[str, str, str]

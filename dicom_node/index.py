@@ -5,7 +5,7 @@ through a process lock, since SQLite has a single writer and its busy handler sl
 PostgreSQL by URL (``postgresql+psycopg://...``: the ingest path, `Index.add_instance`, runs
 without the process lock in concurrent short transactions, a get-or-create race on a unique key
 retried once; job and outbox transactions keep the lock, which makes their claims exclusive).
-The schema is owned by the alembic migrations in ``dicom_node/migrations``; `Index.__init__`
+The schema is owned by the alembic migrations in ``migrations``; `Index.__init__`
 upgrades the database to head.
 
 Several DICOM nodes may share one database (one node per hospital, PostgreSQL): every study and
@@ -61,7 +61,7 @@ from core.redact import redact
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+MIGRATIONS = Path(__file__).resolve().parents[1] / "migrations"
 
 #: ``node_id`` of rows written before migration 0003 (or by an `Index` without a node id);
 #: a node adopts them when it starts (`Index.adopt_unowned`).
@@ -121,7 +121,7 @@ class Study(Base):
     analysis_started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     reported_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    # the result's sortable columns (migration 0005, `dicom_node.worklist.update_result_columns`)
+    # the result's sortable columns (migration 0005, `dicom_node.results.update_result_columns`)
     priority: Mapped[str | None] = mapped_column(String(16), nullable=True, index=True)
     priority_rank: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
     case_likelihood: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)

@@ -61,9 +61,9 @@ from core.errors import (
 )
 from dicom_node.encoding_check import check_encoding
 from dicom_node.index import Index, InstanceRecord
-from dicom_node.request_attributes import requested_procedure_priority
 from dicom_node.spool import Spool, encode_file_meta
 from dicom_node.uids import require_uid
+from imaging.request_attributes import requested_procedure_priority
 
 log = logging.getLogger(__name__)
 

@@ -37,8 +37,8 @@ from sqlalchemy.orm import Session
 from core.domain import Priority, StudyStatus, TriageResult
 from core.errors import RadtriageError
 from dicom_node.index import OUTBOX_PENDING, OUTBOX_SENT, Index, OutboxItem, Study
+from dicom_node.results import update_result_columns
 from dicom_node.spool import Spool, write_atomic
-from dicom_node.worklist import update_result_columns
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class AnalysisOutput:
 
 
 class Analyser(Protocol):
-    """The analysis seam (`dicom_node.analysis.StudyAnalyser`), injected by the composition root.
+    """The analysis seam (`triage.analysis.StudyAnalyser`), injected by the composition root.
 
     Called from the node's worker thread with every instance file of the study, and the SR of
     the previous analysis when this is a re-run (its SOP Instance UID goes into the new SR's
@@ -254,7 +254,7 @@ def not_analysed_fallback(
     inference cluster down), built from the study's own headers: never silent, never dropped."""
     from dicom_node.evidence import scan_evidence
     from dicom_node.sr import build_triage_sr
-    from dicom_node.study_reader import scan_study
+    from imaging.study_reader import scan_study
 
     evidence = scan_evidence(scan_study(paths))
     uid = claim.study_instance_uid

@@ -81,9 +81,9 @@ def _summary(rows: list[Row], pipeline: Any) -> Any:
 def _prostatex(pipeline: TriagePipeline) -> dict[str, Any]:
     if not PROSTATEX.is_dir():
         return {"skipped": f"{PROSTATEX} absent"}
-    from dicom_node.series_selection import load_rules
-    from dicom_node.study_reader import scan_study
-    from dicom_node.study_volumes import load_study_volumes
+    from imaging.series_selection import load_rules
+    from imaging.study_reader import scan_study
+    from imaging.study_volumes import load_study_volumes
 
     files = sorted(p for p in PROSTATEX.rglob("*") if p.is_file())
     volumes = load_study_volumes(scan_study(files), load_rules())

@@ -163,7 +163,7 @@ def queue_rank(
     policy: WaitingPolicy,
 ) -> int:
     """A patient's place in the queue: `core.priority.decide_priority`'s rank, the function
-    the live waiting list (`dicom_node.waiting_list`) ranks studies with."""
+    the live waiting list (`triage.waiting_list`) ranks studies with."""
     return decide_priority(likelihood, thresholds, referral, waited, policy).rank
 
 

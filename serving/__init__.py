@@ -1,1 +1,2 @@
-"""Ray Serve deployments, HTTP API and worklist, the composition root and the CLI."""
+"""Ray Serve only: the deployments (volumes in, predictions out, batched) and the engine that
+calls them. Imports `core` and `models`."""

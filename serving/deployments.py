@@ -1,7 +1,7 @@
 """Ray Serve deployments: preprocess -> (gland, detector: batched ONNX Runtime) -> postprocess,
 behind an ingress whose one job is `predict(InferenceRequest) -> InferenceOutput` (`core.engine`):
 volumes in, prediction out. Reading DICOM, deciding the priority and writing SR/SEG happen on the
-DICOM node (`dicom_node.analysis`), so no Ray worker needs the node's files.
+DICOM node (`triage.analysis`), so no Ray worker needs the node's files.
 
     TriageIngress ──> Preprocessor (CPU: resample + normalise, models.preprocessing)
                   ├─> OnnxModelDeployment "gland"     @serve.batch, one result or error per item

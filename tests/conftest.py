@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 
-from cli.pacs import free_port  # the tests import it from here
+from cli.demo.pacs import free_port  # the tests import it from here
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RADTRIAGE_SHARED_DATA", REPO.parent / "shared" / "data"))

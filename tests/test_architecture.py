@@ -13,21 +13,54 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = frozenset(
-    {"core", "dicom_node", "models", "serving", "training", "evaluation", "cli", "benchmarks"}
+    {
+        "core",
+        "imaging",
+        "models",
+        "dicom_node",
+        "serving",
+        "ris",
+        "workspace",
+        "triage",
+        "training",
+        "evaluation",
+        "migrations",
+        "cli",
+        "benchmarks",
+    }
 )
+# Bottom to top: each way in or out (dicom_node: PACS, ris: HL7/FHIR, workspace: browsers,
+# serving: Ray Serve) sits on core/imaging/models; triage composes them; cli wires everything.
 ALLOWED: dict[str, frozenset[str]] = {
     "core": frozenset(),
-    "dicom_node": frozenset({"core"}),
-    "models": frozenset({"core"}),
-    "serving": frozenset({"core", "models", "dicom_node"}),
-    "training": frozenset({"core", "models", "dicom_node"}),
-    "evaluation": frozenset({"core", "models", "dicom_node", "training"}),
+    "imaging": frozenset({"core"}),
+    "models": frozenset({"core", "imaging"}),
+    "dicom_node": frozenset({"core", "imaging"}),
+    "serving": frozenset({"core", "models"}),
+    "ris": frozenset({"core", "imaging", "dicom_node"}),
+    "workspace": frozenset({"core", "imaging", "models", "dicom_node"}),
+    "triage": frozenset({"core", "imaging", "models", "dicom_node", "ris"}),
+    "training": frozenset({"core", "imaging", "models"}),
+    "evaluation": frozenset({"core", "imaging", "models", "training"}),
+    "migrations": frozenset({"core", "dicom_node", "ris", "workspace"}),
     "cli": OURS - {"cli", "benchmarks"},
+}
+# Third-party libraries a package must not reach for: the DICOM node speaks DICOM (its DICOMweb
+# routes may use the web framework), Ray Serve serves arrays.
+FORBIDDEN_LIBRARIES: dict[str, frozenset[str]] = {
+    "core": frozenset({"fastapi", "starlette", "ray", "pynetdicom", "hl7", "hl7apy", "sqlalchemy"}),
+    "imaging": frozenset({"fastapi", "ray", "pynetdicom", "hl7", "hl7apy", "sqlalchemy"}),
+    "dicom_node": frozenset({"hl7", "hl7apy", "fhir", "argon2", "itsdangerous"}),
+    "serving": frozenset(
+        {"fastapi", "starlette", "uvicorn", "argon2", "hl7", "hl7apy", "fhir", "pynetdicom"}
+    ),
+    "ris": frozenset({"pynetdicom", "ray", "argon2"}),
+    "workspace": frozenset({"ray", "hl7", "hl7apy", "pynetdicom"}),
 }
 
 
-def _imports(path: Path) -> set[str]:
-    """Top-level package names of ours that `path` imports."""
+def _imports(path: Path, *, ours: bool = True) -> set[str]:
+    """Top-level package names that `path` imports (ours only, unless `ours` is False)."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     found: set[str] = set()
     for node in ast.walk(tree):
@@ -35,7 +68,7 @@ def _imports(path: Path) -> set[str]:
             found.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found.add(node.module.split(".")[0])
-    return found & OURS
+    return found & OURS if ours else found
 
 
 def _modules(package: str) -> list[Path]:
@@ -51,6 +84,25 @@ def test_package_imports_only_what_the_layout_allows(package: str) -> None:
         for path in modules
     }
     assert not {k: v for k, v in bad.items() if v}
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN_LIBRARIES))
+def test_package_uses_no_library_of_another_way_in(package: str) -> None:
+    bad = {
+        str(path.relative_to(ROOT)): sorted(
+            _imports(path, ours=False) & FORBIDDEN_LIBRARIES[package]
+        )
+        for path in _modules(package)
+    }
+    assert not {k: v for k, v in bad.items() if v}
+
+
+def test_ris_workspace_triage_reach_each_other_through_no_back_door() -> None:
+    """The three integrations meet only in triage (which composes ris) and the composition
+    root: ris and workspace never import each other or triage."""
+    for package, others in (("ris", {"workspace", "triage"}), ("workspace", {"ris", "triage"})):
+        for path in _modules(package):
+            assert not _imports(path) & others, f"{path.relative_to(ROOT)} imports {others}"
 
 
 def _defines_serve_deployment(path: Path) -> bool:

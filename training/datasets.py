@@ -3,7 +3,7 @@
 - synthetic phantoms (`training.phantoms.synthesize_case`), made in memory;
 - the PI-CAI layout: `<images>/<patient_id>/<patient_id>_<study_id>_{t2w,adc,hbv}.mha` with
   `picai_labels`-style masks and a `marksheet.csv`;
-- DICOM study folders (read by `dicom_node.study_volumes.load_study_volumes`), masks beside:
+- DICOM study folders (read by `imaging.study_volumes.load_study_volumes`), masks beside:
   `<study>/masks/{lesions,gland,zones}.{mha,nii.gz}` (any grid in the same patient coordinates).
 
 `open_dataset(path)` yields native-grid `RawCase`s (evaluation uses it); `*_cases` put them on
@@ -226,7 +226,7 @@ def picai_cases(spec: InputSpec, images: Path, labels: Path, marksheet: Path) ->
 
 def iter_dicom(root: Path) -> Iterator[RawCase]:
     """Every sub-folder of `root` holding a DICOM study and a `masks/` folder."""
-    from dicom_node.study_volumes import load_study_volumes
+    from imaging.study_volumes import load_study_volumes
 
     found = False
     for study in sorted(p for p in root.iterdir() if p.is_dir()):

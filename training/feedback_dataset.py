@@ -10,7 +10,7 @@ The dataset (`export_dataset`) is what `training.datasets.iter_picai`/`picai_cas
     DIR/export.json       counts, skipped cases by reason, the label rule
 
 Images are the three spooled series the analysis used (the index's instance paths, the same
-`dicom_node.study_volumes.load_study_volumes` selection, checked against the result's
+`imaging.study_volumes.load_study_volumes` selection, checked against the result's
 `series_used`), on their native grids. Labels (csPCa voxels, 0/1, on the T2W grid):
 
 - biopsy ISUP >= 2: the AI lesions the radiologist accepted or edited, from the SEG the analysis
@@ -120,51 +120,6 @@ class StudyFeedback:
         return sorted(f.index for f in self.findings if f.decision in ACCEPTED and f.index < n)
 
 
-def read_feedback(session: Any) -> list[StudyFeedback]:
-    """Every study with an AI score, in index order, with the radiologist's findings."""
-    from sqlalchemy import select
-
-    from dicom_node.index import Patient, Study
-    from dicom_node.workspace_tables import Assessment, FindingAssessment
-
-    q = (
-        select(Study, Patient.patient_id, Assessment.pirads_overall, Assessment.isup_grade_group)
-        .join(Patient, Study.patient_fk == Patient.id)
-        .outerjoin(Assessment, Assessment.study_instance_uid == Study.study_instance_uid)
-        .where(Study.case_likelihood.is_not(None))
-        .order_by(Study.id)
-    )
-    findings: dict[str, list[Finding]] = {}
-    for fa in session.scalars(select(FindingAssessment).order_by(FindingAssessment.finding_index)):
-        findings.setdefault(fa.study_instance_uid, []).append(
-            Finding(fa.finding_index, fa.decision, fa.pirads)
-        )
-    out = []
-    for study, patient_id, pirads, isup in session.execute(q):
-        result = json.loads(study.result_json) if study.result_json else {}
-        model = result.get("model") or {}
-        mine = tuple(findings.get(study.study_instance_uid, ()))
-        lesion_pirads = [str(f.pirads) for f in mine if f.decision in ACCEPTED and f.pirads]
-        row = {
-            "patient_id": pseudonym("patient", patient_id or ""),
-            "study_id": pseudonym("study", study.study_instance_uid),
-            "study_instance_uid": study.study_instance_uid,
-            "mri_date": study.study_date or "",
-            "pirads": pirads if pirads is not None else "",
-            "case_ISUP": isup if isup is not None else "",
-            "case_csPCa": "" if isup is None else ("YES" if isup >= 2 else "NO"),
-            "ai_score": f"{study.case_likelihood:.6f}",
-            "model_name": model.get("name", ""),
-            "model_version": model.get("version", ""),
-            "site": study.node_id or "",
-            "lesion_PIRADS": ",".join(lesion_pirads),
-            "finding_decisions": ";".join(f"{f.index}:{f.decision}" for f in mine),
-        }
-        documents = tuple(Path(p) for p in json.loads(study.documents_json or "[]"))
-        out.append(StudyFeedback(row, mine, result, documents))
-    return out
-
-
 def write_marksheet(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
@@ -193,7 +148,7 @@ def read_lesion_masks(
 
     Raises GeometryError when the SEG belongs to another study or references images that are
     not this T2W series (a re-sent or re-analysed study)."""
-    from dicom_node.seg import segment_masks
+    from imaging.seg_frames import segment_masks
 
     seg = pydicom.dcmread(seg_path)
     if str(seg.get("StudyInstanceUID", "")) != study_instance_uid:
@@ -246,8 +201,8 @@ class _Case:
 
 def _load_case(study: StudyFeedback, index: Any, report: DatasetExport) -> _Case | None:
     """The case's volumes and csPCa mask, or None after recording why it is left out."""
-    from dicom_node.study_reader import scan_study
-    from dicom_node.study_volumes import load_study_volumes
+    from imaging.study_reader import scan_study
+    from imaging.study_volumes import load_study_volumes
 
     case_id, isup = study.case_id, study.isup
     if isup is None:

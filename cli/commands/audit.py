@@ -21,7 +21,7 @@ def register(subparsers: Any) -> None:
 def run_verify(args: argparse.Namespace) -> int:
     from core.settings import load_settings
     from dicom_node.index import Index
-    from serving.audit import AuditTrail
+    from workspace.audit import AuditTrail
 
     settings = load_settings(args.config)
     result = AuditTrail(Index(settings.storage.database_url).engine).verify()

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import InputError
-from training.feedback_dataset import COLUMNS, pseudonym
+from training.feedback_dataset import ACCEPTED, COLUMNS, Finding, StudyFeedback, pseudonym
 
 __all__ = ["COLUMNS", "pseudonym", "register"]
 
@@ -50,7 +50,7 @@ def register(subparsers: Any) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from core.settings import load_settings
     from dicom_node.index import Index
-    from training.feedback_dataset import export_dataset, read_feedback, write_marksheet
+    from training.feedback_dataset import export_dataset, write_marksheet
 
     if args.out is None and args.dataset is None:
         raise InputError("feedback export needs --out DIR, --dataset DIR or both")
@@ -85,3 +85,48 @@ def run_export(args: argparse.Namespace) -> int:
         )
     print(json.dumps(summary) if args.json else "\n".join(lines))
     return 0
+
+
+def read_feedback(session: Any) -> list[StudyFeedback]:
+    """Every study with an AI score, in index order, with the radiologist's findings."""
+    from sqlalchemy import select
+
+    from dicom_node.index import Patient, Study
+    from workspace.tables import Assessment, FindingAssessment
+
+    q = (
+        select(Study, Patient.patient_id, Assessment.pirads_overall, Assessment.isup_grade_group)
+        .join(Patient, Study.patient_fk == Patient.id)
+        .outerjoin(Assessment, Assessment.study_instance_uid == Study.study_instance_uid)
+        .where(Study.case_likelihood.is_not(None))
+        .order_by(Study.id)
+    )
+    findings: dict[str, list[Finding]] = {}
+    for fa in session.scalars(select(FindingAssessment).order_by(FindingAssessment.finding_index)):
+        findings.setdefault(fa.study_instance_uid, []).append(
+            Finding(fa.finding_index, fa.decision, fa.pirads)
+        )
+    out = []
+    for study, patient_id, pirads, isup in session.execute(q):
+        result = json.loads(study.result_json) if study.result_json else {}
+        model = result.get("model") or {}
+        mine = tuple(findings.get(study.study_instance_uid, ()))
+        lesion_pirads = [str(f.pirads) for f in mine if f.decision in ACCEPTED and f.pirads]
+        row = {
+            "patient_id": pseudonym("patient", patient_id or ""),
+            "study_id": pseudonym("study", study.study_instance_uid),
+            "study_instance_uid": study.study_instance_uid,
+            "mri_date": study.study_date or "",
+            "pirads": pirads if pirads is not None else "",
+            "case_ISUP": isup if isup is not None else "",
+            "case_csPCa": "" if isup is None else ("YES" if isup >= 2 else "NO"),
+            "ai_score": f"{study.case_likelihood:.6f}",
+            "model_name": model.get("name", ""),
+            "model_version": model.get("version", ""),
+            "site": study.node_id or "",
+            "lesion_PIRADS": ",".join(lesion_pirads),
+            "finding_decisions": ";".join(f"{f.index}:{f.decision}" for f in mine),
+        }
+        documents = tuple(Path(p) for p in json.loads(study.documents_json or "[]"))
+        out.append(StudyFeedback(row, mine, result, documents))
+    return out

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from cli.composition import build_analyser, build_engine
     from core.errors import InputError, ModelNotFoundError
     from core.settings import load_settings
-    from dicom_node.study_reader import scan_study
+    from imaging.study_reader import scan_study
 
     if not args.dir.is_dir():
         raise InputError(f"{args.dir} is not a folder; give the folder holding the study's files")

@@ -23,8 +23,8 @@ def register(subparsers: Any) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from dicom_node.series_selection import load_rules
-    from dicom_node.study_volumes import inspect_study
+    from imaging.series_selection import load_rules
+    from imaging.study_volumes import inspect_study
 
     report = inspect_study(args.directory, load_rules(args.rules) if args.rules else None)
     if args.json:

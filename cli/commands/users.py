@@ -46,13 +46,13 @@ def _engine(args: argparse.Namespace) -> Any:
 
 
 def _accounts(args: argparse.Namespace) -> Any:
-    from serving.accounts import Accounts
+    from workspace.accounts import Accounts
 
     return Accounts(_engine(args))
 
 
 def _audit(args: argparse.Namespace, action: str, name: str, **detail: Any) -> None:
-    from serving.audit import AuditTrail
+    from workspace.audit import AuditTrail
 
     AuditTrail(_engine(args)).append(
         action, user="cli", role="admin", address="cli", detail={"name": name, **detail}

@@ -1,7 +1,7 @@
 """Crash campaign against the whole server (issue 12, item 4).
 
 Runs the real ``radtriage serve`` (``--local``: in-process ONNX Runtime; ``--ray`` rounds use
-the Ray Serve backend, same node code) with Orthanc as the PACS (`cli.pacs.OrthancPacs`) and
+the Ray Serve backend, same node code) with Orthanc as the PACS (`cli.demo.pacs.OrthancPacs`) and
 DCMTK storescu as the modality, and kills the server's whole process group with SIGKILL at a
 random moment of one of three phases, chosen round by round:
 
@@ -108,7 +108,7 @@ concurrent_studies = 1
 
 
 def _start(c: Campaign, ray: bool) -> subprocess.Popen[bytes]:
-    from cli.pacs import wait_port
+    from cli.demo.pacs import wait_port
 
     cmd = [sys.executable, "-m", "cli.main", "serve", "--config", str(c.config)]
     with c.log.open("ab") as out:
@@ -291,7 +291,7 @@ def run_campaign(
     """`rounds` SIGKILL rounds (the last `ray_rounds` on the Ray backend), each sending a new
     phantom study, then the final checks; returns the report (AssertionError on a failure)."""
     studies = rounds
-    from cli.pacs import OrthancPacs
+    from cli.demo.pacs import OrthancPacs
 
     rng = random.Random(seed)
     dicom_port, http_port = free_port(), free_port()

@@ -106,7 +106,7 @@ class LiveNode:
     """``python -m dicom_node.node`` on a free loopback port with its own storage root."""
 
     def __init__(self, root: Path) -> None:
-        from cli.pacs import free_port
+        from cli.demo.pacs import free_port
 
         self.root = root
         self.port = free_port()

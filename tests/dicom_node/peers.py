@@ -1,5 +1,5 @@
 """Real DICOM peers for tests and benchmarks: DCMTK tools on loopback (Orthanc comes from
-`cli.pacs`, shared with the demo), plus a generator of classic MR series (pydicom)."""
+`cli.demo.pacs`, shared with the demo), plus a generator of classic MR series (pydicom)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from cli.pacs import OrthancPacs as Orthanc  # noqa: F401 - re-exported for the tests
-from cli.pacs import stop_process as _stop
-from cli.pacs import wait_port
+from cli.demo.pacs import OrthancPacs as Orthanc  # noqa: F401 - re-exported for the tests
+from cli.demo.pacs import stop_process as _stop
+from cli.demo.pacs import wait_port
 from dicom_node.index import Index, InstanceRecord
 
 

@@ -12,9 +12,10 @@ from sqlalchemy import select
 
 from core.domain import ReferralUrgency
 from core.settings import Hl7Settings
-from dicom_node.hl7_listener import Hl7Error, Hl7Listener, parse_order_message
 from dicom_node.index import Index, Study
-from dicom_node.orders import ORDER_CANCELLED, Order, match_orders, order_for_study
+from ris.hl7 import Hl7Error
+from ris.hl7_listener import Hl7Listener, parse_order_message
+from ris.orders import ORDER_CANCELLED, Order, match_orders, order_for_study
 
 from .hl7_peers import index_study, omi_o23, orm_o01, segment, send
 
@@ -167,7 +168,7 @@ def test_demo_orders_are_valid_omi_o23_and_its_ris_summary_reads_oru(tmp_path: P
     from cli.demo import DEMO_ORDERS, DemoStudy, format_oru, order_message
     from core.domain import ModelInfo, Priority, StudyStatus, TriageResult
     from core.settings import Hl7Destination
-    from dicom_node.hl7_results import ResultReport, build_oru
+    from ris.hl7_results import ResultReport, build_oru
 
     from .peers import make_mr_series
 

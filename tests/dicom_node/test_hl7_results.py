@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from cli.demo.ris import RecordingRis
 from core.domain import LesionResult, ModelInfo, Priority, StudyStatus, TriageResult
 from core.settings import Hl7Destination, Hl7Settings
-from dicom_node.hl7_listener import RecordingRis
-from dicom_node.hl7_results import (
+from dicom_node.index import Index
+from ris.hl7_results import (
     HL7_DEAD,
     HL7_PENDING,
     HL7_SENT,
@@ -20,7 +21,6 @@ from dicom_node.hl7_results import (
     enqueue_result,
     outbox_rows,
 )
-from dicom_node.index import Index
 
 from .hl7_peers import segment
 

@@ -13,7 +13,7 @@ import pytest
 from cli.main import main
 from core.domain import SeriesRole
 from core.errors import MissingSeriesError, NotDicomError
-from dicom_node.study_volumes import inspect_study, load_study_volumes
+from imaging.study_volumes import inspect_study, load_study_volumes
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -13,7 +13,8 @@ from pydicom import dcmread
 
 from core.domain import Prediction
 from core.errors import GeometryError
-from dicom_node.seg import build_seg, frame_slice_indices
+from dicom_node.seg import build_seg
+from imaging.seg_frames import frame_slice_indices
 from tests.conftest import require_tool
 from tests.dicom_node.source_images import DEMO_MODEL, make_prediction, make_study
 

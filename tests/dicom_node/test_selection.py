@@ -12,12 +12,12 @@ from pydicom.uid import generate_uid
 
 from core.domain import SeriesRole
 from core.errors import ConfigError
-from dicom_node.series_selection import (
+from imaging.series_selection import (
     load_rules,
     select_series,
     series_geometrically_complete,
 )
-from dicom_node.study_reader import SeriesInfo, StudyScan, instance_info, scan_study
+from imaging.study_reader import SeriesInfo, StudyScan, instance_info, scan_study
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 SAGITTAL = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)

@@ -18,9 +18,9 @@ from pydicom.dataset import Dataset
 from cli.main import main as radtriage
 from core.domain import SeriesRole
 from core.errors import WrongBodyPartError
-from dicom_node.series_selection import load_rules, select_series, wrong_body_part
-from dicom_node.study_reader import scan_study
-from dicom_node.study_volumes import check_study
+from imaging.series_selection import load_rules, select_series, wrong_body_part
+from imaging.study_reader import scan_study
+from imaging.study_volumes import check_study
 
 VENDORS = ("siemens", "ge", "philips")
 # (folder suffix of the ADC map, of the computed/acquired high-b image) the phantom writes

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from core.errors import GeometryError, InputError, RadtriageError
-from dicom_node.study_reader import scan_study
-from dicom_node.study_volumes import inspect_study
-from dicom_node.volumes import load_volume
+from imaging.study_reader import scan_study
+from imaging.study_volumes import inspect_study
+from imaging.volumes import load_volume
 
 GENERIC = (RadtriageError, InputError)
 

@@ -268,7 +268,7 @@ def test_prostatex_sr_references_the_series_used(prostatex: Path, tmp_path: Path
     import numpy as np
 
     from core.domain import Lesion
-    from dicom_node.study_volumes import load_study_volumes
+    from imaging.study_volumes import load_study_volumes
 
     volumes = load_study_volumes(prostatex)
     t2w = volumes.t2w

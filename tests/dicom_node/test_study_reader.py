@@ -8,7 +8,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from core.errors import NotDicomError
-from dicom_node.study_reader import b_value_of, read_header, scan_study
+from imaging.study_reader import b_value_of, read_header, scan_study
 
 
 def _with_private(group: int, creator: str, offset: int, vr: str, value: object) -> Dataset:

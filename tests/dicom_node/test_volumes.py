@@ -20,8 +20,8 @@ from core.errors import (
     NotMRError,
     UndecodablePixelDataError,
 )
-from dicom_node.study_reader import scan_study
-from dicom_node.volumes import load_volume, load_volume_with_headers
+from imaging.study_reader import scan_study
+from imaging.volumes import load_volume, load_volume_with_headers
 
 
 def _rotation(a: float, b: float, c: float) -> np.ndarray:

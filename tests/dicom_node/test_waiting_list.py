@@ -13,20 +13,22 @@ import pydicom
 import pytest
 from sqlalchemy import select, text
 
+from cli.demo.ris import RecordingRis
 from core.domain import ModelRef, Priority, ReferralUrgency, StudyStatus, TriageResult
 from core.priority import Thresholds, decide_priority
 from core.settings import Hl7Destination, Hl7Settings, Settings, TriageSettings
 from dicom_node.evidence import scan_evidence
-from dicom_node.hl7_listener import Hl7Listener, RecordingRis
-from dicom_node.hl7_results import HL7_SENT, Hl7Sender, outbox_rows
 from dicom_node.index import Index, Instance, OutboxItem
-from dicom_node.orders import OrderControl, OrderUpdate, apply_order
 from dicom_node.spool import Spool
 from dicom_node.sr import build_triage_sr
 from dicom_node.sr_reader import read_triage_sr
-from dicom_node.study_reader import scan_study
-from dicom_node.waiting_list import LiveWaitingList, WaitingInputs, WaitingList, decide_today
 from evaluation.simulate import queue_rank
+from imaging.study_reader import scan_study
+from ris.hl7_listener import Hl7Listener
+from ris.hl7_results import HL7_SENT, Hl7Sender, outbox_rows
+from ris.node import RisNode
+from ris.orders import OrderControl, OrderUpdate, apply_order
+from triage.waiting_list import LiveWaitingList, WaitingInputs, WaitingList, decide_today
 
 from .hl7_peers import MODEL, index_study, mark_reported, orm_o01, segment, send
 from .pg import postgresql_server  # noqa: F401  (the postgresql_url fixture)
@@ -283,7 +285,7 @@ def test_many_studies_are_all_recomputed(index: Index, tmp_path: Path) -> None:
     assert ranks["1.2.3.1"] == Priority.ROUTINE.rank
 
     # the worklist (one SQL query, paginated) lists every study once, in the tick's order
-    from dicom_node.worklist import WorklistQuery, query_worklist
+    from workspace.worklist import WorklistQuery, query_worklist
 
     seen: list[tuple[int, str]] = []
     offset = 0
@@ -365,7 +367,9 @@ def test_live_waiting_list_listens_ticks_and_sends(
     live = LiveWaitingList(
         index, Spool(tmp_path / "var"), settings, lambda m: THRESHOLDS, poll_s=0.1
     )
+    ris_node = RisNode(index, settings.hl7, poll_s=0.1)
     live.start()
+    ris_node.start()
     try:
         (ack,) = send(port, orm_o01("M6", "PLC6", accession="ACC6", priority="S"))
         assert segment(ack, "MSA")[1] == "AA"
@@ -375,6 +379,7 @@ def test_live_waiting_list_listens_ticks_and_sends(
         ):
             time.sleep(0.1)
     finally:
+        ris_node.stop()
         live.stop()
     assert any("RT101" in m and "PLC6" in m for m in ris.messages), ris.messages
     assert _columns(index, uid)[0] == "urgent"
@@ -403,7 +408,7 @@ def _header(priority: str = "", issued: str = "", in_sequence: bool = False) -> 
 
 
 def test_request_attributes_one_reader() -> None:
-    from dicom_node.request_attributes import (
+    from imaging.request_attributes import (
         days_since_referral,
         referral_urgency,
         request_date,
@@ -430,7 +435,7 @@ def test_request_attributes_one_reader() -> None:
 
 
 def test_analysis_inputs_prefer_the_order(index: Index, tmp_path: Path) -> None:
-    from dicom_node.waiting_list import analysis_inputs
+    from triage.waiting_list import analysis_inputs
 
     uid = index_study(index, tmp_path / "s", patient_id="PAT001", accession="ACC7")
     headers = [_header("MEDIUM", issued="20261101")]

@@ -19,8 +19,8 @@ from evaluation.outcomes import read_outcomes
 from evaluation.promotion import gate
 from models.repository import ModelRepository, PromotionRefusedError
 from models.shadow_log import ShadowLog
-from serving.metrics import Metrics
 from tests.models.conftest import export_tiny
+from workspace.metrics import Metrics
 
 N_STUDIES = 40
 COLUMNS = [

@@ -75,7 +75,7 @@ def _reanalyse(study: Path, out: Path, previous_sr: Path) -> None:
     """A second analysis of `study` after `previous_sr` was sent (the node's re-run path)."""
     from cli.composition import build_analyser, build_engine
     from core.settings import load_settings
-    from dicom_node.study_reader import scan_study
+    from imaging.study_reader import scan_study
 
     settings = load_settings(None)
     engine = build_engine(settings.models, "cpu")

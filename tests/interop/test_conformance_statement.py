@@ -117,7 +117,7 @@ def test_kept_validator_warnings_are_listed_with_a_reason(tool: str) -> None:
 
 
 def test_dicomweb_routes_exist() -> None:
-    from serving.dicomweb import create_dicomweb_router
+    from dicom_node.dicomweb import create_dicomweb_router
 
     (table,) = _tables(_section("2.4 DICOMweb"))
     routes = {

@@ -13,8 +13,8 @@ import pydicom
 import pytest
 from pydicom.uid import UID, generate_uid
 
-from dicom_node.study_reader import scan_study
-from dicom_node.volumes import load_volume
+from imaging.study_reader import scan_study
+from imaging.volumes import load_volume
 from tests.conftest import require_tool
 from tests.interop.transfer_syntax_files import INBOUND
 

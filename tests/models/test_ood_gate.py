@@ -92,10 +92,10 @@ def test_analysis_reports_not_analysed_outside_validated_domain(tiny_repo: Path,
 
     from core.domain import Priority
     from core.priority import WaitingPolicy
-    from dicom_node.analysis import analyse_study
-    from dicom_node.study_reader import scan_study
+    from imaging.study_reader import scan_study
     from models.engine import LocalEngine
     from training.phantoms import synthesize_case, write_study
+    from triage.analysis import analyse_study
 
     rng = np.random.default_rng(4)
     gate = fit_ood_gate(_features(rng, 20), _features(rng, 20), source="test")

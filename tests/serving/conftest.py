@@ -13,7 +13,7 @@ import pytest
 from tests.serving.fixture_models import build_fixture_repository
 
 if TYPE_CHECKING:
-    from serving.http_api import ApiContext
+    from workspace.app import ApiContext
 
 
 @pytest.fixture(scope="session")
@@ -41,9 +41,9 @@ def pending_context(tmp_path: Path, phantoms: dict[str, Path]) -> tuple[ApiConte
     """A real index holding two studies still arriving: a routine one first, then a STAT one."""
     from cli.composition import IndexStudies
     from dicom_node.index import Index
-    from serving.http_api import ApiContext
-    from serving.metrics import Metrics
     from tests.dicom_node.peers import index_series
+    from workspace.app import ApiContext
+    from workspace.metrics import Metrics
 
     index = Index(f"sqlite:///{tmp_path}/index.db")
     now = time.time()

@@ -13,7 +13,7 @@ from cli.composition import RadtriageApp
 from core.settings import Settings
 from dicom_node.index import Index
 from models.repository import GateDecision, ModelRepository
-from serving.accounts import Accounts
+from workspace.accounts import Accounts
 
 
 def test_local_app_analyses_reports_metrics_and_rolls_out_promotions(

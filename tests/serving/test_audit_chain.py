@@ -11,7 +11,7 @@ from sqlalchemy import text
 
 from cli.main import main
 from dicom_node.index import Index
-from serving.audit import GENESIS, AuditTrail, chain_hash
+from workspace.audit import GENESIS, AuditTrail, chain_hash
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 
 from core.domain import LesionResult, Priority
 from dicom_node.index import Index
-from serving.accounts import Accounts
 from tests.serving.workspace_helpers import PASSWORD, USERS, add_study, add_users, client, login
+from workspace.accounts import Accounts
 
 UID = "1.2.826.0.1.3680043.10.1.1"
 PATIENT_NAME = "Secret^Patient"
@@ -59,7 +59,7 @@ POLICY: dict[tuple[str, str], object] = {
     ("POST", "/api/studies/{study_instance_uid}/pirads"): RADIOLOGIST,
     ("POST", "/api/studies/{study_instance_uid}/biopsy"): RADIOLOGIST,
 }
-#: Routes other modules mount on the app (serving.fhir, serving.dicomweb) when present; the
+#: Routes other modules mount on the app (ris.fhir, dicom_node.dicomweb) when present; the
 #: matrix checks their access control too, not their request bodies.
 MOUNTED: dict[tuple[str, str], object] = {
     ("POST", "/fhir/ServiceRequest"): CLINICAL,
@@ -220,7 +220,7 @@ def test_pages_are_self_contained_and_script_free() -> None:
     (script-src 'self') would block them, and hostile values could not ride on them."""
     import re
 
-    from serving.http_api import WEB_DIR
+    from workspace.app import WEB_DIR
 
     for page in WEB_DIR.glob("*.html"):
         html = page.read_text(encoding="utf-8")
@@ -329,7 +329,7 @@ def test_https_option(tmp_path: Path) -> None:
 def test_repeated_failed_sign_ins_are_throttled(
     setup: tuple[TestClient, dict[str, str], Index],
 ) -> None:
-    from serving.http_api import LOGIN_FAILURES_ALLOWED
+    from workspace.app import LOGIN_FAILURES_ALLOWED
 
     c, tokens, _ = setup
     for _ in range(LOGIN_FAILURES_ALLOWED):

@@ -17,13 +17,14 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
+from cli.composition import build_http_app
 from dicom_node.index import Index
 from dicom_node.ingest import Ingest
 from dicom_node.spool import Spool
-from serving.http_api import ApiContext, create_app
-from serving.metrics import Metrics
 from tests.conftest import free_port, require_tool
 from tests.serving.workspace_helpers import add_study, add_users
+from workspace.app import ApiContext
+from workspace.metrics import Metrics
 
 dicomweb_client = pytest.importorskip("dicomweb_client", reason="pip: dicomweb-client ([dev])")
 
@@ -46,7 +47,7 @@ class Node:
         self.ingest = Ingest(self.spool, self.index, on_stored=self.woken.append)
         # the node's C-STORE store path, as the composition root wires it
         ctx = ApiContext(index=self.index, metrics=Metrics(), ingest=self.ingest)
-        self.app = create_app(ctx)
+        self.app = build_http_app(ctx)
         self.tokens = add_users(self.index)
 
 
@@ -178,7 +179,7 @@ def test_orthanc_dicomweb_plugin_pushes_a_study_to_us(
 ) -> None:
     """Orthanc's DICOMweb plugin (Debian `orthanc-dicomweb`) as a cloud platform would: STOW-RS
     of a whole study to our endpoint, with a bearer token."""
-    from cli.pacs import OrthancPacs
+    from cli.demo.pacs import OrthancPacs
 
     require_tool("Orthanc")
     if not ORTHANC_DICOMWEB_PLUGIN.is_file():

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
@@ -19,9 +19,10 @@ from sqlalchemy import select, text
 
 from core.domain import LesionResult, ModelInfo, Priority, StudyStatus, TriageResult
 from dicom_node.index import Index
-from dicom_node.orders import ORDER_CANCELLED, Order
-from serving.accounts import Accounts
-from serving.fhir import create_fhir_router
+from ris.fhir import create_fhir_router
+from ris.orders import ORDER_CANCELLED, Order
+from workspace.accounts import Accounts
+from workspace.auth import CLINICAL, require
 
 V2 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 
@@ -44,7 +45,7 @@ def client(index: Index) -> TestClient:
     app = FastAPI()
     app.state.ctx = SimpleNamespace(index=index)
     app.state.accounts = Accounts(index.engine)
-    app.include_router(create_fhir_router())
+    app.include_router(create_fhir_router(dependencies=[Depends(require(*CLINICAL))]))
     return TestClient(app)
 
 
@@ -277,8 +278,8 @@ class _FhirServer:
 
 @pytest.mark.integration
 def test_results_are_pushed_to_a_fhir_server_once_per_decision(index: Index) -> None:
-    from dicom_node.waiting_list import WaitingListEntry
-    from serving.fhir import FhirPush
+    from dicom_node.results import WaitingListEntry
+    from ris.fhir import FhirPush
 
     _add_results(index, 2)
     with index.write() as s:

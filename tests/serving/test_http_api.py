@@ -16,13 +16,14 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import select
 
+from cli.composition import build_http_app
 from core.domain import Priority
 from core.settings import Settings
 from dicom_node.index import Index, Study
-from dicom_node.worklist import update_result_columns
-from serving.http_api import ApiContext, create_app
-from serving.key_images import GLAND_COLOUR, LESION_COLOUR, SELECTED_COLOUR
+from dicom_node.results import update_result_columns
 from tests.serving.workspace_helpers import add_study, add_users, client
+from workspace.app import ApiContext
+from workspace.key_images import GLAND_COLOUR, LESION_COLOUR, SELECTED_COLOUR
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def analysed(
 ) -> tuple[TestClient, Index, str, dict[str, str]]:
     """The csPCa phantom indexed as the SCP would, analysed by the real pipeline, recorded."""
     from cli.composition import build_analyser, build_engine
-    from dicom_node.study_reader import scan_study
+    from imaging.study_reader import scan_study
     from tests.dicom_node.peers import index_series
 
     work = tmp_path_factory.mktemp("api")
@@ -168,7 +169,7 @@ def test_pending_studies_are_listed_by_referral_urgency_without_patient_data(
 ) -> None:
     ctx, routine, stat = pending_context
     tokens = add_users(ctx.index)
-    c = TestClient(create_app(ctx), headers=_as(tokens, "radiologist"))
+    c = TestClient(build_http_app(ctx), headers=_as(tokens, "radiologist"))
     rows = c.get("/api/worklist/pending").json()
     assert [r["study_instance_uid"] for r in rows] == [stat, routine]  # STAT first, though newer
     assert [r["referral_urgency"] for r in rows] == ["urgent", "routine"]

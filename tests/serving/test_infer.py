@@ -117,7 +117,7 @@ def test_days_since_referral_ignores_missing_malformed_and_future_dates() -> Non
 
     from pydicom.dataset import Dataset
 
-    from dicom_node.request_attributes import days_since_referral
+    from imaging.request_attributes import days_since_referral
 
     def ds(value: str | None) -> Dataset:
         d = Dataset()

@@ -9,7 +9,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage
 
-from cli.pacs import LocalPacs, OrthancPacs
+from cli.demo.pacs import LocalPacs, OrthancPacs
 from tests.conftest import require_tool
 from training.phantoms import synthesize_case, write_study
 

@@ -1,7 +1,7 @@
 """Ray Serve integration: real Ray (local, 2 CPUs), real ONNX Runtime, phantom DICOM studies.
 
 Ray starts once for the module; every test talks to the same running application. Studies are
-read and reported on this side (`dicom_node.analysis.StudyAnalyser`); only volumes go to Ray.
+read and reported on this side (`triage.analysis.StudyAnalyser`); only volumes go to Ray.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from core.settings import Settings
-from dicom_node.analysis import StudyAnalyser
-from dicom_node.study_reader import scan_study
+from imaging.study_reader import scan_study
+from triage.analysis import StudyAnalyser
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")

@@ -131,7 +131,7 @@ def lifecycle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lifecycle]:
         wait_ready,
         write_config,
     )
-    from cli.pacs import LocalPacs, free_port
+    from cli.demo.pacs import LocalPacs, free_port
     from training.phantoms import synthesize_case, write_study
 
     work = tmp_path_factory.mktemp("serve")

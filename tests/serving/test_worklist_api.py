@@ -171,7 +171,7 @@ def test_override_moves_a_study_up(worklist: tuple) -> None:
 def test_the_same_worklist_and_audit_on_postgresql(postgresql_url: str) -> None:
     """Migration 0005, the worklist SQL (NULLS LAST, LIKE escapes, CASE ranks), accounts and
     the audit chain on a real PostgreSQL server."""
-    from serving.audit import AuditTrail
+    from workspace.audit import AuditTrail
 
     index = Index(postgresql_url)
     for i in range(30):

@@ -82,10 +82,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     import pydicom
 
     from cli.demo import DemoStudy, push_direct, wait_ready, write_config
-    from cli.pacs import LocalPacs, free_port, stop_process
+    from cli.demo.pacs import LocalPacs, free_port, stop_process
     from dicom_node.index import Index
-    from serving.accounts import Accounts
     from training.phantoms import synthesize_case, write_study
+    from workspace.accounts import Accounts
 
     if not Path(CHROMIUM).is_file():
         pytest.skip(f"{CHROMIUM} is not installed (apt install chromium)")
@@ -156,7 +156,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def _outline_pixels(png: bytes) -> int:
     from PIL import Image
 
-    from serving.key_images import SELECTED_COLOUR
+    from workspace.key_images import SELECTED_COLOUR
 
     rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
     return int(np.all(rgb == np.asarray(SELECTED_COLOUR, dtype=np.uint8), axis=-1).sum())

@@ -1,5 +1,5 @@
 """Building blocks for the workspace tests: a real index with studies, users of each role,
-and a FastAPI TestClient over `serving.http_api` (no server process)."""
+and a FastAPI TestClient over `workspace.app` (no server process)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ from typing import Any
 from fastapi.testclient import TestClient
 from sqlalchemy import insert, select, update
 
+from cli.composition import build_http_app
 from core.domain import LesionResult, ModelInfo, Priority, StudyStatus, TriageResult
 from dicom_node.index import Index, Patient, Study
-from dicom_node.worklist import update_result_columns
-from serving.accounts import Accounts
-from serving.http_api import ApiContext, create_app
-from serving.metrics import Metrics
+from dicom_node.results import update_result_columns
+from workspace.accounts import Accounts
+from workspace.app import ApiContext
+from workspace.metrics import Metrics
 
 PASSWORD = "correct horse battery"
 USERS = {"radiologist": "rita", "admin": "adam", "ml_engineer": "mel"}
@@ -108,7 +109,7 @@ def add_users(index: Index) -> dict[str, str]:
 
 
 def client(index: Index, **ctx: Any) -> TestClient:
-    return TestClient(create_app(ApiContext(index=index, metrics=Metrics(), **ctx)))
+    return TestClient(build_http_app(ApiContext(index=index, metrics=Metrics(), **ctx)))
 
 
 def login(c: TestClient, role: str) -> str:

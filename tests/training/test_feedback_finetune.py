@@ -22,7 +22,7 @@ from sqlalchemy import select
 from cli.main import main
 from core.settings import Settings
 from dicom_node.index import Index, Study
-from dicom_node.worklist import update_result_columns
+from dicom_node.results import update_result_columns
 from models.metadata import METADATA_FILE, ThresholdSpec, read_metadata, write_metadata
 from models.repository import ModelRepository
 from tests.serving.fixture_models import SPEC, build_fixture_repository
@@ -81,7 +81,7 @@ class Workspace:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     from cli.composition import build_analyser, build_engine
-    from dicom_node.study_reader import scan_study
+    from imaging.study_reader import scan_study
     from tests.dicom_node.peers import index_series
     from training.phantoms import synthesize_case, write_study
 
@@ -157,8 +157,8 @@ def test_outcomes_to_a_fine_tuned_candidate_through_the_gate(
     workspace: Workspace, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from core.engine import InferenceRequest
-    from dicom_node.study_reader import scan_study
-    from dicom_node.study_volumes import load_study_volumes
+    from imaging.study_reader import scan_study
+    from imaging.study_volumes import load_study_volumes
     from models.engine import LocalEngine
     from models.shadow_log import ShadowLog
     from training.datasets import picai_cases, read_marksheet
@@ -319,8 +319,8 @@ def test_export_refuses_a_used_folder_and_counts_unreadable_studies(
 
 def _radiologist_token(index: Index) -> str:
     """A radiologist's token on an index copied from the workspace (its users exist)."""
-    from serving.accounts import Accounts
     from tests.serving.workspace_helpers import USERS
+    from workspace.accounts import Accounts
 
     return Accounts(index.engine).new_token(USERS["radiologist"])
 

@@ -1,4 +1,4 @@
-"""Series selection (`dicom_node.study_volumes`) finds the right roles in realistic phantoms."""
+"""Series selection (`imaging.study_volumes`) finds the right roles in realistic phantoms."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from training.phantoms import VENDORS, synthesize_case, write_study
 
-inspect = pytest.importorskip("dicom_node.study_volumes")
+inspect = pytest.importorskip("imaging.study_volumes")
 
 
 @pytest.mark.parametrize("enhanced", [False, True], ids=["classic", "enhanced"])

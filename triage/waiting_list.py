@@ -4,7 +4,7 @@ A study routine on day 5 must be urgent on day 26 without being analysed again. 
 (`WaitingList.tick`, ``[triage] tick_s``), for each of this node's reported studies, in pages
 (no cap):
 
-1. match waiting RIS orders to studies received since (`dicom_node.orders.match_orders`);
+1. match waiting RIS orders to studies received since (`ris.orders.match_orders`);
 2. recompute the priority with `core.priority.decide_priority` from the AI's likelihood, the
    order's urgency, request date and pathway (else what the images said) and the site policy,
    against today's date (``[triage] today``, an injectable clock; empty = the system date);
@@ -15,7 +15,7 @@ A study routine on day 5 must be urgent on day 26 without being analysed again. 
    supersedes it (`dicom_node.sr.build_triage_sr` with ``predecessor=``, listed in Predecessor
    Documents Sequence) and queue it in the node's DICOM outbox for every destination;
 5. when what the RIS last heard differs, queue an ORU^R01 (a correction once one was sent) in
-   the HL7 outbox (`dicom_node.hl7_results`). A study whose orders were all cancelled gets no
+   the HL7 outbox (`ris.hl7_results`). A study whose orders were all cancelled gets no
    HL7 result.
 
 The thresholds of the model that analysed a study come from the composition root
@@ -38,34 +38,28 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 from sqlalchemy import (
-    Boolean,
-    Float,
-    Integer,
-    String,
-    Text,
-    column,
     or_,
     select,
-    table,
     update,
 )
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.orm import Session
 
 from core.domain import ModelInfo, ModelRef, Priority, ReferralUrgency, StudyStatus, TriageResult
 from core.priority import PriorityDecision, Thresholds, days_waited, decide_priority
 from core.settings import Hl7Settings, Settings, TriageSettings
-from dicom_node.hl7_results import ResultReport, enqueue_result
-from dicom_node.index import Base, Index, Instance, Patient, Series
+from dicom_node.index import Index, Instance, Patient, Series
 from dicom_node.index import Study as StudyRow
 from dicom_node.jobs import enqueue_document
-from dicom_node.orders import (
+from dicom_node.results import WaitingListEntry
+from dicom_node.spool import Spool
+from imaging.request_attributes import parse_da, referral_urgency, request_date
+from ris.hl7_results import ResultReport, enqueue_result
+from ris.orders import (
     OrderView,
     cancelled_order_for_study,
     match_orders,
     order_for_study,
 )
-from dicom_node.request_attributes import parse_da, referral_urgency, request_date
-from dicom_node.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -75,38 +69,6 @@ ThresholdsFor = Callable[[ModelInfo], Thresholds | None]
 PAGE = 500
 _REPORTED = (StudyStatus.REPORTED.value, StudyStatus.SENT.value)
 _NO_THRESHOLDS = Thresholds(urgent=1.0, soon=1.0)  # not read when the AI gave no likelihood
-
-# The sortable result columns of migration 0005, written by the tick.
-_RESULT_COLUMNS = table(
-    "studies",
-    column("id", Integer),
-    column("priority", String),
-    column("priority_rank", Integer),
-    column("psa_density", Float),
-    column("request_date", String),
-)
-
-
-class WaitingListEntry(Base):
-    __tablename__ = "waiting_list"
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
-    priority: Mapped[str] = mapped_column(String(16))
-    priority_rank: Mapped[int] = mapped_column(Integer)
-    days_waited: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    decided_on: Mapped[str] = mapped_column(String(10))
-    reasons_json: Mapped[str] = mapped_column(Text, default="[]")
-    sr_priority: Mapped[str | None] = mapped_column(String(16), nullable=True)
-    sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    hl7_priority: Mapped[str | None] = mapped_column(String(16), nullable=True)
-    hl7_fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    study_reported_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    # what the result says now (flag, PSA density, SR), and what the RIS / FHIR server last got
-    result_fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    fhir_fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    stale: Mapped[bool] = mapped_column(Boolean, default=False)  # set by a changed order
-    updated_at: Mapped[float] = mapped_column(Float)
 
 
 @dataclass(frozen=True)
@@ -152,7 +114,7 @@ def analysis_inputs(
     index: Index, study_instance_uid: str, headers: Iterable[Dataset], today: date
 ) -> WaitingInputs:
     """What the analysis step passes to `decide_priority` for a study: its RIS order when one
-    is matched, else the DICOM request attributes (`dicom_node.request_attributes`)."""
+    is matched, else the DICOM request attributes (`imaging.request_attributes`)."""
     with index.read() as s:
         order = order_for_study(s, study_instance_uid)
     headers = list(headers)
@@ -268,9 +230,7 @@ class WaitingList:
                 return  # re-opened by a late instance meanwhile: the analysis decides again
             result = TriageResult.model_validate_json(study.result_json)
             order = order_for_study(s, uid)
-            known = s.scalar(
-                select(_RESULT_COLUMNS.c.request_date).where(_RESULT_COLUMNS.c.id == study.id)
-            )
+            known = s.scalar(select(StudyRow.request_date).where(StudyRow.id == study.id))
             inputs = waiting_inputs(result, order, study.reported_at, parse_request_date(known))
             thresholds = None
             if result.case_likelihood is not None:
@@ -316,8 +276,8 @@ class WaitingList:
             entry.stale = False
             entry.study_reported_at = study.reported_at
             s.execute(
-                update(_RESULT_COLUMNS)
-                .where(_RESULT_COLUMNS.c.id == study.id)
+                update(StudyRow)
+                .where(StudyRow.id == study.id)
                 .values(
                     priority=decision.priority.value,
                     priority_rank=decision.rank,
@@ -491,9 +451,9 @@ def parse_request_date(value: str | None) -> date | None:
 
 
 class LiveWaitingList:
-    """The waiting list's threads for a DICOM node: the HL7 order listener (when ``[hl7]
-    listen_port`` is set), the tick (studies that changed every `poll_s`, every study every
-    ``[triage] tick_s``) and the HL7 result sender. `start`/`stop`, like `DicomNode`."""
+    """The waiting-list clock of a DICOM node: studies that changed every `poll_s`, every study
+    every ``[triage] tick_s``. `start`/`stop`, like `DicomNode`; the RIS side (HL7 listener,
+    result sender, FHIR push) is `ris.node.RisNode`."""
 
     def __init__(
         self,
@@ -505,9 +465,6 @@ class LiveWaitingList:
         poll_s: float = 2.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        from dicom_node.hl7_listener import Hl7Listener
-        from dicom_node.hl7_results import Hl7Sender
-
         self.waiting_list = WaitingList(
             index,
             spool,
@@ -517,15 +474,11 @@ class LiveWaitingList:
             [d.name for d in settings.dicom.destinations],
             clock=clock,
         )
-        self.listener = (
-            Hl7Listener(index, settings.hl7, clock=clock) if settings.hl7.listen_port else None
-        )
-        self.sender = Hl7Sender(index, settings.hl7, clock=clock)
         self.poll_s = poll_s
         self.full_every_s = settings.triage.tick_s
         self.clock = clock
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._thread: threading.Thread | None = None
 
     def _ticks(self) -> None:
         last_full = -float("inf")
@@ -539,29 +492,15 @@ class LiveWaitingList:
                 log.exception("waiting-list tick failed; continuing")
             self._stop.wait(self.poll_s)
 
-    def _sends(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.sender.run_once()
-            except Exception:
-                log.exception("HL7 sender round failed; continuing")
-            self._stop.wait(self.poll_s)
-
     def start(self) -> None:
-        if self.listener is not None:
-            self.listener.start()
         self._stop.clear()
-        self._threads = [
-            threading.Thread(target=self._ticks, name="radtriage-waiting-list", daemon=True),
-            threading.Thread(target=self._sends, name="radtriage-hl7-sender", daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._thread = threading.Thread(
+            target=self._ticks, name="radtriage-waiting-list", daemon=True
+        )
+        self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout)
-        self._threads = []
-        if self.listener is not None:
-            self.listener.stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None

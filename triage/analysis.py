@@ -2,7 +2,7 @@
 
 One study flows one way through here, in the DICOM node's process::
 
-    scan_study(instance paths)            headers, once (dicom_node.study_reader)
+    scan_study(instance paths)            headers, once (imaging.study_reader)
     load_study_volumes(scan)              series selection + pixels of the three series used
     engine.predict(InferenceRequest)      arrays only: in process or on a Ray Serve cluster
     decide_priority(...)                  core.priority: AI likelihood, referral floor, waiting
@@ -63,14 +63,14 @@ from core.settings import TriageSettings
 from dicom_node.evidence import scan_evidence
 from dicom_node.index import Index
 from dicom_node.jobs import AnalysisOutput, Document
-from dicom_node.request_attributes import referral_urgency, request_date
 from dicom_node.seg import build_seg
-from dicom_node.series_selection import SelectionRules, load_rules
 from dicom_node.sr import build_triage_sr
-from dicom_node.study_reader import StudyScan, scan_study
-from dicom_node.study_volumes import StudyVolumes, load_study_volumes
 from dicom_node.uids import require_uid
-from dicom_node.waiting_list import WaitingInputs, analysis_inputs, psa_density
+from imaging.request_attributes import referral_urgency, request_date
+from imaging.series_selection import SelectionRules, load_rules
+from imaging.study_reader import StudyScan, scan_study
+from imaging.study_volumes import StudyVolumes, load_study_volumes
+from triage.waiting_list import WaitingInputs, analysis_inputs, psa_density
 
 log = logging.getLogger(__name__)
 

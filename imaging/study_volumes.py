@@ -16,15 +16,15 @@ from core.errors import (
     RadtriageError,
     WrongBodyPartError,
 )
-from dicom_node.series_selection import (
+from imaging.series_selection import (
     Selection,
     SelectionRules,
     load_rules,
     select_series,
     wrong_body_part,
 )
-from dicom_node.study_reader import StudyScan, scan_study
-from dicom_node.volumes import load_volume_with_headers
+from imaging.study_reader import StudyScan, scan_study
+from imaging.volumes import load_volume_with_headers
 
 
 @dataclass

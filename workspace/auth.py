@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from fastapi import HTTPException, Request
 
-from serving.accounts import Accounts, Principal
+from workspace.accounts import Accounts, Principal
 
 SESSION_COOKIE = "radtriage_session"
 CSRF_HEADER = "X-CSRF-Token"

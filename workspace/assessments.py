@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from core.domain import Priority
-from dicom_node.workspace_tables import Assessment, FindingAssessment
+from workspace.tables import Assessment, FindingAssessment
 
 
 class _Body(BaseModel):

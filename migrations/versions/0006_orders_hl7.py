@@ -2,11 +2,11 @@
 time-dependent priority.
 
 - ``orders``: one row per placer order (ORC-2 + namespace), matched to a study by Accession
-  Number, then Patient ID + issuer (`dicom_node.orders`).
+  Number, then Patient ID + issuer (`ris.orders`).
 - ``hl7_outbox``: ORU^R01 messages to each ``[[hl7.destinations]]``, sent with retries and a dead
-  letter (`dicom_node.hl7_results`).
+  letter (`ris.hl7_results`).
 - ``waiting_list``: per study, the priority last decided by the tick and the flags last sent by
-  SR and by HL7 (`dicom_node.waiting_list`); the sortable ``studies.priority``/``priority_rank``
+  SR and by HL7 (`triage.waiting_list`); the sortable ``studies.priority``/``priority_rank``
   columns (0005) carry the same decision.
 
 Revision ID: 0006

@@ -22,8 +22,8 @@ from pydicom.dataset import Dataset
 
 from core.domain import SeriesChoice, SeriesRole
 from core.errors import ConfigError, RadtriageError
-from dicom_node.study_reader import SeriesInfo, StudyScan
-from dicom_node.volumes import series_geometry
+from imaging.study_reader import SeriesInfo, StudyScan
+from imaging.volumes import series_geometry
 
 DEFAULT_RULES = Path(__file__).with_name("selection_rules.json")
 _OPS = {"eq", "ne", "ge", "le", "in", "not_in", "has_any", "has_none"}

@@ -1,7 +1,7 @@
 """FHIR R4: orders in (``POST /fhir/ServiceRequest``), results out (``GET /fhir/DiagnosticReport``,
 ``GET /fhir/Observation``), behind the API's authentication (clinical roles).
 
-Orders take the same path as HL7 v2 (`dicom_node.orders.apply_order`, one transaction):
+Orders take the same path as HL7 v2 (`ris.orders.apply_order`, one transaction):
 
 ==========================  ==================================================================
 ServiceRequest              order
@@ -42,11 +42,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sqlalchemy import func, or_, select
@@ -54,10 +54,15 @@ from sqlalchemy import func, or_, select
 from core import codes
 from core.domain import Priority, ReferralUrgency, TriageResult
 from dicom_node.index import Index, Patient, Study
-from dicom_node.orders import Order, OrderControl, OrderError, OrderUpdate, apply_order
-from dicom_node.waiting_list import WaitingListEntry
-from serving.accounts import Principal
-from serving.auth import CLINICAL, require
+from dicom_node.results import WaitingListEntry
+from ris.orders import (
+    SUSPECTED_CANCER_CODES,
+    Order,
+    OrderControl,
+    OrderError,
+    OrderUpdate,
+    apply_order,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +74,9 @@ UCUM = "http://unitsofmeasure.org"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 V2_0074 = "http://terminology.hl7.org/CodeSystem/v2-0074"
 PRIVATE = "urn:radtriage:codes"  # 99RADTRIAGE (docs/conformance.md)
-SUSPECTED_CANCER_CODES = {"2WW", "USC", "SCP"}
 MAX_COUNT = 500
 
 # Route parameters (module level: FastAPI resolves the annotations here).
-Clinical = Annotated[Principal, Depends(require(*CLINICAL))]
 Count = Annotated[int, Query(alias="_count", ge=1, le=MAX_COUNT)]
 Offset = Annotated[int, Query(alias="_offset", ge=0)]
 Identifier = Annotated[str | None, Query(max_length=200)]
@@ -480,14 +483,15 @@ class FhirPush:
         self._thread = None
 
 
-def create_fhir_router(index_of: IndexOf = _index_of_app) -> APIRouter:
-    """The /fhir routes; `index_of` finds the index for a request (the app's ApiContext)."""
-    router = APIRouter(prefix="/fhir", tags=["fhir"])
+def create_fhir_router(
+    index_of: IndexOf = _index_of_app, *, dependencies: Sequence[Any] = ()
+) -> APIRouter:
+    """The /fhir routes; `index_of` finds the index for a request (the app's ApiContext).
+    Authentication comes from the composition root as route `dependencies`."""
+    router = APIRouter(prefix="/fhir", tags=["fhir"], dependencies=list(dependencies))
 
     @router.post("/ServiceRequest", status_code=201, response_model=None)
-    def service_request(
-        request: Request, _: Clinical, body: Annotated[dict[str, Any], Body()]
-    ) -> JSONResponse:
+    def service_request(request: Request, body: Annotated[dict[str, Any], Body()]) -> JSONResponse:
         index = index_of(request)
 
         def exists(namespace: str, placer: str) -> bool:
@@ -536,7 +540,6 @@ def create_fhir_router(index_of: IndexOf = _index_of_app) -> APIRouter:
     @router.get("/DiagnosticReport", response_model=None)
     def diagnostic_reports(
         request: Request,
-        _: Clinical,
         identifier: Identifier = None,
         subject: Subject = None,
         count: Count = 50,
@@ -547,7 +550,6 @@ def create_fhir_router(index_of: IndexOf = _index_of_app) -> APIRouter:
     @router.get("/Observation", response_model=None)
     def observations(
         request: Request,
-        _: Clinical,
         identifier: Identifier = None,
         subject: Subject = None,
         count: Count = 50,

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cli.pacs import LocalPacs, OrthancPacs, free_port, orthanc_available, stop_process
+from cli.demo.pacs import LocalPacs, OrthancPacs, free_port, orthanc_available, stop_process
 from core.errors import DestinationError, RadtriageError
 
 #: (seed, vendor, csPCa, drop a series) for each demo study; seeds are outside training's range.
@@ -165,7 +165,7 @@ class DemoLogin:
 def create_demo_user(database_url: str) -> DemoLogin:
     """A radiologist account in the demo's index (the worklist and API are behind a login)."""
     from dicom_node.index import Index
-    from serving.accounts import Accounts
+    from workspace.accounts import Accounts
 
     accounts = Accounts(Index(database_url).engine)
     password = secrets.token_urlsafe(12)
@@ -303,7 +303,7 @@ def order_message(study: DemoStudy, number: int, priority: str, psa: float | Non
     """An OMI^O23 (HL7 v2.5.1) for `study`, as a RIS writes it (IPC-3 = the Study UID)."""
     import pydicom
 
-    from dicom_node.hl7_listener import escape
+    from ris.hl7 import escape
 
     ds = pydicom.dcmread(_instances(study.folder)[0], stop_before_pixels=True)
     today = dt.datetime.now(dt.UTC).strftime("%Y%m%d")
@@ -327,7 +327,7 @@ def order_message(study: DemoStudy, number: int, priority: str, psa: float | Non
 def send_orders(studies: list[DemoStudy], port: int, after_images: bool) -> bool:
     """Send the demo's orders of one phase over MLLP and print each ACK; False when the
     server's HL7 listener cannot be reached."""
-    from dicom_node.hl7_results import parse_ack, send_message
+    from ris.hl7_results import parse_ack, send_message
 
     for number, (i, priority, psa, late) in enumerate(DEMO_ORDERS, start=1):
         if late != after_images or i >= len(studies):
@@ -405,7 +405,7 @@ def run_demo(
         pacs = LocalPacs(workdir / "pacs")
         _say("2/5 Orthanc not installed: using an in-process C-STORE receiver as the PACS")
     pacs.start()
-    from dicom_node.hl7_listener import RecordingRis
+    from cli.demo.ris import RecordingRis
 
     ris = RecordingRis()  # the hospital's RIS: receives ORU^R01 results over MLLP
     ris.server.start()

@@ -23,7 +23,7 @@ from core.errors import (
     RadtriageError,
     UndecodablePixelDataError,
 )
-from dicom_node.study_reader import FrameInfo, InstanceInfo, SeriesInfo, read_header
+from imaging.study_reader import FrameInfo, InstanceInfo, SeriesInfo, read_header
 
 ORIENTATION_TOLERANCE = 1e-3  # direction cosines
 SPACING_RELATIVE_TOLERANCE = 0.02  # slice steps may differ by 2 % (+ 0.01 mm) from the mean

@@ -2,11 +2,11 @@
 
 Open: ``/healthz``, ``/readyz``, ``/metrics``, ``/login``, ``POST /api/login``, ``/static/*``.
 Everything else is behind a login session or a bearer token and checked per role
-(`serving.auth`); the full list of JSON routes is FastAPI's OpenAPI schema (``/openapi.json``,
+(`workspace.auth`); the full list of JSON routes is FastAPI's OpenAPI schema (``/openapi.json``,
 listed in docs/worklist.md). The role of each route is in `require(...)` on the route itself.
 
 Study data comes from the index (`dicom_node.index.Index`), the worklist is one SQL query
-(`dicom_node.worklist`), assessments and the audit chain live in the index too. Overrides never
+(`workspace.worklist`), assessments and the audit chain live in the index too. Overrides never
 rewrite result.json: they are assessments, and audit events.
 """
 
@@ -26,11 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.domain import ReferralUrgency, SeriesRole, StudyStatus
 from dicom_node.index import Index
 from dicom_node.ingest import Ingest
-from dicom_node.worklist import MAX_PAGE, SORT_KEYS, WorklistQuery, query_worklist
-from serving.accounts import Accounts, Principal
-from serving.assessments import Assessments, BiopsyBody, FindingBody, OverrideBody, PiradsBody
-from serving.audit import AuditTrail
-from serving.auth import (
+from workspace.accounts import Accounts, Principal
+from workspace.assessments import Assessments, BiopsyBody, FindingBody, OverrideBody, PiradsBody
+from workspace.audit import AuditTrail
+from workspace.auth import (
     ADMIN,
     ANY_ROLE,
     CLINICAL,
@@ -41,12 +40,11 @@ from serving.auth import (
     client_address,
     require,
 )
-from serving.dicomweb import create_dicomweb_router
-from serving.fhir import create_fhir_router
-from serving.key_images import KeyImageCache, StudyImages, load_study_images
-from serving.metrics import Metrics
+from workspace.key_images import KeyImageCache, StudyImages, load_study_images
+from workspace.metrics import Metrics
+from workspace.worklist import MAX_PAGE, SORT_KEYS, WorklistQuery, query_worklist
 
-WEB_DIR = Path(__file__).with_name("web")
+WEB_DIR = Path(__file__).with_name("static")
 STATIC_FILES = {
     "style.css": "text/css",
     "common.js": "text/javascript",
@@ -203,8 +201,6 @@ def create_app(ctx: ApiContext) -> FastAPI:
     assessments = Assessments(engine)
     app.state.accounts = accounts
     app.state.audit = audit
-    app.include_router(create_fhir_router())  # FHIR R4 orders in, results out (serving.fhir)
-    app.include_router(create_dicomweb_router(ctx, dependencies=[Depends(require(*CLINICAL))]))
 
     @app.exception_handler(LoginRequired)
     def _to_login(request: Request, exc: LoginRequired) -> RedirectResponse:

@@ -15,7 +15,7 @@
   exist). Unknown query keys are refused (400), never ignored.
 
 Authentication is the API's: the router is mounted with the caller's dependencies
-(`serving.http_api`). Every field of a request is hostile: no path is built from one.
+(`workspace.app`). Every field of a request is hostile: no path is built from one.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The radiologist workspace's tables in the index (migration 0005): users, sessions, API
 tokens, the audit hash chain and the radiologist's assessments, (the sortable result
-columns migration 0005 adds to ``studies`` are in `dicom_node.worklist`).
+columns migration 0005 adds to ``studies`` are in `workspace.worklist`).
 
 ORM classes share `dicom_node.index.Base`, so alembic and `Index` see one schema.
 """

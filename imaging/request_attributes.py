@@ -1,7 +1,7 @@
 """The one reader of a study's request attributes in DICOM headers: the referrer's urgency and
 the request date, at top level or in the Request Attributes Sequence (0040,0275).
 
-PACS images rarely carry them; the RIS order (`dicom_node.orders`, HL7 v2 or FHIR) is the
+PACS images rarely carry them; the RIS order (`ris.orders`, HL7 v2 or FHIR) is the
 better source and wins when it exists. Read tolerantly: an odd value is skipped, never raised.
 
 - Requested Procedure Priority (0040,1003): the most urgent value found (`ReferralUrgency`).

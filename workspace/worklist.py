@@ -6,63 +6,33 @@ referrer's urgency as a floor (the AI never lowers it), by `Priority.rank`; then
 waiting (oldest imaging request) first. A study without a result yet ranks as `not_analysed`:
 unknown risk never sinks to the bottom.
 
-The result columns on ``studies`` (migration 0005) are reached through `STUDIES`, a lightweight
-table clause; the live waiting list recomputes ``priority``/``priority_rank`` in place.
+The result columns on ``studies`` (migration 0005) are declared once, on `dicom_node.index.Study`,
+and written by `dicom_node.results.update_result_columns`; the live waiting list recomputes
+``priority``/``priority_rank`` in place.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from typing import Any, Literal
 
 from sqlalchemy import (
-    Float,
-    Integer,
-    String,
-    Text,
     and_,
     case,
-    column,
     func,
     or_,
     select,
-    table,
     true,
-    update,
 )
 from sqlalchemy.orm import Session
 
-from core.domain import Priority, ReferralUrgency, TriageResult
-from dicom_node.index import Instance, Patient
-from dicom_node.workspace_tables import Assessment
+from core.domain import Priority, ReferralUrgency
+from dicom_node.index import Patient, Study
+from workspace.tables import Assessment
 
-STUDIES = table(
-    "studies",
-    column("id", Integer),
-    column("study_instance_uid", String),
-    column("patient_fk", Integer),
-    column("accession_number", String),
-    column("study_date", String),
-    column("study_description", String),
-    column("referral_urgency", String),
-    column("status", String),
-    column("node_id", String),
-    column("first_received_at", Float),
-    column("reported_at", Float),
-    column("result_json", Text),
-    # migration 0005: copied from the TriageResult by `update_result_columns`
-    column("priority", String),
-    column("priority_rank", Integer),
-    column("case_likelihood", Float),
-    column("largest_lesion_ml", Float),
-    column("gland_volume_ml", Float),
-    column("psa_density", Float),
-    column("request_date", String),
-    column("patient_sex", String),
-    column("patient_age", String),
-)
+STUDIES = Study.__table__  # the one declaration, in dicom_node.index
 
 SortKey = Literal[
     "priority",
@@ -282,59 +252,3 @@ def _row(m: Any, today: date) -> dict[str, Any]:
         "pirads_overall": m["pirads_overall"],
         "isup_grade_group": m["isup_grade_group"],
     }
-
-
-def request_date_of(result: TriageResult, now: float) -> str | None:
-    """YYYYMMDD of the imaging request: the result's own when it carries one, else the day
-    `days_waited` before the report."""
-    own = getattr(result, "request_date", None)
-    if own:
-        return str(own)
-    if result.days_waited is None:
-        return None
-    day = datetime.fromtimestamp(now, UTC).date() - timedelta(days=result.days_waited)
-    return day.strftime("%Y%m%d")
-
-
-def _patient_header(session: Session, study_id: int) -> tuple[str | None, str | None]:
-    """PatientSex (0010,0040) and PatientAge (0010,1010) from one instance of the study."""
-    from pydicom import dcmread
-
-    path = session.scalar(
-        select(Instance.path).where(Instance.study_fk == study_id).order_by(Instance.id).limit(1)
-    )
-    if path is None:
-        return None, None
-    try:
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=["PatientSex", "PatientAge"])
-    except Exception:  # unreadable now: the columns stay empty, the worklist shows a dash
-        return None, None
-    sex = str(ds.get("PatientSex") or "")[:16] or None
-    age = str(ds.get("PatientAge") or "")[:16] or None
-    return sex, age
-
-
-def update_result_columns(
-    session: Session, study_id: int, result: TriageResult, now: float
-) -> None:
-    """Copy a finished result into the sortable ``studies`` columns (call it in the same
-    transaction that stores ``result_json``)."""
-    largest = max((lesion.volume_ml for lesion in result.lesions), default=None)
-    sex, age = _patient_header(session, study_id)
-    session.execute(
-        update(STUDIES)
-        .where(STUDIES.c.id == study_id)
-        .values(
-            priority=result.priority.value,
-            priority_rank=result.priority_rank
-            if result.priority_rank is not None
-            else result.priority.rank,
-            case_likelihood=result.case_likelihood,
-            largest_lesion_ml=largest,
-            gland_volume_ml=result.gland_volume_ml,
-            psa_density=result.psa_density,
-            request_date=request_date_of(result, now),
-            patient_sex=sex,
-            patient_age=age,
-        )
-    )

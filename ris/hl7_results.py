@@ -52,8 +52,8 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from core import codes
 from core.domain import Priority, TriageResult
 from core.settings import Hl7Destination, Hl7Settings
-from dicom_node.hl7_listener import escape, field_component, read_header
 from dicom_node.index import UNOWNED, Base, Index
+from ris.hl7 import escape, field_component, read_header
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -43,99 +43,40 @@ from hl7.mllp.streams import MLLPStreamReader, MLLPStreamWriter
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message
 from hl7apy.exceptions import HL7apyException
-from hl7apy.parser import parse_message, parse_segment
+from hl7apy.parser import parse_message
 
 from core.domain import ReferralUrgency
 from core.settings import Hl7Settings
 from dicom_node.index import Index
-from dicom_node.orders import OrderControl, OrderError, OrderUpdate, apply_order
-from dicom_node.request_attributes import parse_da
+from imaging.request_attributes import parse_da
+from ris.hl7 import (
+    _ERROR_NAMES,
+    SUPPORTED_VERSIONS,
+    Hl7Error,
+    _repetitions,
+    _segments,
+    escape,
+    field_component,
+    read_header,
+    unescape,
+)
+from ris.orders import (
+    PSA_LOINC,
+    PSA_UNITS,
+    SUSPECTED_CANCER_CODES,
+    OrderControl,
+    OrderError,
+    OrderUpdate,
+    apply_order,
+)
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_VERSIONS = ("2.3", "2.3.1", "2.4", "2.5", "2.5.1")
 SUPPORTED_MESSAGES = {("ORM", "O01"), ("OMI", "O23")}
-PSA_LOINC = "2857-1"
-PSA_UNITS = {"ng/ml", "ug/l", "µg/l"}
-SUSPECTED_CANCER_CODES = {"2WW", "USC", "SCP"}
 MAX_MESSAGE_BYTES = 1_000_000
 
 
-class Hl7Error(Exception):
-    """Why a message is refused: the ACK code (AE/AR), HL7 table 0357 code, where and what."""
-
-    def __init__(
-        self, ack: str, code: int, text: str, segment: str = "", field: int | None = None
-    ) -> None:
-        super().__init__(text)
-        self.ack, self.code, self.text, self.segment, self.field = ack, code, text, segment, field
-
-
-_ERROR_NAMES = {
-    100: "Segment sequence error",
-    101: "Required field missing",
-    102: "Data type error",
-    103: "Table value not found",
-    200: "Unsupported message type",
-    201: "Unsupported event code",
-    202: "Unsupported processing id",
-    203: "Unsupported version id",
-    204: "Unknown key identifier",
-    207: "Application internal error",
-}
-
-
-def escape(text: str) -> str:
-    """`text` as an HL7 ST value: delimiters escaped, line breaks as spaces."""
-    out = str(text).replace("\\", "\\E\\")
-    for char, seq in (("|", "\\F\\"), ("^", "\\S\\"), ("&", "\\T\\"), ("~", "\\R\\")):
-        out = out.replace(char, seq)
-    return " ".join(out.splitlines())
-
-
-def unescape(text: str) -> str:
-    out = text
-    for char, seq in (("|", "\\F\\"), ("^", "\\S\\"), ("&", "\\T\\"), ("~", "\\R\\")):
-        out = out.replace(seq, char)
-    return out.replace("\\E\\", "\\")
-
-
 # --- reading fields ------------------------------------------------------------------------
-
-
-def _segments(element: Any) -> Iterator[Any]:
-    for child in element.children:
-        if child.classname == "Segment":
-            yield child
-        else:
-            yield from _segments(child)
-
-
-def field_component(segment: Any, field: int, component: int = 1, repetition: int = 0) -> str:
-    """The text of SEG-field.component (1-based) of one repetition; "" when absent."""
-    if segment is None:
-        return ""
-    try:
-        reps = getattr(segment, f"{segment.name.lower()}_{field}")
-    except (HL7apyException, AttributeError):
-        return ""
-    if len(reps) <= repetition:
-        return ""
-    value = reps[repetition]
-    parts = {c.name.rsplit("_", 1)[-1]: c for c in value.children} if value.children else {}
-    if not parts or all(not k.isdigit() for k in parts):
-        text = value.to_er7()
-        pieces = text.split("^")
-        return pieces[component - 1].strip() if len(pieces) >= component else ""
-    child = parts.get(str(component))
-    return child.to_er7().split("&")[0].strip() if child is not None else ""
-
-
-def _repetitions(segment: Any, field: int) -> int:
-    try:
-        return len(getattr(segment, f"{segment.name.lower()}_{field}"))
-    except (HL7apyException, AttributeError):
-        return 0
 
 
 def _date(text: str, segment: str, field: int) -> date | None:
@@ -159,24 +100,6 @@ class OrderMessage:
     sending_application: str
     sending_facility: str
     updates: tuple[OrderUpdate, ...]
-
-
-def read_header(text: str) -> tuple[str, str, str, str, str]:
-    """MSH-10, MSH-12, MSH-9, MSH-3, MSH-4 of a message, read on their own (for the ACK)."""
-    first = text.replace("\n", "\r").split("\r", 1)[0]
-    if not first.startswith("MSH"):
-        return "", "", "", "", ""
-    try:
-        msh = parse_segment(first, version="2.5.1", validation_level=VALIDATION_LEVEL.TOLERANT)
-    except Exception:  # any parser error: the header stays unknown
-        return "", "", "", "", ""
-    return (
-        field_component(msh, 10),
-        field_component(msh, 12),
-        "^".join(x for x in (field_component(msh, 9, 1), field_component(msh, 9, 2)) if x),
-        field_component(msh, 3),
-        field_component(msh, 4),
-    )
 
 
 def parse_order_message(text: str) -> OrderMessage:
@@ -566,43 +489,3 @@ class Hl7Listener(MllpServer):
 
     def _handle(self, text: str) -> str:
         return handle_message(self.index, text, self.settings, self.clock())
-
-
-class RecordingRis:
-    """A minimal RIS for tests and the demo: keeps every message it receives and answers each
-    with `ack_code` (AA by default; AE/AR to test the sender's retries and dead letters)."""
-
-    def __init__(self, ack_code: str = "AA", settings: Hl7Settings | None = None) -> None:
-        self.ack_code = ack_code
-        self.messages: list[str] = []
-        self._settings = settings or Hl7Settings(sending_application="RIS")
-        self._lock = threading.Lock()
-        self.server = MllpServer(self._handle, name="recording-ris")
-
-    def _handle(self, text: str) -> str:
-        with self._lock:
-            self.messages.append(text)
-            code = self.ack_code
-        control_id, version, kind, app, facility = read_header(text)
-        error = None if code == "AA" else Hl7Error(code, 207, "test RIS refuses this message")
-        event = kind.partition("^")[2]
-        return build_ack(
-            code,
-            control_id,
-            version,
-            settings=self._settings,
-            receiving=(app, facility),
-            error=error,
-            event=event,
-        )
-
-    @property
-    def port(self) -> int:
-        return self.server.port
-
-    def __enter__(self) -> RecordingRis:
-        self.server.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.stop()

@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from dicom_node.workspace_tables import AuditEvent
+from workspace.tables import AuditEvent
 
 GENESIS = "0" * 64
 

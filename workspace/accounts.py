@@ -1,4 +1,4 @@
-"""Users, login sessions and API tokens, stored in the index (`dicom_node.workspace_tables`).
+"""Users, login sessions and API tokens, stored in the index (`workspace.tables`).
 
 Passwords are hashed with argon2id (argon2-cffi, its default parameters; hashes are rehashed
 on login when those change). Session ids and bearer tokens are 32 random bytes from `secrets`;
@@ -20,7 +20,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from core.errors import InputError
-from dicom_node.workspace_tables import ROLES, ApiToken, User, UserSession
+from workspace.tables import ROLES, ApiToken, User, UserSession
 
 TOKEN_PREFIX = "rt_"
 _hasher = PasswordHasher()

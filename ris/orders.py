@@ -43,6 +43,13 @@ from dicom_node.index import URGENCY_RANK, Base, Index, Patient, Study
 
 log = logging.getLogger(__name__)
 
+#: LOINC 2857-1 (PSA, serum) and the units read as ng/mL, in HL7 OBX and FHIR Observation alike.
+PSA_LOINC = "2857-1"
+PSA_UNITS = {"ng/ml", "ug/l", "µg/l"}
+#: Reason-for-study codes that put an order on the suspected-cancer pathway (HL7 OBR-31, FHIR
+#: ServiceRequest.reasonCode): two-week wait, urgent suspected cancer, suspected cancer pathway.
+SUSPECTED_CANCER_CODES = {"2WW", "USC", "SCP"}
+
 
 class OrderControl(StrEnum):
     """ORC-1 Order Control (HL7 table 0119), the values accepted."""
@@ -52,7 +59,7 @@ class OrderControl(StrEnum):
     CANCEL = "CA"
 
 
-# The waiting list's entries (dicom_node.waiting_list): a changed order marks its study's entry
+# The waiting list's entries (triage.waiting_list): a changed order marks its study's entry
 # stale in the order's own transaction, so the next tick decides the study again.
 _WAITING_LIST = table(
     "waiting_list", column("study_instance_uid", String), column("stale", Boolean)

@@ -63,7 +63,7 @@ def read_seg_masks(
     """(gland mask, lesion masks) on the T2W grid from a SEG written by `dicom_node.seg`."""
     import pydicom
 
-    from dicom_node.seg import GLAND_LABEL, segment_masks
+    from imaging.seg_frames import GLAND_LABEL, segment_masks
 
     seg = pydicom.dcmread(seg_path)
     labels = {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg.SegmentSequence}
@@ -74,8 +74,8 @@ def read_seg_masks(
 
 
 def load_study_images(instance_paths: list[Path], seg_path: Path | None) -> StudyImages:
-    from dicom_node.study_reader import scan_study
-    from dicom_node.study_volumes import load_study_volumes
+    from imaging.study_reader import scan_study
+    from imaging.study_volumes import load_study_volumes
     from models.preprocessing import resample_to_reference
 
     volumes = load_study_volumes(scan_study(instance_paths))

@@ -6,14 +6,12 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
+from dicom_node import results  # noqa: F401 - 0006: waiting_list
+
 # imported for the tables they declare on Base (the autogenerate comparison must see them)
-from dicom_node import (
-    hl7_results,  # noqa: F401 - 0006: hl7_outbox
-    orders,  # noqa: F401 - 0006: orders
-    waiting_list,  # noqa: F401 - 0006: waiting_list
-    workspace_tables,  # noqa: F401 - 0005: users, sessions, audit...
-)
 from dicom_node.index import Base
+from ris import hl7_results, orders  # noqa: F401 - 0006: hl7_outbox, orders
+from workspace import tables  # noqa: F401 - 0005: users, sessions, audit...
 
 config = context.config
 target_metadata = Base.metadata

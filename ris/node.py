@@ -1,0 +1,66 @@
+"""The RIS side of a running node: the HL7 order listener (when ``[hl7] listen_port`` is set),
+the HL7 result sender and the FHIR result push (when ``[hl7] fhir_base_url`` is set), started
+and stopped together like `dicom_node.node.DicomNode`."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from core.settings import Hl7Settings
+from dicom_node.index import Index
+from ris.fhir import FhirPush
+from ris.hl7_listener import Hl7Listener
+from ris.hl7_results import Hl7Sender
+
+log = logging.getLogger(__name__)
+
+
+class RisNode:
+    """Orders in and results out for one node; `start`/`stop`."""
+
+    def __init__(
+        self,
+        index: Index,
+        settings: Hl7Settings,
+        *,
+        poll_s: float = 2.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.listener = Hl7Listener(index, settings, clock=clock) if settings.listen_port else None
+        self.sender = Hl7Sender(index, settings, clock=clock)
+        self.fhir = FhirPush(index, settings.fhir_base_url) if settings.fhir_base_url else None
+        self.poll_s = poll_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sends(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sender.run_once()
+            except Exception:
+                log.exception("HL7 sender round failed; continuing")
+            self._stop.wait(self.poll_s)
+
+    def start(self) -> None:
+        if self.listener is not None:
+            self.listener.start()
+        if self.fhir is not None:
+            self.fhir.start()
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._sends, name="radtriage-hl7-sender", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        if self.fhir is not None:
+            self.fhir.stop()
+        if self.listener is not None:
+            self.listener.stop()
