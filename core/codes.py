@@ -29,13 +29,45 @@ PSA_DENSITY = Code("RT006", CODING_SCHEME, "PSA density")
 AI_SUMMARY = Code("RT007", CODING_SCHEME, "AI result summary")
 REFERRAL_URGENCY = Code("RT008", CODING_SCHEME, "Referral urgency")
 DAYS_SINCE_REQUEST = Code("RT009", CODING_SCHEME, "Days since imaging request")
+PRIORITY_DRIVER = Code("RT010", CODING_SCHEME, "Priority driver")
+AI_PRIORITY = Code("RT011", CODING_SCHEME, "AI priority opinion")
+PRIORITY_STATEMENT = Code("RT012", CODING_SCHEME, "Priority statement")
+REQUEST_DATE_SOURCE = Code("RT013", CODING_SCHEME, "Request date source")
+
+# Concepts of the RIS and FHIR results (ORU^R01 OBX-3, Observation.code)
+SERVICE = Code("RT500", CODING_SCHEME, "AI prostate MRI triage")
+GLAND_VOLUME = Code("RT510", CODING_SCHEME, "Prostate gland volume (AI)")
+LESION_COUNT = Code("RT511", CODING_SCHEME, "AI lesion candidates")
+AI_MODEL = Code("RT512", CODING_SCHEME, "AI model")
+NOT_CLINICAL = Code("RT513", CODING_SCHEME, "Not for clinical use")
+SR_INSTANCE = Code("RT514", CODING_SCHEME, "Triage SR SOP Instance UID")
+STUDY_UID = Code("110180", "DCM", "Study Instance UID")
 
 # Values of WAITING_LIST_PRIORITY, keyed by core.domain.Priority value
+# The flag alone: what set it is a separate coded driver (PRIORITY_DRIVER), never implied here.
 PRIORITY_CODES: dict[str, Code] = {
-    "urgent": Code("RT101", CODING_SCHEME, "Urgent: AI suspects csPCa, report first"),
-    "soon": Code("RT102", CODING_SCHEME, "Soon: AI intermediate csPCa suspicion"),
-    "routine": Code("RT103", CODING_SCHEME, "Routine: AI low csPCa suspicion"),
+    "urgent": Code("RT101", CODING_SCHEME, "Urgent: report first"),
+    "soon": Code("RT102", CODING_SCHEME, "Soon: report before routine"),
+    "routine": Code("RT103", CODING_SCHEME, "Routine"),
     "not_analysed": Code("RT104", CODING_SCHEME, "Not analysed by AI: needs manual triage"),
+}
+
+# Values of PRIORITY_DRIVER, keyed by core.priority.Driver value
+DRIVER_CODES: dict[str, Code] = {
+    "ai_suspicion": Code("RT601", CODING_SCHEME, "AI csPCa suspicion"),
+    "referral_floor": Code("RT602", CODING_SCHEME, "Referral urgency floor"),
+    "wait_clock": Code("RT603", CODING_SCHEME, "Waiting time against the diagnosis standard"),
+    "low_confidence": Code("RT604", CODING_SCHEME, "AI result of low confidence (domain gate)"),
+    "not_analysed": Code("RT605", CODING_SCHEME, "Not analysed by AI"),
+    "human_override": Code("RT606", CODING_SCHEME, "Set by a radiologist"),
+}
+
+# Values of REQUEST_DATE_SOURCE: where the waiting-list clock's start came from
+REQUEST_DATE_SOURCES: dict[str, Code] = {
+    "order": Code("RT701", CODING_SCHEME, "RIS order"),
+    "dicom_request": Code("RT702", CODING_SCHEME, "DICOM request attributes"),
+    "study_date": Code("RT703", CODING_SCHEME, "Study date"),
+    "received": Code("RT704", CODING_SCHEME, "Date received"),
 }
 
 # Values of REFERRAL_URGENCY, keyed by core.domain.ReferralUrgency value

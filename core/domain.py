@@ -331,6 +331,20 @@ class TriageResult(BaseModel):
     # worklist order, lowest first: the flag's rank, or a not-analysed study's referral or
     # waiting-time floor (`core.priority.PriorityDecision.rank`)
     priority_rank: int | None = None
+    # What set the flag (`core.priority.Driver` values, the deciding one first), the flag in
+    # words naming it, and the AI's own opinion, apart from the flag.
+    priority_drivers: tuple[str, ...] = ()
+    priority_headline: str | None = None
+    ai_priority: Priority | None = None
+    low_confidence: bool = False  # the model's domain gate: near the edge of its domain
+    # The policy inputs with their sources (the decision record's inputs).
+    referral_source: str | None = None  # order | dicom_request | none
+    image_referral_urgency: ReferralUrgency | None = None  # what the images' request said
+    request_date: str | None = None  # YYYYMMDD, the waiting-list clock's start
+    request_date_source: str | None = None  # order | dicom_request | study_date | received
+    request_date_note: str | None = None  # e.g. a future date clamped to today
+    thresholds: dict[str, float] | None = None  # the operating points that made ai_priority
+    override: dict[str, str] | None = None  # {"priority", "by", "reason"}: a radiologist's flag
 
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

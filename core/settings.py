@@ -220,7 +220,11 @@ class TriageSettings(_Section):
     )
     today: date | None = Field(
         default=None,
-        description='The waiting-list clock, "YYYY-MM-DD"; empty = the system date (UTC)',
+        description='The waiting-list clock, "YYYY-MM-DD"; empty = the date in `timezone`',
+    )
+    timezone: str = Field(
+        default="Europe/London",
+        description="The site's IANA time zone: what day it is for the waiting-list clock",
     )
     tick_s: float = Field(
         default=3600.0, gt=0, description="How often the waiting list recomputes priorities"
@@ -230,6 +234,19 @@ class TriageSettings(_Section):
     @classmethod
     def _empty_is_system_date(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(
+                f"unknown time zone {value!r} (an IANA name, e.g. Europe/London)"
+            ) from exc
+        return value
 
     @model_validator(mode="after")
     def _policy_is_valid(self) -> TriageSettings:
@@ -242,8 +259,13 @@ class TriageSettings(_Section):
         )
 
     def current_date(self) -> date:
-        """`today` when set (tests, demos, replays), else the system date in UTC."""
-        return self.today if self.today is not None else datetime.now(UTC).date()
+        """`today` when set (tests, demos, replays), else today's date in the site's zone (a
+        UTC date is yesterday for an evening in a zone east of UTC)."""
+        from zoneinfo import ZoneInfo
+
+        if self.today is not None:
+            return self.today
+        return datetime.now(UTC).astimezone(ZoneInfo(self.timezone)).date()
 
 
 class Hl7Destination(_Section):

@@ -47,6 +47,9 @@ PSA_DENSITY = concept(codes.PSA_DENSITY)
 AI_SUMMARY = concept(codes.AI_SUMMARY)
 REFERRAL_URGENCY = concept(codes.REFERRAL_URGENCY)
 DAYS_SINCE_REQUEST = concept(codes.DAYS_SINCE_REQUEST)
+PRIORITY_DRIVER = concept(codes.PRIORITY_DRIVER)
+AI_PRIORITY = concept(codes.AI_PRIORITY)
+PRIORITY_STATEMENT = concept(codes.PRIORITY_STATEMENT)
 
 # --- standard concepts ----------------------------------------------------------------------
 PROCEDURE_MPMRI_PROSTATE = _dcm("126021", "Multiparametric MRI of prostate")
@@ -172,6 +175,7 @@ _PRIORITY_BY_CODE = _reverse(codes.PRIORITY_CODES)
 _CATEGORY_BY_CODE = _reverse(codes.LESION_CATEGORY_CODES)
 _REASON_BY_CODE = _reverse(codes.NOT_ANALYSED_REASONS)
 _REFERRAL_BY_CODE = _reverse(codes.REFERRAL_CODES)
+_DRIVER_BY_CODE = _reverse(codes.DRIVER_CODES)
 
 
 def sector_for(value: str, scheme: str) -> str | None:
@@ -214,3 +218,13 @@ def referral_for(value: str, scheme: str) -> str | None:
 
 def reason_concept(reason_code: str) -> CodedConcept:
     return concept(codes.not_analysed_reason(reason_code))
+
+
+def driver_concept(driver: str) -> CodedConcept:
+    """A `core.priority.Driver` value as its code (RT6xx)."""
+    return concept(codes.DRIVER_CODES[driver])
+
+
+def driver_for(value: str, scheme: str) -> str | None:
+    """`core.priority.Driver` value for a coded priority driver."""
+    return _DRIVER_BY_CODE.get((value, scheme))

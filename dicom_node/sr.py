@@ -16,7 +16,11 @@ docs/conformance.md)::
           NUM  PSA density (ng/mL/mL)               [when known]
           NUM  Volume, finding site Prostate        [when known and not in the SEG]
           CODE Waiting-list priority = urgent|soon|routine|not_analysed
+          CODE Priority driver (RT6xx), one each    what set the flag, the deciding one first
+          CODE AI priority opinion                  the AI's own flag [analysed]
           CODE Reason not analysed by AI            [not analysed]
+          TEXT Priority statement                   the flag naming its driver, e.g. "Urgent:
+                                                    waited 26 of 28 days (FDS)"
           TEXT AI result summary                    (human-readable, for text-only PACS)
           TEXT Comment                              (NOT FOR CLINICAL USE; why not analysed)
         CONTAINER Measurement Group (TID 1411)      prostate gland, refs SEG segment [SEG]
@@ -30,8 +34,10 @@ docs/conformance.md)::
 
 Evidence: every instance of the series used (or of the study, when not analysed) and the SEG
 are listed in Current Requested Procedure Evidence Sequence. CompletionFlag is COMPLETE for an
-analysed study, PARTIAL when not analysed; VerificationFlag is always UNVERIFIED (no person has
-verified an AI result); PreliminaryFlag PRELIMINARY.
+analysed study, PARTIAL when not analysed; VerificationFlag is UNVERIFIED (no person has
+verified an AI result) unless a radiologist's override set the flag: then VERIFIED, with the
+radiologist as Verifying Observer; PreliminaryFlag PRELIMINARY. SeriesDescription names the flag
+and its driver ("Triage URGENT (wait clock)").
 """
 
 from __future__ import annotations
@@ -129,7 +135,9 @@ def summary_text(result: TriageResult, *, psa_density: float | None = None) -> s
         if reason.get("message"):
             text += f" {reason['message'].rstrip('.')}."
         return text + " This study needs manual triage."
-    parts = [f"AI triage priority: {priority.value.upper()}."]
+    parts = [f"Triage priority: {result.priority_headline or priority.value.upper()}."]
+    if result.ai_priority is not None and Priority(result.ai_priority) is not priority:
+        parts.append(f"AI opinion alone: {Priority(result.ai_priority).value}.")
     if result.case_likelihood is not None:
         parts.append(f"AI csPCa likelihood {_fmt(result.case_likelihood)}.")
     if result.lesions:
@@ -259,6 +267,16 @@ def _case_group(
     evaluations = [
         hd.sr.QualitativeEvaluation(dc.WAITING_LIST_PRIORITY, dc.priority_concept(priority))
     ]
+    evaluations.extend(
+        hd.sr.QualitativeEvaluation(dc.PRIORITY_DRIVER, dc.driver_concept(driver))
+        for driver in result.priority_drivers
+    )
+    if result.ai_priority is not None:
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(
+                dc.AI_PRIORITY, dc.priority_concept(Priority(result.ai_priority).value)
+            )
+        )
     if result.referral_urgency is not None:
         evaluations.append(
             hd.sr.QualitativeEvaluation(
@@ -292,12 +310,33 @@ def _case_group(
     else:
         group = hd.sr.MeasurementsAndQualitativeEvaluations(**common)
     content = group[0].ContentSequence
+    if result.priority_headline:
+        content.append(_text(dc.PRIORITY_STATEMENT, result.priority_headline))
     content.append(_text(dc.AI_SUMMARY, summary_text(result, psa_density=psa_density)))
     if priority is Priority.NOT_ANALYSED and reason.get("message"):
         content.append(_text(dc.COMMENT, reason["message"]))
     if disclaimer:
         content.append(_text(dc.COMMENT, disclaimer))
     return group
+
+
+#: A driver in a SeriesDescription ("Triage URGENT (wait clock)").
+DRIVER_WORDS = {
+    "ai_suspicion": "AI",
+    "referral_floor": "referral",
+    "wait_clock": "wait clock",
+    "low_confidence": "low-confidence AI",
+    "not_analysed": "",
+    "human_override": "radiologist",
+}
+
+
+def _verifier(result: TriageResult) -> str | None:
+    """The radiologist whose override set the flag (the SR's verifying observer), as a PN."""
+    if not result.priority_drivers or result.priority_drivers[0] != "human_override":
+        return None
+    name = (result.override or {}).get("by", "")
+    return "".join(c for c in name if c.isprintable() and c not in "\\^=")[:64] or "radiologist"
 
 
 def _segment_numbers(seg: Dataset | None) -> dict[str, int]:
@@ -524,7 +563,10 @@ def build_triage_sr(
     if predecessor is not None and str(predecessor.SOPInstanceUID) != sop_uid:
         previous = [predecessor]
     label = "NOT ANALYSED" if priority is Priority.NOT_ANALYSED else priority.value.upper()
-    description = f"AI triage {label}" + (" - NOT FOR CLINICAL USE" if disclaimer else "")
+    driver = DRIVER_WORDS.get(result.priority_drivers[0], "") if result.priority_drivers else ""
+    description = f"Triage {label}" + (f" ({driver})" if driver else "")
+    description += " - NOT FOR CLINICAL USE" if disclaimer else ""
+    verifier = _verifier(result)
     with copying_source_names():
         return hd.sr.Comprehensive3DSR(
             evidence=datasets,
@@ -536,7 +578,9 @@ def build_triage_sr(
             manufacturer=MANUFACTURER,
             is_complete=priority is not Priority.NOT_ANALYSED,
             is_final=False,
-            is_verified=False,
+            is_verified=verifier is not None,
+            verifying_observer_name=verifier,
+            verifying_organization=MANUFACTURER if verifier is not None else None,
             previous_versions=previous,
             series_description=description[:64],
             specific_character_set=_character_set(datasets[0], result, model),

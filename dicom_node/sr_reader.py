@@ -66,6 +66,10 @@ class TriageSrSummary:
     predecessors: tuple[str, ...] = field(default_factory=tuple)
     referral_urgency: str | None = None  # core.domain.ReferralUrgency value, when recorded
     days_waited: int | None = None  # days since the imaging request, when recorded
+    drivers: tuple[str, ...] = ()  # core.priority.Driver values, the deciding one first
+    ai_priority: Priority | None = None  # the AI's own opinion, apart from the flag
+    headline: str = ""  # the priority statement ("Urgent: waited 26 of 28 days (FDS)")
+    verifying_observer: str | None = None  # the radiologist whose override set the flag
 
 
 def _name(item: Dataset) -> tuple[str, str] | None:
@@ -256,6 +260,16 @@ def read_triage_sr(ds: Dataset) -> TriageSrSummary:
     referral_items = _direct(case_group, _key(dc.REFERRAL_URGENCY), "CODE")
     referral_code = _code(referral_items[0]) if referral_items else None
     days = _first_num(case_group, _key(dc.DAYS_SINCE_REQUEST))
+    drivers = tuple(
+        d
+        for item in _direct(case_group, _key(dc.PRIORITY_DRIVER), "CODE")
+        if (c := _code(item)) is not None and (d := dc.driver_for(c[0], c[1])) is not None
+    )
+    ai_items = _direct(case_group, _key(dc.AI_PRIORITY), "CODE")
+    ai_code = _code(ai_items[0]) if ai_items else None
+    ai_value = dc.priority_for(ai_code[0], ai_code[1]) if ai_code else None
+    headlines = _text(case_group, _key(dc.PRIORITY_STATEMENT))
+    verifiers = ds.get("VerifyingObserverSequence") or []
     return TriageSrSummary(
         sop_instance_uid=str(ds.SOPInstanceUID),
         study_instance_uid=str(ds.StudyInstanceUID),
@@ -280,4 +294,8 @@ def read_triage_sr(ds: Dataset) -> TriageSrSummary:
         ),
         referral_urgency=dc.referral_for(*referral_code[:2]) if referral_code else None,
         days_waited=round(days) if days is not None else None,
+        drivers=drivers,
+        ai_priority=Priority(ai_value) if ai_value else None,
+        headline=headlines[0] if headlines else "",
+        verifying_observer=str(verifiers[0].VerifyingObserverName) if verifiers else None,
     )

@@ -75,6 +75,38 @@ def request_date(headers: Iterable[Dataset], today: date) -> date | None:
     return earliest
 
 
+def _top_level(headers: Iterable[Dataset], keyword: str) -> list[Any]:
+    out = []
+    for ds in headers:
+        try:
+            out.append(ds.get(keyword))
+        except (TypeError, ValueError):  # a malformed element: read tolerantly
+            continue
+    return out
+
+
+def clock_start(
+    headers: Iterable[Dataset], today: date
+) -> tuple[date | None, str | None, str | None]:
+    """(date, source, note) where the waiting-list clock of a study without an order starts:
+    the earliest Issue Date of Imaging Service Request, else the earliest Study Date (0008,0020),
+    else (None, None, None) and the caller falls back to the received date. A date after
+    `today` is clamped to `today` and the note says so (never dropped)."""
+    headers = list(headers)
+    for source, values in (
+        ("dicom_request", request_values(headers, "IssueDateOfImagingServiceRequest")),
+        ("study_date", _top_level(headers, "StudyDate")),
+    ):
+        dates = [d for d in (parse_da(v) for v in values if v) if d is not None]
+        if dates:
+            first = min(dates)
+            if first > today:
+                note = f"{source} {first.isoformat()} is after today; clamped to today"
+                return today, source, note
+            return first, source, None
+    return None, None, None
+
+
 def days_since_referral(headers: Iterable[Dataset], today: date) -> int | None:
     """Days from `request_date` to `today` (`core.priority.days_waited`): None without a
     valid past date, or for a request over a year old (an archive study, not a waiting one)."""

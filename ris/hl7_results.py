@@ -61,14 +61,6 @@ HL7_PENDING = "pending"
 HL7_SENT = "sent"
 HL7_DEAD = "dead"
 
-GLAND_VOLUME = codes.Code("RT510", codes.CODING_SCHEME, "Prostate gland volume (AI)")
-LESION_COUNT = codes.Code("RT511", codes.CODING_SCHEME, "AI lesion candidates")
-AI_MODEL = codes.Code("RT512", codes.CODING_SCHEME, "AI model")
-NOT_CLINICAL = codes.Code("RT513", codes.CODING_SCHEME, "Not for clinical use")
-SR_INSTANCE = codes.Code("RT514", codes.CODING_SCHEME, "Triage SR SOP Instance UID")
-STUDY_UID = codes.Code("110180", "DCM", "Study Instance UID")
-SERVICE = codes.Code("RT500", codes.CODING_SCHEME, "AI prostate MRI triage")
-
 
 class Hl7OutboxItem(Base):
     __tablename__ = "hl7_outbox"
@@ -132,22 +124,22 @@ def _observations(report: ResultReport) -> list[tuple[str, codes.Code, str, str]
     if r.case_likelihood is not None:
         obs.append(("NM", codes.CASE_LIKELIHOOD, _fmt(r.case_likelihood, 3), "1^no units^UCUM"))
     if r.gland_volume_ml is not None:
-        obs.append(("NM", GLAND_VOLUME, _fmt(r.gland_volume_ml, 1), "mL^milliliter^UCUM"))
+        obs.append(("NM", codes.GLAND_VOLUME, _fmt(r.gland_volume_ml, 1), "mL^milliliter^UCUM"))
     if r.psa_density is not None:
         unit = "ng/mL/mL^nanogram per milliliter per milliliter^UCUM"
         obs.append(("NM", codes.PSA_DENSITY, _fmt(r.psa_density, 3), unit))
     if priority is not Priority.NOT_ANALYSED:
-        obs.append(("NM", LESION_COUNT, str(len(r.lesions)), "{#}^count^UCUM"))
+        obs.append(("NM", codes.LESION_COUNT, str(len(r.lesions)), "{#}^count^UCUM"))
     if r.model is not None:
-        obs.append(("ST", AI_MODEL, escape(f"{r.model.name} {r.model.version}"), ""))
+        obs.append(("ST", codes.AI_MODEL, escape(f"{r.model.name} {r.model.version}"), ""))
     if r.disclaimer:
-        obs.append(("ST", NOT_CLINICAL, escape(r.disclaimer), ""))
+        obs.append(("ST", codes.NOT_CLINICAL, escape(r.disclaimer), ""))
     if r.reason:
         reason = codes.not_analysed_reason(r.reason.get("code", ""))
         obs.append(("CWE", codes.NOT_ANALYSED_REASON, _cwe(reason), ""))
-    obs.append(("ST", STUDY_UID, escape(r.study_instance_uid), ""))
+    obs.append(("ST", codes.STUDY_UID, escape(r.study_instance_uid), ""))
     if report.sr_sop_instance_uid:
-        obs.append(("ST", SR_INSTANCE, escape(report.sr_sop_instance_uid), ""))
+        obs.append(("ST", codes.SR_INSTANCE, escape(report.sr_sop_instance_uid), ""))
     return obs
 
 
@@ -186,7 +178,7 @@ def build_oru(
         f"PID|1||{pid3}||{_xpn(report.patient_name)}",
         f"ORC|RE|{placer}|{filler}||CM",
         "|".join(
-            ["OBR", "1", placer, filler, _cwe(SERVICE), "", "", ts]
+            ["OBR", "1", placer, filler, _cwe(codes.SERVICE), "", "", ts]
             + [""] * 10
             + [escape(report.accession_number)]
             + [""] * 3

@@ -36,6 +36,7 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 
+from core import codes
 from core.domain import (
     REQUIRED_ROLES,
     LesionResult,
@@ -66,11 +67,10 @@ from dicom_node.jobs import AnalysisOutput, Document
 from dicom_node.seg import build_seg
 from dicom_node.sr import build_triage_sr
 from dicom_node.uids import require_uid
-from imaging.request_attributes import referral_urgency, request_date
 from imaging.series_selection import SelectionRules, load_rules
 from imaging.study_reader import StudyScan, scan_study
 from imaging.study_volumes import StudyVolumes, load_study_volumes
-from triage.waiting_list import WaitingInputs, analysis_inputs, psa_density
+from triage.waiting_list import WaitingInputs, analysis_inputs, image_inputs, psa_density
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +206,7 @@ def analyse_study(
     )
     model = outcome.model or engine.current_detector()
     if inputs is None:
-        headers = [s.headers for s in scan.series]
-        inputs = WaitingInputs(referral_urgency(headers), request_date(headers, today), False, None)
+        inputs = image_inputs([s.headers for s in scan.series], today)
     result = _result(uid, model, outcome, inputs, policy, today)
     clock.lap("priority")
     documents, result = _write_documents(out_dir, result, evidence, model, outcome, previous_sr)
@@ -246,6 +245,15 @@ def _result(
     waited = days_waited(inputs.request_date, today)
     prediction = outcome.prediction
     likelihood = prediction.case_likelihood if prediction is not None else None
+    low_confidence = prediction is not None and prediction.low_confidence
+    reason = None
+    if prediction is None:
+        error = outcome.error
+        reason = (
+            _reason(error)
+            if error is not None
+            else {"code": "internal_error", "message": "no prediction"}
+        )
     decision = decide_priority(
         likelihood,
         outcome.thresholds,
@@ -253,8 +261,10 @@ def _result(
         waited,
         policy,
         suspected_cancer_pathway=inputs.suspected_cancer_pathway,
-        low_confidence=prediction is not None and prediction.low_confidence,
+        low_confidence=low_confidence,
+        not_analysed_reason=codes.not_analysed_reason(reason["code"]).meaning if reason else "",
     )
+    thresholds = outcome.thresholds
     common: dict[str, Any] = {
         "study_instance_uid": uid,
         "priority": decision.priority,
@@ -265,14 +275,24 @@ def _result(
         "days_waited": waited,
         "priority_reasons": decision.reasons,
         "priority_rank": decision.rank,
+        "priority_drivers": tuple(d.value for d in decision.drivers),
+        "priority_headline": decision.headline,
+        "ai_priority": decision.ai_priority,
+        "low_confidence": low_confidence,
+        "referral_source": inputs.referral_source,
+        "image_referral_urgency": inputs.image_referral,
+        "request_date": inputs.request_date.strftime("%Y%m%d") if inputs.request_date else None,
+        "request_date_source": inputs.request_date_source,
+        "request_date_note": inputs.request_date_note,
+        "thresholds": {"urgent": thresholds.urgent, "soon": thresholds.soon}
+        if thresholds is not None and prediction is not None
+        else None,
     }
     if prediction is None:
         error = outcome.error
         return TriageResult(
             status=_error_status(error) if error is not None else StudyStatus.FAILED,
-            reason=_reason(error)
-            if error is not None
-            else {"code": "internal_error", "message": "no prediction"},
+            reason=reason,
             **common,
         )
     return TriageResult(

@@ -44,15 +44,16 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
+from core import codes
 from core.domain import ModelInfo, ModelRef, Priority, ReferralUrgency, StudyStatus, TriageResult
-from core.priority import PriorityDecision, Thresholds, days_waited, decide_priority
+from core.priority import Override, PriorityDecision, Thresholds, days_waited, decide_priority
 from core.settings import Hl7Settings, Settings, TriageSettings
 from dicom_node.index import Index, Instance, Patient, Series
 from dicom_node.index import Study as StudyRow
 from dicom_node.jobs import enqueue_document
-from dicom_node.results import WaitingListEntry
+from dicom_node.results import WaitingListEntry, append_decision, latest_decision
 from dicom_node.spool import Spool
-from imaging.request_attributes import parse_da, referral_urgency, request_date
+from imaging.request_attributes import clock_start, parse_da, referral_urgency, request_values
 from ris.hl7_results import ResultReport, enqueue_result
 from ris.orders import (
     OrderView,
@@ -67,18 +68,30 @@ log = logging.getLogger(__name__)
 ThresholdsFor = Callable[[ModelInfo], Thresholds | None]
 
 PAGE = 500
-_REPORTED = (StudyStatus.REPORTED.value, StudyStatus.SENT.value)
+# Every study with a result ticks: not-analysed, failed and not-applicable ones too (their
+# referral and wait still rank them), and those whose model left the repository.
+_REPORTED = (
+    StudyStatus.REPORTED.value,
+    StudyStatus.SENT.value,
+    StudyStatus.FAILED.value,
+    StudyStatus.NOT_APPLICABLE.value,
+)
 _NO_THRESHOLDS = Thresholds(urgent=1.0, soon=1.0)  # not read when the AI gave no likelihood
 
 
 @dataclass(frozen=True)
 class WaitingInputs:
-    """What the policy needs of one study at one date (besides the AI's likelihood)."""
+    """What the policy needs of one study at one date (besides the AI's opinion), each input
+    with where it came from (the decision record's inputs)."""
 
     referral: ReferralUrgency
     request_date: date | None
     suspected_cancer_pathway: bool
     psa_ng_ml: float | None
+    referral_source: str = "none"  # order | dicom_request | none
+    request_date_source: str | None = None  # order | dicom_request | study_date | received
+    request_date_note: str | None = None
+    image_referral: ReferralUrgency | None = None  # what the images' request said
 
 
 @dataclass
@@ -90,42 +103,112 @@ class TickReport:
     orders_matched: int = 0
 
 
+def resolve_inputs(
+    order: OrderView | None,
+    image_referral: ReferralUrgency | None,
+    image_clock: tuple[date | None, str | None, str | None],
+    received: date | None,
+    today: date,
+) -> WaitingInputs:
+    """The one rule for a study's policy inputs, at analysis and on every tick:
+
+    - referral: the more urgent of the order's and the images' (an order never lowers what
+      the images asked for, nor the reverse); its source is the one that set it;
+    - request date: the order's, else the images' request or study date (`clock_start`), else
+      the date received; a date after `today` is clamped to `today` and named, never dropped.
+    """
+    said = [(order.referral_urgency, "order")] if order is not None else []
+    if image_referral is not None:
+        said.append((image_referral, "dicom_request"))
+    # the most urgent; on a tie the order's (the RIS's own word)
+    referral, source = min(said, key=lambda x: x[0].rank, default=(ReferralUrgency.ROUTINE, "none"))
+    start, start_source, note = None, None, None
+    if order is not None and order.request_date is not None:
+        start, start_source = order.request_date, "order"
+    elif image_clock[0] is not None:
+        start, start_source, note = image_clock
+    elif received is not None:
+        start, start_source = received, "received"
+    if start is not None and start > today:
+        note = f"{start_source} {start.isoformat()} is after today; clamped to today"
+        start = today
+    return WaitingInputs(
+        referral,
+        start,
+        order.suspected_cancer_pathway if order is not None else False,
+        order.psa_ng_ml if order is not None else None,
+        source,
+        start_source,
+        note,
+        image_referral,
+    )
+
+
 def waiting_inputs(
     result: TriageResult,
     order: OrderView | None,
     reported_at: float | None,
     known_request_date: date | None = None,
+    today: date | None = None,
+    received_at: float | None = None,
 ) -> WaitingInputs:
-    """The order wins when the study has one; else what the images said at analysis time. The
-    request date: the order's, else the one recorded for the study (``studies.request_date``),
-    else the analysis date less the days waited then."""
-    request = order.request_date if order is not None else None
-    request = request or known_request_date
-    if request is None and result.days_waited is not None and reported_at:
-        request = _analysis_date(reported_at) - timedelta(days=result.days_waited)
-    if order is not None:
-        return WaitingInputs(
-            order.referral_urgency, request, order.suspected_cancer_pathway, order.psa_ng_ml
-        )
-    return WaitingInputs(result.referral_urgency or ReferralUrgency.ROUTINE, request, False, None)
+    """A reported study's inputs on a tick: `resolve_inputs` over its order (when matched) and
+    what the images said at analysis time (recorded in the result)."""
+    recorded = parse_request_date(result.request_date) or known_request_date
+    if recorded is None and result.days_waited is not None and reported_at:
+        recorded = _analysis_date(reported_at) - timedelta(days=result.days_waited)
+    image_source = result.request_date_source if result.request_date_source != "order" else None
+    image_clock: tuple[date | None, str | None, str | None] = (None, None, None)
+    if recorded is not None and (image_source is not None or result.request_date is None):
+        image_clock = (recorded, image_source or "dicom_request", result.request_date_note)
+    image_referral = result.image_referral_urgency
+    if image_referral is None and result.referral_source != "order":
+        image_referral = result.referral_urgency
+    received = _analysis_date(received_at) if received_at else None
+    return resolve_inputs(
+        order,
+        image_referral,
+        image_clock,
+        received,
+        today or date.max,
+    )
+
+
+def image_inputs(
+    headers: Iterable[Dataset], today: date, received: date | None = None
+) -> WaitingInputs:
+    """The inputs of a study without an order (offline `infer`, or none matched yet)."""
+    headers = list(headers)
+    return resolve_inputs(
+        None, _image_referral(headers), clock_start(headers, today), received, today
+    )
 
 
 def analysis_inputs(
     index: Index, study_instance_uid: str, headers: Iterable[Dataset], today: date
 ) -> WaitingInputs:
-    """What the analysis step passes to `decide_priority` for a study: its RIS order when one
-    is matched, else the DICOM request attributes (`imaging.request_attributes`)."""
+    """What the analysis step passes to `decide_priority` for a study: `resolve_inputs` over
+    its RIS order (when one is matched), its DICOM request attributes and the date the node
+    first received it."""
     with index.read() as s:
         order = order_for_study(s, study_instance_uid)
-    headers = list(headers)
-    if order is not None:
-        return WaitingInputs(
-            order.referral_urgency,
-            order.request_date or request_date(headers, today),
-            order.suspected_cancer_pathway,
-            order.psa_ng_ml,
+        received_at = s.scalar(
+            select(StudyRow.first_received_at).where(
+                StudyRow.study_instance_uid == study_instance_uid
+            )
         )
-    return WaitingInputs(referral_urgency(headers), request_date(headers, today), False, None)
+    headers = list(headers)
+    received = _analysis_date(received_at) if received_at else None
+    return resolve_inputs(
+        order, _image_referral(headers), clock_start(headers, today), received, today
+    )
+
+
+def _image_referral(headers: list[Dataset]) -> ReferralUrgency | None:
+    """The images' Requested Procedure Priority, None when no header carries one."""
+    if next(request_values(headers, "RequestedProcedurePriority"), None) is None:
+        return None
+    return referral_urgency(headers)
 
 
 def _analysis_date(epoch: float) -> date:
@@ -146,7 +229,21 @@ def decide_today(
     triage: TriageSettings,
     today: date,
 ) -> PriorityDecision:
-    """The study's decision at `today`: the same function `radtriage simulate` ranks with."""
+    """The study's decision at `today`: the same function `radtriage simulate` ranks with.
+
+    The AI's opinion is the one recorded at analysis (`result.ai_priority`, with the gate's
+    `low_confidence`), so a re-decision never re-reads a model's thresholds; results from
+    before that was recorded fall back to `thresholds`."""
+    override = None
+    if result.override:
+        override = Override(
+            Priority(result.override["priority"]),
+            result.override.get("by") or "radiologist",
+            result.override.get("reason", ""),
+        )
+    reason = ""
+    if result.reason:
+        reason = codes.not_analysed_reason(result.reason.get("code", "")).meaning
     return decide_priority(
         result.case_likelihood,
         thresholds or _NO_THRESHOLDS,
@@ -154,6 +251,10 @@ def decide_today(
         days_waited(inputs.request_date, today),
         triage.waiting_policy(),
         suspected_cancer_pathway=inputs.suspected_cancer_pathway,
+        low_confidence=result.low_confidence,
+        ai_opinion=result.ai_priority,
+        override=override,
+        not_analysed_reason=reason,
     )
 
 
@@ -222,6 +323,12 @@ class WaitingList:
                     log.exception("waiting list: study %s could not be recomputed", uid)
                 last_id = row_id
 
+    def redecide(self, uid: str, today: date | None = None) -> TickReport:
+        """Decide one study now (after a radiologist's override): the same step as a tick."""
+        report = TickReport()
+        self._study(uid, today or self.triage.current_date(), report)
+        return report
+
     def _study(self, uid: str, today: date, report: TickReport) -> None:
         now = self.clock()
         with self.index.write() as s:
@@ -229,11 +336,25 @@ class WaitingList:
             if study.status not in _REPORTED or study.result_json is None:
                 return  # re-opened by a late instance meanwhile: the analysis decides again
             result = TriageResult.model_validate_json(study.result_json)
+            entry = s.scalars(
+                select(WaitingListEntry).where(WaitingListEntry.study_instance_uid == uid)
+            ).first()
+            override = json.loads(entry.override_json) if entry and entry.override_json else None
+            cause = _cause(entry, study.reported_at, override, result.override)
+            result = result.model_copy(update={"override": override})
             order = order_for_study(s, uid)
             known = s.scalar(select(StudyRow.request_date).where(StudyRow.id == study.id))
-            inputs = waiting_inputs(result, order, study.reported_at, parse_request_date(known))
+            inputs = waiting_inputs(
+                result,
+                order,
+                study.reported_at,
+                parse_request_date(known),
+                today=today,
+                received_at=study.first_received_at,
+            )
             thresholds = None
-            if result.case_likelihood is not None:
+            if result.case_likelihood is not None and result.ai_priority is None:
+                # a result from before the AI's opinion was recorded: its model's thresholds
                 thresholds = self.thresholds(result.model) if result.model else None
                 if thresholds is None:
                     if uid not in self._unknown_model:
@@ -245,16 +366,24 @@ class WaitingList:
             new = result.model_copy(
                 update={
                     "priority": decision.priority,
+                    "priority_rank": decision.rank,
                     "referral_urgency": inputs.referral,
+                    "referral_source": inputs.referral_source,
+                    "image_referral_urgency": inputs.image_referral,
+                    "request_date": inputs.request_date.strftime("%Y%m%d")
+                    if inputs.request_date
+                    else None,
+                    "request_date_source": inputs.request_date_source,
+                    "request_date_note": inputs.request_date_note,
                     "days_waited": days_waited(inputs.request_date, today),
                     "priority_reasons": decision.reasons,
+                    "priority_drivers": tuple(d.value for d in decision.drivers),
+                    "priority_headline": decision.headline,
+                    "ai_priority": decision.ai_priority or result.ai_priority,
                     "psa_density": density if density is not None else result.psa_density,
                 }
             )
             report.studies += 1
-            entry = s.scalars(
-                select(WaitingListEntry).where(WaitingListEntry.study_instance_uid == uid)
-            ).first()
             if entry is None:
                 entry = WaitingListEntry(
                     study_instance_uid=uid,
@@ -287,13 +416,32 @@ class WaitingList:
                     else None,
                 )
             )
-            sr_state = f"{new.priority.value}|{new.psa_density}"
-            if sr_state != f"{entry.sr_priority}|{result.psa_density}" and self._supersede(
-                s, study, result, new, entry, now
+            latest = latest_decision(s, uid)
+            if (
+                cause in ("analysis", "override")
+                or latest is None
+                or _state(new.priority.value, new.priority_drivers)
+                != _state(latest.priority, tuple(json.loads(latest.drivers_json)))
+            ):
+                append_decision(
+                    s,
+                    new,
+                    cause=cause if latest is not None or cause != "clock" else "analysis",
+                    now=now,
+                    decided_on=today.isoformat(),
+                    node_id=study.node_id,
+                    actor=(override or {}).get("by", "") if cause == "override" else "",
+                )
+            said = _state(entry.sr_priority or "", result.priority_drivers, result.psa_density)
+            if _state(new.priority.value, new.priority_drivers, new.psa_density) != said and (
+                self._supersede(s, study, result, new, entry, now)
             ):
                 report.superseding_srs += 1
+            elif cause == "override" or new.override != result.override:
+                study.result_json = json.dumps(new.to_json_dict())  # same flag: keep the record
             fingerprint = hashlib.sha256(
-                f"{new.priority.value}|{new.psa_density}|{entry.sr_sop_instance_uid}".encode()
+                f"{_state(new.priority.value, new.priority_drivers, new.psa_density)}"
+                f"|{entry.sr_sop_instance_uid}".encode()
             ).hexdigest()
             entry.result_fingerprint = fingerprint
             if (
@@ -429,6 +577,28 @@ class WaitingList:
         sr.save_as(tmp, enforce_file_format=True)
         tmp.replace(target)
         return target
+
+
+def _state(priority: str, drivers: tuple[str, ...] | list[str], *extra: object) -> str:
+    """What an output says: the flag and its deciding driver (not the day count, which moves
+    daily), plus `extra` (PSA density for the SR and ORU)."""
+    first = drivers[0] if drivers else ""
+    return "|".join([priority, first, *(str(x) for x in extra)])
+
+
+def _cause(
+    entry: WaitingListEntry | None,
+    reported_at: float | None,
+    override: dict[str, str] | None,
+    decided_with: dict[str, str] | None,
+) -> str:
+    """Why the study is decided now: a new analysis, a radiologist, a changed order, or the
+    clock (days passing)."""
+    if entry is None or entry.study_reported_at != reported_at:
+        return "analysis"
+    if override != decided_with:
+        return "override"
+    return "order" if entry.stale else "clock"
 
 
 def _sop_uid(path: str | None) -> str | None:

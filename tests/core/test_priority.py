@@ -170,3 +170,59 @@ def test_low_confidence_raises_an_analysed_study_to_soon_and_never_lowers() -> N
     assert any("low confidence" in r for r in low.reasons)
     assert decide_priority(0.9, t, low_confidence=True).priority is Priority.URGENT
     assert decide_priority(None, t, low_confidence=True).priority is Priority.NOT_ANALYSED
+
+
+# --- drivers: every flag names what set it (issue 22) ---------------------------------------
+
+from core.priority import Driver, Override  # noqa: E402
+
+_T = Thresholds(urgent=0.7, soon=0.3)
+
+
+def test_wait_clock_not_the_ai_drives_an_escalated_negative() -> None:
+    d = decide_priority(0.0, _T, days_waited=26)
+    assert d.priority is Priority.URGENT and d.ai_priority is Priority.ROUTINE
+    assert d.drivers == (Driver.WAIT_CLOCK,)
+    assert d.headline == "Urgent: waited 26 of 28 days (FDS)"
+
+
+def test_referral_floor_drives_and_the_ai_opinion_stays_apart() -> None:
+    d = decide_priority(0.5, _T, ReferralUrgency.URGENT)
+    assert (d.priority, d.ai_priority) == (Priority.URGENT, Priority.SOON)
+    assert d.drivers == (Driver.REFERRAL_FLOOR,) and d.headline == "Urgent: STAT referral"
+    soon = decide_priority(0.1, _T, ReferralUrgency.SOON)
+    assert soon.headline == "Soon: expedited referral"
+
+
+def test_ai_drives_when_its_opinion_is_the_flag() -> None:
+    d = decide_priority(0.81, _T, days_waited=27)
+    assert d.drivers == (Driver.AI_SUSPICION, Driver.WAIT_CLOCK)
+    assert d.headline == "Urgent: AI suspects csPCa (0.81)"
+
+
+def test_low_confidence_gate_drives_a_routine_ai_to_soon() -> None:
+    d = decide_priority(0.1, _T, low_confidence=True)
+    assert d.priority is Priority.SOON and d.drivers == (Driver.LOW_CONFIDENCE,)
+    assert d.headline == "Soon: AI result of low confidence"
+
+
+def test_recorded_ai_opinion_needs_no_thresholds() -> None:
+    d = decide_priority(0.2, None, ai_opinion=Priority.ROUTINE, days_waited=22)
+    assert d.priority is Priority.SOON and d.drivers == (Driver.WAIT_CLOCK,)
+
+
+def test_override_is_a_driver_and_a_breach_still_escalates_it() -> None:
+    o = Override(Priority.ROUTINE, by="dr.jones", reason="benign on review")
+    d = decide_priority(0.9, _T, days_waited=3, override=o)
+    assert d.priority is Priority.ROUTINE and d.drivers == (Driver.HUMAN_OVERRIDE,)
+    assert d.headline == "Routine: set by dr.jones" and d.ai_priority is Priority.URGENT
+    late = decide_priority(0.9, _T, days_waited=26, override=o)
+    assert late.priority is Priority.URGENT and late.drivers == (Driver.WAIT_CLOCK,)
+    assert "escalated above the override" in " ".join(late.reasons)
+
+
+def test_not_analysed_names_its_reason_and_what_ranks_it() -> None:
+    d = decide_priority(None, None, ReferralUrgency.URGENT, not_analysed_reason="No ADC series")
+    assert d.priority is Priority.NOT_ANALYSED and d.rank == Priority.URGENT.rank
+    assert d.drivers == (Driver.NOT_ANALYSED, Driver.REFERRAL_FLOOR)
+    assert d.headline == "Not analysed: No ADC series"

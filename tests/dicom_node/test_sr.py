@@ -107,7 +107,7 @@ def test_positive_sr_with_seg(study, tmp_path: Path) -> None:
     by_number = {s.SegmentNumber: s.TrackingUID for s in seg.SegmentSequence}
     for lesion in got.lesions:
         assert by_number[lesion.segment_number] == lesion.tracking_uid
-    assert got.summary.startswith("AI triage priority: URGENT")
+    assert got.summary.startswith("Triage priority: URGENT")
     assert "PZpl-R-mid" in got.summary
 
 

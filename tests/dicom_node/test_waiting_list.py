@@ -456,7 +456,57 @@ def test_analysis_inputs_prefer_the_order(index: Index, tmp_path: Path) -> None:
             now=1.0,
         )
     after = analysis_inputs(index, uid, headers, today)
-    assert after == WaitingInputs(ReferralUrgency.URGENT, date(2026, 11, 20), False, 6.0)
+    assert after == WaitingInputs(
+        ReferralUrgency.URGENT,
+        date(2026, 11, 20),
+        False,
+        6.0,
+        referral_source="order",
+        request_date_source="order",
+        image_referral=ReferralUrgency.SOON,
+    )
+
+
+def test_inputs_take_the_higher_urgency_and_never_drop_a_date() -> None:
+    """Issue 22 items 6 and 7: the more urgent of order and images counts (an order never
+    lowers the images' request); a future date is clamped and named; with no date at all the
+    clock starts on the day received."""
+    from ris.orders import OrderView
+    from triage.waiting_list import image_inputs, resolve_inputs
+
+    today = date(2026, 11, 30)
+    routine_order = OrderView(
+        placer_order_number="P1",
+        referral_urgency=ReferralUrgency.ROUTINE,
+        request_date=None,
+        suspected_cancer_pathway=False,
+        psa_ng_ml=None,
+        accession_number="",
+        filler_order_number="",
+        clinical_details="",
+    )
+    got = resolve_inputs(
+        routine_order,
+        ReferralUrgency.URGENT,
+        (date(2026, 11, 2), "dicom_request", None),
+        None,
+        today,
+    )
+    assert (got.referral, got.referral_source) == (ReferralUrgency.URGENT, "dicom_request")
+    assert (got.request_date, got.request_date_source) == (date(2026, 11, 2), "dicom_request")
+    future = image_inputs([_header("HIGH", issued="20261215")], today)
+    assert future.request_date == today and future.request_date_source == "dicom_request"
+    assert future.request_date_note and "clamped" in future.request_date_note
+    study_dated = pydicom.Dataset()
+    study_dated.StudyDate = "20261105"
+    by_study = image_inputs([study_dated], today)
+    assert (by_study.request_date, by_study.request_date_source) == (
+        date(2026, 11, 5),
+        "study_date",
+    )
+    bare = image_inputs([pydicom.Dataset()], today, received=date(2026, 11, 28))
+    assert (bare.request_date, bare.request_date_source) == (date(2026, 11, 28), "received")
+    assert (bare.referral, bare.referral_source) == (ReferralUrgency.ROUTINE, "none")
 
 
 @pytest.mark.integration
