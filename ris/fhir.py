@@ -36,6 +36,7 @@ again whenever the waiting list's decision changes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -54,7 +55,7 @@ from sqlalchemy import func, or_, select
 from core import codes
 from core.domain import Priority, ReferralUrgency, TriageResult
 from dicom_node.index import Index, Patient, Study
-from dicom_node.results import WaitingListEntry
+from dicom_node.results import Decision, WaitingListEntry
 from ris.orders import (
     SUSPECTED_CANCER_CODES,
     Order,
@@ -207,9 +208,22 @@ def result_resources(
     issuer: str,
     accession: str,
     issued: datetime,
+    decisions: int = 1,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The DiagnosticReport and its Observations for one triage result (TID 1500 mapping)."""
-    report_id = f"rt-{sr_sop_instance_uid}"[:64]
+    """The DiagnosticReport and its Observations for one triage result (TID 1500 mapping).
+
+    One DiagnosticReport per study (its id derives from the Study Instance UID), updated in
+    place: ``preliminary`` for the first decision, ``amended`` once the flag was decided again
+    (clock, order), ``corrected`` when a radiologist's override set it. The flag's Observation
+    carries the drivers and the AI's own opinion as components; the conclusion states the flag
+    naming its driver."""
+    report_id = "rt-" + hashlib.sha256(result.study_instance_uid.encode()).hexdigest()[:40]
+    drivers = [d for d in result.priority_drivers if d in codes.DRIVER_CODES]
+    status = "preliminary"
+    if drivers[:1] == ["human_override"]:
+        status = "corrected"
+    elif decisions > 1:
+        status = "amended"
     subject: dict[str, Any] = {"identifier": {"value": patient_id}, "type": "Patient"}
     if issuer:
         subject["identifier"]["system"] = f"urn:oid:{issuer}" if issuer[0].isdigit() else issuer
@@ -220,7 +234,7 @@ def result_resources(
         else {"display": "radtriage"}
     )
     common = {
-        "status": "preliminary",
+        "status": status,
         "subject": subject,
         "derivedFrom": derived,
         "device": device,
@@ -243,7 +257,21 @@ def result_resources(
         )
 
     priority = Priority(result.priority)
-    add(codes.WAITING_LIST_PRIORITY, valueCodeableConcept=_concept(codes.PRIORITY_CODES[priority]))
+    components = [
+        {"code": _concept(codes.PRIORITY_DRIVER), "valueCodeableConcept": _concept(code)}
+        for code in (codes.DRIVER_CODES[d] for d in drivers)
+    ]
+    if result.ai_priority is not None:
+        ai = codes.PRIORITY_CODES[Priority(result.ai_priority)]
+        components.append(
+            {"code": _concept(codes.AI_PRIORITY), "valueCodeableConcept": _concept(ai)}
+        )
+    flag: dict[str, Any] = {"valueCodeableConcept": _concept(codes.PRIORITY_CODES[priority])}
+    if components:
+        flag["component"] = components
+    if result.priority_headline:
+        flag["note"] = [{"text": result.priority_headline}]
+    add(codes.WAITING_LIST_PRIORITY, **flag)
     if result.referral_urgency is not None:
         urgency = codes.REFERRAL_CODES[result.referral_urgency]
         add(codes.REFERRAL_URGENCY, valueCodeableConcept=_concept(urgency))
@@ -279,10 +307,10 @@ def result_resources(
         **common,
         "hasMember": [{"reference": f"Observation/{m['id']}"} for m in members],
     }
-    conclusion = f"AI waiting-list priority: {priority.value.replace('_', ' ')}"
+    conclusion = result.priority_headline or f"Waiting-list priority: {priority.value}"
     if result.disclaimer:
         conclusion += f". {result.disclaimer}"
-    identifiers: list[dict[str, Any]] = [_uid(sr_sop_instance_uid)]
+    identifiers: list[dict[str, Any]] = [_uid(result.study_instance_uid), _uid(sr_sop_instance_uid)]
     if accession:
         identifiers.append(
             {
@@ -294,7 +322,7 @@ def result_resources(
         "resourceType": "DiagnosticReport",
         "id": report_id,
         "identifier": identifiers,
-        "status": "preliminary",
+        "status": status,
         "category": [{"coding": [{"system": V2_0074, "code": "RAD", "display": "Radiology"}]}],
         "code": _concept(codes.Code("126000", "DCM", "Imaging Measurement Report")),
         "subject": subject,
@@ -302,17 +330,25 @@ def result_resources(
         "effectiveDateTime": issued.isoformat(),
         "result": [{"reference": f"Observation/{group['id']}"}],
         "conclusion": conclusion,
-        "conclusionCode": [_concept(codes.PRIORITY_CODES[priority])],
+        "conclusionCode": [
+            _concept(codes.PRIORITY_CODES[priority]),
+            *(_concept(codes.DRIVER_CODES[d]) for d in drivers),
+        ],
     }
     return report, [group, *members]
 
 
 def _rows(
     index: Index, identifier: str | None, subject: str | None, offset: int, count: int
-) -> tuple[int, list[tuple[Study, Patient, str | None]]]:
+) -> tuple[int, list[tuple[Study, Patient, str | None, int]]]:
     with index.read() as s:
+        decisions = (
+            select(func.count(Decision.id))
+            .where(Decision.study_instance_uid == Study.study_instance_uid)
+            .scalar_subquery()
+        )
         q = (
-            select(Study, Patient, WaitingListEntry.sr_sop_instance_uid)
+            select(Study, Patient, WaitingListEntry.sr_sop_instance_uid, decisions)
             .join(Patient, Study.patient_fk == Patient.id)
             .outerjoin(
                 WaitingListEntry,
@@ -333,7 +369,7 @@ def _rows(
             q = q.where(Patient.patient_id == subject.rpartition("|")[2])
         total = int(s.scalar(select(func.count()).select_from(q.subquery())) or 0)
         rows = s.execute(q.order_by(Study.id).offset(offset).limit(count)).all()
-        return total, [(r[0], r[1], r[2]) for r in rows]
+        return total, [(r[0], r[1], r[2], int(r[3] or 0)) for r in rows]
 
 
 def _sr_uid(study: Study, entry_uid: str | None) -> str:
@@ -377,7 +413,7 @@ def _bundle(
 
 
 def _resources_for(
-    study: Study, patient: Patient, entry_uid: str | None
+    study: Study, patient: Patient, entry_uid: str | None, decisions: int = 1
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     result = TriageResult.model_validate(json.loads(study.result_json or "{}"))
     return result_resources(
@@ -387,6 +423,7 @@ def _resources_for(
         issuer=getattr(patient, "issuer_of_patient_id", "") or "",
         accession=study.accession_number,
         issued=datetime.fromtimestamp(study.reported_at or 0.0, UTC),
+        decisions=decisions,
     )
 
 
@@ -532,8 +569,8 @@ def create_fhir_router(
     ) -> JSONResponse:
         total, rows = _rows(index_of(request), identifier, subject, offset, count)
         resources: list[dict[str, Any]] = []
-        for study, patient, entry_uid in rows:
-            report, members = _resources_for(study, patient, entry_uid)
+        for study, patient, entry_uid, decisions in rows:
+            report, members = _resources_for(study, patient, entry_uid, decisions)
             resources.extend(members if observations else [report])
         return _bundle(request, total, offset, count, resources)
 

@@ -7,18 +7,22 @@ for the first result, C for a correction that supersedes it), then one OBX per v
 ====  ====  ======================================  ==========================================
 OBX   type  OBX-3                                   OBX-5 (OBX-6 unit, UCUM)
 ====  ====  ======================================  ==========================================
-1     CWE   RT001 Waiting-list priority             RT101..RT104 (urgent, soon, routine, not)
-2     CWE   RT008 Referral urgency                  RT401..RT403
-3     NM    RT009 Days since imaging request        days (d)
-4     NM    RT002 AI csPCa case likelihood          0..1 (1)
-5     NM    RT510 Prostate gland volume (AI)        mL (mL)
-6     NM    RT006 PSA density                       ng/mL/mL
-7     NM    RT511 AI lesion candidates              count ({#})
-8     ST    RT512 AI model                          name and version
-9     ST    RT513 Not for clinical use              the disclaimer of demonstration models
-10    CWE   RT005 Reason not analysed               RT301..RT399 (when not analysed)
-11    ST    110180 Study Instance UID (DCM)         the triage SR's study
-12    ST    RT514 Triage SR SOP Instance UID        the SR that carries the same result
+1     CWE   RT001 Waiting-list priority             RT101..RT104 (urgent, soon, routine, not);
+                                                    an NTE after it states the flag and driver
+2     ST    RT012 Priority statement                "Urgent: waited 26 of 28 days (FDS)"
+3     CWE   RT010 Priority driver, one each         RT601..RT606 (OBX-4 sub-ID 1, 2, ...)
+4     CWE   RT011 AI priority opinion               RT101..RT103, the AI's own flag
+5     CWE   RT008 Referral urgency                  RT401..RT403
+6     NM    RT009 Days since imaging request        days (d)
+7     NM    RT002 AI csPCa case likelihood          0..1 (1)
+8     NM    RT510 Prostate gland volume (AI)        mL (mL)
+9     NM    RT006 PSA density                       ng/mL/mL
+10    NM    RT511 AI lesion candidates              count ({#})
+11    ST    RT512 AI model                          name and version
+12    ST    RT513 Not for clinical use              the disclaimer of demonstration models
+13    CWE   RT005 Reason not analysed               RT301..RT399 (when not analysed)
+14    ST    110180 Study Instance UID (DCM)         the triage SR's study
+15    ST    RT514 Triage SR SOP Instance UID        the SR that carries the same result
 ====  ====  ======================================  ==========================================
 
 Values absent from the result are left out, never sent empty. Every value written is escaped;
@@ -115,6 +119,16 @@ def _observations(report: ResultReport) -> list[tuple[str, codes.Code, str, str]
     obs: list[tuple[str, codes.Code, str, str]] = [
         ("CWE", codes.WAITING_LIST_PRIORITY, _cwe(codes.PRIORITY_CODES[priority.value]), "")
     ]
+    if r.priority_headline:
+        obs.append(("ST", codes.PRIORITY_STATEMENT, escape(r.priority_headline), ""))
+    obs.extend(
+        ("CWE", codes.PRIORITY_DRIVER, _cwe(codes.DRIVER_CODES[driver]), "")
+        for driver in r.priority_drivers
+        if driver in codes.DRIVER_CODES
+    )
+    if r.ai_priority is not None:
+        ai = codes.PRIORITY_CODES[Priority(r.ai_priority).value]
+        obs.append(("CWE", codes.AI_PRIORITY, _cwe(ai), ""))
     if r.referral_urgency is not None:
         obs.append(
             ("CWE", codes.REFERRAL_URGENCY, _cwe(codes.REFERRAL_CODES[r.referral_urgency]), "")
@@ -185,8 +199,13 @@ def build_oru(
             + [ts, "", "", status]
         ),
     ]
+    sub_ids: dict[str, int] = {}
     for i, (kind, code, value, unit) in enumerate(_observations(report), start=1):
-        segments.append(f"OBX|{i}|{kind}|{_cwe(code)}||{value}|{unit}|||||{status}|||{ts}")
+        sub_ids[code.value] = sub_ids.get(code.value, 0) + 1
+        sub = str(sub_ids[code.value])
+        segments.append(f"OBX|{i}|{kind}|{_cwe(code)}|{sub}|{value}|{unit}|||||{status}|||{ts}")
+        if i == 1 and report.result.priority_headline:  # the flag's note: what set it
+            segments.append(f"NTE|1|L|{escape(report.result.priority_headline)}")
     text = "\r".join(segments) + "\r"
     msg = parse_message(text, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
     msg.validate()
