@@ -129,6 +129,7 @@ class RadtriageApp:
         self.analyser: StudyAnalyser | None = None
         self._refs: dict[str, str] = {}
         self._ready = False
+        self.live: LiveWaitingList | None = None
         self.node: DicomNode | None = None
 
     # --- models ---------------------------------------------------------------------------
@@ -314,6 +315,8 @@ class RadtriageApp:
             node_id=index.node_id,
             session_ttl_s=self.settings.http.session_ttl_s,
             fds_days=self.settings.triage.fds_days,
+            today=self.settings.triage.current_date,
+            redecide=self.live.waiting_list.redecide if self.live is not None else None,
         )
         return build_http_app(ctx)
 
@@ -336,7 +339,7 @@ class RadtriageApp:
         self.metrics.watch_queue(self.node.queue_depth)  # studies waiting, not only in flight
         self._analyser().index = self.node.index  # RIS orders count at analysis time
         self.node.start()
-        live = LiveWaitingList(
+        live = self.live = LiveWaitingList(
             self.node.index, self.node.spool, self.settings, self.model_thresholds
         )
         live.start()

@@ -645,7 +645,8 @@ def _study_dict(study: Study, patient: Patient) -> dict[str, Any]:
         "study_description": study.study_description,
         "status": study.status,
         "referral_urgency": study.referral_urgency,
-        "priority": result.get("priority") if result else None,
+        # the current decision's flag (the waiting list writes it), else the analysis's
+        "priority": study.priority or (result.get("priority") if result else None),
         "instances": study.instance_count,
         "attempts": study.attempts,
         "retry_at": study.retry_at,

@@ -40,6 +40,8 @@ class WaitingListEntry(Base):
     updated_at: Mapped[float] = mapped_column(Float)
     # a radiologist's flag {"priority", "by", "reason"} (migration 0007); the tick decides with it
     override_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # what the last SR said: "flag|deciding driver|PSA density" (migration 0007)
+    sr_state: Mapped[str | None] = mapped_column(String(128), nullable=True)
 
 
 class Decision(Base):

@@ -354,13 +354,20 @@ class WaitingList:
             )
             thresholds = None
             if result.case_likelihood is not None and result.ai_priority is None:
-                # a result from before the AI's opinion was recorded: its model's thresholds
+                # a result from before the AI's opinion was recorded: its model's thresholds,
+                # else (the model left the repository) its flag as the AI's opinion: the study
+                # keeps ticking either way
                 thresholds = self.thresholds(result.model) if result.model else None
                 if thresholds is None:
                     if uid not in self._unknown_model:
-                        log.warning("study %s: thresholds of its model unknown, flag kept", uid)
+                        log.warning(
+                            "study %s: thresholds of its model unknown; its flag stands in for "
+                            "the AI's opinion",
+                            uid,
+                        )
                         self._unknown_model.add(uid)
-                    return
+                    if result.priority is not Priority.NOT_ANALYSED:
+                        result = result.model_copy(update={"ai_priority": result.priority})
             decision = decide_today(result, inputs, thresholds, self.triage, today)
             density = psa_density(inputs.psa_ng_ml, result.gland_volume_ml)
             new = result.model_copy(
@@ -388,11 +395,17 @@ class WaitingList:
                 entry = WaitingListEntry(
                     study_instance_uid=uid,
                     sr_priority=result.priority.value,
+                    sr_state=_state(
+                        result.priority.value, result.priority_drivers, result.psa_density
+                    ),
                     sr_sop_instance_uid=_sop_uid(study.previous_sr_path),
                 )
                 s.add(entry)
             elif entry.study_reported_at != study.reported_at:  # analysed again: its own SR
                 entry.sr_priority = result.priority.value
+                entry.sr_state = _state(
+                    result.priority.value, result.priority_drivers, result.psa_density
+                )
                 entry.sr_sop_instance_uid = _sop_uid(study.previous_sr_path)
             if entry.priority != decision.priority.value:
                 report.changed += int(entry.priority is not None)
@@ -432,13 +445,16 @@ class WaitingList:
                     node_id=study.node_id,
                     actor=(override or {}).get("by", "") if cause == "override" else "",
                 )
-            said = _state(entry.sr_priority or "", result.priority_drivers, result.psa_density)
+            said = entry.sr_state or _state(
+                entry.sr_priority or "", result.priority_drivers, result.psa_density
+            )
             if _state(new.priority.value, new.priority_drivers, new.psa_density) != said and (
                 self._supersede(s, study, result, new, entry, now)
             ):
                 report.superseding_srs += 1
-            elif cause == "override" or new.override != result.override:
-                study.result_json = json.dumps(new.to_json_dict())  # same flag: keep the record
+            # the record of the current decision, whether or not its SR could be built yet (a
+            # failed SR is tried again on the next tick: sr_state still differs)
+            study.result_json = json.dumps(new.to_json_dict())
             fingerprint = hashlib.sha256(
                 f"{_state(new.priority.value, new.priority_drivers, new.psa_density)}"
                 f"|{entry.sr_sop_instance_uid}".encode()
@@ -499,6 +515,7 @@ class WaitingList:
         study.previous_sr_path = str(sr_path)
         study.result_json = json.dumps(new.to_json_dict())
         entry.sr_priority = new.priority.value
+        entry.sr_state = _state(new.priority.value, new.priority_drivers, new.psa_density)
         entry.sr_sop_instance_uid = sop_uid
         log.info(
             "study %s: priority %s -> %s, superseding SR %s queued",

@@ -12,10 +12,11 @@ rewrite result.json: they are assessments, and audit events.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.domain import ReferralUrgency, SeriesRole, StudyStatus
 from dicom_node.index import Index
 from dicom_node.ingest import Ingest
+from dicom_node.results import decision_rows, record_override
 from workspace.accounts import Accounts, Principal
 from workspace.assessments import Assessments, BiopsyBody, FindingBody, OverrideBody, PiradsBody
 from workspace.audit import AuditTrail
@@ -42,7 +44,15 @@ from workspace.auth import (
 )
 from workspace.key_images import KeyImageCache, StudyImages, load_study_images
 from workspace.metrics import Metrics
-from workspace.worklist import MAX_PAGE, SORT_KEYS, WorklistQuery, query_worklist
+from workspace.worklist import (
+    MAX_PAGE,
+    SORT_KEYS,
+    WorklistQuery,
+    priority_display,
+    query_worklist,
+)
+
+log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).with_name("static")
 STATIC_FILES = {
@@ -85,6 +95,9 @@ class ApiContext:
     node_id: str | None = None  # the worklist lists this node's studies (None: all)
     session_ttl_s: float = 8 * 3600.0
     fds_days: int = 28
+    today: Callable[[], date] = date.today  # the site's date (`TriageSettings.current_date`)
+    # decide a study again at once (a radiologist's override); None: the next tick does
+    redecide: Callable[[str], object] | None = None
     key_images: KeyImageCache = field(default_factory=KeyImageCache)
     ingest: Ingest | None = None  # the node's C-STORE store path, for STOW-RS (None: off)
 
@@ -157,7 +170,7 @@ def _document(row: dict[str, Any], kind: str) -> Path | None:
     import pydicom
 
     want = {"sr": "SR", "seg": "SEG"}[kind]
-    for doc in row.get("documents") or []:
+    for doc in reversed(row.get("documents") or []):  # the newest: a superseding SR is last
         path = Path(doc)
         try:
             modality = str(pydicom.dcmread(path, stop_before_pixels=True).Modality)
@@ -166,6 +179,13 @@ def _document(row: dict[str, Any], kind: str) -> Path | None:
         if modality == want:
             return path
     return None
+
+
+#: What a radiologist reads when a study's images cannot be shown (never exception text).
+IMAGES_UNAVAILABLE = (
+    "The images of this study cannot be shown here: its series could not be read from the "
+    "node's store. Open the study in the PACS viewer; the AI result above is unchanged."
+)
 
 
 def _study_view(row: dict[str, Any]) -> dict[str, Any]:
@@ -280,6 +300,19 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     # --- any signed-in user ---------------------------------------------------------------
 
+    @app.get("/api/priorities")
+    def priorities(who: Anyone) -> list[dict[str, Any]]:
+        """The flags in worklist order with their labels: the pages never re-spell them."""
+        return priority_display()
+
+    @app.get("/api/studies/{study_instance_uid}/decisions")
+    def decisions(study_instance_uid: str, who: Clinical, request: Request) -> list[dict]:
+        """Every decision of the study's flag, oldest first: inputs, drivers, cause, who."""
+        study_row(study_instance_uid)
+        record(request, who, "view_decisions", study_instance_uid)
+        with ctx.index.read() as s:
+            return decision_rows(s, study_instance_uid)
+
     @app.get("/api/session")
     def session(who: Anyone) -> dict[str, Any]:
         """Who is signed in, and the CSRF token state-changing requests must send."""
@@ -350,7 +383,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
             node_id=ctx.node_id,
         )
         with ctx.index.read() as s:
-            page = query_worklist(s, query)
+            page = query_worklist(s, query, ctx.today())
         return {
             "total": page.total,
             "offset": page.offset,
@@ -390,7 +423,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
         try:
             imgs = ctx.key_images.study(key, load)
         except Exception as exc:  # a study that cannot be read still has a page
-            raise HTTPException(409, f"images unavailable: {exc}") from exc
+            log.warning("images of %s unavailable: %s", study_instance_uid, exc, exc_info=True)
+            raise HTTPException(409, IMAGES_UNAVAILABLE) from exc
         return {
             "slices": imgs.slices,
             "roles": [r.value for r in (SeriesRole.T2W, SeriesRole.ADC, SeriesRole.HBV)],
@@ -417,9 +451,10 @@ def create_app(ctx: ApiContext) -> FastAPI:
         try:
             data = ctx.key_images.png(key, load, SeriesRole(role), z, lesion)
         except IndexError as exc:
-            raise HTTPException(404, str(exc)) from exc
+            raise HTTPException(404, "no such slice") from exc
         except Exception as exc:
-            raise HTTPException(409, f"images unavailable: {exc}") from exc
+            log.warning("images of %s unavailable: %s", study_instance_uid, exc, exc_info=True)
+            raise HTTPException(409, IMAGES_UNAVAILABLE) from exc
         return Response(data, media_type="image/png", headers={"Cache-Control": "private"})
 
     def document(uid: str, kind: str) -> FileResponse:
@@ -460,9 +495,19 @@ def create_app(ctx: ApiContext) -> FastAPI:
     def override(
         study_instance_uid: str, body: OverrideBody, who: Radiologist, request: Request
     ) -> dict:
-        """Override the priority; the reason is required and audited."""
+        """Override the priority; the reason is required and audited. The override is a
+        decision: the waiting list sends it to PACS (a verified SR), the RIS and FHIR."""
         row = study_row(study_instance_uid)
         assessments.override(study_instance_uid, who.name, body)
+        with ctx.index.write() as s:
+            record_override(
+                s,
+                study_instance_uid,
+                {"priority": body.priority.value, "by": who.name, "reason": body.reason},
+                time.time(),
+            )
+        if ctx.redecide is not None:
+            ctx.redecide(study_instance_uid)
         return act(
             request,
             who,

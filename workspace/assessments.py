@@ -22,7 +22,9 @@ class _Body(BaseModel):
 
 
 class OverrideBody(_Body):
-    priority: Priority
+    priority: Literal[Priority.URGENT, Priority.SOON, Priority.ROUTINE] = Field(
+        description="urgent, soon or routine (not analysed is the AI's state, never a choice)"
+    )
     reason: str = Field(min_length=1, max_length=500, description="Why (required, audited)")
 
 

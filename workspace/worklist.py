@@ -1,10 +1,10 @@
 """The worklist in SQL: every study of the index, sorted, filtered and paginated in the
 database (no cap), and the sortable result columns a finished `TriageResult` is copied into.
 
-Order by priority: the radiologist's override when there is one, else the AI priority with the
-referrer's urgency as a floor (the AI never lowers it), by `Priority.rank`; then the longest
-waiting (oldest imaging request) first. A study without a result yet ranks as `not_analysed`:
-unknown risk never sinks to the bottom.
+Order by priority: the current decision of the waiting list (which folds in a radiologist's
+override, the referrer's urgency as a floor and the wait clock), by `Priority.rank`; then the
+longest waiting (oldest imaging request) first. A study without a result yet ranks as
+`not_analysed`: unknown risk never sinks to the bottom.
 
 The result columns on ``studies`` (migration 0005) are declared once, on `dicom_node.index.Study`,
 and written by `dicom_node.results.update_result_columns`; the live waiting list recomputes
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from typing import Any, Literal
 
 from sqlalchemy import (
@@ -29,6 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from core.domain import Priority, ReferralUrgency
+from core.priority import FLAG_WORDS
 from dicom_node.index import Patient, Study
 from workspace.tables import Assessment
 
@@ -96,15 +97,32 @@ def _floor_rank() -> Any:
 
 
 def effective_rank() -> Any:
-    """Override rank, else min(AI rank, referral floor); no result yet ranks `not_analysed`."""
+    """The decision's rank (the waiting list folds a radiologist's override, the referral floor
+    and the wait clock into it), at most the referral floor; no result yet ranks
+    `not_analysed`."""
     ai = func.coalesce(STUDIES.c.priority_rank, Priority.NOT_ANALYSED.rank)
     floor = _floor_rank()
-    floored = case((ai < floor, ai), else_=floor)
-    return case((Assessment.override_rank.is_not(None), Assessment.override_rank), else_=floored)
+    return case((ai < floor, ai), else_=floor)
 
 
 def effective_priority() -> Any:
-    return func.coalesce(Assessment.override_priority, STUDIES.c.priority, "pending")
+    """The current decision's flag ("pending" before the first): the same flag the SR, the ORU
+    and FHIR state, never re-derived here."""
+    return func.coalesce(STUDIES.c.priority, "pending")
+
+
+#: Presentation of each flag (icons are for colour-blind reading; labels follow core.priority).
+_ICONS = {"urgent": "\u25b2", "not_analysed": "?", "soon": "\u25c6", "routine": "\u25cb"}
+
+
+def priority_display() -> list[dict[str, Any]]:
+    """The flags in worklist order (by `Priority.rank`), each with its label and icon, and the
+    "pending" state of a study without a result: what the pages show, served by the API."""
+    rows = [
+        {"value": p.value, "label": FLAG_WORDS[p].upper(), "icon": _ICONS[p.value], "rank": p.rank}
+        for p in sorted(Priority, key=lambda p: p.rank)
+    ]
+    return [*rows, {"value": "pending", "label": "AWAITING AI", "icon": "\u2026", "rank": None}]
 
 
 def _filters(q: WorklistQuery) -> list[Any]:
@@ -201,7 +219,8 @@ def query_worklist(session: Session, q: WorklistQuery, today: date | None = None
         .offset(q.offset)
         .limit(q.limit)
     )
-    today = today or datetime.now(UTC).date()
+    if today is None:
+        raise ValueError("the worklist needs the site's date (`TriageSettings.current_date`)")
     rows = [_row(r._mapping, today) for r in session.execute(stmt)]
     return WorklistPage(total=total, offset=q.offset, limit=q.limit, rows=rows, counts=counts)
 
@@ -233,7 +252,9 @@ def _row(m: Any, today: date) -> dict[str, Any]:
         "days_waited": days_since(m["request_date"], today),
         "priority": m["effective_priority"],
         "priority_rank": m["effective_rank"],
-        "ai_priority": m["priority"],
+        "priority_headline": result.get("priority_headline"),
+        "priority_drivers": list(result.get("priority_drivers") or []),
+        "ai_priority": result.get("ai_priority"),
         "overridden_by": m["override_by"],
         "override_reason": m["override_reason"],
         "case_likelihood": m["case_likelihood"],

@@ -3,7 +3,8 @@ waiting list decides with it.
 
 - ``decisions``: immutable rows (inputs with sources, flag, coded drivers, headline, cause,
   actor), appended by the waiting list (`dicom_node.results.append_decision`);
-- ``waiting_list.override_json``: a radiologist's flag {"priority", "by", "reason"}.
+- ``waiting_list.override_json``: a radiologist's flag {"priority", "by", "reason"};
+- ``waiting_list.sr_state``: what the last SR said (flag, deciding driver, PSA density).
 
 Revision ID: 0007
 Revises: 0006
@@ -41,10 +42,12 @@ def upgrade() -> None:
     op.create_index("ix_decisions_node_id", "decisions", ["node_id"])
     with op.batch_alter_table("waiting_list") as batch:
         batch.add_column(sa.Column("override_json", sa.Text, nullable=True))
+        batch.add_column(sa.Column("sr_state", sa.String(128), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("waiting_list") as batch:
+        batch.drop_column("sr_state")
         batch.drop_column("override_json")
     op.drop_index("ix_decisions_node_id", "decisions")
     op.drop_index("ix_decisions_study_instance_uid", "decisions")

@@ -109,7 +109,28 @@ def add_users(index: Index) -> dict[str, str]:
 
 
 def client(index: Index, **ctx: Any) -> TestClient:
+    """The web app over `index`, with a waiting list that decides overrides at once (as
+    `radtriage serve` wires it)."""
+    if "redecide" not in ctx:
+        ctx["redecide"] = _waiting_list(index).redecide
     return TestClient(build_http_app(ApiContext(index=index, metrics=Metrics(), **ctx)))
+
+
+def _waiting_list(index: Index) -> Any:
+    import tempfile
+
+    from core.settings import Hl7Settings, TriageSettings
+    from dicom_node.spool import Spool
+    from triage.waiting_list import WaitingList
+
+    return WaitingList(
+        index,
+        Spool(Path(tempfile.mkdtemp(prefix="radtriage-wl-"))),
+        TriageSettings(),
+        Hl7Settings(),
+        thresholds=lambda model: None,
+        dicom_destinations=[],
+    )
 
 
 def login(c: TestClient, role: str) -> str:

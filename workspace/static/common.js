@@ -1,14 +1,20 @@
 "use strict";
 // Shared by the workspace pages. Every server value is put into the page with textContent
 // (never as markup), so hostile DICOM tag values render as text.
-const PRIORITY = {
-  urgent: {label: "URGENT", icon: "\u25B2"},
-  not_analysed: {label: "NOT ANALYSED", icon: "?"},
-  soon: {label: "SOON", icon: "\u25C6"},
-  routine: {label: "ROUTINE", icon: "\u25CB"},
-  pending: {label: "AWAITING AI", icon: "\u2026"},
-};
-const ORDER = ["urgent", "not_analysed", "soon", "routine"];
+// The flags, their labels and their order come from the server (/api/priorities), never
+// re-spelt here: PRIORITY maps a value to {label, icon}, ORDER lists the flags by rank.
+let PRIORITY = {};
+let ORDER = [];
+async function loadPriorities() {
+  const list = await api("/api/priorities");
+  PRIORITY = Object.fromEntries(list.map(p => [p.value, p]));
+  ORDER = list.filter(p => p.rank != null).map(p => p.value);
+}
+function priorityOptions(select, values, withAll) {
+  // fills a <select> with the served flags (textContent: never markup)
+  const options = values.map(v => el("option", {value: v, textContent: (PRIORITY[v] || {label: v}).label.toLowerCase()}));
+  select.replaceChildren(...(withAll ? [el("option", {value: "", textContent: "all"})] : []), ...options);
+}
 let SESSION = null;
 
 function el(tag, props = {}, ...children) {
@@ -47,6 +53,7 @@ async function api(path, options = {}) {
 function post(path, body) { return api(path, {method: "POST", body: JSON.stringify(body || {})}); }
 async function startSession() {
   SESSION = await api("/api/session");
+  await loadPriorities();
   const who = document.getElementById("who");
   if (who) who.textContent = `Signed in as ${SESSION.name} (${SESSION.role.replace("_", " ")})`;
   const out = document.getElementById("logout");

@@ -29,7 +29,7 @@ async function loadImages() {
     document.getElementById("images-hint").textContent = info.key_slices.length ? "at lesion 1" : "";
     showImages(info.default_slice);
   } catch (e) {
-    document.getElementById("images-hint").textContent = `images unavailable: ${e.message}`;
+    document.getElementById("images-hint").textContent = e.message;
   }
 }
 function renderAssessment(a) {
@@ -41,11 +41,7 @@ function renderAssessment(a) {
   fact(list, "PI-RADS", a.pirads_overall);
   fact(list, "Biopsy", a.isup_grade_group == null ? null : `ISUP ${a.isup_grade_group} on ${dicomDate(a.biopsy_date)}`);
   if (a.pirads_overall) document.getElementById("pirads").value = String(a.pirads_overall);
-  if (a.override && study) {
-    const ai = (study.result || {}).priority || "pending";
-    document.getElementById("priority").replaceChildren(badge(a.override.priority),
-      el("span", {className: "sub override-note", textContent: `override by ${a.override.by} (AI: ${ai.replace("_", " ")})`}));
-  }
+
   const byIndex = Object.fromEntries(a.findings.map(f => [f.finding_index, f]));
   for (const tr of document.querySelectorAll("#lesions tr")) {
     const f = byIndex[tr.dataset.index];
@@ -88,11 +84,19 @@ async function act(path, body) {
 }
 async function load() {
   await startSession();
+  priorityOptions(document.getElementById("override-priority"), ORDER.filter(v => v !== "not_analysed"), false);
   try { study = await api(BASE); } catch (e) { document.getElementById("page-error").textContent = e.message; return; }
   const result = study.result || {};
   document.title = `${personName(study.patient_name) || "Study"} · radtriage`;
   document.getElementById("patient-name").textContent = personName(study.patient_name) || "(no name)";
-  document.getElementById("priority").replaceChildren(badge(result.priority || "pending"));
+  // the flag of the current decision (study.priority), the statement naming its driver, and
+  // the AI's own opinion apart from it
+  const flag = study.priority || result.priority || "pending";
+  const head = [badge(flag)];
+  if (result.priority_headline) head.push(el("span", {className: "sub driver-note", textContent: result.priority_headline}));
+  if (result.ai_priority && result.ai_priority !== flag)
+    head.push(el("span", {className: "sub ai-note", textContent: `AI alone: ${(PRIORITY[result.ai_priority] || {label: result.ai_priority}).label.toLowerCase()}`}));
+  document.getElementById("priority").replaceChildren(...head);
   if (result.disclaimer) {
     document.getElementById("disclaimer").hidden = false;
     document.getElementById("disclaimer-text").textContent = result.disclaimer.replace(/^NOT FOR CLINICAL USE:?\s*/i, "");
@@ -102,7 +106,7 @@ async function load() {
   fact(facts, "Accession", study.accession_number);
   fact(facts, "Study date", dicomDate(study.study_date));
   fact(facts, "Description", study.study_description);
-  fact(facts, "Referral", study.referral_urgency);
+  fact(facts, "Referral", result.referral_urgency ? `${result.referral_urgency}${result.referral_source && result.referral_source !== "none" ? ` (${result.referral_source.replace("_", " ")})` : ""}` : study.referral_urgency);
   fact(facts, "Days waited", result.days_waited);
   fact(facts, "AI likelihood", result.case_likelihood == null ? null : `${Math.round(result.case_likelihood * 100)}%`);
   fact(facts, "Gland volume", result.gland_volume_ml == null ? null : `${result.gland_volume_ml.toFixed(0)} ml`);
@@ -110,6 +114,7 @@ async function load() {
   fact(facts, "Status", study.status);
   if (result.reason) fact(facts, "Not analysed because", `${result.reason.message} (${result.reason.code})`);
   fact(facts, "Why this priority", (result.priority_reasons || []).join("; "));
+  if (result.request_date_source) fact(facts, "Clock started", `${dicomDate(result.request_date)} (${result.request_date_source.replace("_", " ")})${result.request_date_note ? `: ${result.request_date_note}` : ""}`);
   fact(facts, "Study UID", study.study_instance_uid);
   document.getElementById("lesions").replaceChildren(...(result.lesions || []).map(lesionRow));
   const model = document.getElementById("model");

@@ -25,13 +25,13 @@ function num(value, digits, unit) {
 }
 function priorityCell(row) {
   const td = el("td", {className: "priority", title: (row.priority_reasons || []).join("\n")}, badge(row.priority));
-  if (row.referral_urgency && row.referral_urgency !== "routine" && row.priority !== row.referral_urgency)
-    td.append(el("span", {className: "sub referral-note", textContent: `referral: ${row.referral_urgency}`}));
-  if (row.overridden_by) {
-    td.append(el("span", {className: "sub override-note",
-      textContent: `override by ${row.overridden_by} (AI: ${String(row.ai_priority || "none").replace("_", " ")})`}));
-    if (row.override_reason) td.append(el("span", {className: "sub override-comment", textContent: `\u201C${row.override_reason}\u201D`}));
-  }
+  // the statement every output carries: the flag naming what set it
+  if (row.priority_headline)
+    td.append(el("span", {className: "sub driver-note", textContent: row.priority_headline}));
+  if (row.ai_priority && row.ai_priority !== row.priority)
+    td.append(el("span", {className: "sub ai-note", textContent: `AI alone: ${(PRIORITY[row.ai_priority] || {label: row.ai_priority}).label.toLowerCase()}`}));
+  if (row.overridden_by && row.override_reason)
+    td.append(el("span", {className: "sub override-comment", textContent: `\u201C${row.override_reason}\u201D (${row.overridden_by})`}));
   if (row.priority === "not_analysed" && row.reason)
     td.append(el("span", {className: "sub reason", textContent: row.reason}));
   return td;
@@ -170,5 +170,9 @@ for (const th of document.querySelectorAll("th.sortable")) {
 }
 document.getElementById("prev").onclick = () => { state.offset = Math.max(0, state.offset - state.limit); load(); };
 document.getElementById("next").onclick = () => { state.offset += state.limit; load(); };
-startSession().then(load);
+startSession().then(() => {
+  const select = document.getElementById("f-priority");
+  priorityOptions(select, [...ORDER, "pending"], true);
+  load();
+});
 setInterval(load, REFRESH_MS);
