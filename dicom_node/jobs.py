@@ -252,12 +252,22 @@ def not_analysed_fallback(
 ) -> AnalysisOutput:
     """A coded "not analysed" SR for a study the analyser itself keeps failing on (models or
     inference cluster down), built from the study's own headers: never silent, never dropped."""
+    from datetime import UTC, datetime
+
+    from core import codes
     from dicom_node.evidence import scan_evidence
     from dicom_node.sr import build_triage_sr
+    from imaging.request_attributes import clock_start, referral_urgency, request_values
     from imaging.study_reader import scan_study
 
-    evidence = scan_evidence(scan_study(paths))
+    scan = scan_study(paths)
+    evidence = scan_evidence(scan)
+    headers = [s.headers for s in scan.series]
     uid = claim.study_instance_uid
+    # what the images asked for is kept, so the waiting list still ranks it by referral and wait
+    asked = next(request_values(headers, "RequestedProcedurePriority"), None) is not None
+    image_referral = referral_urgency(headers) if asked else None
+    start, source, note = clock_start(headers, datetime.now(UTC).date())
     result = TriageResult(
         study_instance_uid=uid,
         status=S.FAILED,
@@ -266,6 +276,14 @@ def not_analysed_fallback(
             "code": code,
             "message": f"AI analysis failed {MAX_ANALYSIS_FAILURES} times: {message}",
         },
+        referral_urgency=image_referral,
+        image_referral_urgency=image_referral,
+        referral_source="dicom_request" if image_referral is not None else "none",
+        request_date=start.strftime("%Y%m%d") if start else None,
+        request_date_source=source,
+        request_date_note=note,
+        priority_drivers=("not_analysed",),
+        priority_headline=f"Not analysed: {codes.not_analysed_reason(code).meaning}",
     )
     previous = claim.previous_sr
     predecessor = pydicom.dcmread(previous) if previous and previous.is_file() else None

@@ -31,15 +31,14 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
-    column,
     select,
-    table,
     update,
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from core.domain import ReferralUrgency
 from dicom_node.index import URGENCY_RANK, Base, Index, Patient, Study
+from dicom_node.results import WaitingListEntry
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +60,6 @@ class OrderControl(StrEnum):
 
 # The waiting list's entries (triage.waiting_list): a changed order marks its study's entry
 # stale in the order's own transaction, so the next tick decides the study again.
-_WAITING_LIST = table(
-    "waiting_list", column("study_instance_uid", String), column("stale", Boolean)
-)
-
 ORDER_ACTIVE = "active"
 ORDER_CANCELLED = "cancelled"
 
@@ -175,8 +170,10 @@ def apply_order(s: Session, update_: OrderUpdate, now: float) -> Order:
             changes=0,
         )
         s.add(order)
-    elif update_.control is OrderControl.NEW and order.state == ORDER_ACTIVE:
+    repeated = update_.control is OrderControl.NEW and order.id is not None
+    if repeated and order.state == ORDER_ACTIVE:
         log.info("order %s sent again as new: taken as a change", order.placer_order_number)
+    first = update_.control is OrderControl.NEW and not repeated
     order.updated_at = now
     order.message_control_id = update_.message_control_id
     order.source = update_.source
@@ -189,15 +186,18 @@ def apply_order(s: Session, update_: OrderUpdate, now: float) -> Order:
     order.state = ORDER_ACTIVE
     if update_.control is OrderControl.CHANGE:
         order.changes = (order.changes or 0) + 1
+    # A first NW sets every field; a change (XO) or a repeated NW changes only what it carries:
+    # a message without a priority never resets the urgency, and the request date is the
+    # original order's (ORC-15 on a change is when the change was made, not the request)
     for name in ("filler_order_number", "accession_number", "patient_id", "issuer_of_patient_id"):
         value = getattr(update_, name)
-        if value or update_.control is OrderControl.NEW:
+        if value or first:
             setattr(order, name, value)
     if update_.study_instance_uid:
         order.study_instance_uid = update_.study_instance_uid
-    if update_.referral_urgency is not None or update_.control is OrderControl.NEW:
+    if update_.referral_urgency is not None or first:
         order.referral_urgency = (update_.referral_urgency or ReferralUrgency.ROUTINE).value
-    if update_.request_date is not None:
+    if update_.request_date is not None and (first or not order.request_date):
         order.request_date = update_.request_date.isoformat()
     if update_.suspected_cancer_pathway is not None:
         order.suspected_cancer_pathway = update_.suspected_cancer_pathway
@@ -214,8 +214,8 @@ def apply_order(s: Session, update_: OrderUpdate, now: float) -> Order:
 def _mark_stale(s: Session, study_instance_uid: str | None) -> None:
     if study_instance_uid:
         s.execute(
-            update(_WAITING_LIST)
-            .where(_WAITING_LIST.c.study_instance_uid == study_instance_uid)
+            update(WaitingListEntry)
+            .where(WaitingListEntry.study_instance_uid == study_instance_uid)
             .values(stale=True)
         )
 

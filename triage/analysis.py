@@ -305,6 +305,39 @@ def _result(
     )
 
 
+def redecide_not_analysed(result: TriageResult, reason: dict[str, str]) -> TriageResult:
+    """`result` as a study the AI could not analyse: flag, rank, drivers, statement and reasons
+    decided again from its referral and wait (none of the AI's opinion survives)."""
+    coded = codes.not_analysed_reason(reason.get("code", ""))
+    rank = Priority.NOT_ANALYSED.rank
+    drivers = ["not_analysed"]
+    reasons = ["AI could not analyse this study"]
+    referral = result.referral_urgency
+    if referral is not None and referral.rank < rank:
+        rank = referral.rank
+        drivers.append("referral_floor")
+        reasons.append(f"referral urgency {referral.value} ranks it")
+    if result.priority_rank is not None and "wait_clock" in result.priority_drivers:
+        rank = min(rank, result.priority_rank)
+        drivers.append("wait_clock")
+    return result.model_copy(
+        update={
+            "priority": Priority.NOT_ANALYSED,
+            "status": StudyStatus.FAILED,
+            "reason": reason,
+            "case_likelihood": None,
+            "lesions": (),
+            "ai_priority": None,
+            "low_confidence": False,
+            "thresholds": None,
+            "priority_rank": rank,
+            "priority_drivers": tuple(drivers),
+            "priority_headline": f"Not analysed: {coded.meaning}",
+            "priority_reasons": tuple(reasons),
+        }
+    )
+
+
 def _document(path: Path, ds: Dataset) -> Document:
     return Document(path, str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.Modality))
 
@@ -339,18 +372,14 @@ def _write_documents(
     except Exception as exc:
         log.exception("SR not written", extra={"study": result.study_instance_uid})
         first_error = exc
-    # Fall back to a "not analysed" SR so PACS still hears about the study.
-    fallback = result.model_copy(
-        update={
-            "priority": Priority.NOT_ANALYSED,
-            "status": StudyStatus.FAILED,
-            "reason": {
-                "code": "internal_error",
-                "message": f"the AI report could not be written ({type(first_error).__name__})",
-            },
-            "case_likelihood": None,
-            "lesions": (),
-        }
+    # Fall back to a "not analysed" SR so PACS still hears about the study, decided again as
+    # a study the AI could not analyse (its referral and wait still rank it).
+    fallback = redecide_not_analysed(
+        result,
+        {
+            "code": "internal_error",
+            "message": f"the AI report could not be written ({type(first_error).__name__})",
+        },
     )
     for doc in documents:
         doc.path.unlink(missing_ok=True)

@@ -129,9 +129,13 @@ def resolve_inputs(
         start, start_source, note = image_clock
     elif received is not None:
         start, start_source = received, "received"
-    if start is not None and start > today:
-        note = f"{start_source} {start.isoformat()} is after today; clamped to today"
-        start = today
+    # a request cannot follow its images: a later date (or one after today) is clamped to the
+    # day the images were received, for good (the clock never runs backwards later)
+    bound = min(today, received) if received is not None else today
+    if start is not None and start > bound:
+        when = "today" if bound == today else "the day the images were received"
+        note = f"{start_source} date {start.isoformat()} is after {when}; clamped to {bound}"
+        start = bound
     return WaitingInputs(
         referral,
         start,
@@ -192,16 +196,20 @@ def analysis_inputs(
     first received it."""
     with index.read() as s:
         order = order_for_study(s, study_instance_uid)
-        received_at = s.scalar(
-            select(StudyRow.first_received_at).where(
+        row = s.execute(
+            select(StudyRow.first_received_at, StudyRow.referral_urgency).where(
                 StudyRow.study_instance_uid == study_instance_uid
             )
-        )
+        ).first()
     headers = list(headers)
-    received = _analysis_date(received_at) if received_at else None
-    return resolve_inputs(
-        order, _image_referral(headers), clock_start(headers, today), received, today
-    )
+    received = _analysis_date(row[0]) if row is not None and row[0] else None
+    images = _image_referral(headers)
+    # the node's ingest read the request attributes of every instance (not just one header
+    # per series): without a matched order, an urgency it recorded is the images' own
+    indexed = ReferralUrgency(row[1]) if row is not None and row[1] else None
+    if order is None and indexed is not None and indexed is not ReferralUrgency.ROUTINE:
+        images = indexed if images is None or indexed.rank < images.rank else images
+    return resolve_inputs(order, images, clock_start(headers, today), received, today)
 
 
 def _image_referral(headers: list[Dataset]) -> ReferralUrgency | None:

@@ -109,7 +109,7 @@ def index_study(
     patient_id: str,
     accession: str = "",
     issuer: str = "HOSP",
-    now: float = 1.0,
+    now: float = 1795507200.0,  # 2026-11-24 (received the day of the analysis)
     slices: int = 2,
     seed: int = 0,
 ) -> str:
