@@ -297,6 +297,8 @@ def record_failure(
     if row.state != PENDING:  # withdrawn while it was being tried
         return row.state
     if permanent or row.attempts >= policy.max_attempts:
+        if not permanent:
+            row.last_error = f"gave up after {row.attempts} attempts: {error}"
         row.state = DEAD
         row.closed_at = now
         log.error("outbox item %d (%s) is a dead letter: %s", row.id, row.channel, error)

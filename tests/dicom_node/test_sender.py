@@ -89,7 +89,7 @@ def test_down_destination_retries_then_dead_letter(tmp_path: Path) -> None:
     study = index.get_study(uid)
     assert study is not None and study["status"] == "failed"
     assert study["error"]["code"] == "destination_unreachable"
-    assert index.counts()["outbox"] == {"pending": 0, "sent": 0, "dead": 1}
+    assert index.counts()["outbox"] == {"pending": 0, "sent": 0, "dead": 1, "withdrawn": 0}
 
 
 def test_destination_coming_back_gets_the_same_document(tmp_path: Path) -> None:
