@@ -330,6 +330,27 @@ def undelivered(s: Session, study_instance_uid: str, channel: Channel) -> int:
     )
 
 
+def may_have_reached(
+    s: Session, study_instance_uid: str, channel: Channel, destination: str, kind: Kind
+) -> bool:
+    """Whether the destination may already hold an item of this kind for the study: one was
+    delivered, or tried (a peer may have taken a message whose answer was lost)."""
+    return (
+        s.scalar(
+            select(OutboxItem.id)
+            .where(
+                OutboxItem.study_instance_uid == study_instance_uid,
+                OutboxItem.channel == channel.value,
+                OutboxItem.destination == destination,
+                OutboxItem.kind == kind.value,
+                (OutboxItem.state == SENT) | (OutboxItem.attempts > 0),
+            )
+            .limit(1)
+        )
+        is not None
+    )
+
+
 _PUBLIC = (
     "id",
     "channel",

@@ -43,7 +43,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from hl7.mllp import open_hl7_connection
@@ -196,19 +196,29 @@ def enqueue_result(
     node_id: str = UNOWNED,
 ) -> list[str]:
     """Queue the report's ORU^R01 for every destination in the caller's transaction (withdrawing
-    the study's older pending ORUs to that destination); returns the message control IDs."""
+    the study's older pending ORUs to that destination); returns the message control IDs.
+
+    Result status (OBR-25) per destination from what it may already hold, not from
+    `report.correction`: C once a result of the study was delivered or tried there, else P (a
+    first result withdrawn before it left was never seen by the RIS)."""
     ids = []
+    uid = report.result.study_instance_uid
     for destination in settings.destinations:
         control_id = new_control_id()
+        heard = outbox.may_have_reached(s, uid, Channel.HL7, destination.name, Kind.ORU)
         message = build_oru(
-            report, destination, settings, control_id, datetime.fromtimestamp(now, UTC)
+            replace(report, correction=heard),
+            destination,
+            settings,
+            control_id,
+            datetime.fromtimestamp(now, UTC),
         )
         outbox.enqueue(
             s,
             outbox.Message(
                 channel=Channel.HL7,
                 kind=Kind.ORU,
-                study_instance_uid=report.result.study_instance_uid,
+                study_instance_uid=uid,
                 destination=destination.name,
                 item_uid=control_id,
                 node_id=node_id,

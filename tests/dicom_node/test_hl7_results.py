@@ -213,3 +213,21 @@ def test_a_ris_down_holds_back_only_its_own_messages(tmp_path: Path) -> None:
         assert states[("1", "down")]["attempts"] == 1  # not due: not tried again
         assert states[("9", "down")]["attempts"] == 1
     assert len(ris.messages) == 2
+
+
+def test_result_status_follows_what_the_ris_may_hold(tmp_path: Path) -> None:
+    """OBR-25 is P until a result of the study reached (or was tried at) the RIS, then C; a
+    first result withdrawn before it left does not make the next one a correction."""
+    from dicom_node import outbox
+
+    index = Index(f"sqlite:///{tmp_path}/i.db")
+    settings = _settings(1)
+    for now in (0.0, 1.0):  # the second withdraws the first: the RIS heard nothing yet
+        with index.write() as s:
+            enqueue_result(s, ResultReport(RESULT, correction=True), settings, now=now)
+    status = [segment(r["payload"], "OBR")[25] for r in _rows(index)]
+    assert status == ["P", "P"] and _rows(index)[0]["state"] == WITHDRAWN
+    with index.write() as s:
+        outbox.record_sent(s, _rows(index)[1]["id"], 2.0)
+        enqueue_result(s, ResultReport(RESULT), settings, now=3.0)
+    assert segment(_rows(index)[2]["payload"], "OBR")[25] == "C"
