@@ -65,13 +65,15 @@ def _first_sr(index: Index, uid: str, result: TriageResult, folder: Path) -> Pat
     return path
 
 
-def _waiting_list(index: Index, tmp_path: Path, ris_port: int | None, today: str) -> WaitingList:
+def _waiting_list(
+    index: Index, tmp_path: Path, ris_port: int | None, today: str, fhir: str | None = None
+) -> WaitingList:
     dests = [Hl7Destination(name="ris", host="127.0.0.1", port=ris_port)] if ris_port else []
     return WaitingList(
         index,
         Spool(tmp_path / "var"),
         TriageSettings(today=date.fromisoformat(today)),
-        Hl7Settings(destinations=dests, ack_timeout_s=2.0),
+        Hl7Settings(destinations=dests, ack_timeout_s=2.0, fhir_base_url=fhir),
         thresholds=lambda model: THRESHOLDS if model.name == MODEL.name else None,
         dicom_destinations=["pacs"],
     )
@@ -181,6 +183,45 @@ def test_study_becomes_urgent_when_today_passes_its_escalation_date(
     assert obx[0][5].startswith("RT101^Urgent")
     sr_ref = next(line for line in second.split("\r") if "RT514" in line)
     assert sr_ref.split("|")[5] == urgent_sr.SOPInstanceUID
+
+
+@pytest.mark.integration
+def test_ris_down_during_an_escalation_hears_only_the_current_flag(
+    index: Index, tmp_path: Path
+) -> None:
+    """Day 24 queues "soon" while the RIS is down, day 25 "urgent": when the RIS is back its
+    only (and so last) message is the urgent one; FHIR and PACS likewise keep only the newest."""
+    from core import codes
+
+    uid = _reported(index, tmp_path, accession="ACC9", days_waited=5)
+    request = ANALYSED_ON - timedelta(days=5)
+    port = _free_port()
+    fhir = "http://127.0.0.1:9/fhir"
+    day = _waiting_list(index, tmp_path, port, (request + timedelta(days=24)).isoformat(), fhir)
+    report = day.tick()
+    assert (report.hl7_messages, report.fhir_messages, report.superseding_srs) == (1, 1, 1)
+    now = [time.time()]
+    sender = Hl7Sender(index, day.hl7, clock=lambda: now[0])
+    assert sender.run_once() == 0  # the RIS is down
+    later = _waiting_list(index, tmp_path, port, (request + timedelta(days=25)).isoformat(), fhir)
+    report = later.tick()
+    assert (report.hl7_messages, report.fhir_messages, report.superseding_srs) == (1, 1, 1)
+    assert later.tick().fhir_messages == 0  # same decision: nothing queued again
+    with RecordingRis(port=port) as ris:
+        now[0] += 3600
+        assert sender.run_once() == 1
+        assert sender.run_once() == 0
+    (oru,) = ris.messages
+    flag = next(line.split("|") for line in oru.split("\r") if line.startswith("OBX|1|"))
+    assert flag[5].split("^")[0] == codes.PRIORITY_CODES["urgent"].value
+    assert segment(oru, "OBR")[25] == "C"  # the soon ORU was tried: the RIS may hold it
+    for channel in ("hl7", "fhir", "dicom"):
+        rows = index.outbox(study_instance_uid=uid, channel=channel)
+        assert rows[0]["state"] == WITHDRAWN and rows[0]["superseded_by"] == rows[1]["id"]
+    (fhir_item,) = index.outbox(study_instance_uid=uid, channel="fhir", state=PENDING)
+    resources = json.loads(fhir_item["payload"])
+    assert resources[-1]["resourceType"] == "DiagnosticReport"
+    assert resources[-1]["conclusionCode"][0]["coding"][0]["code"] == "RT101"
 
 
 @pytest.mark.integration
