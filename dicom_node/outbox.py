@@ -251,6 +251,13 @@ def due(index: Index, channel: Channel, now: float, limit: int = 500) -> list[Du
     return out
 
 
+def still_pending(index: Index, item_id: int) -> bool:
+    """Whether an item is still to be sent: a transport asks just before sending, so an item
+    withdrawn since its round began is not sent."""
+    with index.read() as s:
+        return s.scalar(select(OutboxItem.state).where(OutboxItem.id == item_id)) == PENDING
+
+
 @dataclass
 class DeliveryRound:
     """One transport round: skips the items behind a group's first failure, so order holds."""

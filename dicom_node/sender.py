@@ -149,8 +149,8 @@ class Sender:
         sent = 0
         try:
             for item, ds in datasets:
-                if not round_.may_send(item):
-                    continue  # an older item of its study failed: keep the order
+                if not round_.may_send(item) or not outbox.still_pending(self.index, item.id):
+                    continue  # an older item of its study failed (keep the order), or withdrawn
                 try:
                     status = assoc.send_c_store(self.negotiated(assoc, ds))
                     code = int(status.Status) if status is not None and "Status" in status else -1

@@ -486,8 +486,8 @@ class FhirSender:
         round_ = outbox.DeliveryRound()
         pushed = 0
         for item in outbox.due(self.index, Channel.FHIR, self.clock()):
-            if not round_.may_send(item):
-                continue
+            if not round_.may_send(item) or not outbox.still_pending(self.index, item.id):
+                continue  # an older push of the study failed (keep the order), or withdrawn
             permanent = False
             try:
                 for resource in json.loads(item.payload or "[]"):

@@ -288,8 +288,8 @@ class Hl7Sender:
         round_ = DeliveryRound()
         sent = 0
         for item in outbox.due(self.index, Channel.HL7, self.clock()):
-            if not round_.may_send(item):
-                continue  # an older message of the study failed: keep the order
+            if not round_.may_send(item) or not outbox.still_pending(self.index, item.id):
+                continue  # an older message of the study failed (keep the order), or withdrawn
             name = item.destination
             destination = self.destinations.get(name)
             if destination is None:

@@ -237,3 +237,11 @@ def test_migration_0007_folds_the_hl7_outbox_into_the_one_outbox(tmp_path: Path)
     engine.dispose()
     assert [tuple(r) for r in hl7] == [("RT42", "dead"), ("RT43", "pending")]
     assert [tuple(r) for r in dicom] == [(7, "1.2.3.4"), (8, "1.2.3.5")]
+
+
+def test_an_item_withdrawn_after_its_round_began_is_not_sent(index: Index) -> None:
+    _queue(index, _message("A"))
+    (item,) = outbox.due(index, Channel.HL7, 0.0)  # a transport's round takes it ...
+    urgent = _queue(index, _message("B"), now=1.0)  # ... and a newer decision lands meanwhile
+    assert not outbox.still_pending(index, item.id)  # the transport skips it
+    assert outbox.still_pending(index, urgent)
