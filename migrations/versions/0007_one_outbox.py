@@ -52,6 +52,16 @@ def _create(name: str) -> None:
     )
 
 
+def _continue_ids(table: str) -> None:
+    """Rows copied with their ids: the table's id sequence continues after them (PostgreSQL;
+    SQLite takes MAX(rowid) + 1 by itself)."""
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute(
+            f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+            f"COALESCE((SELECT MAX(id) FROM {table}), 0) + 1, false)"
+        )
+
+
 def _indexes() -> None:
     for column in ("channel", "study_instance_uid", "state", "node_id"):
         op.create_index(f"ix_outbox_{column}", "outbox", [column])
@@ -69,6 +79,7 @@ def upgrade() -> None:
         "created_at, sent_at, CASE WHEN state = 'pending' THEN NULL "
         "ELSE COALESCE(sent_at, next_attempt_at) END FROM outbox ORDER BY id"
     )
+    _continue_ids("outbox_0007")  # the HL7 rows come after the DICOM rows
     op.execute(
         "INSERT INTO outbox_0007 (channel, kind, study_instance_uid, destination, item_uid, "
         "sop_class_uid, path, payload, state, node_id, attempts, next_attempt_at, last_error, "
@@ -84,12 +95,6 @@ def upgrade() -> None:
     op.drop_table("outbox")
     op.rename_table("outbox_0007", "outbox")
     _indexes()
-    if op.get_bind().dialect.name == "postgresql":
-        # the copied ids came with their values: the id sequence continues after them
-        op.execute(
-            "SELECT setval(pg_get_serial_sequence('outbox', 'id'), "
-            "COALESCE((SELECT MAX(id) FROM outbox), 0) + 1, false)"
-        )
 
 
 def downgrade() -> None:
@@ -145,5 +150,6 @@ def downgrade() -> None:
         op.drop_index(f"ix_outbox_{column}", "outbox")
     op.drop_table("outbox")
     op.rename_table("outbox_0006", "outbox")
+    _continue_ids("outbox")
     for column in ("study_instance_uid", "state", "node_id"):
         op.create_index(f"ix_outbox_{column}", "outbox", [column])

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import inspect, text
 
 from dicom_node import outbox
 from dicom_node.index import MIGRATIONS, Index, make_engine
@@ -21,6 +21,8 @@ from dicom_node.outbox import (
     Message,
     RetryPolicy,
 )
+
+from .pg import postgresql_server  # noqa: F401  (the postgresql_url fixture)
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 OTHER = "1.2.826.0.1.3680043.8.498.2"
@@ -183,10 +185,18 @@ def test_summary_counts_by_channel_and_state_with_dead_and_stuck(index: Index) -
 
 
 def test_migration_0007_folds_the_hl7_outbox_into_the_one_outbox(tmp_path: Path) -> None:
+    _migrate_0006_rows_up_and_down(f"sqlite:///{tmp_path}/index.db")
+
+
+@pytest.mark.integration
+def test_migration_0007_on_postgresql(postgresql_url: str) -> None:
+    _migrate_0006_rows_up_and_down(postgresql_url)
+
+
+def _migrate_0006_rows_up_and_down(url: str) -> None:
     from alembic import command
     from alembic.config import Config
 
-    url = f"sqlite:///{tmp_path}/index.db"
     engine = make_engine(url)
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
@@ -222,8 +232,7 @@ def test_migration_0007_folds_the_hl7_outbox_into_the_one_outbox(tmp_path: Path)
     ]
     assert rows[1]["path"] == "/o/b.dcm" and rows[2]["payload"] == "MSH|..."
     assert rows[2]["last_error"] == "gave up" and {r["node_id"] for r in rows} == {"N1"}
-    with index.read() as s:
-        tables = {r[0] for r in s.execute(text("SELECT name FROM sqlite_master"))}
+    tables = set(inspect(index.engine).get_table_names())
     assert "hl7_outbox" not in tables and "outbox_0007" not in tables
     new = _queue(index, _message("RT43"))  # ids continue after the copied rows
     assert new == 10 and _state(index, 9)["state"] == DEAD
