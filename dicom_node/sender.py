@@ -61,11 +61,6 @@ def requested_contexts(datasets: Iterable[Any]) -> dict[str, list[str]]:
     return {sop_class: list(syntaxes) for sop_class, syntaxes in by_class.items()}
 
 
-def backoff_s(attempts: int, settings: SenderSettings) -> float:
-    """Delay before attempt number ``attempts + 1`` (``attempts`` >= 1 failed so far)."""
-    return RetryPolicy.of(settings).backoff_s(attempts)
-
-
 class Sender:
     """Drains the outbox. `run_once` does one round; the node calls it in a loop."""
 

@@ -263,10 +263,6 @@ def send_message(host: str, port: int, message: str, timeout: float) -> str:
     return asyncio.run(_exchange(host, port, message, timeout))
 
 
-def backoff_s(attempts: int, settings: Hl7Settings) -> float:
-    return RetryPolicy.of(settings).backoff_s(attempts)
-
-
 class Hl7Sender:
     """The HL7 channel of this node's outbox; `run_once` does one round."""
 

@@ -12,7 +12,8 @@ from core.domain import StudyStatus
 from core.settings import Destination, SenderSettings
 from dicom_node.index import Index
 from dicom_node.jobs import JobWorker, transition
-from dicom_node.sender import Sender, backoff_s
+from dicom_node.outbox import RetryPolicy
+from dicom_node.sender import Sender
 from dicom_node.spool import Spool
 from tests.conftest import free_port, require_tool
 
@@ -41,7 +42,8 @@ def _reported_study(tmp_path: Path, index: Index, destinations: list[str]) -> st
 
 def test_backoff_doubles_up_to_the_limit() -> None:
     s = SenderSettings(max_attempts=5, initial_backoff_s=2, max_backoff_s=10)
-    assert [backoff_s(n, s) for n in range(1, 6)] == [2, 4, 8, 10, 10]
+    policy = RetryPolicy.of(s)  # the [sender] keys are the DICOM channel's retry policy
+    assert [policy.backoff_s(n) for n in range(1, 6)] == [2, 4, 8, 10, 10]
 
 
 def test_sends_sr_to_storescp(tmp_path: Path) -> None:
