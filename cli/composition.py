@@ -39,6 +39,7 @@ from dicom_node.dicomweb import create_dicomweb_router
 from dicom_node.index import Index
 from dicom_node.jobs import AnalysisOutput
 from dicom_node.node import DicomNode
+from dicom_node.outbox import listing as outbox_listing
 from imaging.study_reader import scan_study
 from models.engine import LocalEngine
 from models.repository import ModelRepository, parse_ref
@@ -308,7 +309,7 @@ class RadtriageApp:
             index=index,
             metrics=self.metrics,
             models=self.models_info,
-            outbox=node.dead_letters if node is not None else list,
+            outbox=lambda state: outbox_listing(index, state),
             ingest=node.handler.ingest if node is not None else None,
             pending=IndexStudies(index).list_pending,
             ready=self.ready,

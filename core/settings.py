@@ -202,9 +202,15 @@ class ServingSettings(_Section):
 
 
 class SenderSettings(_Section):
-    max_attempts: int = Field(default=8, gt=0)
-    initial_backoff_s: float = Field(default=2.0, gt=0)
-    max_backoff_s: float = Field(default=300.0, gt=0)
+    """Retries of the outbox's DICOM channel (C-STORE of SR and SEG to the destinations)."""
+
+    max_attempts: int = Field(
+        default=8, gt=0, description="Attempts before a DICOM outbox item is a dead letter"
+    )
+    initial_backoff_s: float = Field(
+        default=2.0, gt=0, description="Delay after the first failed attempt; doubles after each"
+    )
+    max_backoff_s: float = Field(default=300.0, gt=0, description="Longest delay between attempts")
 
 
 class TriageSettings(_Section):
@@ -293,9 +299,13 @@ class Hl7Settings(_Section):
     destinations: list[Hl7Destination] = Field(
         default_factory=list, description="RIS endpoints that receive ORU^R01 results"
     )
-    max_attempts: int = Field(default=8, gt=0)
-    initial_backoff_s: float = Field(default=2.0, gt=0)
-    max_backoff_s: float = Field(default=300.0, gt=0)
+    max_attempts: int = Field(
+        default=8, gt=0, description="Attempts before an HL7 or FHIR outbox item is a dead letter"
+    )
+    initial_backoff_s: float = Field(
+        default=2.0, gt=0, description="Delay after the first failed attempt; doubles after each"
+    )
+    max_backoff_s: float = Field(default=300.0, gt=0, description="Longest delay between attempts")
     ack_timeout_s: float = Field(default=10.0, gt=0)
     fhir_base_url: str | None = Field(
         default=None, description="Optional FHIR R4 server that results are also pushed to"

@@ -20,6 +20,10 @@ Checks (``Problem.check``), and what ``repair=True`` does:
 - ``sent_with_pending``: a study ``sent`` while one of its outbox items is still pending:
   back to ``reported`` so the sender finishes.
 - ``results_orphan``: a ``results/`` folder for no indexed study: reported (it may be evidence).
+
+Besides the problems, the report shows the one outbox (`dicom_node.outbox.summary`): items by
+channel (dicom, hl7, fhir) and state (pending, sent, dead, withdrawn), the dead letters and the
+stuck items (pending for over an hour), without file paths or message payloads.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from core.domain import StudyStatus
+from dicom_node import outbox
 from dicom_node.index import OUTBOX_DEAD, OUTBOX_PENDING, Index, Instance, OutboxItem, Study
 from dicom_node.spool import Spool
 
@@ -55,6 +60,7 @@ class Report:
 
     problems: list[Problem] = field(default_factory=list)
     checked: dict[str, int] = field(default_factory=dict)
+    outbox: dict[str, Any] = field(default_factory=dict)
 
     @property
     def unrepaired(self) -> list[Problem]:
@@ -76,6 +82,7 @@ class Report:
             "repaired": sum(p.repaired for p in self.problems),
             "unrepaired": len(self.unrepaired),
             "checked": self.checked,
+            "outbox": self.outbox,
         }
 
 
@@ -87,6 +94,7 @@ def examine(spool: Spool, index: Index, results_root: Path, repair: bool = False
     _stuck(index, report, repair)
     _outbox(spool, index, report, repair)
     _results(index, results_root, report)
+    report.outbox = outbox.summary(index, time.time())
     return report
 
 
@@ -164,20 +172,26 @@ def _stuck(index: Index, report: Report, repair: bool) -> None:
 def _outbox(spool: Spool, index: Index, report: Report, repair: bool) -> None:
     now = time.time()
     with index.read() as s:
-        items = list(s.execute(select(OutboxItem)).scalars())
+        items = list(
+            s.scalars(select(OutboxItem).where(OutboxItem.channel == outbox.Channel.DICOM.value))
+        )
         sent_studies = set(
             s.scalars(select(Study.study_instance_uid).where(Study.status == S.SENT.value))
         )
     report.checked["outbox_items"] = len(items)
-    named = {Path(o.path).resolve() for o in items}
+    named = {Path(o.path).resolve() for o in items if o.path}
     for o in items:
-        if o.state == OUTBOX_PENDING and not Path(o.path).is_file():
+        if o.state == OUTBOX_PENDING and not (o.path and Path(o.path).is_file()):
             if repair:
                 with index.write() as s:
                     s.execute(
                         update(OutboxItem)
                         .where(OutboxItem.id == o.id)
-                        .values(state=OUTBOX_DEAD, last_error="document missing (doctor)")
+                        .values(
+                            state=OUTBOX_DEAD,
+                            last_error="document missing (doctor)",
+                            closed_at=now,
+                        )
                     )
                     s.execute(
                         update(Study)

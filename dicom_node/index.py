@@ -168,15 +168,25 @@ class Instance(Base):
 
 
 class OutboxItem(Base):
+    """One message on its way out, whatever the way (`dicom_node.outbox` is its state machine):
+    a DICOM document (``path``) for a C-STORE destination, an HL7 ORU^R01 or the FHIR resources
+    of one decision (``payload``). ``item_uid`` names it within its channel and destination
+    (SOP Instance UID, MSH-10 message control ID, FHIR push id)."""
+
     __tablename__ = "outbox"
-    __table_args__ = (UniqueConstraint("destination", "sop_instance_uid"),)
+    __table_args__ = (
+        UniqueConstraint("channel", "destination", "item_uid", name="uq_outbox_item"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
+    channel: Mapped[str] = mapped_column(String(8), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
     study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     destination: Mapped[str] = mapped_column(String(64))
-    sop_instance_uid: Mapped[str] = mapped_column(String(64))
-    sop_class_uid: Mapped[str] = mapped_column(String(64))
-    path: Mapped[str] = mapped_column(Text)
+    item_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    payload: Mapped[str | None] = mapped_column(Text, nullable=True)
     state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
     node_id: Mapped[str] = mapped_column(String(64), default=UNOWNED, server_default="", index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -184,12 +194,15 @@ class OutboxItem(Base):
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
     sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    closed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    superseded_by: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 OUTBOX_PENDING = "pending"
 OUTBOX_SENT = "sent"
 OUTBOX_DEAD = "dead"
-OUTBOX_STATES = (OUTBOX_PENDING, OUTBOX_SENT, OUTBOX_DEAD)
+OUTBOX_WITHDRAWN = "withdrawn"
+OUTBOX_STATES = (OUTBOX_PENDING, OUTBOX_SENT, OUTBOX_DEAD, OUTBOX_WITHDRAWN)
 
 
 @dataclass(frozen=True)
@@ -526,12 +539,19 @@ class Index:
             return out
 
     def outbox(
-        self, state: str | None = None, study_instance_uid: str | None = None
+        self,
+        state: str | None = None,
+        study_instance_uid: str | None = None,
+        channel: str | None = None,
     ) -> list[dict[str, Any]]:
-        """This node's outbox items (``pending``, ``sent``, ``dead``), oldest first."""
+        """This node's outbox items of every channel (or one), oldest first."""
         with self.read() as s:
             return self._outbox_rows(
-                s, state=state, study_instance_uid=study_instance_uid, node=self.mine
+                s,
+                state=state,
+                study_instance_uid=study_instance_uid,
+                node=self.mine,
+                channel=channel,
             )
 
     def dead_letters(self) -> list[dict[str, Any]]:
@@ -543,6 +563,7 @@ class Index:
         state: str | None = None,
         study_instance_uid: str | None = None,
         node: Any = None,
+        channel: str | None = None,
     ) -> list[dict[str, Any]]:
         q = select(OutboxItem).order_by(OutboxItem.id)
         if node is not None:
@@ -551,21 +572,29 @@ class Index:
             q = q.where(OutboxItem.state == state)
         if study_instance_uid is not None:
             q = q.where(OutboxItem.study_instance_uid == study_instance_uid)
+        if channel is not None:
+            q = q.where(OutboxItem.channel == channel)
         return [
             {
                 "id": o.id,
+                "channel": o.channel,
+                "kind": o.kind,
                 "study_instance_uid": o.study_instance_uid,
                 "node_id": o.node_id,
                 "destination": o.destination,
-                "sop_instance_uid": o.sop_instance_uid,
+                "item_uid": o.item_uid,
+                "sop_instance_uid": o.item_uid if o.channel == "dicom" else None,
                 "sop_class_uid": o.sop_class_uid,
                 "path": o.path,
+                "payload": o.payload,
                 "state": o.state,
                 "attempts": o.attempts,
                 "next_attempt_at": o.next_attempt_at,
                 "last_error": o.last_error,
                 "created_at": o.created_at,
                 "sent_at": o.sent_at,
+                "closed_at": o.closed_at,
+                "superseded_by": o.superseded_by,
             }
             for o in s.scalars(q)
         ]

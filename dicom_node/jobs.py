@@ -31,12 +31,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pydicom
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from core.domain import Priority, StudyStatus, TriageResult
 from core.errors import RadtriageError
-from dicom_node.index import OUTBOX_PENDING, OUTBOX_SENT, Index, OutboxItem, Study
+from dicom_node import outbox
+from dicom_node.index import Index, Study
 from dicom_node.results import update_result_columns
 from dicom_node.spool import Spool, write_atomic
 
@@ -159,28 +160,24 @@ def enqueue_document(
     destinations: Iterable[str],
     now: float,
 ) -> None:
-    """Queue one document of `study` for every destination, once (a resend reuses the row)."""
+    """Queue one document of `study` for every destination, once (a resend reuses the row); a
+    newer document of the same kind (SR, SEG) withdraws the older pending one
+    (`dicom_node.outbox.enqueue`)."""
     for dest in destinations:
-        exists = s.scalar(
-            select(OutboxItem.id).where(
-                OutboxItem.destination == dest, OutboxItem.sop_instance_uid == sop_instance_uid
-            )
+        outbox.enqueue(
+            s,
+            outbox.Message(
+                channel=outbox.Channel.DICOM,
+                kind=outbox.dicom_kind(sop_class_uid),
+                study_instance_uid=study.study_instance_uid,
+                destination=dest,
+                item_uid=sop_instance_uid,
+                node_id=study.node_id,
+                path=str(path),
+                sop_class_uid=sop_class_uid,
+            ),
+            now,
         )
-        if exists is None:
-            s.execute(
-                insert(OutboxItem).values(
-                    study_instance_uid=study.study_instance_uid,
-                    node_id=study.node_id,
-                    destination=dest,
-                    sop_instance_uid=sop_instance_uid,
-                    sop_class_uid=sop_class_uid,
-                    path=str(path),
-                    state=OUTBOX_PENDING,
-                    attempts=0,
-                    next_attempt_at=now,
-                    created_at=now,
-                )
-            )
 
 
 def record_report(
@@ -233,18 +230,8 @@ def record_report(
 
 
 def unsent_documents(s: Session, study_instance_uid: str) -> int:
-    """Outbox items of the study not yet delivered (pending or dead)."""
-    return int(
-        s.scalar(
-            select(func.count())
-            .select_from(OutboxItem)
-            .where(
-                OutboxItem.study_instance_uid == study_instance_uid,
-                OutboxItem.state != OUTBOX_SENT,
-            )
-        )
-        or 0
-    )
+    """DICOM outbox items of the study not yet delivered (pending or dead; not withdrawn)."""
+    return outbox.undelivered(s, study_instance_uid, outbox.Channel.DICOM)
 
 
 def not_analysed_fallback(

@@ -33,7 +33,7 @@ class WaitingListEntry(Base):
     hl7_priority: Mapped[str | None] = mapped_column(String(16), nullable=True)
     hl7_fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
     study_reported_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    # what the result says now (flag, PSA density, SR), and what the RIS / FHIR server last got
+    # what the result says now (flag, PSA density, SR), and what was last queued for FHIR
     result_fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
     fhir_fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
     stale: Mapped[bool] = mapped_column(Boolean, default=False)  # set by a changed order

@@ -1,12 +1,15 @@
-"""The sender: C-STORE of result documents (SR, SEG) from the durable outbox to destinations.
+"""The sender: the DICOM channel of the one outbox (`dicom_node.outbox`), C-STORE of result
+documents (SR, SEG) to destinations.
 
-Each outbox row is one (destination, SOP Instance) pair. A due row is sent in one association
-per destination per round; success (0x0000 or a warning 0xB000/0xB006/0xB007) marks it
-``sent``; anything else (association refused, network error, failure status) counts an attempt
-and schedules the next one with exponential backoff (``sender.initial_backoff_s`` doubling up to
-``sender.max_backoff_s``); after ``sender.max_attempts`` the row is ``dead`` (a dead letter,
-listed by `Index.dead_letters` for the API) and its study becomes ``failed``. When every row of a
-``reported`` study is sent, the study becomes ``sent``.
+Each DICOM outbox item is one (destination, SOP Instance) pair. The due items
+(`dicom_node.outbox.due`: in order per study and destination, a newer SR having withdrawn an
+older pending one) are sent in one association per destination per round; success (0x0000 or a
+warning 0xB000/0xB006/0xB007) marks an item ``sent``; anything else (association refused,
+network error, failure status) is a failed attempt (`dicom_node.outbox.record_failure`:
+backoff from ``[sender]`` ``initial_backoff_s`` doubling up to ``max_backoff_s``, a dead letter
+after ``max_attempts``), and the items of the same study behind it wait. A dead letter makes its
+study ``failed``. When no DICOM item of a ``reported`` study is left undelivered, the study
+becomes ``sent``.
 
 Transfer syntax: each document's SOP Class is proposed with the file's own transfer syntax
 plus `FALLBACK_SYNTAXES` (Explicit VR Little Endian, Implicit VR Little Endian, Deflated
@@ -22,7 +25,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pydicom
@@ -32,13 +35,14 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from sqlalchemy import select
 
 from core.domain import StudyStatus
 from core.errors import DestinationError
 from core.settings import Destination, SenderSettings, TlsSettings
-from dicom_node.index import OUTBOX_DEAD, OUTBOX_PENDING, OUTBOX_SENT, Index, OutboxItem
-from dicom_node.jobs import transition, unsent_documents
+from dicom_node import outbox
+from dicom_node.index import Index
+from dicom_node.jobs import transition
+from dicom_node.outbox import Channel, DeliveryRound, DueItem, RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -57,23 +61,6 @@ def requested_contexts(datasets: Iterable[Any]) -> dict[str, list[str]]:
     return {sop_class: list(syntaxes) for sop_class, syntaxes in by_class.items()}
 
 
-def backoff_s(attempts: int, settings: SenderSettings) -> float:
-    """Delay before attempt number ``attempts + 1`` (``attempts`` >= 1 failed so far)."""
-    return float(
-        min(settings.max_backoff_s, settings.initial_backoff_s * 2 ** max(0, attempts - 1))
-    )
-
-
-@dataclass(frozen=True)
-class _Due:
-    id: int
-    study_instance_uid: str
-    sop_instance_uid: str
-    sop_class_uid: str
-    path: str
-    attempts: int
-
-
 class Sender:
     """Drains the outbox. `run_once` does one round; the node calls it in a loop."""
 
@@ -89,54 +76,40 @@ class Sender:
         self.index = index
         self.destinations = {d.name: d for d in destinations}
         self.settings = settings
+        self.policy = RetryPolicy.of(settings)
         self.calling_ae_title = calling_ae_title
         self.tls = tls
         self.clock = clock
 
     def run_once(self) -> int:
-        """Send every due item of this node; returns how many were sent."""
-        now = self.clock()
-        with self.index.read() as s:
-            rows = s.scalars(
-                select(OutboxItem)
-                .where(
-                    OutboxItem.state == OUTBOX_PENDING,
-                    OutboxItem.next_attempt_at <= now,
-                    self.index.mine(OutboxItem.node_id),
-                )
-                .order_by(OutboxItem.id)
-            ).all()
-        by_dest: dict[str, list[_Due]] = defaultdict(list)
-        for r in rows:
-            by_dest[r.destination].append(
-                _Due(
-                    r.id,
-                    r.study_instance_uid,
-                    r.sop_instance_uid,
-                    r.sop_class_uid,
-                    r.path,
-                    r.attempts,
-                )
-            )
+        """Send every due DICOM item of this node, in order per study and destination; returns
+        how many were sent."""
+        by_dest: dict[str, list[DueItem]] = defaultdict(list)
+        for item in outbox.due(self.index, Channel.DICOM, self.clock()):
+            by_dest[item.destination].append(item)
         sent = 0
         for name, items in by_dest.items():
             dest = self.destinations.get(name)
+            round_ = DeliveryRound()
             if dest is None:
                 for item in items:
-                    self._failed(item, f"destination {name!r} is no longer configured", dead=True)
+                    if round_.may_send(item):
+                        round_.failed(item)
+                        self._failed(item, f"destination {name!r} is no longer configured", True)
                 continue
-            sent += self._send(dest, items)
+            sent += self._send(dest, items, round_)
         return sent
 
-    def _send(self, dest: Destination, items: list[_Due]) -> int:
+    def _send(self, dest: Destination, items: list[DueItem], round_: DeliveryRound) -> int:
         from pynetdicom import AE
 
-        datasets: list[tuple[_Due, Any]] = []
+        datasets: list[tuple[DueItem, Any]] = []
         for item in items:
             try:
-                datasets.append((item, pydicom.dcmread(item.path)))
+                datasets.append((item, pydicom.dcmread(item.path or "")))
             except Exception as exc:
-                self._failed(item, f"cannot read {item.path}: {exc}", dead=True)
+                name = Path(item.path or "").name
+                self._failed(item, f"cannot read document {name}: {exc}", dead=True)
         if not datasets:
             return 0
         ae = AE(ae_title=self.calling_ae_title)
@@ -164,15 +137,20 @@ class Sender:
             )
         if assoc is None or not assoc.is_established:
             for item, _ in datasets:
-                self._failed(item, error)
+                if round_.may_send(item):  # the first of each study; the rest wait behind it
+                    round_.failed(item)
+                    self._failed(item, error)
             return 0
         sent = 0
         try:
             for item, ds in datasets:
+                if not round_.may_send(item) or not outbox.still_pending(self.index, item.id):
+                    continue  # an older item of its study failed (keep the order), or withdrawn
                 try:
                     status = assoc.send_c_store(self.negotiated(assoc, ds))
                     code = int(status.Status) if status is not None and "Status" in status else -1
                 except Exception as exc:
+                    round_.failed(item)
                     self._failed(item, f"C-STORE to {dest.name} failed: {exc}")
                     continue
                 if code in SUCCESS_STATUSES:
@@ -180,6 +158,7 @@ class Sender:
                     sent += 1
                 else:
                     text = "no response" if code < 0 else f"status 0x{code:04X}"
+                    round_.failed(item)
                     self._failed(item, f"C-STORE to {dest.name}: {text}")
         finally:
             assoc.release()
@@ -201,36 +180,19 @@ class Sender:
         ds.decompress()
         return ds
 
-    def _sent(self, item: _Due) -> None:
+    def _sent(self, item: DueItem) -> None:
         now = self.clock()
         with self.index.write() as s:
-            row = s.get(OutboxItem, item.id)
-            assert row is not None
-            row.state = OUTBOX_SENT
-            row.attempts += 1
-            row.sent_at = now
-            row.last_error = None
-            pending = unsent_documents(s, item.study_instance_uid)
+            outbox.record_sent(s, item.id, now)
+            pending = outbox.undelivered(s, item.study_instance_uid, Channel.DICOM)
         if not pending:
             transition(self.index, item.study_instance_uid, StudyStatus.SENT, now=now, sent_at=now)
 
-    def _failed(self, item: _Due, error: str, dead: bool = False) -> None:
+    def _failed(self, item: DueItem, error: str, dead: bool = False) -> None:
         now = self.clock()
-        attempts = item.attempts + 1
-        dead = dead or attempts >= self.settings.max_attempts
         with self.index.write() as s:
-            row = s.get(OutboxItem, item.id)
-            assert row is not None
-            row.attempts = attempts
-            row.last_error = error
-            if dead:
-                row.state = OUTBOX_DEAD
-            else:
-                row.next_attempt_at = now + backoff_s(attempts, self.settings)
-        if dead:
-            log.error(
-                "dead letter %s after %d attempts: %s", item.sop_instance_uid, attempts, error
-            )
+            state = outbox.record_failure(s, item.id, error, now, self.policy, permanent=dead)
+        if state == outbox.DEAD:
             transition(
                 self.index,
                 item.study_instance_uid,
@@ -238,8 +200,4 @@ class Sender:
                 now=now,
                 error_code=DestinationError.reason_code,
                 error_message=error,
-            )
-        else:
-            log.warning(
-                "send of %s failed (attempt %d): %s", item.sop_instance_uid, attempts, error
             )

@@ -9,8 +9,8 @@ from sqlalchemy import create_engine
 from dicom_node import results  # noqa: F401 - 0006: waiting_list
 
 # imported for the tables they declare on Base (the autogenerate comparison must see them)
-from dicom_node.index import Base
-from ris import hl7_results, orders  # noqa: F401 - 0006: hl7_outbox, orders
+from dicom_node.index import Base  # and the one outbox (0007)
+from ris import orders  # noqa: F401 - 0006: orders
 from workspace import tables  # noqa: F401 - 0005: users, sessions, audit...
 
 config = context.config

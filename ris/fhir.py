@@ -30,8 +30,10 @@ algorithm name and version, ``method`` DCM 123110 Artificial Intelligence, ``bod
 link) and filter by ``identifier`` (Accession Number or SR SOP Instance UID) and
 ``subject:identifier`` (Patient ID).
 
-`FhirPush` optionally pushes every result to a FHIR server (``[hl7] fhir_base_url``) by PUT,
-again whenever the waiting list's decision changes.
+With ``[hl7] fhir_base_url`` set, every decision of the waiting list is also pushed to a FHIR
+server by PUT: `enqueue_fhir_result` queues its resources in the one outbox (channel ``fhir``;
+a newer decision withdraws the older pending push) and `FhirSender` is the channel's
+transport.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -51,10 +54,13 @@ from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session
 
 from core import codes
 from core.domain import Priority, ReferralUrgency, TriageResult
+from dicom_node import outbox
 from dicom_node.index import Index, Patient, Study
+from dicom_node.outbox import Channel, Kind, RetryPolicy
 from dicom_node.results import Decision, WaitingListEntry
 from ris.orders import (
     SUSPECTED_CANCER_CODES,
@@ -427,22 +433,81 @@ def _resources_for(
     )
 
 
-class FhirPush:
-    """Optional push of every result to a FHIR R4 server (``[hl7] fhir_base_url``): each
-    Observation, then the DiagnosticReport, by ``PUT [base]/[type]/[id]`` (update as create:
-    ids derive from the SR, so a re-push replaces), whenever the waiting list's decision
-    differs from what the server last accepted. A failed push is retried on the next round.
+#: The outbox destination of the FHIR channel (one server: ``[hl7] fhir_base_url``).
+FHIR_DESTINATION = "fhir"
+
+#: HTTP answers that will not change on a retry (the server refuses the resource itself).
+_PERMANENT = frozenset({400, 401, 403, 404, 405, 409, 410, 412, 413, 415, 422})
+
+
+def enqueue_fhir_result(
+    s: Session,
+    result: TriageResult,
+    *,
+    sr_sop_instance_uid: str,
+    patient_id: str,
+    issuer: str,
+    accession: str,
+    now: float,
+    node_id: str,
+) -> int:
+    """Queue the FHIR resources of one decision (its Observations, then its DiagnosticReport)
+    in the caller's transaction; the study's older pending push is withdrawn (latest wins)."""
+    decisions = s.scalar(
+        select(func.count(Decision.id)).where(
+            Decision.study_instance_uid == result.study_instance_uid
+        )
+    )
+    report, observations = result_resources(
+        result,
+        sr_sop_instance_uid=sr_sop_instance_uid,
+        patient_id=patient_id,
+        issuer=issuer,
+        accession=accession,
+        issued=datetime.fromtimestamp(now, UTC),
+        decisions=int(decisions or 1),
+    )
+    return outbox.enqueue(
+        s,
+        outbox.Message(
+            channel=Channel.FHIR,
+            kind=Kind.FHIR_REPORT,
+            study_instance_uid=result.study_instance_uid,
+            destination=FHIR_DESTINATION,
+            item_uid="fhir-" + uuid.uuid4().hex,
+            node_id=node_id,
+            payload=json.dumps([*observations, report]),
+        ),
+        now,
+    )
+
+
+class FhirSender:
+    """The FHIR channel of this node's outbox (``[hl7] fhir_base_url``): each due item's
+    resources by ``PUT [base]/[type]/[id]`` in order (update as create: ids derive from the
+    study, so each decision replaces the last). A network error or a 5xx/408/429 answer is
+    retried with the outbox's backoff (``[hl7]`` retry keys); any other 4xx makes a dead
+    letter.
     `run_once` does one round; `start`/`stop` run it every `interval_s` in a thread."""
 
     def __init__(
-        self, index: Index, base_url: str, *, timeout_s: float = 10.0, interval_s: float = 5.0
+        self,
+        index: Index,
+        base_url: str,
+        *,
+        policy: RetryPolicy | None = None,
+        timeout_s: float = 10.0,
+        interval_s: float = 5.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"fhir_base_url must be an http(s) URL, got {base_url!r}")
         self.index = index
         self.base_url = base_url.rstrip("/")
+        self.policy = policy or RetryPolicy()
         self.timeout_s = timeout_s
         self.interval_s = interval_s
+        self.clock = clock
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -461,44 +526,32 @@ class FhirPush:
                 raise OSError(f"{url}: HTTP {response.status}")
 
     def run_once(self) -> int:
-        """Push every changed result of this node; returns how many studies were pushed."""
-        pushed, last_id = 0, 0
-        while True:
-            with self.index.read() as s:
-                rows = s.execute(
-                    select(WaitingListEntry, Study, Patient)
-                    .join(Study, Study.study_instance_uid == WaitingListEntry.study_instance_uid)
-                    .join(Patient, Study.patient_fk == Patient.id)
-                    .where(
-                        WaitingListEntry.id > last_id,
-                        WaitingListEntry.result_fingerprint.is_not(None),
-                        or_(
-                            WaitingListEntry.fhir_fingerprint.is_(None),
-                            WaitingListEntry.fhir_fingerprint
-                            != WaitingListEntry.result_fingerprint,
-                        ),
-                        Study.result_json.is_not(None),
-                        self.index.mine(Study.node_id),
-                    )
-                    .order_by(WaitingListEntry.id)
-                    .limit(MAX_COUNT)
-                ).all()
-            if not rows:
-                return pushed
-            for entry, study, patient in rows:
-                last_id = entry.id
-                report, observations = _resources_for(study, patient, entry.sr_sop_instance_uid)
-                try:
-                    for resource in (*observations, report):
-                        self._put(resource)
-                except (OSError, urllib.error.URLError) as exc:
-                    log.warning("FHIR push of study %s failed: %s", study.study_instance_uid, exc)
-                    continue
+        """Push every due item of this node, in order per study; returns how many were pushed."""
+        round_ = outbox.DeliveryRound()
+        pushed = 0
+        for item in outbox.due(self.index, Channel.FHIR, self.clock()):
+            if not round_.may_send(item) or not outbox.still_pending(self.index, item.id):
+                continue  # an older push of the study failed (keep the order), or withdrawn
+            permanent = False
+            try:
+                for resource in json.loads(item.payload or "[]"):
+                    self._put(resource)
+            except urllib.error.HTTPError as exc:
+                error = f"FHIR server answered HTTP {exc.code}"
+                permanent = exc.code in _PERMANENT
+            except (OSError, urllib.error.URLError) as exc:
+                error = f"FHIR push failed: {type(exc).__name__}: {exc}"
+            else:
                 with self.index.write() as s:
-                    row = s.get(WaitingListEntry, entry.id)
-                    if row is not None and row.result_fingerprint == entry.result_fingerprint:
-                        row.fhir_fingerprint = entry.result_fingerprint
+                    outbox.record_sent(s, item.id, self.clock())
                 pushed += 1
+                continue
+            round_.failed(item)
+            with self.index.write() as s:
+                outbox.record_failure(
+                    s, item.id, error, self.clock(), self.policy, permanent=permanent
+                )
+        return pushed
 
     def _loop(self) -> None:
         while not self._stop.is_set():

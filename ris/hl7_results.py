@@ -29,11 +29,15 @@ Values absent from the result are left out, never sent empty. Every value writte
 the built message is parsed back and validated against the ORU^R01 structure by ``hl7apy``
 before it is queued.
 
-The sender (`Hl7Sender.run_once`, one round) sends each due row over MLLP (``python-hl7``
-asyncio streams) and reads the ACK: ``AA``/``CA`` -> ``sent``; ``AE``/``CE``, no ACK in
-``[hl7] ack_timeout_s``, or a network error -> another attempt after an exponential backoff
-(``initial_backoff_s`` doubling up to ``max_backoff_s``); ``AR``/``CR`` (the RIS will never take
-it) or ``max_attempts`` reached -> ``dead`` with the reason (a dead letter).
+Messages are queued in the one outbox (`dicom_node.outbox`, channel ``hl7``, kind ``oru``): a
+newer result for the same study and destination withdraws the older pending one, and a study's
+messages go out in the order they were queued, so after an outage the RIS's last message is the
+current flag. The sender (`Hl7Sender.run_once`, one round) is the channel's transport: it sends
+each due item over MLLP (``python-hl7`` asyncio streams) and reads the ACK: ``AA``/``CA`` ->
+``sent``; ``AE``/``CE``, no ACK in ``[hl7] ack_timeout_s``, or a network error -> another
+attempt after the outbox's backoff (``[hl7]`` ``initial_backoff_s`` doubling up to
+``max_backoff_s``); ``AR``/``CR`` (the RIS will never take it) or ``max_attempts`` reached ->
+``dead`` with the reason (a dead letter).
 """
 
 from __future__ import annotations
@@ -43,44 +47,23 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
 
 from hl7.mllp import open_hl7_connection
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
-from sqlalchemy import Float, Integer, String, Text, select
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.orm import Session
 
 from core import codes
 from core.domain import Priority, TriageResult
 from core.settings import Hl7Destination, Hl7Settings
-from dicom_node.index import UNOWNED, Base, Index
+from dicom_node import outbox
+from dicom_node.index import UNOWNED, Index
+from dicom_node.outbox import Channel, DeliveryRound, Kind, RetryPolicy
 from ris.hl7 import escape, field_component, read_header
 
 log = logging.getLogger(__name__)
-
-HL7_PENDING = "pending"
-HL7_SENT = "sent"
-HL7_DEAD = "dead"
-
-
-class Hl7OutboxItem(Base):
-    __tablename__ = "hl7_outbox"
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
-    node_id: Mapped[str] = mapped_column(String(64), default=UNOWNED, index=True)
-    destination: Mapped[str] = mapped_column(String(64))
-    message_control_id: Mapped[str] = mapped_column(String(20), unique=True)
-    message: Mapped[str] = mapped_column(Text)
-    state: Mapped[str] = mapped_column(String(16), default=HL7_PENDING, index=True)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[float] = mapped_column(Float)
-    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    created_at: Mapped[float] = mapped_column(Float)
-    sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 @dataclass(frozen=True)
@@ -223,26 +206,36 @@ def enqueue_result(
     now: float,
     node_id: str = UNOWNED,
 ) -> list[str]:
-    """Queue the report's ORU^R01 for every destination in the caller's transaction; returns
-    the message control IDs."""
+    """Queue the report's ORU^R01 for every destination in the caller's transaction (withdrawing
+    the study's older pending ORUs to that destination); returns the message control IDs.
+
+    Result status (OBR-25) per destination from what it may already hold, not from
+    `report.correction`: C once a result of the study was delivered or tried there, else P (a
+    first result withdrawn before it left was never seen by the RIS)."""
     ids = []
+    uid = report.result.study_instance_uid
     for destination in settings.destinations:
         control_id = new_control_id()
+        heard = outbox.may_have_reached(s, uid, Channel.HL7, destination.name, Kind.ORU)
         message = build_oru(
-            report, destination, settings, control_id, datetime.fromtimestamp(now, UTC)
+            replace(report, correction=heard),
+            destination,
+            settings,
+            control_id,
+            datetime.fromtimestamp(now, UTC),
         )
-        s.add(
-            Hl7OutboxItem(
-                study_instance_uid=report.result.study_instance_uid,
-                node_id=node_id,
+        outbox.enqueue(
+            s,
+            outbox.Message(
+                channel=Channel.HL7,
+                kind=Kind.ORU,
+                study_instance_uid=uid,
                 destination=destination.name,
-                message_control_id=control_id,
-                message=message,
-                state=HL7_PENDING,
-                attempts=0,
-                next_attempt_at=now,
-                created_at=now,
-            )
+                item_uid=control_id,
+                node_id=node_id,
+                payload=message,
+            ),
+            now,
         )
         ids.append(control_id)
     return ids
@@ -281,14 +274,8 @@ def send_message(host: str, port: int, message: str, timeout: float) -> str:
     return asyncio.run(_exchange(host, port, message, timeout))
 
 
-def backoff_s(attempts: int, settings: Hl7Settings) -> float:
-    return float(
-        min(settings.max_backoff_s, settings.initial_backoff_s * 2 ** max(0, attempts - 1))
-    )
-
-
 class Hl7Sender:
-    """Drains the HL7 outbox of this node; `run_once` does one round."""
+    """The HL7 channel of this node's outbox; `run_once` does one round."""
 
     def __init__(
         self,
@@ -298,94 +285,46 @@ class Hl7Sender:
     ) -> None:
         self.index = index
         self.settings = settings
+        self.policy = RetryPolicy.of(settings)
         self.destinations = {d.name: d for d in settings.destinations}
         self.clock = clock
 
     def run_once(self) -> int:
-        """Send every due message; returns how many the RIS accepted."""
-        now = self.clock()
-        with self.index.read() as s:
-            due = [
-                (row.id, row.destination, row.message, row.attempts)
-                for row in s.scalars(
-                    select(Hl7OutboxItem)
-                    .where(
-                        Hl7OutboxItem.state == HL7_PENDING,
-                        Hl7OutboxItem.next_attempt_at <= now,
-                        self.index.mine(Hl7OutboxItem.node_id),
-                    )
-                    .order_by(Hl7OutboxItem.id)
-                )
-            ]
+        """Send every due message, in order per study and destination; returns how many the RIS
+        accepted."""
+        round_ = DeliveryRound()
         sent = 0
-        for row_id, name, message, attempts in due:
+        for item in outbox.due(self.index, Channel.HL7, self.clock()):
+            if not round_.may_send(item) or not outbox.still_pending(self.index, item.id):
+                continue  # an older message of the study failed (keep the order), or withdrawn
+            name = item.destination
             destination = self.destinations.get(name)
             if destination is None:
-                self._record(row_id, HL7_DEAD, attempts, f"destination {name!r} not configured")
+                round_.failed(item)
+                self._failed(item, f"destination {name!r} not configured", permanent=True)
                 continue
             try:
                 answer = send_message(
-                    destination.host, destination.port, message, self.settings.ack_timeout_s
+                    destination.host,
+                    destination.port,
+                    item.payload or "",
+                    self.settings.ack_timeout_s,
                 )
                 code, detail = parse_ack(answer)
             except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
                 code, detail = "", f"no ACK from {name}: {type(exc).__name__}: {exc}"
             if code in ("AA", "CA"):
-                self._record(row_id, HL7_SENT, attempts + 1, None)
+                with self.index.write() as s:
+                    outbox.record_sent(s, item.id, self.clock())
                 sent += 1
-            elif code in ("AR", "CR"):
-                self._record(row_id, HL7_DEAD, attempts + 1, f"{code} from {name}: {detail}")
+                continue
+            round_.failed(item)
+            if code in ("AR", "CR"):
+                self._failed(item, f"{code} from {name}: {detail}", permanent=True)
             else:
-                why = f"{code} from {name}: {detail}" if code else detail
-                self._retry(row_id, attempts + 1, why)
+                self._failed(item, f"{code} from {name}: {detail}" if code else detail)
         return sent
 
-    def _retry(self, row_id: int, attempts: int, why: str) -> None:
-        if attempts >= self.settings.max_attempts:
-            self._record(row_id, HL7_DEAD, attempts, f"gave up after {attempts} attempts: {why}")
-            return
-        now = self.clock()
+    def _failed(self, item: outbox.DueItem, why: str, permanent: bool = False) -> None:
         with self.index.write() as s:
-            row = s.get(Hl7OutboxItem, row_id)
-            if row is not None:
-                row.attempts = attempts
-                row.last_error = why
-                row.next_attempt_at = now + backoff_s(attempts, self.settings)
-        log.warning("HL7 message %d not delivered (attempt %d): %s", row_id, attempts, why)
-
-    def _record(self, row_id: int, state: str, attempts: int, error: str | None) -> None:
-        now = self.clock()
-        with self.index.write() as s:
-            row = s.get(Hl7OutboxItem, row_id)
-            if row is None:
-                return
-            row.state = state
-            row.attempts = attempts
-            row.last_error = error
-            if state == HL7_SENT:
-                row.sent_at = now
-        if state == HL7_DEAD:
-            log.error("HL7 message %d is a dead letter: %s", row_id, error)
-
-
-def outbox_rows(index: Index, state: str | None = None) -> list[dict[str, Any]]:
-    """This node's HL7 outbox rows, oldest first (for the API and tests)."""
-    with index.read() as s:
-        q = select(Hl7OutboxItem).where(index.mine(Hl7OutboxItem.node_id))
-        if state is not None:
-            q = q.where(Hl7OutboxItem.state == state)
-        return [
-            {
-                "id": r.id,
-                "study_instance_uid": r.study_instance_uid,
-                "destination": r.destination,
-                "message_control_id": r.message_control_id,
-                "state": r.state,
-                "attempts": r.attempts,
-                "last_error": r.last_error,
-                "next_attempt_at": r.next_attempt_at,
-                "sent_at": r.sent_at,
-                "message": r.message,
-            }
-            for r in s.scalars(q.order_by(Hl7OutboxItem.id))
-        ]
+            outbox.record_failure(s, item.id, why, self.clock(), self.policy, permanent=permanent)

@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 from core.settings import Hl7Settings
 from dicom_node.index import Index
-from ris.fhir import FhirPush
+from dicom_node.outbox import RetryPolicy
+from ris.fhir import FhirSender
 from ris.hl7_listener import Hl7Listener
 from ris.hl7_results import Hl7Sender
 
@@ -31,7 +32,11 @@ class RisNode:
     ) -> None:
         self.listener = Hl7Listener(index, settings, clock=clock) if settings.listen_port else None
         self.sender = Hl7Sender(index, settings, clock=clock)
-        self.fhir = FhirPush(index, settings.fhir_base_url) if settings.fhir_base_url else None
+        self.fhir = (
+            FhirSender(index, settings.fhir_base_url, policy=RetryPolicy.of(settings), clock=clock)
+            if settings.fhir_base_url
+            else None
+        )
         self.poll_s = poll_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -14,9 +14,12 @@ A study routine on day 5 must be urgent on day 26 without being analysed again. 
 4. when the flag (or the PSA density) differs from what the last SR said, build a new SR that
    supersedes it (`dicom_node.sr.build_triage_sr` with ``predecessor=``, listed in Predecessor
    Documents Sequence) and queue it in the node's DICOM outbox for every destination;
-5. when what the RIS last heard differs, queue an ORU^R01 (a correction once one was sent) in
-   the HL7 outbox (`ris.hl7_results`). A study whose orders were all cancelled gets no
-   HL7 result.
+5. when what the RIS last heard differs, queue an ORU^R01 (a correction once one was sent)
+   (`ris.hl7_results`); a study whose orders were all cancelled gets no HL7 result. With
+   ``[hl7] fhir_base_url``, queue the decision's FHIR resources too (`ris.fhir`).
+
+Everything is queued in the one outbox (`dicom_node.outbox`): a newer SR, ORU or FHIR push
+withdraws the study's older pending one, so the last word anywhere is the current flag.
 
 The thresholds of the model that analysed a study come from the composition root
 (`ThresholdsFor`): the node does not load models. A study whose model is unknown keeps its
@@ -54,6 +57,7 @@ from dicom_node.jobs import enqueue_document
 from dicom_node.results import WaitingListEntry, append_decision, latest_decision
 from dicom_node.spool import Spool
 from imaging.request_attributes import clock_start, parse_da, referral_urgency, request_values
+from ris.fhir import enqueue_fhir_result
 from ris.hl7_results import ResultReport, enqueue_result
 from ris.orders import (
     OrderView,
@@ -100,6 +104,7 @@ class TickReport:
     changed: int = 0
     superseding_srs: int = 0
     hl7_messages: int = 0
+    fhir_messages: int = 0
     orders_matched: int = 0
 
 
@@ -497,6 +502,27 @@ class WaitingList:
                 entry.hl7_priority = new.priority.value
                 entry.hl7_fingerprint = fingerprint
                 report.hl7_messages += 1
+            if self.hl7.fhir_base_url and fingerprint != entry.fhir_fingerprint:
+                self._queue_fhir(s, study, new, entry, now)
+                entry.fhir_fingerprint = fingerprint
+                report.fhir_messages += 1
+
+    @staticmethod
+    def _queue_fhir(
+        s: Session, study: StudyRow, new: TriageResult, entry: WaitingListEntry, now: float
+    ) -> None:
+        """Queue the FHIR resources of this decision (the older pending push is withdrawn)."""
+        patient = s.get(Patient, study.patient_fk)
+        enqueue_fhir_result(
+            s,
+            new,
+            sr_sop_instance_uid=entry.sr_sop_instance_uid or study.study_instance_uid,
+            patient_id=patient.patient_id if patient else "",
+            issuer=(patient.issuer_of_patient_id or "") if patient else "",
+            accession=study.accession_number,
+            now=now,
+            node_id=study.node_id,
+        )
 
     def _supersede(
         self,

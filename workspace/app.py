@@ -89,7 +89,8 @@ class ApiContext:
     index: Index  # studies, users, sessions, audit, assessments
     metrics: Metrics
     models: Callable[[], dict[str, Any]] = dict
-    outbox: Callable[[], list[dict[str, Any]]] = list
+    # the one outbox's items in a state, every channel, file names only (no paths, no payloads)
+    outbox: Callable[[str], list[dict[str, Any]]] = lambda state: []
     pending: Callable[[], list[dict[str, Any]]] = list  # `pending_row`s, any order
     ready: Callable[[], bool] = lambda: True
     node_id: str | None = None  # the worklist lists this node's studies (None: all)
@@ -186,6 +187,15 @@ IMAGES_UNAVAILABLE = (
     "The images of this study cannot be shown here: its series could not be read from the "
     "node's store. Open the study in the PACS viewer; the AI result above is unchanged."
 )
+_STUDY_OUTBOX_KEYS = (
+    "channel",
+    "kind",
+    "destination",
+    "sop_class_uid",
+    "state",
+    "attempts",
+    "sent_at",
+)
 
 
 def _study_view(row: dict[str, Any]) -> dict[str, Any]:
@@ -196,10 +206,7 @@ def _study_view(row: dict[str, Any]) -> dict[str, Any]:
         if _document(row, kind) is not None:
             docs.append({"kind": kind, "url": f"/api/studies/{row['study_instance_uid']}/{kind}"})
     out["documents"] = docs
-    out["outbox"] = [
-        {k: o[k] for k in ("destination", "sop_class_uid", "state", "attempts", "sent_at")}
-        for o in row.get("outbox") or []
-    ]
+    out["outbox"] = [{k: o.get(k) for k in _STUDY_OUTBOX_KEYS} for o in row.get("outbox") or []]
     return out
 
 
@@ -340,8 +347,12 @@ def create_app(ctx: ApiContext) -> FastAPI:
     # --- operations -----------------------------------------------------------------------
 
     @app.get("/api/outbox")
-    def outbox(who: Operations) -> list[dict[str, Any]]:
-        return ctx.outbox()
+    def outbox(
+        who: Operations, state: Literal["dead", "pending", "sent", "withdrawn"] = "dead"
+    ) -> list[dict[str, Any]]:
+        """Outbox items of every channel (DICOM, HL7, FHIR) in `state`, the dead letters by
+        default, oldest first; a DICOM document by its file name only."""
+        return ctx.outbox(state)
 
     @app.get("/api/audit")
     def audit_log(

@@ -1,6 +1,7 @@
 """`radtriage doctor --config FILE [--repair] [--json]`: check the index against the spool, the
-outbox and the results (`dicom_node.doctor`); exit 0 when nothing is left to fix, 1 when
-problems remain. Run it with the server stopped."""
+outbox and the results (`dicom_node.doctor`), and show the one outbox (every channel: counts by
+state, dead letters, stuck items); exit 0 when nothing is left to fix, 1 when problems remain.
+Run it with the server stopped."""
 
 from __future__ import annotations
 
@@ -41,8 +42,23 @@ def run(args: argparse.Namespace) -> int:
             state = "repaired" if p.repaired else "PROBLEM"
             where = p.study_instance_uid or p.path or ""
             print(f"{state:8s} {p.check:22s} {where}: {p.detail}")
+        _print_outbox(report.outbox)
         print(
             f"{len(report.problems)} found, {len(report.problems) - len(report.unrepaired)} "
             f"repaired, {len(report.unrepaired)} left; checked {report.checked}"
         )
     return 0 if report.ok else 1
+
+
+def _print_outbox(view: dict[str, Any]) -> None:
+    """The one outbox: counts by channel and state, then the dead letters and stuck items."""
+    for channel, states in view.get("counts", {}).items():
+        counts = ", ".join(f"{n} {state}" for state, n in states.items())
+        print(f"outbox   {channel:6s} {counts}")
+    for title, key in (("DEAD", "dead_letters"), ("STUCK", "stuck")):
+        for item in view.get(key, []):
+            name = item.get("file") or item.get("item_uid")
+            print(
+                f"{title:8s} {item['channel']}/{item['kind']} to {item['destination']} "
+                f"{item['study_instance_uid']} {name}: {item.get('last_error') or ''}"
+            )

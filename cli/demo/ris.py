@@ -13,12 +13,14 @@ class RecordingRis:
     """A minimal RIS for tests and the demo: keeps every message it receives and answers each
     with `ack_code` (AA by default; AE/AR to test the sender's retries and dead letters)."""
 
-    def __init__(self, ack_code: str = "AA", settings: Hl7Settings | None = None) -> None:
+    def __init__(
+        self, ack_code: str = "AA", settings: Hl7Settings | None = None, port: int = 0
+    ) -> None:
         self.ack_code = ack_code
         self.messages: list[str] = []
         self._settings = settings or Hl7Settings(sending_application="RIS")
         self._lock = threading.Lock()
-        self.server = MllpServer(self._handle, name="recording-ris")
+        self.server = MllpServer(self._handle, port=port, name="recording-ris")
 
     def _handle(self, text: str) -> str:
         with self._lock:

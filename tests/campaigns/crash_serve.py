@@ -318,7 +318,7 @@ def run_campaign(
                 lambda: (
                     _db(c, "SELECT count(*) FROM studies")[0][0] == studies
                     and not _db(c, "SELECT 1 FROM studies WHERE status != 'sent'")
-                    and not _db(c, "SELECT 1 FROM outbox WHERE state != 'sent'")
+                    and not _db(c, "SELECT 1 FROM outbox WHERE state IN ('pending', 'dead')")
                 ),
                 600,
                 0.5,

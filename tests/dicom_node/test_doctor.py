@@ -102,9 +102,7 @@ def test_doctor_finds_and_repairs_what_a_crash_leaves(
 def test_doctor_requeues_a_study_whose_pending_document_vanished(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from sqlalchemy import insert
-
-    from dicom_node.index import OutboxItem
+    from dicom_node import outbox
 
     cfg = _config(tmp_path)
     spool = Spool(tmp_path / "var")
@@ -113,23 +111,49 @@ def test_doctor_requeues_a_study_whose_pending_document_vanished(
     _ingest(Ingest(spool, index), files)
     uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
     with index.write() as s:
-        s.execute(
-            insert(OutboxItem).values(
+        outbox.enqueue(
+            s,
+            outbox.Message(
+                channel=outbox.Channel.DICOM,
+                kind=outbox.Kind.TRIAGE_SR,
                 study_instance_uid=uid,
                 node_id="RADTRIAGE",
                 destination="pacs",
-                sop_instance_uid="1.2.3.9",
+                item_uid="1.2.3.9",
                 sop_class_uid="1.2.840.10008.5.1.4.1.1.88.33",
                 path=str(spool.outbox_folder(uid) / "1.2.3.9.dcm"),
-                state="pending",
-                attempts=0,
-                next_attempt_at=0.0,
-                created_at=0.0,
-            )
+            ),
+            now=0.0,
+        )
+        # an ORU waiting since the epoch for a RIS that never answers: stuck, not a file problem
+        outbox.enqueue(
+            s,
+            outbox.Message(
+                channel=outbox.Channel.HL7,
+                kind=outbox.Kind.ORU,
+                study_instance_uid=uid,
+                node_id="RADTRIAGE",
+                destination="ris",
+                item_uid="RT1",
+                payload="MSH|^~\\&|...",
+            ),
+            now=0.0,
         )
     code, found = _doctor(capsys, cfg, "--repair")
     assert found["by_check"] == {"outbox_file_missing": 1} and code == 0
-    assert index.outbox()[0]["state"] == "dead"
+    assert index.outbox(channel="dicom")[0]["state"] == "dead"
     assert index.get_study(uid)["status"] == "received"  # analysed again: a new report
-    assert _doctor(capsys, cfg)[0] == 0
+    code, found = _doctor(capsys, cfg)
+    assert code == 0
+    view = found["outbox"]
+    assert view["counts"]["dicom"]["dead"] == 1 and view["counts"]["hl7"]["pending"] == 1
+    assert view["counts"]["fhir"] == {"pending": 0, "sent": 0, "dead": 0, "withdrawn": 0}
+    (dead,) = view["dead_letters"]
+    assert dead["file"] == "1.2.3.9.dcm" and "path" not in dead and "payload" not in dead
+    assert dead["last_error"] == "document missing (doctor)"
+    assert [(i["channel"], i["item_uid"]) for i in view["stuck"]] == [("hl7", "RT1")]
+    assert str(tmp_path) not in json.dumps(view)
+    main(["doctor", "--config", str(cfg)])
+    text = capsys.readouterr().out
+    assert "outbox   hl7    1 pending" in text and "DEAD     dicom/triage_sr to pacs" in text
     index.close()

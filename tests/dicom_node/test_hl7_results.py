@@ -1,4 +1,5 @@
-"""Results out to the RIS: ORU^R01 content and the durable HL7 outbox against a real MLLP peer."""
+"""Results out to the RIS: ORU^R01 content and the HL7 channel of the one outbox against a real
+MLLP peer (retries, dead letters, latest wins after an outage)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,8 @@ from cli.demo.ris import RecordingRis
 from core.domain import LesionResult, ModelInfo, Priority, StudyStatus, TriageResult
 from core.settings import Hl7Destination, Hl7Settings
 from dicom_node.index import Index
-from ris.hl7_results import (
-    HL7_DEAD,
-    HL7_PENDING,
-    HL7_SENT,
-    Hl7Sender,
-    ResultReport,
-    build_oru,
-    enqueue_result,
-    outbox_rows,
-)
+from dicom_node.outbox import DEAD, PENDING, SENT, WITHDRAWN
+from ris.hl7_results import Hl7Sender, ResultReport, build_oru, enqueue_result
 
 from .hl7_peers import segment
 
@@ -93,6 +86,10 @@ def test_correction_is_status_c() -> None:
     assert all(r[11] == "C" for r in _obx(text).values())
 
 
+def _rows(index: Index) -> list[dict]:
+    return index.outbox(channel="hl7")
+
+
 def _queue(index: Index, settings: Hl7Settings) -> None:
     with index.write() as s:
         enqueue_result(s, ResultReport(RESULT, accession_number="ACC001"), settings, now=0.0)
@@ -105,10 +102,10 @@ def test_ris_receives_and_acks(tmp_path: Path) -> None:
         settings = _settings(ris.port)
         _queue(index, settings)
         assert Hl7Sender(index, settings, clock=lambda: 1.0).run_once() == 1
-    (row,) = outbox_rows(index)
-    assert row["state"] == HL7_SENT and row["attempts"] == 1
+    (row,) = _rows(index)
+    assert row["state"] == SENT and row["attempts"] == 1
     (received,) = ris.messages
-    assert segment(received, "MSH")[9] == row["message_control_id"]
+    assert segment(received, "MSH")[9] == row["item_uid"]
 
 
 @pytest.mark.integration
@@ -119,17 +116,17 @@ def test_ris_down_retries_with_backoff_then_dead_letter(tmp_path: Path) -> None:
     now = [1.0]
     sender = Hl7Sender(index, settings, clock=lambda: now[0])
     assert sender.run_once() == 0
-    (row,) = outbox_rows(index)
-    assert (row["state"], row["attempts"], row["next_attempt_at"]) == (HL7_PENDING, 1, 11.0)
+    (row,) = _rows(index)
+    assert (row["state"], row["attempts"], row["next_attempt_at"]) == (PENDING, 1, 11.0)
     assert "no ACK" in row["last_error"]
-    assert sender.run_once() == 0 and outbox_rows(index)[0]["attempts"] == 1  # not due yet
+    assert sender.run_once() == 0 and _rows(index)[0]["attempts"] == 1  # not due yet
     now[0] = 11.0
     sender.run_once()
-    assert outbox_rows(index)[0]["next_attempt_at"] == 31.0  # 10 s, then 20 s
+    assert _rows(index)[0]["next_attempt_at"] == 31.0  # 10 s, then 20 s
     now[0] = 31.0
     sender.run_once()
-    (row,) = outbox_rows(index)
-    assert row["state"] == HL7_DEAD and row["attempts"] == 3
+    (row,) = _rows(index)
+    assert row["state"] == DEAD and row["attempts"] == 3
     assert "gave up after 3 attempts" in row["last_error"]
 
 
@@ -142,8 +139,8 @@ def test_ae_is_retried_and_ar_is_a_dead_letter(tmp_path: Path) -> None:
         now = [1.0]
         sender = Hl7Sender(index, settings, clock=lambda: now[0])
         sender.run_once()
-        (row,) = outbox_rows(index)
-        assert (row["state"], row["attempts"]) == (HL7_PENDING, 1)
+        (row,) = _rows(index)
+        assert (row["state"], row["attempts"]) == (PENDING, 1)
         assert row["last_error"].startswith("AE from ris: test RIS refuses")
         ris.ack_code = "AA"
         now[0] = 100.0
@@ -151,7 +148,86 @@ def test_ae_is_retried_and_ar_is_a_dead_letter(tmp_path: Path) -> None:
         ris.ack_code = "AR"
         _queue(index, settings)
         sender.run_once()
-    rows = outbox_rows(index)
-    assert [r["state"] for r in rows] == [HL7_SENT, HL7_DEAD]
+    rows = _rows(index)
+    assert [r["state"] for r in rows] == [SENT, DEAD]
     assert rows[1]["attempts"] == 1 and rows[1]["last_error"].startswith("AR from ris")
     assert len(ris.messages) == 3
+
+
+@pytest.mark.integration
+def test_ris_outage_ends_with_the_urgent_correction_only(tmp_path: Path) -> None:
+    """The RIS is down while a routine ORU and then an urgent correction are queued; when it
+    comes back it receives the urgent one only, and last."""
+    from core import codes
+
+    index = Index(f"sqlite:///{tmp_path}/i.db")
+    port = _free_port()
+    settings = _settings(port, initial_backoff_s=5.0)
+    now = [1.0]
+    sender = Hl7Sender(index, settings, clock=lambda: now[0])
+    routine = RESULT.model_copy(update={"priority": Priority.ROUTINE, "case_likelihood": 0.05})
+    with index.write() as s:
+        enqueue_result(s, ResultReport(routine, accession_number="ACC001"), settings, now=0.0)
+    assert sender.run_once() == 0  # RIS down: attempt 1 failed, retry at 6 s
+    (first,) = _rows(index)
+    assert (first["state"], first["attempts"]) == (PENDING, 1)
+    with index.write() as s:
+        enqueue_result(
+            s, ResultReport(RESULT, accession_number="ACC001", correction=True), settings, 2.0
+        )
+    old, new = _rows(index)
+    assert (old["state"], old["superseded_by"], new["state"]) == (WITHDRAWN, new["id"], PENDING)
+    with RecordingRis(port=port) as ris:
+        now[0] = 10.0
+        assert sender.run_once() == 1
+        assert sender.run_once() == 0  # the withdrawn routine ORU is never sent
+    (received,) = ris.messages
+    assert segment(received, "MSH")[9] == new["item_uid"]
+    assert _obx(received)["RT001"][5].split("^")[0] == codes.PRIORITY_CODES["urgent"].value
+    assert segment(received, "OBR")[25] == "C"
+    assert [r["state"] for r in _rows(index)] == [WITHDRAWN, SENT]
+
+
+@pytest.mark.integration
+def test_a_ris_down_holds_back_only_its_own_messages(tmp_path: Path) -> None:
+    """Order is kept per study and destination: a RIS that is down delays neither the other
+    RIS nor, once a message waits for its retry, another study's first try."""
+    index = Index(f"sqlite:///{tmp_path}/i.db")
+    down = _free_port()
+    with RecordingRis() as ris:
+        up = Hl7Destination(name="up", host="127.0.0.1", port=ris.port)
+        gone = Hl7Destination(name="down", host="127.0.0.1", port=down)
+        settings = Hl7Settings(destinations=[up, gone], ack_timeout_s=2.0, initial_backoff_s=5.0)
+        now = [1.0]
+        sender = Hl7Sender(index, settings, clock=lambda: now[0])
+        with index.write() as s:
+            enqueue_result(s, ResultReport(RESULT), settings, now=0.0)
+        assert sender.run_once() == 1  # "up" took it; "down" failed, retry at 6 s
+        other = RESULT.model_copy(update={"study_instance_uid": "1.2.826.0.1.3680043.8.498.9"})
+        with index.write() as s:
+            enqueue_result(s, ResultReport(other), settings, now=2.0)
+        now[0] = 3.0
+        # the other study's message to "down" is tried (another study: not held back)
+        assert sender.run_once() == 1
+        states = {(r["study_instance_uid"][-1], r["destination"]): r for r in _rows(index)}
+        assert states[("1", "down")]["attempts"] == 1  # not due: not tried again
+        assert states[("9", "down")]["attempts"] == 1
+    assert len(ris.messages) == 2
+
+
+def test_result_status_follows_what_the_ris_may_hold(tmp_path: Path) -> None:
+    """OBR-25 is P until a result of the study reached (or was tried at) the RIS, then C; a
+    first result withdrawn before it left does not make the next one a correction."""
+    from dicom_node import outbox
+
+    index = Index(f"sqlite:///{tmp_path}/i.db")
+    settings = _settings(1)
+    for now in (0.0, 1.0):  # the second withdraws the first: the RIS heard nothing yet
+        with index.write() as s:
+            enqueue_result(s, ResultReport(RESULT, correction=True), settings, now=now)
+    status = [segment(r["payload"], "OBR")[25] for r in _rows(index)]
+    assert status == ["P", "P"] and _rows(index)[0]["state"] == WITHDRAWN
+    with index.write() as s:
+        outbox.record_sent(s, _rows(index)[1]["id"], 2.0)
+        enqueue_result(s, ResultReport(RESULT), settings, now=3.0)
+    assert segment(_rows(index)[2]["payload"], "OBR")[25] == "C"

@@ -90,7 +90,7 @@ def test_orthanc_forwards_study_and_gets_sr_back(tmp_path: Path) -> None:
         assert listed["status"] == "sent" and listed["priority"] == "routine"
         counts = node.counts()
         assert counts["ingest"]["stored"] == 12 and counts["studies"]["sent"] == 1
-        assert counts["outbox"] == {"pending": 0, "sent": 1, "dead": 0}
+        assert counts["outbox"] == {"pending": 0, "sent": 1, "dead": 0, "withdrawn": 0}
         assert node.dead_letters() == []
         timings = study["timings_ms"]
         assert all(timings[k] is not None for k in ("wait_complete", "analysis", "send"))

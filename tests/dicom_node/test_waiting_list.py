@@ -19,13 +19,14 @@ from core.priority import Thresholds, decide_priority
 from core.settings import Hl7Destination, Hl7Settings, Settings, TriageSettings
 from dicom_node.evidence import scan_evidence
 from dicom_node.index import Index, Instance, OutboxItem
+from dicom_node.outbox import PENDING, SENT, WITHDRAWN
 from dicom_node.spool import Spool
 from dicom_node.sr import build_triage_sr
 from dicom_node.sr_reader import read_triage_sr
 from evaluation.simulate import queue_rank
 from imaging.study_reader import scan_study
 from ris.hl7_listener import Hl7Listener
-from ris.hl7_results import HL7_SENT, Hl7Sender, outbox_rows
+from ris.hl7_results import Hl7Sender
 from ris.node import RisNode
 from ris.orders import OrderControl, OrderUpdate, apply_order
 from triage.waiting_list import LiveWaitingList, WaitingInputs, WaitingList, decide_today
@@ -64,13 +65,15 @@ def _first_sr(index: Index, uid: str, result: TriageResult, folder: Path) -> Pat
     return path
 
 
-def _waiting_list(index: Index, tmp_path: Path, ris_port: int | None, today: str) -> WaitingList:
+def _waiting_list(
+    index: Index, tmp_path: Path, ris_port: int | None, today: str, fhir: str | None = None
+) -> WaitingList:
     dests = [Hl7Destination(name="ris", host="127.0.0.1", port=ris_port)] if ris_port else []
     return WaitingList(
         index,
         Spool(tmp_path / "var"),
         TriageSettings(today=date.fromisoformat(today)),
-        Hl7Settings(destinations=dests, ack_timeout_s=2.0),
+        Hl7Settings(destinations=dests, ack_timeout_s=2.0, fhir_base_url=fhir),
         thresholds=lambda model: THRESHOLDS if model.name == MODEL.name else None,
         dicom_destinations=["pacs"],
     )
@@ -143,6 +146,8 @@ def test_study_becomes_urgent_when_today_passes_its_escalation_date(
     report = day.tick()
     assert (report.studies, report.superseding_srs, report.hl7_messages) == (1, 1, 1)
     assert _columns(index, uid)[:3] == ("soon", Priority.SOON.rank, request.strftime("%Y%m%d"))
+    sender = Hl7Sender(index, day.hl7)
+    assert sender.run_once() == 1  # the RIS hears "soon" before the next day's tick
 
     later = _waiting_list(index, tmp_path, ris.port, (request + timedelta(days=25)).isoformat())
     report = later.tick()
@@ -151,8 +156,16 @@ def test_study_becomes_urgent_when_today_passes_its_escalation_date(
     assert later.tick().superseding_srs == 0  # same day, same flag: nothing re-sent
 
     with index.read() as s:
-        dicom = list(s.scalars(select(OutboxItem).where(OutboxItem.study_instance_uid == uid)))
+        dicom = list(
+            s.scalars(
+                select(OutboxItem).where(
+                    OutboxItem.study_instance_uid == uid, OutboxItem.channel == "dicom"
+                )
+            )
+        )
     assert len(dicom) == 2  # one superseding SR per change, to the PACS destination
+    # no DICOM sender ran: the urgent SR withdrew the soon one, which PACS never gets
+    assert [o.state for o in dicom] == [WITHDRAWN, PENDING]
     urgent_sr = pydicom.dcmread(dicom[-1].path)
     soon_sr = pydicom.dcmread(dicom[0].path)
     predecessor = urgent_sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
@@ -162,15 +175,53 @@ def test_study_becomes_urgent_when_today_passes_its_escalation_date(
     assert parsed.days_waited == 25
     assert soon_sr.SOPInstanceUID in parsed.predecessors
 
-    sender = Hl7Sender(index, later.hl7)
-    assert sender.run_once() == 2
-    assert [r["state"] for r in outbox_rows(index)] == [HL7_SENT, HL7_SENT]
+    assert sender.run_once() == 1
+    assert [r["state"] for r in index.outbox(channel="hl7")] == [SENT, SENT]
     first, second = ris.messages
     assert segment(first, "OBR")[25] == "P" and segment(second, "OBR")[25] == "C"
     obx = [line.split("|") for line in second.split("\r") if line.startswith("OBX|1|")]
     assert obx[0][5].startswith("RT101^Urgent")
     sr_ref = next(line for line in second.split("\r") if "RT514" in line)
     assert sr_ref.split("|")[5] == urgent_sr.SOPInstanceUID
+
+
+@pytest.mark.integration
+def test_ris_down_during_an_escalation_hears_only_the_current_flag(
+    index: Index, tmp_path: Path
+) -> None:
+    """Day 24 queues "soon" while the RIS is down, day 25 "urgent": when the RIS is back its
+    only (and so last) message is the urgent one; FHIR and PACS likewise keep only the newest."""
+    from core import codes
+
+    uid = _reported(index, tmp_path, accession="ACC9", days_waited=5)
+    request = ANALYSED_ON - timedelta(days=5)
+    port = _free_port()
+    fhir = "http://127.0.0.1:9/fhir"
+    day = _waiting_list(index, tmp_path, port, (request + timedelta(days=24)).isoformat(), fhir)
+    report = day.tick()
+    assert (report.hl7_messages, report.fhir_messages, report.superseding_srs) == (1, 1, 1)
+    now = [time.time()]
+    sender = Hl7Sender(index, day.hl7, clock=lambda: now[0])
+    assert sender.run_once() == 0  # the RIS is down
+    later = _waiting_list(index, tmp_path, port, (request + timedelta(days=25)).isoformat(), fhir)
+    report = later.tick()
+    assert (report.hl7_messages, report.fhir_messages, report.superseding_srs) == (1, 1, 1)
+    assert later.tick().fhir_messages == 0  # same decision: nothing queued again
+    with RecordingRis(port=port) as ris:
+        now[0] += 3600
+        assert sender.run_once() == 1
+        assert sender.run_once() == 0
+    (oru,) = ris.messages
+    flag = next(line.split("|") for line in oru.split("\r") if line.startswith("OBX|1|"))
+    assert flag[5].split("^")[0] == codes.PRIORITY_CODES["urgent"].value
+    assert segment(oru, "OBR")[25] == "C"  # the soon ORU was tried: the RIS may hold it
+    for channel in ("hl7", "fhir", "dicom"):
+        rows = index.outbox(study_instance_uid=uid, channel=channel)
+        assert rows[0]["state"] == WITHDRAWN and rows[0]["superseded_by"] == rows[1]["id"]
+    (fhir_item,) = index.outbox(study_instance_uid=uid, channel="fhir", state=PENDING)
+    resources = json.loads(fhir_item["payload"])
+    assert resources[-1]["resourceType"] == "DiagnosticReport"
+    assert resources[-1]["conclusionCode"][0]["coding"][0]["code"] == "RT101"
 
 
 @pytest.mark.integration
@@ -537,8 +588,8 @@ def _escalate_on(index: Index, tmp_path: Path) -> None:
     report = wl.tick()
     assert (report.superseding_srs, report.hl7_messages) == (1, 1)
     assert _columns(index, uid) == ("urgent", 0, "20261119", pytest.approx(0.15))
-    (row,) = outbox_rows(index)
-    assert row["state"] == "pending" and "RT101" in row["message"]
+    (row,) = index.outbox(channel="hl7")
+    assert row["state"] == "pending" and "RT101" in row["payload"]
 
 
 def test_a_new_analysis_resets_what_the_last_sr_said(index: Index, tmp_path: Path) -> None:
@@ -549,7 +600,11 @@ def test_a_new_analysis_resets_what_the_last_sr_said(index: Index, tmp_path: Pat
     assert _waiting_list(index, tmp_path, None, urgent_day).tick().superseding_srs == 1
     # analysed again; its new SR says routine (the analysis did not know the request date)
     with index.read() as s:
-        path = s.scalars(select(OutboxItem.path).where(OutboxItem.study_instance_uid == uid)).one()
+        path = s.scalars(
+            select(OutboxItem.path).where(
+                OutboxItem.study_instance_uid == uid, OutboxItem.channel == "dicom"
+            )
+        ).one()
     with index.write() as s:
         s.execute(
             text(

@@ -246,7 +246,7 @@ def test_observations_map_tid1500_measurements(
 class _FhirServer:
     """A real HTTP peer on loopback that stores what is PUT (a FHIR server's update)."""
 
-    def __init__(self, status: int = 200) -> None:
+    def __init__(self, status: int = 200, port: int = 0) -> None:
         import http.server
         import threading
 
@@ -259,6 +259,7 @@ class _FhirServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 if outer.status == 200:
                     outer.resources[self.path] = body
+                    outer.puts.append(self.path)
                 self.send_response(outer.status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -266,7 +267,8 @@ class _FhirServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.puts: list[str] = []  # every accepted PUT's path, in order
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/fhir"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
@@ -276,43 +278,109 @@ class _FhirServer:
         self.httpd.server_close()
 
 
-@pytest.mark.integration
-def test_results_are_pushed_to_a_fhir_server_once_per_decision(index: Index) -> None:
-    from dicom_node.results import WaitingListEntry
-    from ris.fhir import FhirPush
+def _queue_fhir(index: Index, result: TriageResult, now: float, sr_uid: str = "1.2.3.100") -> int:
+    from ris.fhir import enqueue_fhir_result
 
-    _add_results(index, 2)
     with index.write() as s:
-        for i in (1, 2):
-            s.add(
-                WaitingListEntry(
-                    study_instance_uid=f"1.2.826.0.1.3680043.8.498.{i}",
-                    priority="urgent",
-                    priority_rank=0,
-                    decided_on="2026-12-01",
-                    sr_sop_instance_uid=f"1.2.826.0.1.3680043.8.498.10{i}",
-                    result_fingerprint="a" * 64,
-                    updated_at=1.0,
-                )
-            )
+        return enqueue_fhir_result(
+            s,
+            result,
+            sr_sop_instance_uid=sr_uid,
+            patient_id="PAT001",
+            issuer="1.2.3.4",
+            accession="ACC1",
+            now=now,
+            node_id="",
+        )
+
+
+def _decision(priority: Priority, uid: str = "1.2.826.0.1.3680043.8.498.1") -> TriageResult:
+    return TriageResult(
+        study_instance_uid=uid,
+        status=StudyStatus.REPORTED,
+        priority=priority,
+        case_likelihood=0.9 if priority is Priority.URGENT else 0.1,
+        model=ModelInfo(name="cspca_detector", version="0.1.0", sha256="0" * 64),
+        referral_urgency="routine",
+        days_waited=4,
+    )
+
+
+@pytest.mark.integration
+def test_fhir_pushes_retry_with_backoff_and_refusals_are_dead_letters(index: Index) -> None:
+    from dicom_node.outbox import DEAD, PENDING, SENT, RetryPolicy
+    from ris.fhir import FhirSender
+
+    _queue_fhir(index, _decision(Priority.URGENT), now=0.0)
+    _queue_fhir(index, _decision(Priority.ROUTINE, "1.2.826.0.1.3680043.8.498.2"), 0.0, "1.2.9")
     server = _FhirServer(status=500)
+    now = [1.0]
     try:
-        push = FhirPush(index, server.url)
-        assert push.run_once() == 0  # the server fails: nothing recorded, retried next round
+        push = FhirSender(
+            index, server.url, policy=RetryPolicy(initial_backoff_s=10), clock=lambda: now[0]
+        )
+        assert push.run_once() == 0  # the server fails: retried after 10 s
+        rows = index.outbox(channel="fhir")
+        assert [(r["state"], r["attempts"], r["next_attempt_at"]) for r in rows] == [
+            (PENDING, 1, 11.0)
+        ] * 2
+        assert "HTTP 500" in rows[0]["last_error"]
         server.status = 200
+        assert push.run_once() == 0  # not due yet
+        now[0] = 11.0
         assert push.run_once() == 2
         reports = [r for p, r in server.resources.items() if "/DiagnosticReport/" in p]
         observations = [r for p, r in server.resources.items() if "/Observation/" in p]
-        assert len(reports) == 2
+        assert len(reports) == 2 and observations
         for report in reports:
             DiagnosticReport.model_validate(report)
         for observation in observations:
             Observation.model_validate(observation)
-        assert push.run_once() == 0  # nothing changed
-        with index.write() as s:
-            entry = s.scalars(select(WaitingListEntry)).first()
-            assert entry is not None
-            entry.result_fingerprint = "b" * 64  # the decision changed
-        assert push.run_once() == 1
+        # each decision: its Observations first, its DiagnosticReport last
+        assert "/DiagnosticReport/" in server.puts[len(server.puts) // 2 - 1]
+        assert "/DiagnosticReport/" in server.puts[-1]
+        assert push.run_once() == 0  # nothing new
+        server.status = 422  # the server refuses the resource itself: no point retrying
+        _queue_fhir(index, _decision(Priority.SOON, "1.2.826.0.1.3680043.8.498.3"), 12.0, "1.2.8")
+        now[0] = 12.0
+        assert push.run_once() == 0
+        assert [r["state"] for r in index.outbox(channel="fhir")] == [SENT, SENT, DEAD]
     finally:
         server.close()
+
+
+@pytest.mark.integration
+def test_fhir_server_outage_ends_with_the_latest_decision_only(index: Index) -> None:
+    """The FHIR server is down while a routine then an urgent decision are queued; when it is
+    back it receives the urgent one only."""
+    import socket
+
+    from dicom_node.outbox import SENT, WITHDRAWN, RetryPolicy
+    from ris.fhir import FhirSender
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    now = [1.0]
+    url = f"http://127.0.0.1:{port}/fhir"
+    push = FhirSender(index, url, policy=RetryPolicy(initial_backoff_s=5), clock=lambda: now[0])
+    _queue_fhir(index, _decision(Priority.ROUTINE), now=0.0)
+    assert push.run_once() == 0  # connection refused
+    assert "FHIR push failed" in index.outbox(channel="fhir")[0]["last_error"]
+    _queue_fhir(index, _decision(Priority.URGENT), now=2.0)
+    server = _FhirServer(port=port)
+    try:
+        now[0] = 10.0
+        assert push.run_once() == 1
+        assert push.run_once() == 0
+    finally:
+        server.close()
+    assert [r["state"] for r in index.outbox(channel="fhir")] == [WITHDRAWN, SENT]
+    (report,) = [r for p, r in server.resources.items() if "/DiagnosticReport/" in p]
+    assert report["conclusionCode"][0]["coding"][0]["code"] == "RT101"  # urgent
+    flags = [
+        r["valueCodeableConcept"]["coding"][0]["code"]
+        for r in server.resources.values()
+        if r["code"]["coding"][0]["code"] == "RT001"
+    ]
+    assert flags == ["RT101"]  # the routine decision never reached the server

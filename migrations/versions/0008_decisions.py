@@ -6,8 +6,8 @@ waiting list decides with it.
 - ``waiting_list.override_json``: a radiologist's flag {"priority", "by", "reason"};
 - ``waiting_list.sr_state``: what the last SR said (flag, deciding driver, PSA density).
 
-Revision ID: 0007
-Revises: 0006
+Revision ID: 0008
+Revises: 0007
 Create Date: 2026-12-06
 """
 
@@ -16,8 +16,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0007"
-down_revision = "0006"
+revision = "0008"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
