@@ -24,6 +24,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.domain import ReferralUrgency, SeriesRole, StudyStatus
+from core.settings import OidcSettings
 from dicom_node.index import Index
 from dicom_node.ingest import Ingest
 from workspace.accounts import Accounts, Principal
@@ -42,6 +43,8 @@ from workspace.auth import (
 )
 from workspace.key_images import KeyImageCache, StudyImages, load_study_images
 from workspace.metrics import Metrics
+from workspace.oidc import OidcClient, create_oidc_router, provider_logout_url
+from workspace.viewer import viewer_link
 from workspace.worklist import MAX_PAGE, SORT_KEYS, WorklistQuery, query_worklist
 
 WEB_DIR = Path(__file__).with_name("static")
@@ -87,6 +90,8 @@ class ApiContext:
     fds_days: int = 28
     key_images: KeyImageCache = field(default_factory=KeyImageCache)
     ingest: Ingest | None = None  # the node's C-STORE store path, for STOW-RS (None: off)
+    oidc: OidcSettings | None = None  # single sign-on (`workspace.oidc`); None: local accounts
+    viewer_url: str = ""  # the site's open-in-viewer template (`workspace.viewer`)
 
 
 class Login(BaseModel):
@@ -168,9 +173,12 @@ def _document(row: dict[str, Any], kind: str) -> Path | None:
     return None
 
 
-def _study_view(row: dict[str, Any]) -> dict[str, Any]:
-    """`GET /api/studies/{uid}`: the index row without file paths."""
+def _study_view(row: dict[str, Any], viewer_url: str = "") -> dict[str, Any]:
+    """`GET /api/studies/{uid}`: the index row without file paths, with the viewer link."""
     out = {k: v for k, v in row.items() if k not in ("documents", "outbox")}
+    out["viewer_url"] = viewer_link(
+        viewer_url, row["study_instance_uid"], row.get("accession_number")
+    )
     docs = []
     for kind in ("sr", "seg"):
         if _document(row, kind) is not None:
@@ -201,6 +209,10 @@ def create_app(ctx: ApiContext) -> FastAPI:
     assessments = Assessments(engine)
     app.state.accounts = accounts
     app.state.audit = audit
+
+    if ctx.oidc is not None:  # single sign-on beside the local accounts
+        app.state.oidc = OidcClient(ctx.oidc)
+        app.include_router(create_oidc_router(app.state.oidc, ctx.session_ttl_s))
 
     @app.exception_handler(LoginRequired)
     def _to_login(request: Request, exc: LoginRequired) -> RedirectResponse:
@@ -286,13 +298,15 @@ def create_app(ctx: ApiContext) -> FastAPI:
         return {"name": who.name, "role": who.role, "csrf_token": who.csrf_secret}
 
     @app.post("/api/logout")
-    def logout(who: Anyone, request: Request, response: Response) -> dict[str, str]:
+    def logout(who: Anyone, request: Request, response: Response) -> dict[str, str | None]:
+        """End the session; after a single sign-on, `end_session_url` is where the browser
+        goes next to end the provider's session too (RP-initiated logout)."""
         session_id = request.cookies.get(SESSION_COOKIE)
         if session_id:
             accounts.close_session(session_id)
         response.delete_cookie(SESSION_COOKIE, path="/")
         record(request, who, "logout")
-        return {"status": "signed out"}
+        return {"status": "signed out", "end_session_url": provider_logout_url(request, response)}
 
     @app.get("/api/models")
     def models(who: Anyone) -> dict[str, Any]:
@@ -351,6 +365,10 @@ def create_app(ctx: ApiContext) -> FastAPI:
         )
         with ctx.index.read() as s:
             page = query_worklist(s, query)
+        for row in page.rows:
+            row["viewer_url"] = viewer_link(
+                ctx.viewer_url, row["study_instance_uid"], row.get("accession_number")
+            )
         return {
             "total": page.total,
             "offset": page.offset,
@@ -370,7 +388,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         """One study: patient, result, series, documents sent to PACS (audited as a view)."""
         row = study_row(study_instance_uid)
         record(request, who, "view_study", study_instance_uid)
-        return _study_view(row)
+        return _study_view(row, ctx.viewer_url)
 
     def images_of(row: dict[str, Any]) -> tuple[str, Callable[[], StudyImages]]:
         uid = row["study_instance_uid"]
