@@ -313,6 +313,8 @@ class RadtriageApp:
             ready=self.ready,
             node_id=index.node_id,
             session_ttl_s=self.settings.http.session_ttl_s,
+            oidc=self.settings.http.oidc,
+            viewer_url=self.settings.http.viewer_url,
             fds_days=self.settings.triage.fds_days,
         )
         return build_http_app(ctx)

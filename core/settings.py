@@ -199,6 +199,7 @@ class OidcSettings(_Section):
     )
     role_map: dict[str, Literal["radiologist", "admin", "ml_engineer"]] = Field(
         default_factory=dict,
+        validate_default=True,
         description="Provider role/group value -> radtriage role; the first entry (in file order) "
         "that the user holds wins; a user holding none is refused",
     )
@@ -263,7 +264,7 @@ class HttpSettings(_Section):
             raise ValueError(f"[http] viewer_url is not a valid template: {exc}") from None
         if any(spec or conversion for _, spec, conversion in fields):
             raise ValueError("[http] viewer_url placeholders take no format spec or conversion")
-        names = {name for name, _, _ in fields}
+        names = {str(name) for name, _, _ in fields}
         unknown = names - set(VIEWER_URL_FIELDS)
         if unknown or not names:
             raise ValueError(
