@@ -385,16 +385,16 @@ class RadtriageApp:
             log_event(log, "radtriage stopped", drain_s=round(time.monotonic() - started, 1))
 
     def shutdown(self) -> None:
-        """Leave Ray. A deploying app removes its Serve app (all of Serve on a local Ray it
-        started); an attached one leaves the shared app running for the other nodes."""
+        """Leave Ray. On a shared cluster a deploying app removes its Serve app and an attached
+        one leaves it running for the other nodes. On the local Ray this process started,
+        `ray.shutdown()` ends the whole cluster, Serve's replicas with it: Serve's own graceful
+        shutdown first (replica by replica) would only add seconds to a Ctrl-C, and replicas
+        hold only arrays in flight, nothing to write."""
         if self.backend == "ray" and self.engine is not None:
             import ray
             from ray import serve
 
-            if self.settings.serving.deploy:
-                if os.environ.get("RAY_ADDRESS"):
-                    serve.delete(self.settings.serving.app_name)
-                else:
-                    serve.shutdown()
+            if self.settings.serving.deploy and os.environ.get("RAY_ADDRESS"):
+                serve.delete(self.settings.serving.app_name)
             ray.shutdown()
             self.engine = None
