@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ HANG_BOUND_S = 120.0
 
 
 def test_ctrl_c_stops_serve_with_nothing_half_written(
-    tmp_path: Path, record_property: pytest.RecordProperty
+    tmp_path: Path, record_property: Callable[[str, object], None]
 ) -> None:
     pytest.importorskip("ray")
     from cli.demo import DemoStudy, create_demo_user, push_direct, wait_ready, write_config
