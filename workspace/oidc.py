@@ -60,6 +60,14 @@ SSO_HASH_PREFIX = "sso:"  # users.password_hash of a single sign-on user: no pas
 ASYMMETRIC_ALGORITHMS = (
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
 )  # fmt: skip
+#: the landing and refusal pages: no script at all, our stylesheet, a link back
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'self'; frame-ancestors 'none'; "
+    "base-uri 'none'; form-action 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",  # the callback URL carries the code
+    "Cache-Control": "no-store",
+}
 MAX_HINT_COOKIE = 3500  # bytes; a larger ID token is not kept (sign-out then names the client)
 #: the callback's answer: a same-site navigation to the worklist, on which the SameSite=Strict
 #: session cookie is sent (it is not on a redirect chain that began at the provider's site)
@@ -367,7 +375,7 @@ def _refusal(status: int, message: str) -> HTMLResponse:
         f'<h1>Sign-in refused</h1><p class="error">{html.escape(message)}</p>'
         '<p><a href="/login">Back to sign-in</a></p></main></body></html>'
     )
-    return HTMLResponse(body, status_code=status, headers={"Cache-Control": "no-store"})
+    return HTMLResponse(body, status_code=status, headers=PAGE_HEADERS)
 
 
 def provider_logout_url(request: Request, response: Response) -> str | None:
@@ -438,7 +446,7 @@ def create_oidc_router(client: OidcClient, session_ttl_s: float) -> APIRouter:
             address=address,
             detail={"via": "oidc", "issuer": settings.issuer, "sub": signed_in.claims.get("sub")},
         )
-        response = HTMLResponse(_LANDING, headers={"Cache-Control": "no-store"})
+        response = HTMLResponse(_LANDING, headers=PAGE_HEADERS)
         response.delete_cookie(PENDING_COOKIE, path="/oidc/callback")
         response.set_cookie(
             SESSION_COOKIE,

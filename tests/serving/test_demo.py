@@ -51,7 +51,7 @@ def test_demo_once_analyses_every_study_and_returns_srs_to_orthanc(tmp_path: Pat
     assert re.search(
         r"^Worklist: http://127\.0\.0\.1:\d+/worklist +\(sign in as demo / ", out, re.M
     )
-    assert re.search(r"^stopped \(radtriage in \d+\.\d s\)$", out, re.M)
+    assert re.search(r"^stopped in \d+\.\d s \(radtriage in \d+\.\d s\)$", out, re.M)
     rows = [line for line in out.splitlines() if line.startswith("phantom-")]
     assert len(rows) == len(DEMO_CASES)
     by_case = {row.split()[0]: row for row in rows}

@@ -1,6 +1,7 @@
-"""Ctrl-C on `radtriage serve` (Ray Serve backend, as `serve` and the demo run it) while a study
-is arriving over DICOM: the server and every process it started are gone, and nothing is left
-half-written (`radtriage doctor` finds the index, spool, outbox and results consistent).
+"""Ctrl-C (or SIGTERM) on `radtriage serve` (Ray Serve backend, as `serve` and the demo run
+it) while a study is arriving over DICOM: the server and every process it started are gone,
+and nothing is left half-written (`radtriage doctor` finds index, spool, outbox and results
+consistent).
 
 Ctrl-C in a terminal sends SIGINT to the whole foreground process group; the test does the same
 (`killpg`). It asserts outcomes, not a timing (the seconds are recorded as the test's
@@ -30,9 +31,12 @@ pytestmark = pytest.mark.integration
 HANG_BOUND_S = 120.0
 
 
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
 def test_ctrl_c_stops_serve_with_nothing_half_written(
-    tmp_path: Path, record_property: Callable[[str, object], None]
+    how: str, tmp_path: Path, record_property: Callable[[str, object], None]
 ) -> None:
+    """ctrl-c: SIGINT to the process group, as a terminal sends it; sigterm: to the main
+    process only, as `docker stop`, systemd and `radtriage demo` send it."""
     pytest.importorskip("ray")
     from cli.demo import DemoStudy, create_demo_user, push_direct, wait_ready, write_config
     from cli.demo.pacs import LocalPacs, free_port
@@ -66,14 +70,17 @@ def test_ctrl_c_stops_serve_with_nothing_half_written(
         while len(list(spool.rglob("*.dcm"))) < 5 and time.monotonic() < deadline:
             time.sleep(0.05)
         started = time.monotonic()
-        os.killpg(proc.pid, signal.SIGINT)
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=HANG_BOUND_S)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"serve still running {HANG_BOUND_S:.0f} s after Ctrl-C; see {log}")
+            pytest.fail(f"serve still running {HANG_BOUND_S:.0f} s after {how}; see {log}")
         shutdown_s = time.monotonic() - started
         record_property("shutdown_s", round(shutdown_s, 1))
-        print(f"serve stopped {shutdown_s:.1f} s after SIGINT")
+        print(f"serve stopped {shutdown_s:.1f} s after {how}")
         pushing.join(timeout=30)
         time.sleep(1.0)  # children get a moment to notice their parent is gone
         assert _in_session(proc.pid) == {}, "processes left behind"
