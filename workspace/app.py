@@ -1,6 +1,8 @@
 """HTTP API, radiologist workspace pages and operations endpoints (FastAPI).
 
-Open: ``/healthz``, ``/readyz``, ``/metrics``, ``/login``, ``POST /api/login``, ``/static/*``.
+Open: ``/healthz``, ``/readyz``, ``/metrics``, ``/login``, ``POST /api/login``, ``/static/*``,
+and with single sign-on configured ``/oidc/login``, ``/oidc/callback``, ``/api/login/options``
+(`workspace.oidc`).
 Everything else is behind a login session or a bearer token and checked per role
 (`workspace.auth`); the full list of JSON routes is FastAPI's OpenAPI schema (``/openapi.json``,
 listed in docs/worklist.md). The role of each route is in `require(...)` on the route itself.
