@@ -315,6 +315,8 @@ class RadtriageApp:
             ready=self.ready,
             node_id=index.node_id,
             session_ttl_s=self.settings.http.session_ttl_s,
+            oidc=self.settings.http.oidc,
+            viewer_url=self.settings.http.viewer_url,
             fds_days=self.settings.triage.fds_days,
             today=self.settings.triage.current_date,
             redecide=self.live.waiting_list.redecide if self.live is not None else None,
@@ -387,16 +389,16 @@ class RadtriageApp:
             log_event(log, "radtriage stopped", drain_s=round(time.monotonic() - started, 1))
 
     def shutdown(self) -> None:
-        """Leave Ray. A deploying app removes its Serve app (all of Serve on a local Ray it
-        started); an attached one leaves the shared app running for the other nodes."""
+        """Leave Ray. On a shared cluster a deploying app removes its Serve app and an attached
+        one leaves it running for the other nodes. On the local Ray this process started,
+        `ray.shutdown()` ends the whole cluster, Serve's replicas with it: Serve's own graceful
+        shutdown first (replica by replica) would only add seconds to a Ctrl-C, and replicas
+        hold only arrays in flight, nothing to write."""
         if self.backend == "ray" and self.engine is not None:
             import ray
             from ray import serve
 
-            if self.settings.serving.deploy:
-                if os.environ.get("RAY_ADDRESS"):
-                    serve.delete(self.settings.serving.app_name)
-                else:
-                    serve.shutdown()
+            if self.settings.serving.deploy and os.environ.get("RAY_ADDRESS"):
+                serve.delete(self.settings.serving.app_name)
             ray.shutdown()
             self.engine = None

@@ -156,3 +156,15 @@ class DestinationError(RadtriageError):
 class ConfigError(RadtriageError):
     http_status = 500
     reason_code = "invalid_config"
+
+
+class SignInError(RadtriageError):
+    """A single sign-on the server refuses: wrong state or nonce, an ID token that fails
+    validation, a user the role mapping does not admit."""
+
+    http_status = 401
+    reason_code = "sign_in_refused"
+
+    def __init__(self, message: str, *, http_status: int = 401) -> None:
+        super().__init__(message)
+        self.http_status = http_status

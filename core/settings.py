@@ -9,11 +9,13 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import string
 import tomllib
 from collections.abc import Mapping
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -136,6 +138,99 @@ class StorageSettings(_Section):
         return redact(self.database_url)
 
 
+#: the placeholders a viewer URL template may name (values are URL-encoded when filled in)
+VIEWER_URL_FIELDS = ("study_uid", "accession")
+
+
+def _is_loopback_host(host: str | None) -> bool:
+    if host in {"localhost"}:
+        return True
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
+
+
+def _http_url(value: str, what: str) -> str:
+    """An absolute http(s) URL; plain http only to a loopback host (tests, a local proxy)."""
+    parsed = urlsplit(value)
+    if parsed.scheme not in {"http", "https"} or not parsed.netloc:
+        raise ValueError(f"{what} must be an absolute https:// URL, got {value!r}")
+    if parsed.scheme == "http" and not _is_loopback_host(parsed.hostname):
+        raise ValueError(f"{what} must use https (plain http only on loopback), got {value!r}")
+    return value
+
+
+class OidcSettings(_Section):
+    """`[http.oidc]`: single sign-on with OpenID Connect (authorization code + PKCE)."""
+
+    issuer: str = Field(
+        description="The provider's issuer URL, exactly as its discovery document names it "
+        "(Keycloak: https://HOST/realms/REALM); discovery: ISSUER/.well-known/openid-configuration"
+    )
+    client_id: str = Field(min_length=1, max_length=256)
+    client_secret: str = Field(
+        default="",
+        repr=False,
+        description="Confidential client's secret (client_secret_basic); empty = public client "
+        "(PKCE only)",
+    )
+    redirect_url: str = Field(
+        description="This server's callback as registered at the provider, e.g. "
+        "https://radtriage.example.org/oidc/callback (never taken from the Host header)"
+    )
+    post_logout_redirect_url: str = Field(
+        default="",
+        description="Where the provider sends the browser after sign-out (registered at the "
+        "provider); empty = the redirect URL's origin + /login",
+    )
+    display_name: str = Field(
+        default="single sign-on", max_length=64, description='Login page: "Sign in with <name>"'
+    )
+    scopes: list[str] = Field(default_factory=lambda: ["openid", "profile", "email"])
+    username_claim: str = Field(
+        default="preferred_username",
+        description="ID token claim that names the user (their radtriage user name)",
+    )
+    role_claim: str = Field(
+        default="roles",
+        description="ID token claim holding the user's groups or roles; a dotted path reaches "
+        "into objects (Keycloak realm roles: realm_access.roles)",
+    )
+    role_map: dict[str, Literal["radiologist", "admin", "ml_engineer"]] = Field(
+        default_factory=dict,
+        validate_default=True,
+        description="Provider role/group value -> radtriage role; the first entry (in file order) "
+        "that the user holds wins; a user holding none is refused",
+    )
+    clock_skew_s: float = Field(default=60.0, ge=0, le=600, description="Leeway for exp/iat")
+    timeout_s: float = Field(default=10.0, gt=0, description="HTTP timeout towards the provider")
+
+    @field_validator("issuer", "redirect_url")
+    @classmethod
+    def _urls(cls, value: str) -> str:
+        return _http_url(value, "[http.oidc] issuer and redirect_url")
+
+    @field_validator("post_logout_redirect_url")
+    @classmethod
+    def _logout_url(cls, value: str) -> str:
+        return _http_url(value, "[http.oidc] post_logout_redirect_url") if value else value
+
+    @field_validator("scopes")
+    @classmethod
+    def _openid_scope(cls, value: list[str]) -> list[str]:
+        if "openid" not in value:
+            raise ValueError("[http.oidc] scopes must include openid")
+        return value
+
+    @field_validator("role_map")
+    @classmethod
+    def _some_role(cls, value: dict[str, str]) -> dict[str, str]:
+        if not value:
+            raise ValueError("[http.oidc] role_map must map at least one provider role")
+        return value
+
+
 class HttpSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, gt=0, lt=65536)
@@ -146,6 +241,37 @@ class HttpSettings(_Section):
     session_ttl_s: float = Field(
         default=8 * 3600.0, gt=0, description="Login sessions end this long after sign-in"
     )
+    oidc: OidcSettings | None = Field(
+        default=None, description="Single sign-on; None = local accounts only"
+    )
+    viewer_url: str = Field(
+        default="",
+        description="Open-in-viewer link template, http(s) only, with {study_uid} and/or "
+        "{accession} (URL-encoded when filled in), e.g. OHIF: "
+        "https://ohif.example.org/viewer?StudyInstanceUIDs={study_uid}; empty = no link",
+    )
+
+    @field_validator("viewer_url")
+    @classmethod
+    def _viewer_template(cls, value: str) -> str:
+        if not value:
+            return value
+        if urlsplit(value).scheme not in {"http", "https"} or not urlsplit(value).netloc:
+            raise ValueError(f"[http] viewer_url must be an http(s) URL template, got {value!r}")
+        try:
+            fields = [p[1:] for p in string.Formatter().parse(value) if p[1] is not None]
+        except ValueError as exc:
+            raise ValueError(f"[http] viewer_url is not a valid template: {exc}") from None
+        if any(spec or conversion for _, spec, conversion in fields):
+            raise ValueError("[http] viewer_url placeholders take no format spec or conversion")
+        names = {str(name) for name, _, _ in fields}
+        unknown = names - set(VIEWER_URL_FIELDS)
+        if unknown or not names:
+            raise ValueError(
+                f"[http] viewer_url may name only {{study_uid}} and {{accession}} (at least one), "
+                f"got {sorted(unknown) or 'none'}"
+            )
+        return value
 
     @model_validator(mode="after")
     def _tls_pair(self) -> HttpSettings:

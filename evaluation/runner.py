@@ -13,7 +13,7 @@ runner the server uses, so evaluation measures what would run in production.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Protocol
@@ -23,6 +23,7 @@ from scipy import ndimage
 
 from core.domain import Prediction, Volume
 from core.errors import InputError
+from core.progress import progress
 from evaluation.metrics import CaseRecord, detection_map_from_prediction
 
 log = logging.getLogger(__name__)
@@ -234,9 +235,10 @@ def largest_lesion_ml(mask: Volume | None) -> float | None:
 
 def run_cases(predictor: Predictor, cases: Iterable[LabelledCase]) -> list[CaseRecord]:
     records = []
-    for i, case in enumerate(cases, 1):
+    total = len(cases) if isinstance(cases, Sized) else None
+    for i, case in enumerate(progress(cases, "evaluated cases", total), 1):
         records.append(run_case(predictor, case))
-        log.info("evaluated %d cases (last: %s)", i, case.case_id)
+        log.debug("evaluated %d cases (last: %s)", i, case.case_id)
     if not records:
         raise InputError("the data source held no cases to evaluate")
     return records

@@ -47,6 +47,7 @@ import SimpleITK as sitk
 
 from core.domain import SeriesRole, Volume
 from core.errors import GeometryError, InputError, RadtriageError
+from core.progress import progress
 from models.preprocessing import to_sitk
 
 log = logging.getLogger(__name__)
@@ -271,7 +272,7 @@ def export_dataset(studies: Sequence[StudyFeedback], index: Any, root: Path) -> 
     try:
         (staging / "images").mkdir()
         (staging / "labels" / LESION_DIR).mkdir(parents=True)
-        for study in studies:
+        for study in progress(studies, "feedback cases", len(studies)):
             case = _load_case(study, index, report)
             if case is None:
                 continue

@@ -1,6 +1,8 @@
 """HTTP API, radiologist workspace pages and operations endpoints (FastAPI).
 
-Open: ``/healthz``, ``/readyz``, ``/metrics``, ``/login``, ``POST /api/login``, ``/static/*``.
+Open: ``/healthz``, ``/readyz``, ``/metrics``, ``/login``, ``POST /api/login``, ``/static/*``,
+and with single sign-on configured ``/oidc/login``, ``/oidc/callback``, ``/api/login/options``
+(`workspace.oidc`).
 Everything else is behind a login session or a bearer token and checked per role
 (`workspace.auth`); the full list of JSON routes is FastAPI's OpenAPI schema (``/openapi.json``,
 listed in docs/worklist.md). The role of each route is in `require(...)` on the route itself.
@@ -25,6 +27,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.domain import ReferralUrgency, SeriesRole, StudyStatus
+from core.settings import OidcSettings
 from dicom_node.index import Index
 from dicom_node.ingest import Ingest
 from dicom_node.results import decision_rows, record_override
@@ -44,6 +47,8 @@ from workspace.auth import (
 )
 from workspace.key_images import KeyImageCache, StudyImages, load_study_images
 from workspace.metrics import Metrics
+from workspace.oidc import OidcClient, create_oidc_router, provider_logout_url
+from workspace.viewer import viewer_link
 from workspace.worklist import (
     MAX_PAGE,
     SORT_KEYS,
@@ -101,6 +106,8 @@ class ApiContext:
     redecide: Callable[[str], object] | None = None
     key_images: KeyImageCache = field(default_factory=KeyImageCache)
     ingest: Ingest | None = None  # the node's C-STORE store path, for STOW-RS (None: off)
+    oidc: OidcSettings | None = None  # single sign-on (`workspace.oidc`); None: local accounts
+    viewer_url: str = ""  # the site's open-in-viewer template (`workspace.viewer`)
 
 
 class Login(BaseModel):
@@ -198,9 +205,12 @@ _STUDY_OUTBOX_KEYS = (
 )
 
 
-def _study_view(row: dict[str, Any]) -> dict[str, Any]:
-    """`GET /api/studies/{uid}`: the index row without file paths."""
+def _study_view(row: dict[str, Any], viewer_url: str = "") -> dict[str, Any]:
+    """`GET /api/studies/{uid}`: the index row without file paths, with the viewer link."""
     out = {k: v for k, v in row.items() if k not in ("documents", "outbox")}
+    out["viewer_url"] = viewer_link(
+        viewer_url, row["study_instance_uid"], row.get("accession_number")
+    )
     docs = []
     for kind in ("sr", "seg"):
         if _document(row, kind) is not None:
@@ -228,6 +238,10 @@ def create_app(ctx: ApiContext) -> FastAPI:
     assessments = Assessments(engine)
     app.state.accounts = accounts
     app.state.audit = audit
+
+    if ctx.oidc is not None:  # single sign-on beside the local accounts
+        app.state.oidc = OidcClient(ctx.oidc)
+        app.include_router(create_oidc_router(app.state.oidc, ctx.session_ttl_s))
 
     @app.exception_handler(LoginRequired)
     def _to_login(request: Request, exc: LoginRequired) -> RedirectResponse:
@@ -326,13 +340,15 @@ def create_app(ctx: ApiContext) -> FastAPI:
         return {"name": who.name, "role": who.role, "csrf_token": who.csrf_secret}
 
     @app.post("/api/logout")
-    def logout(who: Anyone, request: Request, response: Response) -> dict[str, str]:
+    def logout(who: Anyone, request: Request, response: Response) -> dict[str, str | None]:
+        """End the session; after a single sign-on, `end_session_url` is where the browser
+        goes next to end the provider's session too (RP-initiated logout)."""
         session_id = request.cookies.get(SESSION_COOKIE)
         if session_id:
             accounts.close_session(session_id)
         response.delete_cookie(SESSION_COOKIE, path="/")
         record(request, who, "logout")
-        return {"status": "signed out"}
+        return {"status": "signed out", "end_session_url": provider_logout_url(request, response)}
 
     @app.get("/api/models")
     def models(who: Anyone) -> dict[str, Any]:
@@ -395,6 +411,10 @@ def create_app(ctx: ApiContext) -> FastAPI:
         )
         with ctx.index.read() as s:
             page = query_worklist(s, query, ctx.today())
+        for row in page.rows:
+            row["viewer_url"] = viewer_link(
+                ctx.viewer_url, row["study_instance_uid"], row.get("accession_number")
+            )
         return {
             "total": page.total,
             "offset": page.offset,
@@ -414,7 +434,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         """One study: patient, result, series, documents sent to PACS (audited as a view)."""
         row = study_row(study_instance_uid)
         record(request, who, "view_study", study_instance_uid)
-        return _study_view(row)
+        return _study_view(row, ctx.viewer_url)
 
     def images_of(row: dict[str, Any]) -> tuple[str, Callable[[], StudyImages]]:
         uid = row["study_instance_uid"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,21 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--timeout", type=float, default=600.0, help="seconds to wait for all SRs (default 600)"
     )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,  # `radtriage --verbose demo` sets it too
+        help="also print the libraries' INFO lines (pynetdicom logs every association and "
+        "C-STORE); the server's own log is always in WORKDIR/serve.log",
+    )
     p.set_defaults(func=run)
+
+
+def quiet_logging(verbose: bool) -> None:
+    """The demo prints its steps, the table and the sign-in; the libraries' per-instance INFO
+    lines (pynetdicom: several per C-STORE) only with --verbose. Warnings always show."""
+    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     from cli.demo import run_demo
 
+    quiet_logging(getattr(args, "verbose", False))
     if args.workdir.exists():
         shutil.rmtree(args.workdir)  # a demo starts clean: same studies, same results
     return run_demo(

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import sys
 from pathlib import Path
 
 
@@ -38,4 +41,12 @@ def run(args: argparse.Namespace) -> int:
     configure_json_logging()
     app = RadtriageApp(settings, backend="local" if args.local else "ray")
     app.serve_forever(promotion_poll_s=args.promotion_poll_s)
+    if app.backend == "ray":
+        # Everything durable is closed by now (DICOM node, index, outbox, HL7) and Ray is left;
+        # what remains is Ray's native teardown at interpreter exit, seconds of a Ctrl-C that
+        # write nothing. Flush and leave.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         export=not args.no_export,
         repository=args.repository,
         overwrite=args.overwrite,
-        progress=not args.json,
+        progress=True,  # on stderr; stdout keeps the results (and --json)
         init_from=args.init_from,
     )
     if args.json:

@@ -16,6 +16,8 @@ import pytest
 from cli.demo import DEMO_CASES
 from tests.conftest import REPO, free_port, require_tool
 
+MAX_LINES = 100
+
 
 @pytest.mark.integration
 def test_demo_once_analyses_every_study_and_returns_srs_to_orthanc(tmp_path: Path) -> None:
@@ -42,6 +44,14 @@ def test_demo_once_analyses_every_study_and_returns_srs_to_orthanc(tmp_path: Pat
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
     assert "through Orthanc" in out
+    # a quiet first run: its steps, the table and the sign-in, nothing per instance
+    printed = (out + proc.stderr).splitlines()
+    assert len(printed) < MAX_LINES, f"{len(printed)} lines:\n" + "\n".join(printed[:150])
+    assert not [line for line in printed if "pynetdicom" in line or " INFO " in line]
+    assert re.search(
+        r"^Worklist: http://127\.0\.0\.1:\d+/worklist +\(sign in as demo / ", out, re.M
+    )
+    assert re.search(r"^stopped in \d+\.\d s \(radtriage in \d+\.\d s\)$", out, re.M)
     rows = [line for line in out.splitlines() if line.startswith("phantom-")]
     assert len(rows) == len(DEMO_CASES)
     by_case = {row.split()[0]: row for row in rows}
@@ -56,3 +66,38 @@ def test_demo_once_analyses_every_study_and_returns_srs_to_orthanc(tmp_path: Pat
             assert re.search(r"\b(urgent|soon)\b", row), row
         else:  # the soon band holds false positives by design (its PPV is ~0.35): never urgent
             assert re.search(r"\b(routine|soon)\b", row) and "urgent" not in row, row
+
+
+@pytest.mark.integration
+def test_pynetdicom_lines_only_with_verbose(tmp_path: Path) -> None:
+    """Without Orthanc the demo's own SCU pushes every instance and its in-process PACS takes
+    the SRs back: pynetdicom logs several INFO lines per C-STORE, which only --verbose shows."""
+    import logging
+
+    from cli.commands.demo import quiet_logging
+    from cli.demo import DemoStudy, push_direct
+    from cli.demo.pacs import LocalPacs
+    from training.phantoms import synthesize_case, write_study
+
+    case = synthesize_case(910004, cspca=False)
+    folder = write_study(case, tmp_path / "studies", distractors=False)
+    study = DemoStudy(folder, case.study_instance_uid, "no csPCa", "ge")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    try:
+        with LocalPacs(tmp_path / "pacs") as pacs:
+            quiet_logging(verbose=False)
+            push_direct(study, pacs.port)
+            quiet = [r for r in records if r.name.startswith("pynetdicom")]
+            quiet_logging(verbose=True)
+            push_direct(study, pacs.port)
+            verbose = [r for r in records if r.name.startswith("pynetdicom")]
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    assert quiet == []
+    assert len(verbose) > len(list(folder.rglob("*.dcm")))  # more than one per instance

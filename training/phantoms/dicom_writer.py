@@ -28,6 +28,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, MRIm
 from pydicom.valuerep import DSfloat
 
 from core.domain import Volume
+from core.progress import progress
 from training.phantoms.anatomy import (
     HIGH_B_VALUE,
     Grid,
@@ -450,5 +451,5 @@ def generate_studies(
             dce=dce,
             request=request,
         )
-        for i in range(n)
+        for i in progress(range(n), "phantom studies", n)
     ]

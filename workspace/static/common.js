@@ -57,6 +57,11 @@ async function startSession() {
   const who = document.getElementById("who");
   if (who) who.textContent = `Signed in as ${SESSION.name} (${SESSION.role.replace("_", " ")})`;
   const out = document.getElementById("logout");
-  if (out) out.onclick = async () => { try { await post("/api/logout"); } finally { location.assign("/login"); } };
+  if (out) out.onclick = async () => {
+    // after single sign-on the provider's session ends too (its end_session_endpoint)
+    let next = "/login";
+    try { const r = await post("/api/logout"); if (r.end_session_url && /^https?:\/\//.test(r.end_session_url)) next = r.end_session_url; }
+    finally { location.assign(next); }
+  };
   return SESSION;
 }

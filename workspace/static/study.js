@@ -130,6 +130,10 @@ async function load() {
   } else fact(model, "Model", null);
   document.getElementById("documents").replaceChildren(...study.documents.map(d =>
     el("li", {}, el("a", {href: d.url, textContent: d.kind === "sr" ? "Structured Report (SR)" : "Segmentation (SEG)"}))));
+  // the server builds and encodes the viewer URL (workspace/viewer.py); http(s) only
+  if (study.viewer_url && /^https?:\/\//.test(study.viewer_url))
+    document.getElementById("documents").append(el("li", {}, el("a", {id: "open-viewer", href: study.viewer_url,
+      target: "_blank", rel: "noopener noreferrer", textContent: "Open in viewer"})));
   const readOnly = SESSION.role !== "radiologist";
   for (const b of document.querySelectorAll("button, select, textarea, input")) {
     if (readOnly && !["logout", "slice"].includes(b.id) && !b.classList.contains("key") && !b.classList.contains("show")) b.disabled = true;

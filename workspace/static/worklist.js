@@ -93,6 +93,9 @@ function render(page) {
     tr.dataset.priority = row.priority;
     const open = el("a", {className: "open", textContent: "Open", href: `/studies/${encodeURIComponent(row.study_instance_uid)}`});
     const actions = el("td", {className: "actions"}, open);
+    // the server builds and encodes the viewer URL (workspace/viewer.py); http(s) only
+    if (row.viewer_url && /^https?:\/\//.test(row.viewer_url))
+      actions.append(" ", el("a", {className: "viewer", textContent: "Viewer", href: row.viewer_url, target: "_blank", rel: "noopener noreferrer"}));
     if (row.acknowledged_by) {
       actions.append(" ", el("span", {className: "acknowledged-by", textContent: `\u2713 ${row.acknowledged_by}`}));
     } else if (SESSION && SESSION.role === "radiologist") {
