@@ -105,7 +105,7 @@ def _rehash_from(index: Index, first_id: int, mac: str | None) -> None:
 @pytest.mark.parametrize("first_id", [1, 6, 12])
 @pytest.mark.parametrize("mac", [None, "0" * 64])
 def test_rehashing_from_any_row_fails(anchored, capsys, first_id: int, mac: str | None) -> None:
-    audit, index, config = anchored
+    _, index, config = anchored
     _rehash_from(index, first_id, mac)
     chain_only = AuditTrail(index.engine).verify()
     assert chain_only.problem != "content does not match hash"  # the plain chain is consistent
