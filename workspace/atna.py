@@ -72,6 +72,7 @@ APPLICATION_SERVER = Code("4", "Application Server Process Tier in a multi-tier 
 #: the SOP Class a QIDO-RS study search stands for (Study Root Query/Retrieve - FIND)
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 
+XML_DECLARATION = b'<?xml version="1.0" encoding="UTF-8"?>'
 SUCCESS, MINOR_FAILURE, SERIOUS_FAILURE = "0", "4", "8"
 
 
@@ -275,4 +276,5 @@ def audit_message(
         _object(root, patient_id, PATIENT_NUMBER, "1", "1")
     if kind.event_id == SECURITY_ALERT and detail.get("name"):
         _object(root, str(detail["name"]), USER_IDENTIFIER, "1", "11")
-    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+    # one line: syslog receivers escape line breaks inside a message
+    return XML_DECLARATION + ET.tostring(root, encoding="unicode").encode("utf-8")
