@@ -87,6 +87,7 @@ class ApiContext:
     fds_days: int = 28
     key_images: KeyImageCache = field(default_factory=KeyImageCache)
     ingest: Ingest | None = None  # the node's C-STORE store path, for STOW-RS (None: off)
+    audit: AuditTrail | None = None  # anchored and forwarded (composition root); None: plain
 
 
 class Login(BaseModel):
@@ -197,7 +198,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.state.ctx = ctx
     engine = ctx.index.engine
     accounts = Accounts(engine, ctx.session_ttl_s)
-    audit = AuditTrail(engine)
+    audit = ctx.audit if ctx.audit is not None else AuditTrail(engine)
     assessments = Assessments(engine)
     app.state.accounts = accounts
     app.state.audit = audit
