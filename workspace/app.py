@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.orm import Session
 
 from core.domain import ReferralUrgency, SeriesRole, StudyStatus
 from dicom_node.index import Index
@@ -208,8 +209,14 @@ def create_app(ctx: ApiContext) -> FastAPI:
         return RedirectResponse("/login", status_code=303)
 
     def record(
-        request: Request, who: Principal | None, action: str, uid: str | None = None, **detail: Any
+        request: Request,
+        who: Principal | None,
+        action: str,
+        uid: str | None = None,
+        change: Callable[[Session], Any] | None = None,
+        **detail: Any,
     ) -> dict[str, Any]:
+        """Append an audit event; `change` (a state change) commits in the same transaction."""
         return audit.append(
             action,
             user=who.name if who else "",
@@ -217,6 +224,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
             study_instance_uid=uid,
             address=client_address(request),
             detail=detail,
+            change=change,
         )
 
     def study_row(uid: str) -> dict[str, Any]:
@@ -441,21 +449,39 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     # --- the radiologist's read (state-changing: CSRF-checked on sessions) -------------------
 
-    def act(request: Request, who: Principal, uid: str, action: str, **detail: Any) -> dict:
-        event = record(request, who, action, uid, **detail)
+    def act(
+        request: Request,
+        who: Principal,
+        uid: str,
+        action: str,
+        change: Callable[[Session], Any],
+        **detail: Any,
+    ) -> dict:
+        """The change and its audit event, in one transaction: neither without the other."""
+        event = record(request, who, action, uid, change, **detail)
         return {"assessment": assessments.get(uid), "audit_id": event["id"]}
 
     @app.post("/api/studies/{study_instance_uid}/acknowledge")
     def acknowledge(study_instance_uid: str, who: Radiologist, request: Request) -> dict:
         study_row(study_instance_uid)
-        assessments.acknowledge(study_instance_uid, who.name)
-        return act(request, who, study_instance_uid, "acknowledge")
+        return act(
+            request,
+            who,
+            study_instance_uid,
+            "acknowledge",
+            lambda s: assessments.acknowledge(study_instance_uid, who.name, s),
+        )
 
     @app.post("/api/studies/{study_instance_uid}/reported")
     def reported(study_instance_uid: str, who: Radiologist, request: Request) -> dict:
         study_row(study_instance_uid)
-        assessments.reported(study_instance_uid, who.name)
-        return act(request, who, study_instance_uid, "reported")
+        return act(
+            request,
+            who,
+            study_instance_uid,
+            "reported",
+            lambda s: assessments.reported(study_instance_uid, who.name, s),
+        )
 
     @app.post("/api/studies/{study_instance_uid}/override")
     def override(
@@ -463,12 +489,12 @@ def create_app(ctx: ApiContext) -> FastAPI:
     ) -> dict:
         """Override the priority; the reason is required and audited."""
         row = study_row(study_instance_uid)
-        assessments.override(study_instance_uid, who.name, body)
         return act(
             request,
             who,
             study_instance_uid,
             "override",
+            lambda s: assessments.override(study_instance_uid, who.name, body, s),
             priority=body.priority.value,
             ai_priority=row.get("priority"),
             reason=body.reason,
@@ -487,12 +513,12 @@ def create_app(ctx: ApiContext) -> FastAPI:
         lesions = (row.get("result") or {}).get("lesions") or []
         if not 0 <= finding_index < len(lesions):
             raise HTTPException(404, f"the AI reported {len(lesions)} findings")
-        assessments.finding(study_instance_uid, finding_index, who.name, body)
         return act(
             request,
             who,
             study_instance_uid,
             "finding",
+            lambda s: assessments.finding(study_instance_uid, finding_index, who.name, body, s),
             finding_index=finding_index,
             **body.model_dump(exclude_none=True),
         )
@@ -503,8 +529,14 @@ def create_app(ctx: ApiContext) -> FastAPI:
     ) -> dict:
         """The radiologist's overall PI-RADS v2.1 category."""
         study_row(study_instance_uid)
-        assessments.pirads(study_instance_uid, who.name, body)
-        return act(request, who, study_instance_uid, "pirads", pirads=body.pirads)
+        return act(
+            request,
+            who,
+            study_instance_uid,
+            "pirads",
+            lambda s: assessments.pirads(study_instance_uid, who.name, body, s),
+            pirads=body.pirads,
+        )
 
     @app.post("/api/studies/{study_instance_uid}/biopsy")
     def biopsy(
@@ -512,8 +544,14 @@ def create_app(ctx: ApiContext) -> FastAPI:
     ) -> dict:
         """The biopsy outcome: ISUP grade group (0 = benign) and date."""
         study_row(study_instance_uid)
-        assessments.biopsy(study_instance_uid, body)
-        return act(request, who, study_instance_uid, "biopsy", **body.model_dump())
+        return act(
+            request,
+            who,
+            study_instance_uid,
+            "biopsy",
+            lambda s: assessments.biopsy(study_instance_uid, body, s),
+            **body.model_dump(),
+        )
 
     # --- pages ----------------------------------------------------------------------------
 
