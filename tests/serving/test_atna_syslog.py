@@ -309,3 +309,69 @@ def test_events_arrive_over_udp(receiver, trail: AuditTrail, port: int) -> None:
     finally:
         forwarder.stop()
     _check_stream(r, trail)
+
+
+def test_serve_sends_its_audit_to_rsyslog(receiver, tmp_path: Path, port: int) -> None:
+    """`radtriage serve --local` with ``[audit] syslog``: start, a sign-in and stop arrive as
+    A.5 messages; the key file is private and `audit verify` passes on the anchored chain."""
+    import json
+    import os
+    import sys
+    import urllib.request
+
+    from cli.demo import create_demo_user, wait_ready, write_config
+    from cli.demo.pacs import free_port
+    from cli.main import main
+    from tests.conftest import REPO
+
+    r = receiver("tcp", port)
+    var = tmp_path / "var"
+    var.mkdir()
+    config = tmp_path / "radtriage.toml"
+    http_port = free_port()
+    write_config(config, var, free_port(), http_port, "PACS", free_port())
+    with config.open("a") as f:
+        f.write(f'\n[audit]\nsyslog = "tcp://127.0.0.1:{port}"\nenterprise_site_id = "Test"\n')
+    login = create_demo_user(f"sqlite:///{var}/radtriage.db")
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "serve", "--config", str(config), "--local"],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        base = f"http://127.0.0.1:{http_port}"
+        wait_ready(base, proc, log, timeout=180)
+        request = urllib.request.Request(
+            base + "/api/login",
+            data=json.dumps({"name": login.name, "password": login.password}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            assert resp.status == 200
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    _wait_for(lambda: len(r.messages()) >= 3, timeout_s=10)
+    kinds = []
+    for line in r.messages():
+        root = check_audit_message(line.partition(b"\xef\xbb\xbf")[2])
+        ident = root.find("EventIdentification")
+        kinds.append(
+            (ident.find("EventID").get("csd-code"), ident.find("EventTypeCode").get("csd-code"))
+        )
+    assert kinds == [("110100", "110120"), ("110114", "110122"), ("110100", "110121")]
+    assert stat_mode(var / "audit.key") == 0o600
+    assert main(["audit", "verify", "--config", str(config)]) == 0
+
+
+def stat_mode(path: Path) -> int:
+    import stat
+
+    return stat.S_IMODE(path.stat().st_mode)
