@@ -16,7 +16,8 @@
 - WADO-RS, for the studies this node holds and the SR/SEG it produced for them:
   ``GET /dicomweb/studies/{study}[/series/{series}[/instances/{instance}]]`` streams the Part 10
   files from disk as ``multipart/related; type="application/dicom"`` (each part labelled with
-  the transfer syntax it was stored in; a request for another transfer syntax gets 406), and
+  the transfer syntax it was stored in: nothing is transcoded, so an Accept that names
+  transfer syntaxes not covering every stored one gets 406; naming none means as stored), and
   ``.../metadata`` answers the same instances as ``application/dicom+json`` without Pixel Data.
   UIDs in the path are validated; files come only from the index (`Index.study_files`).
   QIDO searches and WADO retrievals are audit events (``qido``, ``wado``) of the caller.
@@ -46,8 +47,6 @@ MAX_QIDO_LIMIT = 1000
 _QIDO_STUDY_KEYS = {"StudyInstanceUID", "PatientID", "AccessionNumber"}
 _QIDO_CONTROL = {"limit", "offset", "includefield", "fuzzymatching"}
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
-#: PS3.18 8.7.3.5.2: no transfer-syntax parameter means Explicit VR Little Endian
-EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 _CHUNK = 1024 * 1024
 
 
@@ -185,26 +184,27 @@ def _audit(request: Request, action: str, study: str | None, **detail: Any) -> N
 
 
 def _accepted_transfer_syntaxes(accept: str) -> set[str] | None:
-    """The transfer syntaxes an Accept header asks for in application/dicom parts; None for
-    any. Raises 406 when it names neither multipart/related application/dicom nor any type."""
+    """The transfer syntaxes an Accept header names for application/dicom parts; None when it
+    names none or ``*`` (the instances then come as stored). Raises 406 when it accepts
+    neither multipart/related application/dicom nor any type."""
     if not accept.strip():
         return None
     wanted: set[str] = set()
+    acceptable = False
     for item in accept.split(","):
         media, params = _media_type(item.strip())
-        if (
-            media in ("*/*", "multipart/*")
-            or (
-                media == "multipart/related"
-                and params.get("type", "application/dicom") == "application/dicom"
-            )
-            or media == "application/dicom"
+        part_type = params.get("type", "application/dicom").lower()
+        if media in ("*/*", "multipart/*"):
+            return None
+        if (media == "multipart/related" and part_type == "application/dicom") or (
+            media == "application/dicom"
         ):
-            syntax = params.get("transfer-syntax", EXPLICIT_VR_LITTLE_ENDIAN)
-            if syntax == "*" or media in ("*/*", "multipart/*"):
+            acceptable = True
+            syntax = params.get("transfer-syntax")
+            if syntax is None or syntax == "*":
                 return None
             wanted.add(syntax)
-    if not wanted:
+    if not acceptable:
         raise HTTPException(406, 'WADO-RS here answers multipart/related; type="application/dicom"')
     return wanted
 
@@ -363,12 +363,12 @@ def create_dicomweb_router(ctx: Any, *, dependencies: Sequence[Any] = ()) -> API
         instance = _uid(instance) if instance is not None else None
         wanted = _accepted_transfer_syntaxes(request.headers.get("accept", ""))
         files = _files(study, series, instance)
-        if wanted is not None:
-            files = [f for f in files if f["transfer_syntax_uid"] in wanted]
-            if not files:  # we serve instances as stored, never transcoded
-                raise HTTPException(
-                    406, "the instances are not stored in the requested transfer syntax"
-                )
+        stored = {f["transfer_syntax_uid"] for f in files}
+        if wanted is not None and not stored <= wanted:  # served as stored, never transcoded
+            raise HTTPException(
+                406,
+                f"stored as {', '.join(sorted(stored))}; ask for these or transfer-syntax=*",
+            )
         _audit(
             request, "wado", study, series=series, instance=instance, sop_classes=_classes(files)
         )

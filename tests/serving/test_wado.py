@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,11 @@ def test_wado_refusals(tmp_path: Path, analysed: tuple[list[Path], Path, Path]) 
     )
     assert r.status_code == 406  # never transcoded: stored syntaxes only
     r = c.get(base, headers={**auth, "Accept": 'multipart/related; type="application/dicom"'})
-    assert r.status_code == 200  # default Explicit VR Little Endian: how the node stored them
+    assert r.status_code == 200  # no transfer syntax named: as stored
+    syntaxes = set(re.findall(rb"transfer-syntax=([0-9.]+)", r.content))
+    assert syntaxes == {b"1.2.840.10008.1.2.1"}  # phantoms, SR and SEG: Explicit VR LE
+    explicit = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.1'
+    assert c.get(base, headers={**auth, "Accept": explicit}).status_code == 200
     assert r.headers["content-type"].startswith('multipart/related; type="application/dicom"')
     # another node's study is not this node's to serve
     other = build_http_app(
