@@ -14,7 +14,8 @@ from sqlalchemy import text
 from cli.main import main
 from core.settings import load_settings
 from dicom_node.index import Index
-from workspace.audit import GENESIS, AuditTrail, anchor_from_settings, chain_hash
+from tests.dicom_node.pg import postgresql_server  # noqa: F401 - fixture
+from workspace.audit import GENESIS, AuditAnchor, AuditTrail, anchor_from_settings, chain_hash
 
 
 @pytest.fixture
@@ -158,3 +159,30 @@ def test_appends_continue_the_anchor_across_processes(anchored, capsys) -> None:
     head = json.loads((config.parent / "audit-head.json").read_text())
     assert head["id"] == 13
     assert _verify(config, capsys)["events"] == 13
+
+
+@pytest.mark.integration
+def test_anchor_on_postgresql(postgresql_url: str, tmp_path: Path) -> None:
+    """Migration 0007 on PostgreSQL; two writers (two anchors on the same files, as two
+    processes) keep one anchored chain; truncation is found."""
+    import threading
+
+    index = Index(postgresql_url)
+    key, head = tmp_path / "audit.key", tmp_path / "head.json"
+    trails = [AuditTrail(index.engine, AuditAnchor.load(key, head, create=True)) for _ in range(2)]
+
+    def write(trail: AuditTrail) -> None:
+        for i in range(15):
+            trail.append("view_study", user="t", study_instance_uid=f"1.2.{i}")
+
+    threads = [threading.Thread(target=write, args=(t,)) for t in trails]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    result = trails[0].verify()
+    assert result.ok and result.events == 30, result
+    assert json.loads(head.read_text())["id"] == max(e["id"] for e in trails[0].after(0, 100))
+    with index.engine.begin() as c:
+        c.execute(text("DELETE FROM audit_events WHERE id = (SELECT max(id) FROM audit_events)"))
+    assert "ends before the exported head" in (trails[0].verify().problem or "")
