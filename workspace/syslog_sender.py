@@ -13,11 +13,16 @@ receiver (the hospital's audit record repository), with nothing lost when the re
   has stayed up for `settle_s` after it was sent; events on a connection found closed before
   then are sent again (at least once: a receiver may see an event twice, with the same
   ``event`` id). UDP has no way to know: an event counts as sent when the datagram left.
+- Several nodes on one index: one sender at a time holds a destination (a lease in its
+  ``audit_forwarding`` row, renewed while it runs); the others wait and take over when it
+  stops or its lease lapses.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import select
 import socket
 import ssl
@@ -29,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func
+from sqlalchemy import func, or_, update
 from sqlalchemy import select as sql_select
 from sqlalchemy.orm import Session
 
@@ -196,6 +201,7 @@ class AuditForwarder:
         poll_s: float = 1.0,
         initial_backoff_s: float = 0.5,
         max_backoff_s: float = 60.0,
+        lease_s: float = 15.0,
     ) -> None:
         self.trail = trail
         self.target = target
@@ -211,6 +217,8 @@ class AuditForwarder:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.holder = f"{socket.gethostname()[:64]}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.lease_s = lease_s
         self.sent = 0  # messages written to the transport (resends included)
         self.failures = 0  # connection or send failures
 
@@ -230,10 +238,33 @@ class AuditForwarder:
 
     def _confirm(self, event_id: int) -> None:
         with Session(self.trail.engine) as s, s.begin():
-            row = s.get(AuditForwarding, self.target.url)
-            if row is not None and row.last_event_id < event_id:
-                row.last_event_id = event_id
-                row.updated_at = time.time()
+            s.execute(
+                update(AuditForwarding)
+                .where(
+                    AuditForwarding.destination == self.target.url,
+                    AuditForwarding.last_event_id < event_id,
+                    AuditForwarding.holder == self.holder,
+                )
+                .values(last_event_id=event_id, updated_at=time.time())
+            )
+
+    def _lease(self, release: bool = False) -> bool:
+        """Take or renew the destination for this sender (one sender per destination among
+        the nodes sharing the index); True while this sender holds it."""
+        now = time.time()
+        with Session(self.trail.engine) as s, s.begin():
+            result = s.execute(
+                update(AuditForwarding)
+                .where(
+                    AuditForwarding.destination == self.target.url,
+                    or_(
+                        AuditForwarding.holder == self.holder,
+                        AuditForwarding.lease_until < now,
+                    ),
+                )
+                .values(holder=self.holder, lease_until=0.0 if release else now + self.lease_s)
+            )
+            return bool(getattr(result, "rowcount", 0))
 
     # --- the thread ------------------------------------------------------------------------
 
@@ -252,6 +283,10 @@ class AuditForwarder:
         if self._thread is not None:
             self._thread.join(timeout_s)
         self.connection.close()
+        try:
+            self._lease(release=True)  # the next sender need not wait for the lease to lapse
+        except Exception:
+            log.exception("could not release the ATNA destination lease")
 
     def _on_event(self, event: dict[str, Any]) -> None:
         self._wake.set()
@@ -263,18 +298,35 @@ class AuditForwarder:
         except Exception:  # the message goes without the patient rather than not at all
             log.exception("patient lookup for the audit message failed")
             patient = None
-        xml = audit_message(event, self.source, patient)
+        try:
+            xml = audit_message(event, self.source, patient)
+        except Exception:  # never let one event block the queue: send its bare record
+            log.exception(
+                "audit message for event %s failed; sending it without details", event["id"]
+            )
+            xml = audit_message({**event, "detail": {}, "study_instance_uid": None}, self.source)
         return syslog_message(event, xml, self.source.host, self.app_name)
 
     def _run(self) -> None:
-        position = self.cursor()  # last event written to the transport
+        position: int | None = None  # last event written to the transport; None: not holder
         unconfirmed: list[tuple[int, float]] = []  # (event id, sent at) on this connection
         backoff = self.initial_backoff_s
         stopping_deadline: float | None = None
+        renewed = 0.0
         while True:
             if self._stop.is_set():
                 stopping_deadline = stopping_deadline or time.monotonic() + self.settle_s
             try:
+                if time.monotonic() - renewed > self.lease_s / 3:
+                    if not self._lease():  # another node sends to this destination
+                        position, unconfirmed = None, []
+                        self.connection.close()
+                        if self._stop.wait(self.lease_s / 3):
+                            return
+                        continue
+                    renewed = time.monotonic()
+                if position is None:
+                    position = self.cursor()
                 if unconfirmed and not self.connection.alive():
                     raise ConnectionError("the receiver closed the connection")
                 now = time.monotonic()
@@ -308,6 +360,7 @@ class AuditForwarder:
                 # connection is sent again
                 position = self.cursor()
                 unconfirmed = []
+                renewed = 0.0
                 if self.failures == 1 or self.failures % 20 == 0:
                     log.warning(
                         "ATNA syslog receiver %s unavailable (%s); retrying, events are kept",

@@ -88,6 +88,9 @@ class AuditForwarding(Base):
     destination: Mapped[str] = mapped_column(String(200), primary_key=True)
     last_event_id: Mapped[int] = mapped_column(Integer, default=0)
     updated_at: Mapped[float] = mapped_column(Float)
+    #: the sender that holds the destination until `lease_until` (nodes sharing the index)
+    holder: Mapped[str] = mapped_column(String(128), default="")
+    lease_until: Mapped[float] = mapped_column(Float, default=0.0)
 
 
 class Assessment(Base):

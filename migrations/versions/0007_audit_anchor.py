@@ -5,7 +5,9 @@ database) and, per ATNA syslog destination, the id of the last event it has rece
   NULL on events written before this migration (``audit verify`` accepts those only before the
   first anchored event).
 - ``audit_forwarding``: the durable queue of the ATNA sender: events with a larger id than
-  ``last_event_id`` are still to be sent to ``destination``.
+  ``last_event_id`` are still to be sent to ``destination``. One sender at a time holds the
+  destination (``holder`` until ``lease_until``), so that nodes sharing the database do not
+  send each event once per node.
 
 Revision ID: 0007
 Revises: 0006
@@ -31,6 +33,8 @@ def upgrade() -> None:
         sa.Column("destination", sa.String(200), primary_key=True),
         sa.Column("last_event_id", sa.Integer, nullable=False, server_default="0"),
         sa.Column("updated_at", sa.Float, nullable=False),
+        sa.Column("holder", sa.String(128), nullable=False, server_default=""),
+        sa.Column("lease_until", sa.Float, nullable=False, server_default="0"),
     )
 
 

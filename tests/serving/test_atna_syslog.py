@@ -272,6 +272,31 @@ def test_outage_and_sender_restart_lose_nothing(receiver, trail: AuditTrail, por
     assert len(received) - len(set(received)) <= 5  # resends after the drop are few
 
 
+def test_two_nodes_on_one_index_send_each_event_once(
+    receiver, trail: AuditTrail, port: int
+) -> None:
+    """Two senders (two nodes sharing the index) for one destination: one holds it, the other
+    takes over when it stops; every event arrives, none twice while the receiver stays up."""
+    r = receiver("tcp", port)
+    url = f"tcp://127.0.0.1:{port}"
+    first = _forwarder(trail, url, lease_s=1.5)
+    second = _forwarder(AuditTrail(trail.engine, trail.anchor), url, lease_s=1.5)
+    try:
+        ids = _append_some(trail, 6)
+        _wait_for(lambda: sorted(set(r.event_ids())) == ids)
+        time.sleep(1.0)
+        assert sorted((first.sent, second.sent)) == [0, 6]
+        holder, waiting = (first, second) if first.sent else (second, first)
+        holder.stop()
+        ids += _append_some(trail, 4, start=6)
+        _wait_for(lambda: sorted(set(r.event_ids())) == ids)
+        assert waiting.sent == 4
+    finally:
+        first.stop()
+        second.stop()
+    assert r.event_ids() == ids
+
+
 def test_tls_with_client_certificate(receiver, trail: AuditTrail, port: int, tmp_path) -> None:
     certs = _certificates(tmp_path)
     r = receiver("tls", port, certs)
