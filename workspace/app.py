@@ -308,9 +308,10 @@ def create_app(ctx: ApiContext) -> FastAPI:
         return ctx.models()
 
     @app.get("/api/studies/{study_instance_uid}/assessment")
-    def assessment(study_instance_uid: str, who: Anyone) -> dict[str, Any]:
+    def assessment(study_instance_uid: str, who: Anyone, request: Request) -> dict[str, Any]:
         """The radiologist's read, findings decisions, PI-RADS and biopsy outcome."""
         study_row(study_instance_uid)
+        record(request, who, "assessment", study_instance_uid)
         return assessments.get(study_instance_uid)
 
     # --- operations -----------------------------------------------------------------------
@@ -335,6 +336,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     @app.get("/api/worklist", response_model=WorklistPageModel)
     def worklist(
         who: Clinical,
+        request: Request,
         priority: Annotated[list[str], Query()] = [],  # noqa: B006 - FastAPI query list
         status: Annotated[list[str], Query()] = [],  # noqa: B006
         date_from: Annotated[str | None, Query(pattern=r"^\d{8}$")] = None,
@@ -360,6 +362,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         )
         with ctx.index.read() as s:
             page = query_worklist(s, query)
+        record(request, who, "worklist", query=request.url.query[:1024])
         return {
             "total": page.total,
             "offset": page.offset,
@@ -392,9 +395,11 @@ def create_app(ctx: ApiContext) -> FastAPI:
         return key, load
 
     @app.get("/api/studies/{study_instance_uid}/images")
-    def images(study_instance_uid: str, who: Clinical) -> dict[str, Any]:
-        """Slice count, the key slice of each AI lesion and the default slice."""
+    def images(study_instance_uid: str, who: Clinical, request: Request) -> dict[str, Any]:
+        """Slice count, the key slice of each AI lesion and the default slice (audited: the
+        slices themselves, fetched one by one after it, are not each an event)."""
         row = study_row(study_instance_uid)
+        record(request, who, "images", study_instance_uid)
         key, load = images_of(row)
         try:
             imgs = ctx.key_images.study(key, load)
@@ -431,21 +436,22 @@ def create_app(ctx: ApiContext) -> FastAPI:
             raise HTTPException(409, f"images unavailable: {exc}") from exc
         return Response(data, media_type="image/png", headers={"Cache-Control": "private"})
 
-    def document(uid: str, kind: str) -> FileResponse:
+    def document(request: Request, who: Principal, uid: str, kind: str) -> FileResponse:
         path = _document(study_row(uid), kind)
         if path is None:
             raise HTTPException(404, f"no {kind.upper()} for this study")
+        record(request, who, kind, uid)
         return FileResponse(path, media_type="application/dicom", filename=f"{kind}.dcm")
 
     @app.get("/api/studies/{study_instance_uid}/sr", response_class=FileResponse)
-    def sr(study_instance_uid: str, who: Clinical) -> FileResponse:
+    def sr(study_instance_uid: str, who: Clinical, request: Request) -> FileResponse:
         """The SR as it went to PACS (application/dicom)."""
-        return document(study_instance_uid, "sr")
+        return document(request, who, study_instance_uid, "sr")
 
     @app.get("/api/studies/{study_instance_uid}/seg", response_class=FileResponse)
-    def seg(study_instance_uid: str, who: Clinical) -> FileResponse:
+    def seg(study_instance_uid: str, who: Clinical, request: Request) -> FileResponse:
         """The SEG as it went to PACS (application/dicom)."""
-        return document(study_instance_uid, "seg")
+        return document(request, who, study_instance_uid, "seg")
 
     # --- the radiologist's read (state-changing: CSRF-checked on sessions) -------------------
 

@@ -70,3 +70,17 @@ def test_failed_change_leaves_no_event(node, monkeypatch) -> None:
     monkeypatch.setattr(Assessments, "acknowledge", broken)
     assert c.post(f"/api/studies/{UID}/acknowledge", headers=auth).status_code == 500
     assert not [e for e in audit.events()[1] if e["action"] == "acknowledge"]
+
+
+def test_reads_of_patient_data_are_audited(node) -> None:
+    c, tokens, audit = node
+    auth = {"Authorization": f"Bearer {tokens['radiologist']}"}
+    assert c.get("/api/worklist?q=Doe", headers=auth).status_code == 200
+    assert c.get(f"/api/studies/{UID}/assessment", headers=auth).status_code == 200
+    assert c.get("/fhir/DiagnosticReport?subject=P-1", headers=auth).status_code == 200
+    assert c.get(f"/api/studies/{UID}/sr", headers=auth).status_code == 404  # none: no event
+    events = {e["action"]: e for e in audit.events()[1]}
+    assert set(events) == {"worklist", "assessment", "fhir_search"}
+    assert events["worklist"]["detail"] == {"query": "q=Doe"}
+    assert events["assessment"]["study_instance_uid"] == UID
+    assert events["fhir_search"]["user"] == "rita"
