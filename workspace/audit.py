@@ -103,9 +103,17 @@ class AuditAnchor:
             return None
         return head if isinstance(head, dict) else {}
 
-    def export_head(self, event_id: int, event_hash: str, mac: str) -> None:
+    def export_head(
+        self,
+        event_id: int,
+        event_hash: str,
+        mac: str,
+        first_anchored: Callable[[], int] | None = None,
+    ) -> None:
         """Write the head file (atomically, under a lock) unless it already names a later
-        event. ``anchored_from`` keeps the first anchored event's id."""
+        event. ``anchored_from`` keeps the first anchored event's id; when there is no head
+        file yet it comes from `first_anchored` (the first event with a MAC in the index), so
+        a deleted head file cannot move it forward."""
         self.head_file.parent.mkdir(parents=True, exist_ok=True)
         lock_path = self.head_file.with_name(self.head_file.name + ".lock")
         with open(lock_path, "a") as lock:
@@ -120,7 +128,9 @@ class AuditAnchor:
                 "id": event_id,
                 "hash": event_hash,
                 "mac": mac,
-                "anchored_from": int(head["anchored_from"]) if head else event_id,
+                "anchored_from": int(head["anchored_from"])
+                if head
+                else (first_anchored() if first_anchored is not None else event_id),
                 "at": time.time(),
             }
             tmp = self.head_file.with_name(self.head_file.name + ".tmp")
@@ -226,7 +236,9 @@ class AuditTrail:
                     continue  # another process appended first: chain onto its event
                 event = {"id": row.id, **content, "hash": row.hash, "mac": row.mac}
             if self.anchor is not None and event["mac"]:
-                self.anchor.export_head(event["id"], event["hash"], event["mac"])
+                self.anchor.export_head(
+                    event["id"], event["hash"], event["mac"], self._first_anchored
+                )
             for listener in self.listeners:
                 listener(event)
             return event
@@ -257,6 +269,11 @@ class AuditTrail:
             q = q.where(AuditEvent.user == user)
         with Session(self.engine) as s:
             return int(s.scalar(q) or 0)
+
+    def _first_anchored(self) -> int:
+        with Session(self.engine) as s:
+            first = s.scalar(select(func.min(AuditEvent.id)).where(AuditEvent.mac.is_not(None)))
+            return int(first or 0)
 
     def after(self, last_id: int, limit: int = 100) -> list[dict[str, Any]]:
         """Events with an id above `last_id`, oldest first (the ATNA sender's queue)."""

@@ -186,3 +186,20 @@ def test_anchor_on_postgresql(postgresql_url: str, tmp_path: Path) -> None:
     with index.engine.begin() as c:
         c.execute(text("DELETE FROM audit_events WHERE id = (SELECT max(id) FROM audit_events)"))
     assert "ends before the exported head" in (trails[0].verify().problem or "")
+
+
+def test_a_deleted_head_file_does_not_move_the_anchor(anchored, capsys) -> None:
+    """Head file deleted and MACs stripped from the oldest rows, then the server appends
+    again: the new head is anchored from the first event that still has a MAC, and rewriting
+    any row before it still fails there (its hash feeds the anchored rows)."""
+    audit, index, config = anchored
+    (config.parent / "audit-head.json").unlink()
+    with index.engine.begin() as c:
+        c.execute(text("UPDATE audit_events SET mac = NULL WHERE id <= 5"))
+    audit.append("login", user="rita")
+    head = json.loads((config.parent / "audit-head.json").read_text())
+    assert head["anchored_from"] == 6
+    assert _verify(config, capsys)["ok"]  # stripping a MAC alone changes no content
+    _rehash_from(index, 3, None)
+    out = _verify(config, capsys)
+    assert not out["ok"] and out["first_bad_id"] == 6
