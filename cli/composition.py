@@ -379,13 +379,13 @@ class RadtriageApp:
             self.node.index, self.node.spool, self.settings, self.model_thresholds
         )
         live.start()
-        ris = RisNode(self.node.index, self.settings.hl7)
-        ris.start()
         self.audit = build_audit(self.settings, self.node.index)
         forwarder = build_audit_forwarder(self.settings, self.audit, self.node.index)
         if forwarder is not None:
             forwarder.start()
         self.audit.append("application_start")
+        ris = RisNode(self.node.index, self.settings.hl7, audit=self.audit)
+        ris.start()
         stop = threading.Event()
 
         def poll_promotions() -> None:
