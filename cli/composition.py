@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -49,8 +50,11 @@ from ris.node import RisNode
 from triage.analysis import StudyAnalyser, StudyAnalysis
 from triage.waiting_list import LiveWaitingList
 from workspace.app import ApiContext, create_app, is_pending, pending_row
+from workspace.atna import AuditSource
+from workspace.audit import AuditTrail, anchor_from_settings
 from workspace.auth import CLINICAL, require
 from workspace.metrics import Metrics
+from workspace.syslog_sender import AuditForwarder, SyslogTarget, tls_context
 
 if TYPE_CHECKING:  # Ray is imported only by the Ray backend
     from ray.serve.handle import DeploymentHandle
@@ -117,6 +121,39 @@ def build_analyser(
         raise ConfigError(f"[triage]: {exc}") from exc
 
 
+def build_audit(settings: Settings, index: Index) -> AuditTrail:
+    """The audit trail, anchored by `[audit]`'s key file (created 0600 on first start) and
+    head file."""
+    anchor = anchor_from_settings(settings.audit, Path(settings.storage.root), create=True)
+    return AuditTrail(index.engine, anchor)
+
+
+def build_audit_forwarder(
+    settings: Settings, trail: AuditTrail, index: Index
+) -> AuditForwarder | None:
+    """The ATNA sender for `[audit] syslog` (None when it is empty)."""
+    a = settings.audit
+    if not a.syslog:
+        return None
+    target = SyslogTarget.parse(a.syslog)
+    tls = (
+        tls_context(a.cafile, a.certfile, a.keyfile, a.check_hostname)
+        if target.transport == "tls"
+        else None
+    )
+    source = AuditSource(
+        source_id=index.node_id or settings.dicom.ae_title,
+        host=socket.gethostname(),
+        enterprise_site_id=a.enterprise_site_id,
+    )
+
+    def patient_of(uid: str) -> str | None:
+        study = index.get_study(uid)
+        return study.get("patient_id") if study else None
+
+    return AuditForwarder(trail, target, source, tls=tls, patient_of=patient_of)
+
+
 class RadtriageApp:
     """Everything `radtriage serve` runs, built from one Settings object."""
 
@@ -132,6 +169,7 @@ class RadtriageApp:
         self._ready = False
         self.live: LiveWaitingList | None = None
         self.node: DicomNode | None = None
+        self.audit: AuditTrail | None = None
 
     # --- models ---------------------------------------------------------------------------
 
@@ -320,6 +358,7 @@ class RadtriageApp:
             fds_days=self.settings.triage.fds_days,
             today=self.settings.triage.current_date,
             redecide=self.live.waiting_list.redecide if self.live is not None else None,
+            audit=self.audit if self.audit is not None else build_audit(self.settings, index),
         )
         return build_http_app(ctx)
 
@@ -346,7 +385,12 @@ class RadtriageApp:
             self.node.index, self.node.spool, self.settings, self.model_thresholds
         )
         live.start()
-        ris = RisNode(self.node.index, self.settings.hl7)
+        self.audit = build_audit(self.settings, self.node.index)
+        forwarder = build_audit_forwarder(self.settings, self.audit, self.node.index)
+        if forwarder is not None:
+            forwarder.start()
+        self.audit.append("application_start")
+        ris = RisNode(self.node.index, self.settings.hl7, audit=self.audit)
         ris.start()
         stop = threading.Event()
 
@@ -386,6 +430,9 @@ class RadtriageApp:
             live.stop()
             self.node.stop()
             self.shutdown()
+            self.audit.append("application_stop")
+            if forwarder is not None:
+                forwarder.stop()  # what it cannot send now stays queued for the next start
             log_event(log, "radtriage stopped", drain_s=round(time.monotonic() - started, 1))
 
     def shutdown(self) -> None:

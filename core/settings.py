@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import string
 import tomllib
 from collections.abc import Mapping
@@ -475,6 +476,55 @@ class MonitoringSettings(_Section):
     )
 
 
+class AuditSettings(_Section):
+    """`[audit]`: where the audit trail goes besides the index, and what anchors it."""
+
+    syslog: str = Field(
+        default="",
+        description="ATNA: send every audit event as a DICOM audit message (PS3.15 A.5) to this "
+        'syslog receiver: "tcp://host:514", "tls://host:6514" (RFC 5425) or "udp://host:514" '
+        "(RFC 5426); empty = off",
+    )
+    cafile: Path | None = Field(
+        default=None, description="tls://: verify the receiver against this CA bundle (PEM)"
+    )
+    certfile: Path | None = Field(
+        default=None, description="tls://: our client certificate (PEM), when the receiver asks"
+    )
+    keyfile: Path | None = Field(default=None, description="tls://: the client key (PEM)")
+    check_hostname: bool = Field(
+        default=True, description="tls://: the receiver's certificate must name its host"
+    )
+    enterprise_site_id: str = Field(
+        default="", max_length=64, description="AuditEnterpriseSiteID of the messages"
+    )
+    key_file: Path | None = Field(
+        default=None,
+        description="HMAC key that anchors the audit chain (kept outside the database; created "
+        "0600 on first start); None = <storage.root>/audit.key",
+    )
+    head_file: Path | None = Field(
+        default=None,
+        description="The audit chain's newest event, exported outside the database for "
+        "`radtriage audit verify`; None = <storage.root>/audit-head.json",
+    )
+
+    @field_validator("syslog")
+    @classmethod
+    def _syslog_url(cls, value: str) -> str:
+        if value and not re.fullmatch(r"(tcp|tls|udp)://[^\s/:]+(:\d{1,5})?", value):
+            raise ValueError(
+                '[audit] syslog is "tcp://host:port", "tls://host:port" or "udp://..."'
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _client_pair(self) -> AuditSettings:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("[audit] certfile and keyfile go together: set both or neither")
+        return self
+
+
 class Settings(_Section):
     dicom: DicomSettings = Field(default_factory=DicomSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
@@ -485,6 +535,7 @@ class Settings(_Section):
     triage: TriageSettings = Field(default_factory=TriageSettings)
     hl7: Hl7Settings = Field(default_factory=Hl7Settings)
     monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
 
 
 def _parse_env_value(raw: str) -> Any:

@@ -13,6 +13,14 @@
   ``application/dicom+json``. Filters: StudyInstanceUID (comma list), PatientID,
   AccessionNumber; ``limit``/``offset`` page (a ``Warning: 299`` header says more results
   exist). Unknown query keys are refused (400), never ignored.
+- WADO-RS, for the studies this node holds and the SR/SEG it produced for them:
+  ``GET /dicomweb/studies/{study}[/series/{series}[/instances/{instance}]]`` streams the Part 10
+  files from disk as ``multipart/related; type="application/dicom"`` (each part labelled with
+  the transfer syntax it was stored in: nothing is transcoded, so an Accept that names
+  transfer syntaxes not covering every stored one gets 406; naming none means as stored), and
+  ``.../metadata`` answers the same instances as ``application/dicom+json`` without Pixel Data.
+  UIDs in the path are validated; files come only from the index (`Index.study_files`).
+  QIDO searches and WADO retrievals are audit events (``qido``, ``wado``) of the caller.
 
 Authentication is the API's: the router is mounted with the caller's dependencies
 (`workspace.app`). Every field of a request is hostile: no path is built from one.
@@ -20,8 +28,10 @@ Authentication is the API's: the router is mounted with the caller's dependencie
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Sequence
+import secrets
+from collections.abc import Iterator, Sequence
 from email.message import Message
 from pathlib import Path
 from typing import Any
@@ -29,13 +39,15 @@ from typing import Any
 import pydicom
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 DICOM_JSON = "application/dicom+json"
 MAX_STOW_BYTES = 2 * 1024**3  # one request; larger studies are sent in several requests
 MAX_QIDO_LIMIT = 1000
 _QIDO_STUDY_KEYS = {"StudyInstanceUID", "PatientID", "AccessionNumber"}
 _QIDO_CONTROL = {"limit", "offset", "includefield", "fuzzymatching"}
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+_CHUNK = 1024 * 1024
 
 
 def _element(vr: str, *values: Any) -> dict[str, Any]:
@@ -149,6 +161,61 @@ def _study_json(study: dict[str, Any], documents: list[pydicom.Dataset]) -> dict
     }
 
 
+def _uid(value: str) -> str:
+    if len(value) > 64 or not _UID.fullmatch(value):
+        raise HTTPException(400, "not a UID")
+    return value
+
+
+def _audit(request: Request, action: str, study: str | None, **detail: Any) -> None:
+    """An audit event of the caller (the web app's trail, when the router is mounted on it)."""
+    trail = getattr(request.app.state, "audit", None)
+    if trail is None:
+        return
+    who = getattr(request.state, "principal", None)
+    trail.append(
+        action,
+        user=getattr(who, "name", ""),
+        role=getattr(who, "role", ""),
+        study_instance_uid=study,
+        address=request.client.host if request.client else "",
+        detail=detail,
+    )
+
+
+def _accepted_transfer_syntaxes(accept: str) -> set[str] | None:
+    """The transfer syntaxes an Accept header names for application/dicom parts; None when it
+    names none or ``*`` (the instances then come as stored). Raises 406 when it accepts
+    neither multipart/related application/dicom nor any type."""
+    if not accept.strip():
+        return None
+    wanted: set[str] = set()
+    acceptable = False
+    for item in accept.split(","):
+        media, params = _media_type(item.strip())
+        part_type = params.get("type", "application/dicom").lower()
+        if media in ("*/*", "multipart/*"):
+            return None
+        if (media == "multipart/related" and part_type == "application/dicom") or (
+            media == "application/dicom"
+        ):
+            acceptable = True
+            syntax = params.get("transfer-syntax")
+            if syntax is None or syntax == "*":
+                return None
+            wanted.add(syntax)
+    if not acceptable:
+        raise HTTPException(406, 'WADO-RS here answers multipart/related; type="application/dicom"')
+    return wanted
+
+
+def _header(path: Path) -> pydicom.Dataset | None:
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except (OSError, pydicom.errors.InvalidDicomError):
+        return None  # removed by retention: not served
+
+
 def create_dicomweb_router(ctx: Any, *, dependencies: Sequence[Any] = ()) -> APIRouter:
     """The DICOMweb routes over `ctx.index` and `ctx.ingest` (`dicom_node.ingest.Ingest`)."""
     router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], dependencies=list(dependencies))
@@ -217,6 +284,7 @@ def create_dicomweb_router(ctx: Any, *, dependencies: Sequence[Any] = ()) -> API
     def search_studies(request: Request) -> JSONResponse:
         """QIDO-RS: studies with our results (SR/SEG)."""
         filters, limit, offset = _page(request, _QIDO_STUDY_KEYS)
+        _audit(request, "qido", None, query=request.url.query[:1024])
         # one more than the page, so that the Warning header can say more exist
         studies = _result_studies(filters, offset + limit + 1)
         rows = [_study_json(s, _documents(s)) for s in studies]
@@ -228,6 +296,7 @@ def create_dicomweb_router(ctx: Any, *, dependencies: Sequence[Any] = ()) -> API
         if not re.fullmatch(r"[0-9.]{1,64}", study_instance_uid):
             raise HTTPException(400, "not a UID")
         _, limit, offset = _page(request, set())
+        _audit(request, "qido", study_instance_uid, query=request.url.query[:1024])
         study = ctx.index.get_study(study_instance_uid)
         if study is None:
             raise HTTPException(404, "no such study")
@@ -246,5 +315,148 @@ def create_dicomweb_router(ctx: Any, *, dependencies: Sequence[Any] = ()) -> API
             for uid, docs in by_series.items()
         ]
         return _paged(rows, limit, offset)
+
+    # --- WADO-RS ---------------------------------------------------------------------------
+
+    def _files(study: str, series: str | None, instance: str | None) -> list[dict[str, Any]]:
+        """The files of a request, from the index only: the node's stored instances and its
+        own documents (whose UIDs are read from the files it wrote)."""
+        found = ctx.index.study_files(study)
+        if found is None:
+            raise HTTPException(404, "no such study")
+        instances, documents = found
+        for path in documents:
+            ds = _header(path)
+            if ds is None or str(ds.StudyInstanceUID) != study:
+                continue
+            instances.append(
+                {
+                    "series_instance_uid": str(ds.SeriesInstanceUID),
+                    "sop_instance_uid": str(ds.SOPInstanceUID),
+                    "sop_class_uid": str(ds.SOPClassUID),
+                    "transfer_syntax_uid": str(ds.file_meta.TransferSyntaxUID),
+                    "path": path,
+                }
+            )
+        chosen = [
+            f
+            for f in instances
+            if (series is None or f["series_instance_uid"] == series)
+            and (instance is None or f["sop_instance_uid"] == instance)
+            and f["path"].is_file()
+        ]
+        if not chosen:
+            raise HTTPException(404, "no such series or instance in this study")
+        return chosen
+
+    def _classes(files: list[dict[str, Any]]) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for f in files:
+            counts[f["sop_class_uid"]] = counts.get(f["sop_class_uid"], 0) + 1
+        return counts
+
+    def _retrieve(
+        request: Request, study: str, series: str | None = None, instance: str | None = None
+    ) -> StreamingResponse:
+        study = _uid(study)
+        series = _uid(series) if series is not None else None
+        instance = _uid(instance) if instance is not None else None
+        wanted = _accepted_transfer_syntaxes(request.headers.get("accept", ""))
+        files = _files(study, series, instance)
+        stored = {f["transfer_syntax_uid"] for f in files}
+        if wanted is not None and not stored <= wanted:  # served as stored, never transcoded
+            raise HTTPException(
+                406,
+                f"stored as {', '.join(sorted(stored))}; ask for these or transfer-syntax=*",
+            )
+        _audit(
+            request, "wado", study, series=series, instance=instance, sop_classes=_classes(files)
+        )
+        boundary = secrets.token_hex(16)
+
+        def body() -> Iterator[bytes]:
+            for f in files:
+                path: Path = f["path"]
+                try:
+                    handle = path.open("rb")
+                except OSError:
+                    continue  # removed since the listing: the part is left out
+                with handle:
+                    size = path.stat().st_size
+                    yield (
+                        f"--{boundary}\r\nContent-Type: application/dicom; "
+                        f"transfer-syntax={f['transfer_syntax_uid']}\r\n"
+                        f"Content-Length: {size}\r\n\r\n"
+                    ).encode("ascii")
+                    while chunk := handle.read(_CHUNK):
+                        yield chunk
+                    yield b"\r\n"
+            yield f"--{boundary}--\r\n".encode("ascii")
+
+        media = f'multipart/related; type="application/dicom"; boundary={boundary}'
+        return StreamingResponse(body(), media_type=media)
+
+    def _metadata(
+        request: Request, study: str, series: str | None = None, instance: str | None = None
+    ) -> StreamingResponse:
+        study = _uid(study)
+        series = _uid(series) if series is not None else None
+        instance = _uid(instance) if instance is not None else None
+        files = _files(study, series, instance)
+        _audit(request, "wado", study, series=series, instance=instance, metadata=True)
+
+        def body() -> Iterator[bytes]:
+            yield b"["
+            first = True
+            for f in files:
+                ds = _header(f["path"])
+                if ds is None:
+                    continue
+                item = ds.to_json_dict(bulk_data_threshold=2**20)
+                item.pop("7FE00010", None)
+                yield (b"" if first else b",") + json.dumps(item).encode()
+                first = False
+            yield b"]"
+
+        return StreamingResponse(body(), media_type=DICOM_JSON)
+
+    @router.get("/studies/{study}", response_class=StreamingResponse)
+    def retrieve_study(study: str, request: Request) -> StreamingResponse:
+        """WADO-RS: every instance of the study the node holds, and its SR/SEG."""
+        return _retrieve(request, study)
+
+    @router.get("/studies/{study}/metadata", response_class=StreamingResponse)
+    def study_metadata(study: str, request: Request) -> StreamingResponse:
+        """WADO-RS: the study's instances as DICOM JSON (no Pixel Data)."""
+        return _metadata(request, study)
+
+    @router.get("/studies/{study}/series/{series}", response_class=StreamingResponse)
+    def retrieve_series(study: str, series: str, request: Request) -> StreamingResponse:
+        """WADO-RS: one series (an image series the node holds, or our SR or SEG)."""
+        return _retrieve(request, study, series)
+
+    @router.get("/studies/{study}/series/{series}/metadata", response_class=StreamingResponse)
+    def series_metadata(study: str, series: str, request: Request) -> StreamingResponse:
+        """WADO-RS: one series' instances as DICOM JSON."""
+        return _metadata(request, study, series)
+
+    @router.get(
+        "/studies/{study}/series/{series}/instances/{instance}", response_class=StreamingResponse
+    )
+    def retrieve_instance(
+        study: str, series: str, instance: str, request: Request
+    ) -> StreamingResponse:
+        """WADO-RS: one instance."""
+        return _retrieve(request, study, series, instance)
+
+    @router.get(
+        "/studies/{study}/series/{series}/instances/{instance}/metadata",
+        response_class=StreamingResponse,
+    )
+    def instance_metadata(
+        study: str, series: str, instance: str, request: Request
+    ) -> StreamingResponse:
+        """WADO-RS: one instance as DICOM JSON."""
+        return _metadata(request, study, series, instance)
 
     return router

@@ -496,6 +496,39 @@ class Index:
             )
             return [Path(p) for p in rows]
 
+    def study_files(
+        self, study_instance_uid: str
+    ) -> tuple[list[dict[str, Any]], list[Path]] | None:
+        """WADO-RS: this node's stored instances of a study (series and SOP Instance UIDs, SOP
+        Class, transfer syntax, path; by series then instance number) and the paths of the
+        documents (SR, SEG) it produced for it. None when the node holds no such study."""
+        with self.read() as s:
+            study = s.scalar(
+                select(Study).where(
+                    Study.study_instance_uid == study_instance_uid, self.mine(Study.node_id)
+                )
+            )
+            if study is None:
+                return None
+            rows = s.execute(
+                select(Instance, Series.series_instance_uid)
+                .join(Series, Instance.series_fk == Series.id)
+                .where(Instance.study_fk == study.id)
+                .order_by(Series.id, Instance.instance_number, Instance.id)
+            )
+            instances = [
+                {
+                    "series_instance_uid": series_uid,
+                    "sop_instance_uid": inst.sop_instance_uid,
+                    "sop_class_uid": inst.sop_class_uid,
+                    "transfer_syntax_uid": inst.transfer_syntax_uid,
+                    "path": Path(inst.path),
+                }
+                for inst, series_uid in rows
+            ]
+            documents = [Path(p) for p in json.loads(study.documents_json or "[]")]
+            return instances, documents
+
     def list_studies(
         self, status: StudyStatus | str | None = None, limit: int = 200, all_nodes: bool = False
     ) -> list[dict[str, Any]]:

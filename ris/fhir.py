@@ -573,6 +573,16 @@ class FhirSender:
         self._thread = None
 
 
+def _caller(request: Request) -> dict[str, str]:
+    """Who an audit event is of: the signed-in principal and their address."""
+    who = getattr(request.state, "principal", None)
+    return {
+        "user": getattr(who, "name", ""),
+        "role": getattr(who, "role", ""),
+        "address": request.client.host if request.client else "",
+    }
+
+
 def create_fhir_router(
     index_of: IndexOf = _index_of_app, *, dependencies: Sequence[Any] = ()
 ) -> APIRouter:
@@ -598,9 +608,27 @@ def create_fhir_router(
 
         try:
             update_ = order_update(body, exists)
-            with index.write() as s:
+            applied: dict[str, Any] = {}
+
+            def change(s: Session) -> None:
                 order = apply_order(s, update_, time.time())
-                state, matched = order.state, order.study_instance_uid
+                applied.update(state=order.state, matched=order.study_instance_uid)
+
+            trail = getattr(request.app.state, "audit", None)
+            if trail is None:
+                with index.write() as s:
+                    change(s)
+            else:  # the order and its audit event commit together
+                trail.append(
+                    "fhir_order",
+                    **_caller(request),
+                    detail={
+                        "placer_namespace": update_.placer_namespace,
+                        "placer_order_number": update_.placer_order_number,
+                    },
+                    change=change,
+                )
+            state, matched = applied["state"], applied["matched"]
         except OrderError as exc:
             return outcome(404, str(exc), code="not-found")
         except (ValueError, TypeError, KeyError) as exc:
@@ -621,6 +649,9 @@ def create_fhir_router(
         observations: bool,
     ) -> JSONResponse:
         total, rows = _rows(index_of(request), identifier, subject, offset, count)
+        trail = getattr(request.app.state, "audit", None)
+        if trail is not None:
+            trail.append("fhir_search", **_caller(request), detail={"query": request.url.query})
         resources: list[dict[str, Any]] = []
         for study, patient, entry_uid, decisions in rows:
             report, members = _resources_for(study, patient, entry_uid, decisions)

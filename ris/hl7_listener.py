@@ -44,6 +44,7 @@ from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message
 from hl7apy.exceptions import HL7apyException
 from hl7apy.parser import parse_message
+from sqlalchemy.orm import Session
 
 from core.domain import ReferralUrgency
 from core.settings import Hl7Settings
@@ -284,15 +285,38 @@ def build_ack(
     return str(ack.to_er7())
 
 
-def handle_message(index: Index, text: str, settings: Hl7Settings, now: float) -> str:
-    """Apply one order message in one transaction and return its ACK (never raises)."""
+def handle_message(
+    index: Index, text: str, settings: Hl7Settings, now: float, audit: Any = None
+) -> str:
+    """Apply one order message in one transaction and return its ACK (never raises). With
+    `audit` (the audit trail: ``append(..., change=)``), the orders commit together with an
+    ``hl7_order`` event naming the sending application and the orders."""
     control_id, version, kind, app, facility = read_header(text)
     event = kind.partition("^")[2] if kind.partition("^")[2] in ("O01", "O23") else ""
     try:
         message = parse_order_message(text)
-        with index.write() as s:
+
+        def apply_all(s: Session) -> None:
             for update_ in message.updates:
                 apply_order(s, update_, now)
+
+        if audit is None:
+            with index.write() as s:
+                apply_all(s)
+        else:
+            audit.append(
+                "hl7_order",
+                user=f"{app}^{facility}"[:64],
+                role="hl7",
+                detail={
+                    "message_control_id": control_id[:64],
+                    "orders": [
+                        f"{u.placer_namespace}-{u.placer_order_number}"[:80]
+                        for u in message.updates[:20]
+                    ],
+                },
+                change=apply_all,
+            )
     except Hl7Error as exc:
         log.warning(
             "HL7 message %r refused (%s %d): %s", control_id[:20], exc.ack, exc.code, exc.text
@@ -475,10 +499,12 @@ class Hl7Listener(MllpServer):
         *,
         port: int | None = None,
         clock: Callable[[], float] = time.time,
+        audit: Any = None,
     ) -> None:
         self.index = index
         self.settings = settings
         self.clock = clock
+        self.audit = audit
         super().__init__(
             self._handle,
             bind_address=settings.bind_address,
@@ -488,4 +514,4 @@ class Hl7Listener(MllpServer):
         )
 
     def _handle(self, text: str) -> str:
-        return handle_message(self.index, text, self.settings, self.clock())
+        return handle_message(self.index, text, self.settings, self.clock(), self.audit)

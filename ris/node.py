@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from core.settings import Hl7Settings
 from dicom_node.index import Index
@@ -29,8 +30,11 @@ class RisNode:
         *,
         poll_s: float = 2.0,
         clock: Callable[[], float] = time.time,
+        audit: Any = None,
     ) -> None:
-        self.listener = Hl7Listener(index, settings, clock=clock) if settings.listen_port else None
+        self.listener = (
+            Hl7Listener(index, settings, clock=clock, audit=audit) if settings.listen_port else None
+        )
         self.sender = Hl7Sender(index, settings, clock=clock)
         self.fhir = (
             FhirSender(index, settings.fhir_base_url, policy=RetryPolicy.of(settings), clock=clock)

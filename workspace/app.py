@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.orm import Session
 
 from core.domain import ReferralUrgency, SeriesRole, StudyStatus
 from core.settings import OidcSettings
@@ -108,6 +109,7 @@ class ApiContext:
     ingest: Ingest | None = None  # the node's C-STORE store path, for STOW-RS (None: off)
     oidc: OidcSettings | None = None  # single sign-on (`workspace.oidc`); None: local accounts
     viewer_url: str = ""  # the site's open-in-viewer template (`workspace.viewer`)
+    audit: AuditTrail | None = None  # anchored and forwarded (composition root); None: plain
 
 
 class Login(BaseModel):
@@ -234,7 +236,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.state.ctx = ctx
     engine = ctx.index.engine
     accounts = Accounts(engine, ctx.session_ttl_s)
-    audit = AuditTrail(engine)
+    audit = ctx.audit if ctx.audit is not None else AuditTrail(engine)
     assessments = Assessments(engine)
     app.state.accounts = accounts
     app.state.audit = audit
@@ -248,8 +250,14 @@ def create_app(ctx: ApiContext) -> FastAPI:
         return RedirectResponse("/login", status_code=303)
 
     def record(
-        request: Request, who: Principal | None, action: str, uid: str | None = None, **detail: Any
+        request: Request,
+        who: Principal | None,
+        action: str,
+        uid: str | None = None,
+        change: Callable[[Session], Any] | None = None,
+        **detail: Any,
     ) -> dict[str, Any]:
+        """Append an audit event; `change` (a state change) commits in the same transaction."""
         return audit.append(
             action,
             user=who.name if who else "",
@@ -257,6 +265,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
             study_instance_uid=uid,
             address=client_address(request),
             detail=detail,
+            change=change,
         )
 
     def study_row(uid: str) -> dict[str, Any]:
@@ -355,9 +364,10 @@ def create_app(ctx: ApiContext) -> FastAPI:
         return ctx.models()
 
     @app.get("/api/studies/{study_instance_uid}/assessment")
-    def assessment(study_instance_uid: str, who: Anyone) -> dict[str, Any]:
+    def assessment(study_instance_uid: str, who: Anyone, request: Request) -> dict[str, Any]:
         """The radiologist's read, findings decisions, PI-RADS and biopsy outcome."""
         study_row(study_instance_uid)
+        record(request, who, "assessment", study_instance_uid)
         return assessments.get(study_instance_uid)
 
     # --- operations -----------------------------------------------------------------------
@@ -386,6 +396,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     @app.get("/api/worklist", response_model=WorklistPageModel)
     def worklist(
         who: Clinical,
+        request: Request,
         priority: Annotated[list[str], Query()] = [],  # noqa: B006 - FastAPI query list
         status: Annotated[list[str], Query()] = [],  # noqa: B006
         date_from: Annotated[str | None, Query(pattern=r"^\d{8}$")] = None,
@@ -415,6 +426,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
             row["viewer_url"] = viewer_link(
                 ctx.viewer_url, row["study_instance_uid"], row.get("accession_number")
             )
+        record(request, who, "worklist", query=request.url.query[:1024])
         return {
             "total": page.total,
             "offset": page.offset,
@@ -447,9 +459,11 @@ def create_app(ctx: ApiContext) -> FastAPI:
         return key, load
 
     @app.get("/api/studies/{study_instance_uid}/images")
-    def images(study_instance_uid: str, who: Clinical) -> dict[str, Any]:
-        """Slice count, the key slice of each AI lesion and the default slice."""
+    def images(study_instance_uid: str, who: Clinical, request: Request) -> dict[str, Any]:
+        """Slice count, the key slice of each AI lesion and the default slice (audited: the
+        slices themselves, fetched one by one after it, are not each an event)."""
         row = study_row(study_instance_uid)
+        record(request, who, "images", study_instance_uid)
         key, load = images_of(row)
         try:
             imgs = ctx.key_images.study(key, load)
@@ -488,39 +502,58 @@ def create_app(ctx: ApiContext) -> FastAPI:
             raise HTTPException(409, IMAGES_UNAVAILABLE) from exc
         return Response(data, media_type="image/png", headers={"Cache-Control": "private"})
 
-    def document(uid: str, kind: str) -> FileResponse:
+    def document(request: Request, who: Principal, uid: str, kind: str) -> FileResponse:
         path = _document(study_row(uid), kind)
         if path is None:
             raise HTTPException(404, f"no {kind.upper()} for this study")
+        record(request, who, kind, uid)
         return FileResponse(path, media_type="application/dicom", filename=f"{kind}.dcm")
 
     @app.get("/api/studies/{study_instance_uid}/sr", response_class=FileResponse)
-    def sr(study_instance_uid: str, who: Clinical) -> FileResponse:
+    def sr(study_instance_uid: str, who: Clinical, request: Request) -> FileResponse:
         """The SR as it went to PACS (application/dicom)."""
-        return document(study_instance_uid, "sr")
+        return document(request, who, study_instance_uid, "sr")
 
     @app.get("/api/studies/{study_instance_uid}/seg", response_class=FileResponse)
-    def seg(study_instance_uid: str, who: Clinical) -> FileResponse:
+    def seg(study_instance_uid: str, who: Clinical, request: Request) -> FileResponse:
         """The SEG as it went to PACS (application/dicom)."""
-        return document(study_instance_uid, "seg")
+        return document(request, who, study_instance_uid, "seg")
 
     # --- the radiologist's read (state-changing: CSRF-checked on sessions) -------------------
 
-    def act(request: Request, who: Principal, uid: str, action: str, **detail: Any) -> dict:
-        event = record(request, who, action, uid, **detail)
+    def act(
+        request: Request,
+        who: Principal,
+        uid: str,
+        action: str,
+        change: Callable[[Session], Any],
+        **detail: Any,
+    ) -> dict:
+        """The change and its audit event, in one transaction: neither without the other."""
+        event = record(request, who, action, uid, change, **detail)
         return {"assessment": assessments.get(uid), "audit_id": event["id"]}
 
     @app.post("/api/studies/{study_instance_uid}/acknowledge")
     def acknowledge(study_instance_uid: str, who: Radiologist, request: Request) -> dict:
         study_row(study_instance_uid)
-        assessments.acknowledge(study_instance_uid, who.name)
-        return act(request, who, study_instance_uid, "acknowledge")
+        return act(
+            request,
+            who,
+            study_instance_uid,
+            "acknowledge",
+            lambda s: assessments.acknowledge(study_instance_uid, who.name, s),
+        )
 
     @app.post("/api/studies/{study_instance_uid}/reported")
     def reported(study_instance_uid: str, who: Radiologist, request: Request) -> dict:
         study_row(study_instance_uid)
-        assessments.reported(study_instance_uid, who.name)
-        return act(request, who, study_instance_uid, "reported")
+        return act(
+            request,
+            who,
+            study_instance_uid,
+            "reported",
+            lambda s: assessments.reported(study_instance_uid, who.name, s),
+        )
 
     @app.post("/api/studies/{study_instance_uid}/override")
     def override(
@@ -529,25 +562,25 @@ def create_app(ctx: ApiContext) -> FastAPI:
         """Override the priority; the reason is required and audited. The override is a
         decision: the waiting list sends it to PACS (a verified SR), the RIS and FHIR."""
         row = study_row(study_instance_uid)
-        assessments.override(study_instance_uid, who.name, body)
-        with ctx.index.write() as s:
-            record_override(
-                s,
-                study_instance_uid,
-                {"priority": body.priority.value, "by": who.name, "reason": body.reason},
-                time.time(),
-            )
-        if ctx.redecide is not None:
-            ctx.redecide(study_instance_uid)
-        return act(
+
+        def _override(s: Session) -> None:
+            assessments.override(study_instance_uid, who.name, body, s)
+            override = {"priority": body.priority.value, "by": who.name, "reason": body.reason}
+            record_override(s, study_instance_uid, override, time.time())
+
+        out = act(
             request,
             who,
             study_instance_uid,
             "override",
+            lambda s: _override(s),
             priority=body.priority.value,
             ai_priority=row.get("priority"),
             reason=body.reason,
         )
+        if ctx.redecide is not None:  # the decision, its SR, ORU and FHIR result, at once
+            ctx.redecide(study_instance_uid)
+        return out
 
     @app.post("/api/studies/{study_instance_uid}/findings/{finding_index}")
     def finding(
@@ -562,12 +595,12 @@ def create_app(ctx: ApiContext) -> FastAPI:
         lesions = (row.get("result") or {}).get("lesions") or []
         if not 0 <= finding_index < len(lesions):
             raise HTTPException(404, f"the AI reported {len(lesions)} findings")
-        assessments.finding(study_instance_uid, finding_index, who.name, body)
         return act(
             request,
             who,
             study_instance_uid,
             "finding",
+            lambda s: assessments.finding(study_instance_uid, finding_index, who.name, body, s),
             finding_index=finding_index,
             **body.model_dump(exclude_none=True),
         )
@@ -578,8 +611,14 @@ def create_app(ctx: ApiContext) -> FastAPI:
     ) -> dict:
         """The radiologist's overall PI-RADS v2.1 category."""
         study_row(study_instance_uid)
-        assessments.pirads(study_instance_uid, who.name, body)
-        return act(request, who, study_instance_uid, "pirads", pirads=body.pirads)
+        return act(
+            request,
+            who,
+            study_instance_uid,
+            "pirads",
+            lambda s: assessments.pirads(study_instance_uid, who.name, body, s),
+            pirads=body.pirads,
+        )
 
     @app.post("/api/studies/{study_instance_uid}/biopsy")
     def biopsy(
@@ -587,8 +626,14 @@ def create_app(ctx: ApiContext) -> FastAPI:
     ) -> dict:
         """The biopsy outcome: ISUP grade group (0 = benign) and date."""
         study_row(study_instance_uid)
-        assessments.biopsy(study_instance_uid, body)
-        return act(request, who, study_instance_uid, "biopsy", **body.model_dump())
+        return act(
+            request,
+            who,
+            study_instance_uid,
+            "biopsy",
+            lambda s: assessments.biopsy(study_instance_uid, body, s),
+            **body.model_dump(),
+        )
 
     # --- pages ----------------------------------------------------------------------------
 

@@ -1,11 +1,14 @@
 """The radiologist's read of a study, stored in the index: acknowledge, mark reported, override
 the priority (reason required), accept / reject / edit each AI finding (in the spirit of IHE AI
 Result Assessment), PI-RADS v2.1 per lesion and overall, and later the biopsy ISUP grade group.
-Every change is also an audit event (the caller appends it)."""
+Every change is also an audit event: the caller passes the change to `AuditTrail.append` with
+the open transaction (``session=``), so that the change and its event commit together."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -57,23 +60,35 @@ class Assessments:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def _write(self, uid: str, **values: Any) -> None:
-        now = time.time()
+    @contextmanager
+    def _transaction(self, session: Session | None) -> Iterator[Session]:
+        """The caller's open transaction, or a new one that commits at the end."""
+        if session is not None:
+            yield session
+            return
         with Session(self.engine) as s, s.begin():
+            yield s
+
+    def _write(self, uid: str, session: Session | None, **values: Any) -> None:
+        now = time.time()
+        with self._transaction(session) as s:
             row = _get(s, uid, now)
             for key, value in values.items():
                 setattr(row, key, now if value is _NOW else value)
             row.updated_at = now
 
-    def acknowledge(self, uid: str, user: str) -> None:
-        self._write(uid, acknowledged_by=user, acknowledged_at=_NOW)
+    def acknowledge(self, uid: str, user: str, session: Session | None = None) -> None:
+        self._write(uid, session, acknowledged_by=user, acknowledged_at=_NOW)
 
-    def reported(self, uid: str, user: str) -> None:
-        self._write(uid, reported_by=user, reported_at=_NOW)
+    def reported(self, uid: str, user: str, session: Session | None = None) -> None:
+        self._write(uid, session, reported_by=user, reported_at=_NOW)
 
-    def override(self, uid: str, user: str, body: OverrideBody) -> None:
+    def override(
+        self, uid: str, user: str, body: OverrideBody, session: Session | None = None
+    ) -> None:
         self._write(
             uid,
+            session,
             override_priority=body.priority.value,
             override_rank=body.priority.rank,
             override_reason=body.reason,
@@ -81,15 +96,19 @@ class Assessments:
             override_at=_NOW,
         )
 
-    def pirads(self, uid: str, user: str, body: PiradsBody) -> None:
-        self._write(uid, pirads_overall=body.pirads, pirads_by=user)
+    def pirads(self, uid: str, user: str, body: PiradsBody, session: Session | None = None) -> None:
+        self._write(uid, session, pirads_overall=body.pirads, pirads_by=user)
 
-    def biopsy(self, uid: str, body: BiopsyBody) -> None:
-        self._write(uid, isup_grade_group=body.isup_grade_group, biopsy_date=body.biopsy_date)
+    def biopsy(self, uid: str, body: BiopsyBody, session: Session | None = None) -> None:
+        self._write(
+            uid, session, isup_grade_group=body.isup_grade_group, biopsy_date=body.biopsy_date
+        )
 
-    def finding(self, uid: str, index: int, user: str, body: FindingBody) -> None:
+    def finding(
+        self, uid: str, index: int, user: str, body: FindingBody, session: Session | None = None
+    ) -> None:
         now = time.time()
-        with Session(self.engine) as s, s.begin():
+        with self._transaction(session) as s:
             _get(s, uid, now).updated_at = now
             row = s.scalar(
                 select(FindingAssessment).where(

@@ -76,6 +76,21 @@ class AuditEvent(Base):
     detail_json: Mapped[str] = mapped_column(Text, default="{}")
     prev_hash: Mapped[str] = mapped_column(String(64), unique=True)
     hash: Mapped[str] = mapped_column(String(64), unique=True)
+    #: HMAC-SHA256(key, hash) with the `[audit] key_file` key (0007); None before anchoring
+    mac: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class AuditForwarding(Base):
+    """The ATNA sender's durable queue (0007): events after ``last_event_id`` are unsent."""
+
+    __tablename__ = "audit_forwarding"
+
+    destination: Mapped[str] = mapped_column(String(200), primary_key=True)
+    last_event_id: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[float] = mapped_column(Float)
+    #: the sender that holds the destination until `lease_until` (nodes sharing the index)
+    holder: Mapped[str] = mapped_column(String(128), default="")
+    lease_until: Mapped[float] = mapped_column(Float, default=0.0)
 
 
 class Assessment(Base):

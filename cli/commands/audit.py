@@ -1,4 +1,5 @@
-"""`radtriage audit verify`: walk the audit hash chain in the index; exit 1 when it is broken."""
+"""`radtriage audit verify`: walk the audit hash chain in the index, check each event's MAC
+against the key file and the chain's end against the exported head file; exit 1 when broken."""
 
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ def register(subparsers: Any) -> None:
 def run_verify(args: argparse.Namespace) -> int:
     from core.settings import load_settings
     from dicom_node.index import Index
-    from workspace.audit import AuditTrail
+    from workspace.audit import verify_configured
 
     settings = load_settings(args.config)
-    result = AuditTrail(Index(settings.storage.database_url).engine).verify()
+    engine = Index(settings.storage.database_url).engine
+    result = verify_configured(engine, settings.audit, settings.storage.root)
     if args.json:
         print(json.dumps(result.to_dict()))
     elif result.ok:

@@ -52,9 +52,12 @@ def _accounts(args: argparse.Namespace) -> Any:
 
 
 def _audit(args: argparse.Namespace, action: str, name: str, **detail: Any) -> None:
-    from workspace.audit import AuditTrail
+    from core.settings import load_settings
+    from workspace.audit import AuditTrail, anchor_from_settings
 
-    AuditTrail(_engine(args)).append(
+    settings = load_settings(args.config)
+    anchor = anchor_from_settings(settings.audit, settings.storage.root, create=True)
+    AuditTrail(_engine(args), anchor).append(
         action, user="cli", role="admin", address="cli", detail={"name": name, **detail}
     )
 

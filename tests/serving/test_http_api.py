@@ -149,8 +149,10 @@ def test_the_radiologists_read_and_the_feedback_export(analysed: tuple, tmp_path
     ]
     events = c.get("/api/audit", params={"study": uid}, headers=_as(tokens, "admin")).json()
     actions = [e["action"] for e in events["events"]]
-    assert actions[:5] == ["reported", "biopsy", "pirads", "finding", "finding"]
-    assert events["events"][3]["detail"]["decision"] == "edit"
+    # the assessment read is audited too (as the ml_engineer's)
+    assert actions[:6] == ["assessment", "reported", "biopsy", "pirads", "finding", "finding"]
+    assert events["events"][0]["user"] == "mel"
+    assert events["events"][4]["detail"]["decision"] == "edit"
 
     add_study(index, "1.2.3.77", priority=Priority.ROUTINE, likelihood=0.2, patient_id="P77")
     config = tmp_path / "radtriage.toml"
