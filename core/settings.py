@@ -6,7 +6,6 @@ Values that look like JSON (lists, objects, numbers, booleans) are parsed as JSO
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import tomllib
@@ -25,6 +24,7 @@ from pydantic import (
 )
 
 from core.errors import ConfigError
+from core.peers import parse_allowlist
 from core.priority import WaitingPolicy
 from core.redact import redact
 
@@ -67,14 +67,13 @@ class DicomSettings(_Section):
     port: int = Field(default=11112, gt=0, lt=65536)
     allowed_calling_aets: list[str] = Field(
         default_factory=list,
-        description="Calling AE titles accepted. Empty: any title, from loopback peers only "
-        "unless allowed_hosts is set. Set (and allowed_hosts empty): these titles from any "
-        "address",
+        description="Calling AE titles accepted (a further check on peers that allowed_hosts "
+        "admits; a title never opens the port). Empty: any title",
     )
     allowed_hosts: list[str] = Field(
         default_factory=list,
         description="Peer IP addresses or networks (CIDR, e.g. 10.1.0.0/16) accepted. Empty: "
-        "loopback only, unless allowed_calling_aets is set",
+        "loopback only (core/peers.py, the rule the HL7 listener shares)",
     )
     stable_age_s: float = Field(
         default=10.0,
@@ -108,19 +107,12 @@ class DicomSettings(_Section):
     @field_validator("allowed_hosts")
     @classmethod
     def _networks(cls, hosts: list[str]) -> list[str]:
-        for host in hosts:
-            try:
-                ipaddress.ip_network(host.strip(), strict=False)
-            except ValueError as exc:
-                raise ValueError(
-                    f"allowed_hosts entry {host!r} is not an IP address or network: {exc}"
-                ) from None
-        return [h.strip() for h in hosts]
+        return parse_allowlist(hosts)
 
     @property
     def open_beyond_loopback(self) -> bool:
-        """True when peers other than loopback may associate (an allowlist is configured)."""
-        return bool(self.allowed_hosts or self.allowed_calling_aets)
+        """True when peers other than loopback may associate (allowed_hosts is configured)."""
+        return bool(self.allowed_hosts)
 
 
 class StorageSettings(_Section):
@@ -263,8 +255,9 @@ class Hl7Settings(_Section):
     )
     bind_address: str = Field(default="127.0.0.1", description="Address the listener binds")
     allowed_hosts: list[str] = Field(
-        default_factory=lambda: ["127.0.0.1", "::1"],
-        description="Peer addresses allowed to send orders (loopback by default)",
+        default_factory=list,
+        description="Peer IP addresses or networks (CIDR) allowed to send orders. Empty: "
+        "loopback only (core/peers.py, the rule the DICOM SCP shares)",
     )
     sending_application: str = Field(default="RADTRIAGE", max_length=180, description="MSH-3")
     sending_facility: str = Field(default="", max_length=180, description="MSH-4")
@@ -282,14 +275,7 @@ class Hl7Settings(_Section):
     @field_validator("allowed_hosts")
     @classmethod
     def _hl7_networks(cls, hosts: list[str]) -> list[str]:
-        for host in hosts:
-            try:
-                ipaddress.ip_network(host.strip(), strict=False)
-            except ValueError as exc:
-                raise ValueError(
-                    f"hl7.allowed_hosts entry {host!r} is not an IP address or network: {exc}"
-                ) from None
-        return [h.strip() for h in hosts]
+        return parse_allowlist(hosts)
 
 
 class MonitoringSettings(_Section):

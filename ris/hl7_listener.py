@@ -28,7 +28,6 @@ SCP: suspected-cancer pathway), OBX with OBX-3 LOINC 2857-1 and OBX-6 ng/mL (or 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import threading
 import time
@@ -46,6 +45,7 @@ from hl7apy.exceptions import HL7apyException
 from hl7apy.parser import parse_message
 
 from core.domain import ReferralUrgency
+from core.peers import peer_allowed
 from core.settings import Hl7Settings
 from dicom_node.index import Index
 from imaging.request_attributes import parse_da
@@ -344,27 +344,10 @@ def handle_message(index: Index, text: str, settings: Hl7Settings, now: float) -
 # --- the MLLP server -----------------------------------------------------------------------
 
 
-def _allowed(peer: str, allowed: list[str]) -> bool:
-    if not allowed:
-        return True
-    try:
-        address = ipaddress.ip_address(peer)
-    except ValueError:
-        return False
-    for entry in allowed:
-        try:
-            if address in ipaddress.ip_network(entry, strict=False):
-                return True
-        except ValueError:
-            continue
-    mapped = getattr(address, "ipv4_mapped", None)
-    return mapped is not None and _allowed(str(mapped), allowed)
-
-
 class MllpServer:
     """An MLLP server in a thread of its own (asyncio loop): each message on a connection is
     passed to `handler` (run in a worker thread), whose answer goes back on that connection.
-    Peers outside `allowed_hosts` (addresses or networks; empty = any) are disconnected."""
+    Peers outside `allowed_hosts` are disconnected (`core.peers`: empty = loopback only)."""
 
     def __init__(
         self,
@@ -392,7 +375,7 @@ class MllpServer:
 
     async def _connection(self, reader: MLLPStreamReader, writer: MLLPStreamWriter) -> None:
         peer = writer.get_extra_info("peername") or ("", 0)
-        if not _allowed(str(peer[0]), self.allowed_hosts):
+        if not peer_allowed(str(peer[0]), self.allowed_hosts):
             log.warning("%s: connection from %s refused (not an allowed host)", self.name, peer[0])
             writer.close()
             return
