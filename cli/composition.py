@@ -313,6 +313,7 @@ class RadtriageApp:
             ready=self.ready,
             node_id=index.node_id,
             session_ttl_s=self.settings.http.session_ttl_s,
+            http=self.settings.http,
             fds_days=self.settings.triage.fds_days,
         )
         return build_http_app(ctx)

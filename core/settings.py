@@ -138,6 +138,38 @@ class HttpSettings(_Section):
     session_ttl_s: float = Field(
         default=8 * 3600.0, gt=0, description="Login sessions end this long after sign-in"
     )
+    token_ttl_days: float = Field(
+        default=90.0,
+        gt=0,
+        description="Bearer tokens expire this long after they were issued (`radtriage users "
+        "token NAME` issues a new one and revokes the old)",
+    )
+    max_body_bytes: int = Field(
+        default=1 << 20,
+        ge=1024,
+        description="Largest request body (bytes) on every route but STOW-RS; larger ones get "
+        "413 before authentication and before the body is read",
+    )
+    public_url: str | None = Field(
+        default=None,
+        max_length=2048,
+        pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+        description="The server's public base URL (e.g. https://radtriage.hospital.example); "
+        "FHIR bundle links are built from it, never from the request's Host header. None: "
+        "links are relative",
+    )
+    stow: bool = Field(
+        default=False,
+        description="Accept STOW-RS (POST /dicomweb/studies) from integrator and admin tokens",
+    )
+    stow_max_bytes: int = Field(
+        default=2 * 1024**3,
+        ge=1 << 20,
+        description="Largest STOW-RS request (bytes); it is streamed to a temporary file",
+    )
+    stow_concurrency: int = Field(
+        default=2, ge=1, le=64, description="STOW-RS requests at once; more get 503"
+    )
 
     @model_validator(mode="after")
     def _tls_pair(self) -> HttpSettings:

@@ -24,6 +24,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.domain import ReferralUrgency, SeriesRole, StudyStatus
+from core.settings import HttpSettings
 from dicom_node.index import Index
 from dicom_node.ingest import Ingest
 from workspace.accounts import Accounts, Principal
@@ -41,6 +42,7 @@ from workspace.auth import (
     require,
 )
 from workspace.key_images import KeyImageCache, StudyImages, load_study_images
+from workspace.limits import BodyLimit
 from workspace.metrics import Metrics
 from workspace.worklist import MAX_PAGE, SORT_KEYS, WorklistQuery, query_worklist
 
@@ -52,6 +54,8 @@ STATIC_FILES = {
     "worklist.js": "text/javascript",
     "study.js": "text/javascript",
 }
+#: the STOW-RS route, whose body limit is ``[http] stow_max_bytes`` (it streams to disk)
+STOW_PATH = "/dicomweb/studies"
 #: failed sign-ins per user name within the window before /api/login answers 429
 LOGIN_FAILURES_ALLOWED = 10
 LOGIN_WINDOW_S = 15 * 60.0
@@ -87,6 +91,7 @@ class ApiContext:
     fds_days: int = 28
     key_images: KeyImageCache = field(default_factory=KeyImageCache)
     ingest: Ingest | None = None  # the node's C-STORE store path, for STOW-RS (None: off)
+    http: HttpSettings = field(default_factory=HttpSettings)  # limits, STOW, public URL, tokens
 
 
 class Login(BaseModel):
@@ -195,6 +200,12 @@ def _html(name: str) -> HTMLResponse:
 def create_app(ctx: ApiContext) -> FastAPI:
     app = FastAPI(title="radtriage", version="0.2.0")
     app.state.ctx = ctx
+    stow_bytes = ctx.http.stow_max_bytes if ctx.http.stow else ctx.http.max_body_bytes
+    app.add_middleware(
+        BodyLimit,
+        default_bytes=ctx.http.max_body_bytes,
+        per_path={STOW_PATH: stow_bytes},
+    )
     engine = ctx.index.engine
     accounts = Accounts(engine, ctx.session_ttl_s)
     audit = AuditTrail(engine)
