@@ -291,6 +291,27 @@ class Hl7Settings(_Section):
         description="Peer IP addresses or networks (CIDR) allowed to send orders. Empty: "
         "loopback only (core/peers.py, the rule the DICOM SCP shares)",
     )
+    tls: TlsSettings | None = Field(
+        default=None,
+        description="MLLP over TLS: certfile and keyfile; with cafile, senders must present a "
+        "client certificate signed by it (mutual TLS). None = plain TCP (keep it on loopback "
+        "or a trusted network)",
+    )
+    max_connections: int = Field(
+        default=16, gt=0, le=1024, description="Connections at once; more are closed at once"
+    )
+    idle_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="A connection that sends nothing (or no whole message) for this long is "
+        "closed; also the TLS handshake timeout",
+    )
+    processing_ids: list[Literal["P", "T", "D"]] = Field(
+        default_factory=lambda: ["P"],
+        min_length=1,
+        description="MSH-11 processing IDs accepted. Default production only: training (T) "
+        "and debugging (D) messages are refused with AR and never change live orders",
+    )
     sending_application: str = Field(default="RADTRIAGE", max_length=180, description="MSH-3")
     sending_facility: str = Field(default="", max_length=180, description="MSH-4")
     destinations: list[Hl7Destination] = Field(
