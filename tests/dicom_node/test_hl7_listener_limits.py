@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,27 @@ def test_mllp_over_tls_with_client_certificates(index: Index, tmp_path: Path) ->
         with pytest.raises((asyncio.IncompleteReadError, ConnectionError, OSError)):
             send(server.port, orm_o01("M3", "PLC3"))  # plain MLLP on a TLS port
     assert [o.placer_order_number for o in _orders(index)] == ["PLC1"]
+
+
+@pytest.mark.parametrize(
+    ("tail", "why"),
+    [
+        ("~A&C" * 20000, "more than 500 repetitions"),  # ~A^B&C took 26 s in hl7apy
+        ("^A" * 100000, "more than 2000 components"),  # 35 s, then an internal error
+        ("|X" * 4900, "more than 1000 fields"),
+        ("&" * 20000, "more than 500 subcomponents"),
+        ("\rNTE|1" * 600, "more than 500 segments"),
+    ],
+)
+def test_messages_too_complex_to_parse_are_refused_at_once(
+    index: Index, tail: str, why: str
+) -> None:
+    started = time.monotonic()
+    answer = handle_message(index, orm_o01("M1", "PLC1").rstrip("\r") + tail, Hl7Settings(), 0)
+    assert time.monotonic() - started < 1.0
+    assert segment(answer, "MSA")[1:3] == ["AR", "M1"] and why in answer
+
+
+def test_components_beyond_the_data_type_are_ignored(index: Index) -> None:
+    message = orm_o01("M1", "PLC1").replace("PAT001", "PAT001" + "^X" * 30)
+    assert _ack(index, message)[1] == "AA"  # was an internal error (AE 207)
