@@ -12,6 +12,7 @@ rewrite result.json: they are assessments, and audit events.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from workspace.auth import (
 from workspace.key_images import KeyImageCache, StudyImages, load_study_images
 from workspace.limits import BodyLimit
 from workspace.metrics import Metrics
+from workspace.throttle import LoginThrottle
 from workspace.worklist import MAX_PAGE, SORT_KEYS, WorklistQuery, query_worklist
 
 WEB_DIR = Path(__file__).with_name("static")
@@ -56,9 +58,6 @@ STATIC_FILES = {
 }
 #: the STOW-RS route, whose body limit is ``[http] stow_max_bytes`` (it streams to disk)
 STOW_PATH = "/dicomweb/studies"
-#: failed sign-ins per user name within the window before /api/login answers 429
-LOGIN_FAILURES_ALLOWED = 10
-LOGIN_WINDOW_S = 15 * 60.0
 #: pages load their scripts and styles from /static only; no inline script can run
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -211,6 +210,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     audit = AuditTrail(engine)
     assessments = Assessments(engine)
     app.state.accounts = accounts
+    app.state.throttle = LoginThrottle()
     app.state.audit = audit
 
     @app.exception_handler(LoginRequired)
@@ -262,19 +262,29 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     @app.post("/api/login")
     def login(body: Login, request: Request, response: Response) -> dict[str, str]:
-        """Start a session: sets the HttpOnly session cookie, returns the CSRF token. After
-        `LOGIN_FAILURES_ALLOWED` failures for a name within `LOGIN_WINDOW_S`, answers 429."""
-        since = time.time() - LOGIN_WINDOW_S
-        if audit.count_since("login_failed", since, body.name[:64]) >= LOGIN_FAILURES_ALLOWED:
-            audit.append("login_refused", user=body.name[:64], address=client_address(request))
-            raise HTTPException(429, "too many failed sign-ins for this user; try again later")
-        who = accounts.check_password(body.name, body.password)
-        if who is None:
-            audit.append(
-                "login_failed",
-                user=body.name[:64],
-                address=client_address(request),
+        """Start a session: sets the HttpOnly session cookie, returns the CSRF token. Failed
+        sign-ins are throttled per client address with exponential backoff, and per user only
+        across many addresses (`workspace.throttle`): 429 with Retry-After."""
+        address, name = client_address(request), body.name[:64]
+        throttle: LoginThrottle = app.state.throttle
+        refusal = throttle.begin(address, name)
+        if refusal is not None:
+            raise HTTPException(
+                429,
+                f"{refusal.reason}; try again later",
+                headers={"Retry-After": str(max(1, math.ceil(refusal.retry_after_s)))},
             )
+        who = None
+        try:
+            with throttle.password_check():
+                who = accounts.check_password(body.name, body.password)
+        finally:
+            failures = throttle.end(address, name, ok=who is not None)
+        if who is None:
+            if throttle.should_audit(failures):
+                audit.append(
+                    "login_failed", user=name, address=address, detail={"failures": failures}
+                )
             raise HTTPException(401, "wrong user name or password, or the user is disabled")
         session_id, csrf = accounts.open_session(who.name, client_address(request))
         response.set_cookie(

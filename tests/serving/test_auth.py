@@ -326,17 +326,11 @@ def test_https_option(tmp_path: Path) -> None:
         thread.join(timeout=10)
 
 
-def test_repeated_failed_sign_ins_are_throttled(
+def test_repeated_failed_sign_ins_are_throttled_per_address(
     setup: tuple[TestClient, dict[str, str], Index],
 ) -> None:
-    from workspace.app import LOGIN_FAILURES_ALLOWED
-
-    c, tokens, _ = setup
-    for _ in range(LOGIN_FAILURES_ALLOWED):
+    c, _, _ = setup  # more in tests/serving/test_login_throttle.py
+    for _ in range(5):
         assert c.post("/api/login", json={"name": "rita", "password": "guess"}).status_code == 401
     right = {"name": "rita", "password": PASSWORD}
-    assert c.post("/api/login", json=right).status_code == 429  # even the right password
-    assert c.post("/api/login", json={"name": "adam", "password": PASSWORD}).status_code == 200
-    admin = {"Authorization": f"Bearer {tokens['admin']}"}
-    actions = [e["action"] for e in c.get("/api/audit", headers=admin).json()["events"]]
-    assert "login_refused" in actions
+    assert c.post("/api/login", json=right).status_code == 429  # this address must wait
