@@ -27,7 +27,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, Literal
 
 import uvicorn
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
 
 from core.domain import ModelInfo, ModelRef
 from core.engine import InferenceEngine
@@ -35,7 +35,7 @@ from core.errors import ConfigError, ModelError, ModelNotFoundError
 from core.log_events import log_event
 from core.priority import Thresholds
 from core.settings import ModelSettings, Settings
-from dicom_node.dicomweb import create_dicomweb_router
+from dicom_node.dicomweb import StowLimits, StowReport, create_dicomweb_router
 from dicom_node.index import Index
 from dicom_node.jobs import AnalysisOutput
 from dicom_node.node import DicomNode
@@ -48,7 +48,7 @@ from ris.node import RisNode
 from triage.analysis import StudyAnalyser, StudyAnalysis
 from triage.waiting_list import LiveWaitingList
 from workspace.app import ApiContext, create_app, is_pending, pending_row
-from workspace.auth import CLINICAL, require
+from workspace.auth import INTEGRATIONS, UPLOADERS, client_address, require
 from workspace.metrics import Metrics
 
 if TYPE_CHECKING:  # Ray is imported only by the Ray backend
@@ -63,11 +63,38 @@ Backend = Literal["ray", "local"]
 
 def build_http_app(ctx: ApiContext) -> FastAPI:
     """The web app with the ways in that share its sign-in: FHIR R4 (`ris.fhir`) and DICOMweb
-    (`dicom_node.dicomweb`), each behind the clinical roles."""
+    (`dicom_node.dicomweb`), each behind the clinical roles and integrator tokens; STOW-RS only
+    when ``[http] stow`` is on, for integrator tokens and admins, each upload audited."""
     app = create_app(ctx)
-    clinical = [Depends(require(*CLINICAL))]
-    app.include_router(create_fhir_router(dependencies=clinical))
-    app.include_router(create_dicomweb_router(ctx, dependencies=clinical))
+    integrations = [Depends(require(*INTEGRATIONS))]
+    app.include_router(create_fhir_router(dependencies=integrations))
+    stow = (
+        StowLimits(max_bytes=ctx.http.stow_max_bytes, concurrency=ctx.http.stow_concurrency)
+        if ctx.http.stow
+        else None
+    )
+
+    def audit_store(request: Request, report: StowReport) -> None:
+        who = getattr(request.state, "principal", None)
+        for uid, instances in report.studies.items() or {"": 0}.items():
+            app.state.audit.append(
+                "stow",
+                user=who.name if who else "",
+                role=who.role if who else "",
+                study_instance_uid=uid or None,
+                address=client_address(request),
+                detail={"instances": instances, "refused": report.refused},
+            )
+
+    app.include_router(
+        create_dicomweb_router(
+            ctx,
+            dependencies=integrations,
+            stow=stow,
+            store_dependencies=[Depends(require(*UPLOADERS))],
+            on_store=audit_store,
+        )
+    )
     return app
 
 

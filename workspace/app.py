@@ -206,7 +206,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         per_path={STOW_PATH: stow_bytes},
     )
     engine = ctx.index.engine
-    accounts = Accounts(engine, ctx.session_ttl_s)
+    accounts = Accounts(engine, ctx.session_ttl_s, ctx.http.token_ttl_days * 86400.0)
     audit = AuditTrail(engine)
     assessments = Assessments(engine)
     app.state.accounts = accounts
