@@ -67,7 +67,9 @@ def build_http_app(ctx: ApiContext) -> FastAPI:
     when ``[http] stow`` is on, for integrator tokens and admins, each upload audited."""
     app = create_app(ctx)
     integrations = [Depends(require(*INTEGRATIONS))]
-    app.include_router(create_fhir_router(dependencies=integrations))
+    app.include_router(
+        create_fhir_router(dependencies=integrations, public_url=ctx.http.public_url)
+    )
     stow = (
         StowLimits(max_bytes=ctx.http.stow_max_bytes, concurrency=ctx.http.stow_concurrency)
         if ctx.http.stow

@@ -45,6 +45,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import JSONResponse
@@ -352,13 +353,26 @@ def _sr_uid(study: Study, entry_uid: str | None) -> str:
 
 
 def _bundle(
-    request: Request, total: int, offset: int, count: int, resources: list[dict[str, Any]]
+    request: Request,
+    total: int,
+    offset: int,
+    count: int,
+    resources: list[dict[str, Any]],
+    public_url: str | None = None,
 ) -> JSONResponse:
-    base = str(request.url.remove_query_params(["_offset"]))
-    link = [{"relation": "self", "url": str(request.url)}]
+    """A searchset Bundle. Links are built from `public_url` (``[http] public_url``) and the
+    request's path and parsed query, never from its Host header; relative without it."""
+    root = (public_url or "").rstrip("/")
+    params = [(k, v) for k, v in request.query_params.multi_items() if k != "_offset"]
+    base = root + request.url.path
+
+    def url(extra: list[tuple[str, str]]) -> str:
+        query = urlencode(params + extra)
+        return f"{base}?{query}" if query else base
+
+    link = [{"relation": "self", "url": url([("_offset", str(offset))] if offset else [])}]
     if offset + count < total:
-        sep = "&" if "?" in base else "?"
-        link.append({"relation": "next", "url": f"{base}{sep}_offset={offset + count}"})
+        link.append({"relation": "next", "url": url([("_offset", str(offset + count))])})
     bundle = {
         "resourceType": "Bundle",
         "type": "searchset",
@@ -366,7 +380,9 @@ def _bundle(
         "link": link,
         "entry": [
             {
-                "fullUrl": f"{r['resourceType']}/{r['id']}",
+                "fullUrl": f"{root}/fhir/{r['resourceType']}/{r['id']}"
+                if root
+                else f"{r['resourceType']}/{r['id']}",
                 "resource": r,
                 "search": {"mode": "match"},
             }
@@ -484,10 +500,14 @@ class FhirPush:
 
 
 def create_fhir_router(
-    index_of: IndexOf = _index_of_app, *, dependencies: Sequence[Any] = ()
+    index_of: IndexOf = _index_of_app,
+    *,
+    dependencies: Sequence[Any] = (),
+    public_url: str | None = None,
 ) -> APIRouter:
     """The /fhir routes; `index_of` finds the index for a request (the app's ApiContext).
-    Authentication comes from the composition root as route `dependencies`."""
+    Authentication comes from the composition root as route `dependencies`; bundle links are
+    built from `public_url` (``[http] public_url``), never from the Host header."""
     router = APIRouter(prefix="/fhir", tags=["fhir"], dependencies=list(dependencies))
 
     @router.post("/ServiceRequest", status_code=201, response_model=None)
@@ -535,7 +555,7 @@ def create_fhir_router(
         for study, patient, entry_uid in rows:
             report, members = _resources_for(study, patient, entry_uid)
             resources.extend(members if observations else [report])
-        return _bundle(request, total, offset, count, resources)
+        return _bundle(request, total, offset, count, resources, public_url)
 
     @router.get("/DiagnosticReport", response_model=None)
     def diagnostic_reports(

@@ -12,7 +12,9 @@ rewrite result.json: they are assessments, and audit events.
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +50,8 @@ from workspace.metrics import Metrics
 from workspace.throttle import LoginThrottle
 from workspace.worklist import MAX_PAGE, SORT_KEYS, WorklistQuery, query_worklist
 
+log = logging.getLogger(__name__)
+
 WEB_DIR = Path(__file__).with_name("static")
 STATIC_FILES = {
     "style.css": "text/css",
@@ -56,6 +60,8 @@ STATIC_FILES = {
     "worklist.js": "text/javascript",
     "study.js": "text/javascript",
 }
+#: a 409 says what, never why in exception text (that goes to the log)
+IMAGES_UNAVAILABLE = "images unavailable: the study's files cannot be read (see the server log)"
 #: the STOW-RS route, whose body limit is ``[http] stow_max_bytes`` (it streams to disk)
 STOW_PATH = "/dicomweb/studies"
 #: pages load their scripts and styles from /static only; no inline script can run
@@ -187,6 +193,17 @@ def _study_view(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_ABSOLUTE_PATH = re.compile(r"(?:[A-Za-z]:)?[/\\](?:[^\s/\\'\":]+[/\\])+[^\s/\\'\":]*")
+
+
+def outbox_view(row: dict[str, Any]) -> dict[str, Any]:
+    """An outbox row for the API: no file path, and none inside its last error."""
+    out = {k: v for k, v in row.items() if k != "path"}
+    if isinstance(out.get("last_error"), str):
+        out["last_error"] = _ABSOLUTE_PATH.sub("<path>", out["last_error"])
+    return out
+
+
 def _html(name: str) -> HTMLResponse:
     response = HTMLResponse((WEB_DIR / name).read_text(encoding="utf-8"))
     response.headers["Content-Security-Policy"] = CSP
@@ -197,7 +214,10 @@ def _html(name: str) -> HTMLResponse:
 
 
 def create_app(ctx: ApiContext) -> FastAPI:
-    app = FastAPI(title="radtriage", version="0.2.0")
+    # no anonymous API docs and no CDN: the schema is served behind login, the docs pages off
+    app = FastAPI(
+        title="radtriage", version="0.2.0", openapi_url=None, docs_url=None, redoc_url=None
+    )
     app.state.ctx = ctx
     stow_bytes = ctx.http.stow_max_bytes if ctx.http.stow else ctx.http.max_body_bytes
     app.add_middleware(
@@ -315,6 +335,11 @@ def create_app(ctx: ApiContext) -> FastAPI:
         record(request, who, "logout")
         return {"status": "signed out"}
 
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi(who: Anyone) -> JSONResponse:
+        """The OpenAPI schema of every route (signed-in users only)."""
+        return JSONResponse(app.openapi())
+
     @app.get("/api/models")
     def models(who: Anyone) -> dict[str, Any]:
         return ctx.models()
@@ -329,7 +354,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     @app.get("/api/outbox")
     def outbox(who: Operations) -> list[dict[str, Any]]:
-        return ctx.outbox()
+        """Dead letters, without file paths (the server's layout is not the caller's business)."""
+        return [outbox_view(row) for row in ctx.outbox()]
 
     @app.get("/api/audit")
     def audit_log(
@@ -411,7 +437,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
         try:
             imgs = ctx.key_images.study(key, load)
         except Exception as exc:  # a study that cannot be read still has a page
-            raise HTTPException(409, f"images unavailable: {exc}") from exc
+            log.warning("images of %s unavailable", study_instance_uid, exc_info=True)
+            raise HTTPException(409, IMAGES_UNAVAILABLE) from exc
         return {
             "slices": imgs.slices,
             "roles": [r.value for r in (SeriesRole.T2W, SeriesRole.ADC, SeriesRole.HBV)],
@@ -438,9 +465,10 @@ def create_app(ctx: ApiContext) -> FastAPI:
         try:
             data = ctx.key_images.png(key, load, SeriesRole(role), z, lesion)
         except IndexError as exc:
-            raise HTTPException(404, str(exc)) from exc
+            raise HTTPException(404, "no such slice or lesion") from exc
         except Exception as exc:
-            raise HTTPException(409, f"images unavailable: {exc}") from exc
+            log.warning("images of %s unavailable", study_instance_uid, exc_info=True)
+            raise HTTPException(409, IMAGES_UNAVAILABLE) from exc
         return Response(data, media_type="image/png", headers={"Cache-Control": "private"})
 
     def document(uid: str, kind: str) -> FileResponse:

@@ -21,6 +21,7 @@ PATIENT_ID = "MRN-SECRET-42"
 OPEN = "open"
 ANY = ("radiologist", "admin", "ml_engineer")
 CLINICAL = ("radiologist", "admin")
+INTEGRATIONS = ("radiologist", "admin", "integrator")
 RADIOLOGIST = ("radiologist",)
 LESION = LesionResult(likelihood=0.8, volume_ml=0.5, centroid_mm=(0, 0, 0), category="ai")
 
@@ -33,10 +34,7 @@ POLICY: dict[tuple[str, str], object] = {
     ("GET", "/login"): OPEN,
     ("POST", "/api/login"): OPEN,
     ("GET", "/"): OPEN,  # a redirect to /worklist
-    ("GET", "/openapi.json"): OPEN,
-    ("GET", "/docs"): OPEN,
-    ("GET", "/docs/oauth2-redirect"): OPEN,
-    ("GET", "/redoc"): OPEN,
+    ("GET", "/openapi.json"): ANY,  # behind login; /docs and /redoc (a CDN) are off
     ("GET", "/api/session"): ANY,
     ("POST", "/api/logout"): ANY,
     ("GET", "/api/models"): ANY,
@@ -62,12 +60,12 @@ POLICY: dict[tuple[str, str], object] = {
 #: Routes other modules mount on the app (ris.fhir, dicom_node.dicomweb) when present; the
 #: matrix checks their access control too, not their request bodies.
 MOUNTED: dict[tuple[str, str], object] = {
-    ("POST", "/fhir/ServiceRequest"): CLINICAL,
-    ("GET", "/fhir/DiagnosticReport"): CLINICAL,
-    ("GET", "/fhir/Observation"): CLINICAL,
-    ("GET", "/dicomweb/studies"): CLINICAL,
-    ("POST", "/dicomweb/studies"): CLINICAL,
-    ("GET", "/dicomweb/studies/{study_instance_uid}/series"): CLINICAL,
+    ("POST", "/fhir/ServiceRequest"): INTEGRATIONS,
+    ("GET", "/fhir/DiagnosticReport"): INTEGRATIONS,
+    ("GET", "/fhir/Observation"): INTEGRATIONS,
+    ("GET", "/dicomweb/studies"): INTEGRATIONS,
+    ("POST", "/dicomweb/studies"): ("integrator", "admin"),  # only with [http] stow = true
+    ("GET", "/dicomweb/studies/{study_instance_uid}/series"): INTEGRATIONS,
 }
 PAGES = {"/worklist", "/studies/{study_instance_uid}"}
 BODIES = {
@@ -122,7 +120,7 @@ def test_every_route_has_a_policy(setup: tuple[TestClient, dict[str, str], Index
     assert set(POLICY) <= routes
 
 
-@pytest.mark.parametrize("role", ["radiologist", "admin", "ml_engineer", None])
+@pytest.mark.parametrize("role", ["radiologist", "admin", "ml_engineer", "integrator", None])
 def test_role_matrix(role: str | None, setup: tuple[TestClient, dict[str, str], Index]) -> None:
     c, tokens, _ = setup
     headers = {"Authorization": f"Bearer {tokens[role]}"} if role else {}
