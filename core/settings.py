@@ -278,6 +278,13 @@ class Hl7Destination(_Section):
     receiving_facility: str = Field(default="", max_length=180, description="MSH-6")
 
 
+ProcessingId = Literal["P", "T", "D"]
+
+
+def _production_only() -> list[ProcessingId]:
+    return ["P"]
+
+
 class Hl7Settings(_Section):
     listen_port: int | None = Field(
         default=None,
@@ -306,8 +313,8 @@ class Hl7Settings(_Section):
         description="A connection that sends nothing (or no whole message) for this long is "
         "closed; also the TLS handshake timeout",
     )
-    processing_ids: list[Literal["P", "T", "D"]] = Field(
-        default_factory=lambda: ["P"],
+    processing_ids: list[ProcessingId] = Field(
+        default_factory=_production_only,
         min_length=1,
         description="MSH-11 processing IDs accepted. Default production only: training (T) "
         "and debugging (D) messages are refused with AR and never change live orders",

@@ -70,9 +70,10 @@ def _part_content_type(head: bytes) -> str:
 def iter_multipart(
     stream: IO[bytes], boundary: str, max_part_bytes: int = MAX_STOW_PART_BYTES
 ) -> Iterator[tuple[str, bytes]]:
-    """The parts of a multipart body read from `stream`, one at a time: (content type,
-    payload). Only one part (at most `max_part_bytes`) and one read block are in memory.
-    Raises ValueError when the body is not delimited by `boundary` or a part is too large."""
+    """The parts of a multipart body in a seekable `stream` (the spooled request), one at a
+    time: (content type, payload). A part's end is found by scanning with one read block in
+    memory; its bytes are then read once. Raises ValueError when the body is not delimited by
+    `boundary` or a part is above `max_part_bytes`."""
     # RFC 2046 caps boundaries at 70 characters; Orthanc's DICOMweb plugin sends 73: read
     # tolerantly, but bounded
     if not boundary or len(boundary) > 200:
@@ -80,11 +81,17 @@ def iter_multipart(
     delimiter = b"--" + boundary.encode("ascii", "strict")
     separator = b"\r\n" + delimiter
     buf = bytearray()
+    base = stream.tell()  # the stream offset of buf[0]
 
     def fill() -> bool:
         block = stream.read(_STOW_BLOCK)
         buf.extend(block)
         return bool(block)
+
+    def consume(n: int) -> None:
+        nonlocal base
+        del buf[:n]
+        base += n
 
     def find(needle: bytes, limit: int, what: str, at_end: str = "") -> int:
         start = 0
@@ -97,25 +104,38 @@ def iter_multipart(
         return at
 
     no_parts = "no multipart parts delimited by the boundary"
-    at = find(delimiter, 1 << 20, no_parts, no_parts)
-    del buf[: at + len(delimiter)]
+    consume(find(delimiter, 1 << 20, no_parts, no_parts) + len(delimiter))
     while True:
         while len(buf) < 2 and fill():
             pass
         if buf[:2] == b"--":
             return  # the close delimiter
-        end = find(b"\r\n", 1024, "junk after a multipart delimiter")
-        del buf[: end + 2]
-        if buf[:2] == b"\r\n" or (len(buf) < 2 and fill() and buf[:2] == b"\r\n"):
-            head = b""
-            del buf[:2]
+        consume(find(b"\r\n", 1024, "junk after a multipart delimiter") + 2)
+        while len(buf) < 2 and fill():
+            pass
+        if buf[:2] == b"\r\n":
+            head = b""  # no part headers
+            consume(2)
         else:
             end = find(b"\r\n\r\n", _MAX_PART_HEADERS, "part headers too long")
             head = bytes(buf[:end])
-            del buf[: end + 4]
-        end = find(separator, max_part_bytes + len(separator), "a part is too large")
-        payload = bytes(buf[:end])
-        del buf[: end + len(separator)]
+            consume(end + 4)
+        content_start = base
+        while (at := buf.find(separator)) < 0:
+            if len(buf) >= len(separator):
+                consume(len(buf) - len(separator) + 1)  # scanned: only the tail is kept
+            if base - content_start > max_part_bytes:
+                raise ValueError("a part is too large")
+            if not fill():
+                raise ValueError("the body ends inside a part (no closing delimiter)")
+        content_end = base + at
+        if content_end - content_start > max_part_bytes:
+            raise ValueError("a part is too large")
+        consume(at + len(separator))
+        resume = stream.tell()
+        stream.seek(content_start)
+        payload = stream.read(content_end - content_start)
+        stream.seek(resume)
         yield _part_content_type(head), payload
 
 
@@ -215,17 +235,18 @@ def _study_json(study: dict[str, Any], documents: list[pydicom.Dataset]) -> dict
 
 async def _spool_body(request: Request, body: IO[bytes], limit: int, too_big: str) -> None:
     """Copy the request body to `body` (a file), in blocks written off the event loop."""
-    size, pending = 0, bytearray()
+    size, pending, pending_bytes = 0, [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise HTTPException(413, too_big)
-        pending += chunk
-        if len(pending) >= 4 * _STOW_BLOCK:
-            await run_in_threadpool(body.write, bytes(pending))
-            pending.clear()
+        pending.append(chunk)
+        pending_bytes += len(chunk)
+        if pending_bytes >= _STOW_BLOCK:
+            await run_in_threadpool(body.writelines, pending)
+            pending, pending_bytes = [], 0
     if pending:
-        await run_in_threadpool(body.write, bytes(pending))
+        await run_in_threadpool(body.writelines, pending)
 
 
 def _store_parts(

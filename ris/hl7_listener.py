@@ -328,7 +328,7 @@ def structure_refusal(text: str) -> str | None:
         return f"more than {MAX_SEGMENTS} segments"
     if not text.startswith("MSH") or len(text) < 8:
         return None  # not HL7: the parser refuses it cheaply
-    field, component, repetition, _escape, subcomponent = text[3:8]
+    field, component, repetition, _escape, subcomponent = tuple(text[3:8])
     for char, limit, what in (
         (field, MAX_FIELDS, "fields"),
         (component, MAX_COMPONENTS, "components"),

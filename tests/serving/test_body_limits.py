@@ -186,3 +186,94 @@ def test_anonymous_1_gb_body_keeps_the_server_within_100_mb(tmp_path: Path) -> N
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+STOW_PART = 8 * 1024**2  # 2048 x 2048 x 16 bit
+
+
+def _big_instance(tmp_path: Path) -> bytes:
+    from tests.dicom_node.peers import make_mr_series
+
+    (path,) = make_mr_series(tmp_path / "src", 1, rows=2048, columns=2048)
+    return path.read_bytes()
+
+
+def _stow(port: int, token: str, instance: bytes, total: int) -> tuple[int, bytes]:
+    """One STOW-RS request of `total` bytes (the same instance, part after part), streamed
+    from a constant buffer; returns (bytes sent, the answer)."""
+    boundary = b"stowmemorytest"
+    part = b"--" + boundary + b"\r\nContent-Type: application/dicom\r\n\r\n" + instance + b"\r\n"
+    n = total // len(part)
+    end = b"--" + boundary + b"--\r\n"
+    head = (
+        b"POST /dicomweb/studies HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Bearer " + token.encode() + b"\r\n"
+        b'Content-Type: multipart/related; type="application/dicom"; boundary=' + boundary + b"\r\n"
+        b"Content-Length: %d\r\n\r\n" % (n * len(part) + len(end))
+    )
+    sock = socket.create_connection(("127.0.0.1", port), timeout=600)
+    try:
+        sock.sendall(head)
+        for _ in range(n):
+            sock.sendall(part)
+        sock.sendall(end)
+        answer = b""
+        while True:
+            more = sock.recv(65536)
+            if not more:
+                break
+            answer += more
+            if b"\r\n\r\n" in answer:
+                head_, _, rest = answer.partition(b"\r\n\r\n")
+                length = next(
+                    (int(h.split(b":")[1]) for h in head_.split(b"\r\n")
+                     if h.lower().startswith(b"content-length")), 0,
+                )  # fmt: skip
+                if len(rest) >= length:
+                    break
+    finally:
+        sock.close()
+    return n * len(part), answer
+
+
+@pytest.mark.integration
+def test_two_concurrent_1_gb_stow_requests_keep_the_server_within_100_mb(tmp_path: Path) -> None:
+    index = Index(f"sqlite:///{tmp_path}/index.db")
+    tokens = add_users(index)
+    index.close()
+    instance = _big_instance(tmp_path)
+    proc, port = start_server(tmp_path, spool=str(tmp_path / "var"), http={"stow": True})
+    try:
+        sampler = RssSampler(proc.pid, port)
+        sampler.start()
+        started = time.monotonic()
+        results: list[tuple[int, bytes]] = []
+        threads = [
+            threading.Thread(
+                target=lambda: results.append(_stow(port, tokens["integrator"], instance, GIB))
+            )
+            for _ in range(2)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(900)
+        seconds = time.monotonic() - started
+        sampler.stop.set()
+        sampler.join()
+        assert len(results) == 2
+        for sent, answer in results:
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+            assert sent > 0.99 * GIB
+        worst = max(t for _, t in sampler.ready)
+        print(
+            f"2 x 1 GiB STOW-RS in {seconds:.0f} s; RSS growth {sampler.growth_mb:.1f} MB "
+            f"(base {sampler.base_kb / 1024:.0f} MB); /readyz {len(sampler.ready)} checks, "
+            f"all {set(s for s, _ in sampler.ready)}, slowest {worst:.3f} s"
+        )
+        assert sampler.growth_mb < 100
+        assert sampler.ready and all(status == 200 for status, _ in sampler.ready)
+        assert worst < 2.0  # the event loop kept answering
+    finally:
+        proc.terminate()
+        proc.wait(10)
