@@ -533,8 +533,10 @@ def create_fhir_router(
                 state, matched = order.state, order.study_instance_uid
         except OrderError as exc:
             return outcome(404, str(exc), code="not-found")
-        except (ValueError, TypeError, KeyError) as exc:
+        except ValueError as exc:  # our own messages (`order_update`, `OrderUpdate`)
             return outcome(400, str(exc))
+        except (TypeError, KeyError, AttributeError):  # a body of unexpected shape: no internals
+            return outcome(400, "not a valid FHIR ServiceRequest")
         echo = {**body, "id": f"{update_.placer_namespace}-{update_.placer_order_number}"[:64]}
         echo.setdefault("meta", {})["tag"] = [
             {"system": PRIVATE, "code": state},
