@@ -46,7 +46,7 @@ from hl7apy.exceptions import HL7apyException
 from hl7apy.parser import parse_message
 
 from core.domain import ReferralUrgency
-from core.peers import peer_allowed
+from core.peers import describe_allowlist, peer_allowed
 from core.settings import Hl7Settings
 from core.tls import server_ssl_context
 from dicom_node.index import Index
@@ -583,6 +583,18 @@ class Hl7Listener(MllpServer):
                 else None
             ),
         )
+
+    def start(self) -> None:
+        super().start()
+        s = self.settings
+        log.info("hl7-listener peers: %s", describe_allowlist(s.allowed_hosts))
+        if s.allowed_hosts and s.tls is None:
+            log.warning(
+                "HL7 listener on port %d is open beyond loopback (%s) over plain TCP: orders and "
+                "patient identifiers travel unencrypted; set [hl7] tls",
+                self.port,
+                ", ".join(s.allowed_hosts),
+            )
 
     def _handle(self, text: str) -> str:
         return handle_message(self.index, text, self.settings, self.clock())

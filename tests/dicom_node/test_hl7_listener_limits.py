@@ -6,6 +6,7 @@ loopback against the listener; a real SQLite index."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import subprocess
 import time
@@ -200,3 +201,16 @@ def test_messages_too_complex_to_parse_are_refused_at_once(
 def test_components_beyond_the_data_type_are_ignored(index: Index) -> None:
     message = orm_o01("M1", "PLC1").replace("PAT001", "PAT001" + "^X" * 30)
     assert _ack(index, message)[1] == "AA"  # was an internal error (AE 207)
+
+
+@pytest.mark.integration
+def test_plain_tcp_beyond_loopback_is_warned_about(
+    index: Index, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="ris.hl7_listener"):
+        with Hl7Listener(index, Hl7Settings(), port=0):
+            pass
+        assert "loopback peers only" in caplog.text and "plain TCP" not in caplog.text
+        with Hl7Listener(index, Hl7Settings(allowed_hosts=["10.0.0.0/8"]), port=0):
+            pass
+    assert "open beyond loopback (10.0.0.0/8) over plain TCP" in caplog.text
