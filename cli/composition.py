@@ -28,7 +28,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, Literal
 
 import uvicorn
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
 
 from core.domain import ModelInfo, ModelRef
 from core.engine import InferenceEngine
@@ -36,7 +36,7 @@ from core.errors import ConfigError, ModelError, ModelNotFoundError
 from core.log_events import log_event
 from core.priority import Thresholds
 from core.settings import ModelSettings, Settings
-from dicom_node.dicomweb import create_dicomweb_router
+from dicom_node.dicomweb import StowLimits, StowReport, create_dicomweb_router
 from dicom_node.index import Index
 from dicom_node.jobs import AnalysisOutput
 from dicom_node.node import DicomNode
@@ -52,7 +52,7 @@ from triage.waiting_list import LiveWaitingList
 from workspace.app import ApiContext, create_app, is_pending, pending_row
 from workspace.atna import AuditSource
 from workspace.audit import AuditTrail, anchor_from_settings
-from workspace.auth import CLINICAL, require
+from workspace.auth import INTEGRATIONS, UPLOADERS, client_address, require
 from workspace.metrics import Metrics
 from workspace.syslog_sender import AuditForwarder, SyslogTarget, tls_context
 
@@ -68,11 +68,40 @@ Backend = Literal["ray", "local"]
 
 def build_http_app(ctx: ApiContext) -> FastAPI:
     """The web app with the ways in that share its sign-in: FHIR R4 (`ris.fhir`) and DICOMweb
-    (`dicom_node.dicomweb`), each behind the clinical roles."""
+    (`dicom_node.dicomweb`), each behind the clinical roles and integrator tokens; STOW-RS only
+    when ``[http] stow`` is on, for integrator tokens and admins, each upload audited."""
     app = create_app(ctx)
-    clinical = [Depends(require(*CLINICAL))]
-    app.include_router(create_fhir_router(dependencies=clinical))
-    app.include_router(create_dicomweb_router(ctx, dependencies=clinical))
+    integrations = [Depends(require(*INTEGRATIONS))]
+    app.include_router(
+        create_fhir_router(dependencies=integrations, public_url=ctx.http.public_url)
+    )
+    stow = (
+        StowLimits(max_bytes=ctx.http.stow_max_bytes, concurrency=ctx.http.stow_concurrency)
+        if ctx.http.stow
+        else None
+    )
+
+    def audit_store(request: Request, report: StowReport) -> None:
+        who = getattr(request.state, "principal", None)
+        for uid, instances in report.studies.items() or {"": 0}.items():
+            app.state.audit.append(
+                "stow",
+                user=who.name if who else "",
+                role=who.role if who else "",
+                study_instance_uid=uid or None,
+                address=client_address(request),
+                detail={"instances": instances, "refused": report.refused},
+            )
+
+    app.include_router(
+        create_dicomweb_router(
+            ctx,
+            dependencies=integrations,
+            stow=stow,
+            store_dependencies=[Depends(require(*UPLOADERS))],
+            on_store=audit_store,
+        )
+    )
     return app
 
 
@@ -355,6 +384,7 @@ class RadtriageApp:
             session_ttl_s=self.settings.http.session_ttl_s,
             oidc=self.settings.http.oidc,
             viewer_url=self.settings.http.viewer_url,
+            http=self.settings.http,
             fds_days=self.settings.triage.fds_days,
             today=self.settings.triage.current_date,
             redecide=self.live.waiting_list.redecide if self.live is not None else None,

@@ -6,7 +6,6 @@ Values that look like JSON (lists, objects, numbers, booleans) are parsed as JSO
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import re
@@ -28,6 +27,7 @@ from pydantic import (
 )
 
 from core.errors import ConfigError
+from core.peers import parse_allowlist
 from core.priority import WaitingPolicy
 from core.redact import redact
 
@@ -70,14 +70,13 @@ class DicomSettings(_Section):
     port: int = Field(default=11112, gt=0, lt=65536)
     allowed_calling_aets: list[str] = Field(
         default_factory=list,
-        description="Calling AE titles accepted. Empty: any title, from loopback peers only "
-        "unless allowed_hosts is set. Set (and allowed_hosts empty): these titles from any "
-        "address",
+        description="Calling AE titles accepted (a further check on peers that allowed_hosts "
+        "admits; a title never opens the port). Empty: any title",
     )
     allowed_hosts: list[str] = Field(
         default_factory=list,
         description="Peer IP addresses or networks (CIDR, e.g. 10.1.0.0/16) accepted. Empty: "
-        "loopback only, unless allowed_calling_aets is set",
+        "loopback only (core/peers.py, the rule the HL7 listener shares)",
     )
     stable_age_s: float = Field(
         default=10.0,
@@ -111,19 +110,12 @@ class DicomSettings(_Section):
     @field_validator("allowed_hosts")
     @classmethod
     def _networks(cls, hosts: list[str]) -> list[str]:
-        for host in hosts:
-            try:
-                ipaddress.ip_network(host.strip(), strict=False)
-            except ValueError as exc:
-                raise ValueError(
-                    f"allowed_hosts entry {host!r} is not an IP address or network: {exc}"
-                ) from None
-        return [h.strip() for h in hosts]
+        return parse_allowlist(hosts)
 
     @property
     def open_beyond_loopback(self) -> bool:
-        """True when peers other than loopback may associate (an allowlist is configured)."""
-        return bool(self.allowed_hosts or self.allowed_calling_aets)
+        """True when peers other than loopback may associate (allowed_hosts is configured)."""
+        return bool(self.allowed_hosts)
 
 
 class StorageSettings(_Section):
@@ -274,6 +266,39 @@ class HttpSettings(_Section):
             )
         return value
 
+    token_ttl_days: float = Field(
+        default=90.0,
+        gt=0,
+        description="Bearer tokens expire this long after they were issued (`radtriage users "
+        "token NAME` issues a new one and revokes the old)",
+    )
+    max_body_bytes: int = Field(
+        default=1 << 20,
+        ge=1024,
+        description="Largest request body (bytes) on every route but STOW-RS; larger ones get "
+        "413 before authentication and before the body is read",
+    )
+    public_url: str | None = Field(
+        default=None,
+        max_length=2048,
+        pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+        description="The server's public base URL (e.g. https://radtriage.hospital.example); "
+        "FHIR bundle links are built from it, never from the request's Host header. None: "
+        "links are relative",
+    )
+    stow: bool = Field(
+        default=False,
+        description="Accept STOW-RS (POST /dicomweb/studies) from integrator and admin tokens",
+    )
+    stow_max_bytes: int = Field(
+        default=2 * 1024**3,
+        ge=1 << 20,
+        description="Largest STOW-RS request (bytes); it is streamed to a temporary file",
+    )
+    stow_concurrency: int = Field(
+        default=2, ge=1, le=64, description="STOW-RS requests at once; more get 503"
+    )
+
     @model_validator(mode="after")
     def _tls_pair(self) -> HttpSettings:
         if (self.certfile is None) != (self.keyfile is None):
@@ -409,6 +434,13 @@ class Hl7Destination(_Section):
     receiving_facility: str = Field(default="", max_length=180, description="MSH-6")
 
 
+ProcessingId = Literal["P", "T", "D"]
+
+
+def _production_only() -> list[ProcessingId]:
+    return ["P"]
+
+
 class Hl7Settings(_Section):
     listen_port: int | None = Field(
         default=None,
@@ -418,8 +450,30 @@ class Hl7Settings(_Section):
     )
     bind_address: str = Field(default="127.0.0.1", description="Address the listener binds")
     allowed_hosts: list[str] = Field(
-        default_factory=lambda: ["127.0.0.1", "::1"],
-        description="Peer addresses allowed to send orders (loopback by default)",
+        default_factory=list,
+        description="Peer IP addresses or networks (CIDR) allowed to send orders. Empty: "
+        "loopback only (core/peers.py, the rule the DICOM SCP shares)",
+    )
+    tls: TlsSettings | None = Field(
+        default=None,
+        description="MLLP over TLS: certfile and keyfile; with cafile, senders must present a "
+        "client certificate signed by it (mutual TLS). None = plain TCP (keep it on loopback "
+        "or a trusted network)",
+    )
+    max_connections: int = Field(
+        default=16, gt=0, le=1024, description="Connections at once; more are closed at once"
+    )
+    idle_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="A connection that sends nothing (or no whole message) for this long is "
+        "closed; also the TLS handshake timeout",
+    )
+    processing_ids: list[ProcessingId] = Field(
+        default_factory=_production_only,
+        min_length=1,
+        description="MSH-11 processing IDs accepted. Default production only: training (T) "
+        "and debugging (D) messages are refused with AR and never change live orders",
     )
     sending_application: str = Field(default="RADTRIAGE", max_length=180, description="MSH-3")
     sending_facility: str = Field(default="", max_length=180, description="MSH-4")
@@ -441,14 +495,7 @@ class Hl7Settings(_Section):
     @field_validator("allowed_hosts")
     @classmethod
     def _hl7_networks(cls, hosts: list[str]) -> list[str]:
-        for host in hosts:
-            try:
-                ipaddress.ip_network(host.strip(), strict=False)
-            except ValueError as exc:
-                raise ValueError(
-                    f"hl7.allowed_hosts entry {host!r} is not an IP address or network: {exc}"
-                ) from None
-        return [h.strip() for h in hosts]
+        return parse_allowlist(hosts)
 
 
 class MonitoringSettings(_Section):

@@ -1,13 +1,17 @@
 """DICOMweb for the node: STOW-RS in, QIDO-RS over our results (PS3.18).
 
-- ``POST /dicomweb/studies`` (STOW-RS): ``multipart/related; type="application/dicom"``, one
-  Part 10 file per part. Every part goes through `dicom_node.ingest.Ingest.receive_part10`, the
-  same validate -> spool (fsync) -> index -> completeness path as C-STORE. The answer is a
-  DICOM JSON Store Instances Response: Referenced SOP Sequence (0008,1199) for what was stored,
-  Failed SOP Sequence (0008,1198) with Failure Reason (0008,1197, the C-STORE status) and the
-  reason in words (Error Comment (0000,0902)) for each part refused. HTTP 200 when all parts
-  were stored, 202 when some were, 409 when none was; 415 for another media type, 413 above
-  `MAX_STOW_BYTES`, 503 when the node has no ingest path wired.
+- ``POST /dicomweb/studies`` (STOW-RS), only when configured (`StowLimits`, ``[http] stow``;
+  otherwise the route does not exist): ``multipart/related; type="application/dicom"``, one
+  Part 10 file per part. The body is streamed to a temporary file in the node's storage (never
+  held in memory), then read part by part in a worker thread (off the event loop); each part
+  goes through `dicom_node.ingest.Ingest.receive_part10`, the same validate -> spool (fsync) ->
+  index -> completeness path as C-STORE. The answer is a DICOM JSON Store Instances Response:
+  Referenced SOP Sequence (0008,1199) for what was stored, Failed SOP Sequence (0008,1198) with
+  Failure Reason (0008,1197, the C-STORE status) and the reason in words (Error Comment
+  (0000,0902)) for each part refused. HTTP 200 when all parts were stored, 202 when some were,
+  409 when none was; 415 for another media type, 413 above ``max_bytes`` (or a part above
+  `MAX_STOW_PART_BYTES`), 503 with Retry-After when ``concurrency`` requests already run or the
+  node has no ingest path wired. Who stored what is reported to ``on_store`` (the audit).
 - ``GET /dicomweb/studies`` and ``GET /dicomweb/studies/{study}/series`` (QIDO-RS): the studies
   that have our results, and the result series (SR, SEG) of one study, as
   ``application/dicom+json``. Filters: StudyInstanceUID (comma list), PatientID,
@@ -31,10 +35,13 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Iterator, Sequence
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pydicom
 from fastapi import APIRouter, HTTPException, Request
@@ -42,7 +49,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
 DICOM_JSON = "application/dicom+json"
-MAX_STOW_BYTES = 2 * 1024**3  # one request; larger studies are sent in several requests
+MAX_STOW_PART_BYTES = 512 * 1024**2  # one instance (one part) is read into memory
+_STOW_BLOCK = 1 << 20
+_MAX_PART_HEADERS = 16384
 MAX_QIDO_LIMIT = 1000
 _QIDO_STUDY_KEYS = {"StudyInstanceUID", "PatientID", "AccessionNumber"}
 _QIDO_CONTROL = {"limit", "offset", "includefield", "fuzzymatching"}
@@ -62,32 +71,107 @@ def _media_type(header: str) -> tuple[str, dict[str, str]]:
     return message.get_content_type(), params
 
 
-def split_multipart(body: bytes, boundary: str) -> list[tuple[str, bytes]]:
-    """The parts of a multipart body: (content type, payload). Raises ValueError when the
-    body is not delimited by `boundary`."""
+def _part_content_type(head: bytes) -> str:
+    for line in head.decode("latin-1").split("\r\n"):
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-type":
+            return _media_type(value.strip())[0]
+    return ""
+
+
+def iter_multipart(
+    stream: IO[bytes], boundary: str, max_part_bytes: int = MAX_STOW_PART_BYTES
+) -> Iterator[tuple[str, bytes]]:
+    """The parts of a multipart body in a seekable `stream` (the spooled request), one at a
+    time: (content type, payload). A part's end is found by scanning with one read block in
+    memory; its bytes are then read once. Raises ValueError when the body is not delimited by
+    `boundary` or a part is above `max_part_bytes`."""
     # RFC 2046 caps boundaries at 70 characters; Orthanc's DICOMweb plugin sends 73: read
     # tolerantly, but bounded
     if not boundary or len(boundary) > 200:
         raise ValueError("multipart boundary missing or longer than 200 characters")
     delimiter = b"--" + boundary.encode("ascii", "strict")
-    chunks = body.split(delimiter)
-    if len(chunks) < 3:
-        raise ValueError("no multipart parts delimited by the boundary")
-    parts = []
-    for chunk in chunks[1:]:
-        if chunk.startswith(b"--"):
-            break  # close delimiter
-        chunk = chunk.removeprefix(b"\r\n")
-        head, sep, payload = chunk.partition(b"\r\n\r\n")
-        if not sep:
-            raise ValueError("a part has no header/body separator")
-        content_type = ""
-        for line in head.decode("latin-1").split("\r\n"):
-            name, _, value = line.partition(":")
-            if name.strip().lower() == "content-type":
-                content_type = _media_type(value.strip())[0]
-        parts.append((content_type, payload.removesuffix(b"\r\n")))
-    return parts
+    separator = b"\r\n" + delimiter
+    buf = bytearray()
+    base = stream.tell()  # the stream offset of buf[0]
+
+    def fill() -> bool:
+        block = stream.read(_STOW_BLOCK)
+        buf.extend(block)
+        return bool(block)
+
+    def consume(n: int) -> None:
+        nonlocal base
+        del buf[:n]
+        base += n
+
+    def find(needle: bytes, limit: int, what: str, at_end: str = "") -> int:
+        start = 0
+        while (at := buf.find(needle, start)) < 0:
+            if len(buf) > limit:
+                raise ValueError(what)
+            start = max(0, len(buf) - len(needle) + 1)
+            if not fill():
+                raise ValueError(at_end or "the body ends inside a part (no closing delimiter)")
+        return at
+
+    no_parts = "no multipart parts delimited by the boundary"
+    consume(find(delimiter, 1 << 20, no_parts, no_parts) + len(delimiter))
+    while True:
+        while len(buf) < 2 and fill():
+            pass
+        if buf[:2] == b"--":
+            return  # the close delimiter
+        consume(find(b"\r\n", 1024, "junk after a multipart delimiter") + 2)
+        while len(buf) < 2 and fill():
+            pass
+        if buf[:2] == b"\r\n":
+            head = b""  # no part headers
+            consume(2)
+        else:
+            end = find(b"\r\n\r\n", _MAX_PART_HEADERS, "part headers too long")
+            head = bytes(buf[:end])
+            consume(end + 4)
+        content_start = base
+        while (at := buf.find(separator)) < 0:
+            if len(buf) >= len(separator):
+                consume(len(buf) - len(separator) + 1)  # scanned: only the tail is kept
+            if base - content_start > max_part_bytes:
+                raise ValueError("a part is too large")
+            if not fill():
+                raise ValueError("the body ends inside a part (no closing delimiter)")
+        content_end = base + at
+        if content_end - content_start > max_part_bytes:
+            raise ValueError("a part is too large")
+        consume(at + len(separator))
+        resume = stream.tell()
+        stream.seek(content_start)
+        payload = stream.read(content_end - content_start)
+        stream.seek(resume)
+        yield _part_content_type(head), payload
+
+
+def split_multipart(body: bytes, boundary: str) -> list[tuple[str, bytes]]:
+    """The parts of a multipart body held in memory (small bodies; see `iter_multipart`)."""
+    import io
+
+    return list(iter_multipart(io.BytesIO(body), boundary, max(len(body), 1)))
+
+
+@dataclass(frozen=True)
+class StowLimits:
+    """STOW-RS bounds (``[http] stow_max_bytes``, ``stow_concurrency``)."""
+
+    max_bytes: int = 2 * 1024**3
+    concurrency: int = 2
+
+
+@dataclass(frozen=True)
+class StowReport:
+    """What one STOW-RS request stored, for the audit: instances per study, parts refused."""
+
+    studies: dict[str, int]
+    refused: int
 
 
 def _failed(content: bytes, status: int, reason: str) -> dict[str, Any]:
@@ -216,54 +300,108 @@ def _header(path: Path) -> pydicom.Dataset | None:
         return None  # removed by retention: not served
 
 
-def create_dicomweb_router(ctx: Any, *, dependencies: Sequence[Any] = ()) -> APIRouter:
-    """The DICOMweb routes over `ctx.index` and `ctx.ingest` (`dicom_node.ingest.Ingest`)."""
-    router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], dependencies=list(dependencies))
+async def _spool_body(request: Request, body: IO[bytes], limit: int, too_big: str) -> None:
+    """Copy the request body to `body` (a file), in blocks written off the event loop."""
+    size, pending, pending_bytes = 0, [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, too_big)
+        pending.append(chunk)
+        pending_bytes += len(chunk)
+        if pending_bytes >= _STOW_BLOCK:
+            await run_in_threadpool(body.writelines, pending)
+            pending, pending_bytes = [], 0
+    if pending:
+        await run_in_threadpool(body.writelines, pending)
 
-    @router.post("/studies")
-    async def store_instances(request: Request) -> JSONResponse:
-        """STOW-RS: store the Part 10 files of a multipart/related request."""
-        ingest = ctx.ingest
-        if ingest is None:
-            raise HTTPException(503, "this node has no DICOM ingest path (STOW-RS disabled)")
-        media, params = _media_type(request.headers.get("content-type", ""))
-        part_type = params.get("type", "application/dicom").lower()
-        if media != "multipart/related" or part_type != "application/dicom":
-            raise HTTPException(
-                415, 'send multipart/related; type="application/dicom" (Part 10 files)'
-            )
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > MAX_STOW_BYTES:
-            raise HTTPException(413, f"request above {MAX_STOW_BYTES} bytes; split the study")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_STOW_BYTES:
-                raise HTTPException(413, f"request above {MAX_STOW_BYTES} bytes; split the study")
-        try:
-            parts = split_multipart(bytes(body), params.get("boundary", ""))
-        except (ValueError, UnicodeEncodeError) as exc:
-            raise HTTPException(400, f"malformed multipart body: {exc}") from exc
-        stored, failed = [], []
-        for content_type, payload in parts:
+
+def _store_parts(
+    ingest: Any, body: IO[bytes], boundary: str
+) -> tuple[dict[str, Any], int, StowReport]:
+    """Store each part of the spooled body (a worker thread): the DICOM JSON answer, the HTTP
+    status and the report for the audit."""
+    stored, failed = [], []
+    studies: dict[str, int] = {}
+    try:
+        for content_type, payload in iter_multipart(body, boundary):
             if content_type not in ("application/dicom", ""):
                 failed.append(_failed(payload, 0xC210, f"part is {content_type[:40]}"))
                 continue
-            outcome = await run_in_threadpool(ingest.receive_part10, payload, "stow-rs")
+            outcome = ingest.receive_part10(payload, "stow-rs")
             if outcome.ok:
                 cls = _failed(payload, 0, "")["00081150"]
                 stored.append(
                     {"00081150": cls, "00081155": _element("UI", outcome.sop_instance_uid)}
                 )
+                uid = outcome.study_instance_uid or ""
+                studies[uid] = studies.get(uid, 0) + 1
             else:
                 failed.append(_failed(payload, outcome.status, outcome.reason or "refused"))
-        response: dict[str, Any] = {}
-        if stored:
-            response["00081199"] = {"vr": "SQ", "Value": stored}
-        if failed:
-            response["00081198"] = {"vr": "SQ", "Value": failed}
-        code = 200 if not failed else 202 if stored else 409
-        return JSONResponse(response, status_code=code, media_type=DICOM_JSON)
+    except (ValueError, UnicodeEncodeError) as exc:
+        if not stored and not failed:
+            raise HTTPException(400, f"malformed multipart body: {exc}") from None
+        failed.append(_failed(b"", 0xC000, f"malformed multipart body: {exc}"))
+    response: dict[str, Any] = {}
+    if stored:
+        response["00081199"] = {"vr": "SQ", "Value": stored}
+    if failed:
+        response["00081198"] = {"vr": "SQ", "Value": failed}
+    code = 200 if not failed else 202 if stored else 409
+    return response, code, StowReport(studies, len(failed))
+
+
+def create_dicomweb_router(
+    ctx: Any,
+    *,
+    dependencies: Sequence[Any] = (),
+    stow: StowLimits | None = None,
+    store_dependencies: Sequence[Any] = (),
+    on_store: Callable[[Request, StowReport], None] | None = None,
+) -> APIRouter:
+    """The DICOMweb routes over `ctx.index` and `ctx.ingest` (`dicom_node.ingest.Ingest`).
+    STOW-RS exists only with `stow` limits; `store_dependencies` (who may store) apply to it on
+    top of `dependencies`, and `on_store` hears who stored what (the app's audit)."""
+    router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], dependencies=list(dependencies))
+
+    if stow is not None:
+        slots = threading.BoundedSemaphore(stow.concurrency)
+
+        @router.post("/studies", dependencies=list(store_dependencies))
+        async def store_instances(request: Request) -> JSONResponse:
+            """STOW-RS: store the Part 10 files of a multipart/related request."""
+            ingest = ctx.ingest
+            if ingest is None:
+                raise HTTPException(503, "this node has no DICOM ingest path (STOW-RS disabled)")
+            media, params = _media_type(request.headers.get("content-type", ""))
+            part_type = params.get("type", "application/dicom").lower()
+            if media != "multipart/related" or part_type != "application/dicom":
+                raise HTTPException(
+                    415, 'send multipart/related; type="application/dicom" (Part 10 files)'
+                )
+            declared = request.headers.get("content-length")
+            too_big = f"request above {stow.max_bytes} bytes; split the study"
+            if declared and declared.isdigit() and int(declared) > stow.max_bytes:
+                raise HTTPException(413, too_big)
+            if not slots.acquire(blocking=False):
+                raise HTTPException(
+                    503, "too many STOW-RS requests at once", headers={"Retry-After": "5"}
+                )
+            try:
+                tmp_dir = ingest.spool.tmp_dir
+                tmp_dir.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryFile(dir=tmp_dir) as body:
+                    await _spool_body(request, body, stow.max_bytes, too_big)
+                    body.seek(0)
+                    boundary = params.get("boundary", "")
+                    response, code, report = await run_in_threadpool(
+                        _store_parts, ingest, body, boundary
+                    )
+            finally:
+                slots.release()
+            if on_store is not None:
+                await run_in_threadpool(on_store, request, report)
+            return JSONResponse(response, status_code=code, media_type=DICOM_JSON)
 
     def _result_studies(filters: dict[str, list[str]], enough: int) -> list[dict[str, Any]]:
         index = ctx.index

@@ -6,11 +6,11 @@ proposes first, because the data set is stored exactly as received and decoded o
 
 Who may associate (safe by default; `peer_refusal`):
 
-- neither ``dicom.allowed_hosts`` nor ``dicom.allowed_calling_aets`` set: loopback peers only
-  (127.0.0.0/8, ::1), with any calling AE title;
-- ``allowed_hosts`` set (addresses or CIDR networks): only those addresses, and when
-  ``allowed_calling_aets`` is set as well, only those titles from them;
-- only ``allowed_calling_aets`` set: those titles from any address.
+- the address, by the one peer rule shared with the HL7 listener (`core.peers`):
+  ``dicom.allowed_hosts`` empty = loopback peers only (127.0.0.0/8, ::1), else only the listed
+  addresses or CIDR networks;
+- then, when ``dicom.allowed_calling_aets`` is set, only those calling AE titles (a title
+  never opens the port to an address: anyone can send any title).
 
 The start-up log line says which of these applies (`describe_peer_policy`).
 
@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import ipaddress
 import logging
 import ssl
 import struct
@@ -69,6 +68,7 @@ from typing import Any
 
 import pydicom.config
 
+from core import peers
 from core.settings import DicomSettings, TlsSettings
 from dicom_node.index import Index
 from dicom_node.ingest import Ingest, IngestStats, read_header, record_from_header
@@ -179,20 +179,10 @@ def client_ssl_context(tls: TlsSettings | None) -> ssl.SSLContext:
 
 
 def peer_refusal(settings: DicomSettings, address: str) -> str | None:
-    """Why a peer at `address` may not associate, or None when it may (the calling AE title
-    is checked by pynetdicom against ``allowed_calling_aets``). See the module docstring."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return "address is not an IP address"
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if settings.allowed_hosts:
-        networks = (ipaddress.ip_network(h, strict=False) for h in settings.allowed_hosts)
-        return None if any(ip in net for net in networks) else "address not in allowed_hosts"
-    if settings.allowed_calling_aets or ip.is_loopback:
-        return None
-    return "not a loopback address and no allowed_hosts/allowed_calling_aets configured"
+    """Why a peer at `address` may not associate, or None when it may: the one peer rule
+    (`core.peers`, empty ``allowed_hosts`` = loopback only). The calling AE title is checked
+    afterwards by pynetdicom against ``allowed_calling_aets``."""
+    return peers.peer_refusal(address, settings.allowed_hosts)
 
 
 class _AbortingLimits:
@@ -417,11 +407,6 @@ class StorageSCP:
 
 def describe_peer_policy(settings: DicomSettings) -> str:
     """One line for the start-up log: who may associate."""
-    if settings.allowed_hosts:
-        aets = ", ".join(settings.allowed_calling_aets) or "any calling AE title"
-        hosts = ", ".join(settings.allowed_hosts)
-        return f"open beyond loopback to {hosts} ({aets})"
-    if settings.allowed_calling_aets:
-        aets = ", ".join(settings.allowed_calling_aets)
-        return f"open beyond loopback to calling AE titles {aets} from any address"
-    return "loopback peers only (set dicom.allowed_hosts or dicom.allowed_calling_aets to open)"
+    aets = settings.allowed_calling_aets
+    titles = f"calling AE titles {', '.join(aets)}" if aets else "any calling AE title"
+    return f"{peers.describe_allowlist(settings.allowed_hosts)}; {titles}"

@@ -49,6 +49,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import JSONResponse
@@ -394,13 +395,26 @@ def _sr_uid(study: Study, entry_uid: str | None) -> str:
 
 
 def _bundle(
-    request: Request, total: int, offset: int, count: int, resources: list[dict[str, Any]]
+    request: Request,
+    total: int,
+    offset: int,
+    count: int,
+    resources: list[dict[str, Any]],
+    public_url: str | None = None,
 ) -> JSONResponse:
-    base = str(request.url.remove_query_params(["_offset"]))
-    link = [{"relation": "self", "url": str(request.url)}]
+    """A searchset Bundle. Links are built from `public_url` (``[http] public_url``) and the
+    request's path and parsed query, never from its Host header; relative without it."""
+    root = (public_url or "").rstrip("/")
+    params = [(k, v) for k, v in request.query_params.multi_items() if k != "_offset"]
+    base = root + request.url.path
+
+    def url(extra: list[tuple[str, str]]) -> str:
+        query = urlencode(params + extra)
+        return f"{base}?{query}" if query else base
+
+    link = [{"relation": "self", "url": url([("_offset", str(offset))] if offset else [])}]
     if offset + count < total:
-        sep = "&" if "?" in base else "?"
-        link.append({"relation": "next", "url": f"{base}{sep}_offset={offset + count}"})
+        link.append({"relation": "next", "url": url([("_offset", str(offset + count))])})
     bundle = {
         "resourceType": "Bundle",
         "type": "searchset",
@@ -408,7 +422,9 @@ def _bundle(
         "link": link,
         "entry": [
             {
-                "fullUrl": f"{r['resourceType']}/{r['id']}",
+                "fullUrl": f"{root}/fhir/{r['resourceType']}/{r['id']}"
+                if root
+                else f"{r['resourceType']}/{r['id']}",
                 "resource": r,
                 "search": {"mode": "match"},
             }
@@ -584,10 +600,14 @@ def _caller(request: Request) -> dict[str, str]:
 
 
 def create_fhir_router(
-    index_of: IndexOf = _index_of_app, *, dependencies: Sequence[Any] = ()
+    index_of: IndexOf = _index_of_app,
+    *,
+    dependencies: Sequence[Any] = (),
+    public_url: str | None = None,
 ) -> APIRouter:
     """The /fhir routes; `index_of` finds the index for a request (the app's ApiContext).
-    Authentication comes from the composition root as route `dependencies`."""
+    Authentication comes from the composition root as route `dependencies`; bundle links are
+    built from `public_url` (``[http] public_url``), never from the Host header."""
     router = APIRouter(prefix="/fhir", tags=["fhir"], dependencies=list(dependencies))
 
     @router.post("/ServiceRequest", status_code=201, response_model=None)
@@ -631,8 +651,10 @@ def create_fhir_router(
             state, matched = applied["state"], applied["matched"]
         except OrderError as exc:
             return outcome(404, str(exc), code="not-found")
-        except (ValueError, TypeError, KeyError) as exc:
+        except ValueError as exc:  # our own messages (`order_update`, `OrderUpdate`)
             return outcome(400, str(exc))
+        except (TypeError, KeyError, AttributeError):  # a body of unexpected shape: no internals
+            return outcome(400, "not a valid FHIR ServiceRequest")
         echo = {**body, "id": f"{update_.placer_namespace}-{update_.placer_order_number}"[:64]}
         echo.setdefault("meta", {})["tag"] = [
             {"system": PRIVATE, "code": state},
@@ -656,7 +678,7 @@ def create_fhir_router(
         for study, patient, entry_uid, decisions in rows:
             report, members = _resources_for(study, patient, entry_uid, decisions)
             resources.extend(members if observations else [report])
-        return _bundle(request, total, offset, count, resources)
+        return _bundle(request, total, offset, count, resources, public_url)
 
     @router.get("/DiagnosticReport", response_model=None)
     def diagnostic_reports(

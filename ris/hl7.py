@@ -71,7 +71,9 @@ def field_component(segment: Any, field: int, component: int = 1, repetition: in
     if len(reps) <= repetition:
         return ""
     value = reps[repetition]
-    parts = {c.name.rsplit("_", 1)[-1]: c for c in value.children} if value.children else {}
+    # components beyond the data type's (a hostile message) have no name: they are not read
+    children = [c for c in value.children if c.name] if value.children else []
+    parts = {c.name.rsplit("_", 1)[-1]: c for c in children}
     if not parts or all(not k.isdigit() for k in parts):
         text = value.to_er7()
         pieces = text.split("^")

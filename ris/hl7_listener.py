@@ -28,12 +28,12 @@ SCP: suspected-cancer pathway), OBX with OBX-3 LOINC 2857-1 and OBX-6 ng/mL (or 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
+import ssl
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -47,7 +47,9 @@ from hl7apy.parser import parse_message
 from sqlalchemy.orm import Session
 
 from core.domain import ReferralUrgency
+from core.peers import describe_allowlist, peer_allowed
 from core.settings import Hl7Settings
+from core.tls import server_ssl_context
 from dicom_node.index import Index
 from imaging.request_attributes import parse_da
 from ris.hl7 import (
@@ -65,6 +67,7 @@ from ris.orders import (
     PSA_LOINC,
     PSA_UNITS,
     SUSPECTED_CANCER_CODES,
+    FieldTooLong,
     OrderControl,
     OrderError,
     OrderUpdate,
@@ -103,8 +106,9 @@ class OrderMessage:
     updates: tuple[OrderUpdate, ...]
 
 
-def parse_order_message(text: str) -> OrderMessage:
-    """Parse and validate an ORM^O01 / OMI^O23 message; raise `Hl7Error` saying what is wrong."""
+def parse_order_message(text: str, processing_ids: Collection[str] = ("P",)) -> OrderMessage:
+    """Parse and validate an ORM^O01 / OMI^O23 message; raise `Hl7Error` saying what is wrong.
+    Only the MSH-11 processing IDs in `processing_ids` are accepted (``[hl7] processing_ids``)."""
     control_id, version, kind, sending_app, sending_fac = read_header(text)
     if not control_id and not version:
         raise Hl7Error("AR", 100, "not an HL7 v2 message: it must start with an MSH segment", "MSH")
@@ -129,11 +133,18 @@ def parse_order_message(text: str) -> OrderMessage:
             validation_level=VALIDATION_LEVEL.TOLERANT,
             find_groups=True,
         )
-    except HL7apyException as exc:
-        raise Hl7Error("AR", 100, f"message structure not valid for {kind}: {exc}", "MSH") from exc
-    processing = field_component(msg.msh, 11)
-    if processing not in ("P", "T", "D", ""):
-        raise Hl7Error("AR", 202, f"processing ID {processing!r} not accepted", "MSH", 11)
+    except (HL7apyException, ValueError, LookupError) as exc:
+        raise Hl7Error("AR", 100, f"message structure not valid for {kind}", "MSH") from exc
+    processing = field_component(msg.msh, 11).upper()
+    if processing not in processing_ids:
+        accepted = ", ".join(processing_ids)
+        raise Hl7Error(
+            "AR",
+            202,
+            f"processing ID {processing[:3]!r} refused: only {accepted} may change orders",
+            "MSH",
+            11,
+        )
     expected = f"{code}_{event}"
     if msg.name != expected:
         raise Hl7Error("AR", 100, f"message structure is {msg.name}, expected {expected}", "MSH")
@@ -215,8 +226,24 @@ def _order_update(
             source="hl7",
             message_control_id=control_id,
         )
+    except FieldTooLong as exc:
+        segment, field = _FIELD_SOURCES.get(exc.name, ("", None))
+        raise Hl7Error("AE", 102, f"order group {n}: {exc}", segment, field) from exc
     except ValueError as exc:
         raise Hl7Error("AE", 101, f"order group {n}: {exc}", "ORC", 2) from exc
+
+
+#: where each order field is read from (the first choice), for ERR-2 of a length refusal
+_FIELD_SOURCES: dict[str, tuple[str, int | None]] = {
+    "placer_order_number": ("ORC", 2),
+    "placer_namespace": ("ORC", 2),
+    "filler_order_number": ("ORC", 3),
+    "accession_number": ("IPC", 1),
+    "patient_id": ("PID", 3),
+    "issuer_of_patient_id": ("PID", 3),
+    "study_instance_uid": ("IPC", 3),
+    "message_control_id": ("MSH", 10),
+}
 
 
 def _psa(observations: list[Any]) -> float | None:
@@ -285,16 +312,63 @@ def build_ack(
     return str(ack.to_er7())
 
 
+#: structural bounds checked before any parsing: hl7apy's cost grows steeply with repetitions
+#: and subcomponents (20,000 "~A^B&C" took 26 s to parse, 100,000 "^A" 35 s), far beyond any
+#: real order message
+MAX_SEGMENTS = 500
+MAX_REPETITIONS = 500
+MAX_SUBCOMPONENTS = 500
+MAX_FIELDS = 1000
+MAX_COMPONENTS = 2000
+
+
+def structure_refusal(text: str) -> str | None:
+    """Why a message is too complex to parse (None when it is within the bounds)."""
+    segments = text.count("\r") + text.count("\n")
+    if segments > MAX_SEGMENTS:
+        return f"more than {MAX_SEGMENTS} segments"
+    if not text.startswith("MSH") or len(text) < 8:
+        return None  # not HL7: the parser refuses it cheaply
+    field, component, repetition, _escape, subcomponent = tuple(text[3:8])
+    for char, limit, what in (
+        (field, MAX_FIELDS, "fields"),
+        (component, MAX_COMPONENTS, "components"),
+        (repetition, MAX_REPETITIONS, "repetitions"),
+        (subcomponent, MAX_SUBCOMPONENTS, "subcomponents"),
+    ):
+        if text.count(char) > limit:
+            return f"more than {limit} {what}"
+    return None
+
+
+def _raw_header(text: str) -> tuple[str, str]:
+    """MSH-10 and MSH-12.1 by splitting the first line (no parser): for the ACK of a message
+    too complex to parse."""
+    first = text.replace("\n", "\r").split("\r", 1)[0]
+    if not first.startswith("MSH") or len(first) < 4:
+        return "", ""
+    fields_ = first.split(first[3])
+    control_id = fields_[9] if len(fields_) > 9 else ""
+    version = fields_[11].split(first[4:5] or "^")[0] if len(fields_) > 11 else ""
+    return control_id[:64], version[:8]
+
+
 def handle_message(
     index: Index, text: str, settings: Hl7Settings, now: float, audit: Any = None
 ) -> str:
     """Apply one order message in one transaction and return its ACK (never raises). With
     `audit` (the audit trail: ``append(..., change=)``), the orders commit together with an
     ``hl7_order`` event naming the sending application and the orders."""
+    too_complex = structure_refusal(text)
+    if too_complex is not None:
+        control_id, version = _raw_header(text)
+        log.warning("HL7 message %r refused (AR 100): %s", control_id[:20], too_complex)
+        error = Hl7Error("AR", 100, f"message refused: {too_complex}", "MSH")
+        return build_ack("AR", control_id, version, settings=settings, error=error)
     control_id, version, kind, app, facility = read_header(text)
     event = kind.partition("^")[2] if kind.partition("^")[2] in ("O01", "O23") else ""
     try:
-        message = parse_order_message(text)
+        message = parse_order_message(text, settings.processing_ids)
 
         def apply_all(s: Session) -> None:
             for update_ in message.updates:
@@ -342,9 +416,9 @@ def handle_message(
             event=event,
             error=err,
         )
-    except Exception as exc:  # the database or a bug: the sender retries later
+    except Exception:  # the database or a bug: the sender retries later; no details sent
         log.exception("HL7 message %r could not be applied", control_id[:20])
-        err = Hl7Error("AE", 207, f"internal error: {type(exc).__name__}")
+        err = Hl7Error("AE", 207, "internal error; the message was not applied, send it again")
         return build_ack(
             "AE",
             control_id,
@@ -368,27 +442,12 @@ def handle_message(
 # --- the MLLP server -----------------------------------------------------------------------
 
 
-def _allowed(peer: str, allowed: list[str]) -> bool:
-    if not allowed:
-        return True
-    try:
-        address = ipaddress.ip_address(peer)
-    except ValueError:
-        return False
-    for entry in allowed:
-        try:
-            if address in ipaddress.ip_network(entry, strict=False):
-                return True
-        except ValueError:
-            continue
-    mapped = getattr(address, "ipv4_mapped", None)
-    return mapped is not None and _allowed(str(mapped), allowed)
-
-
 class MllpServer:
     """An MLLP server in a thread of its own (asyncio loop): each message on a connection is
     passed to `handler` (run in a worker thread), whose answer goes back on that connection.
-    Peers outside `allowed_hosts` (addresses or networks; empty = any) are disconnected."""
+    Peers outside `allowed_hosts` are disconnected (`core.peers`: empty = loopback only), so
+    are connections beyond `max_connections` and those idle for `idle_timeout_s`. With
+    `ssl_context` the listener speaks MLLP over TLS."""
 
     def __init__(
         self,
@@ -398,12 +457,20 @@ class MllpServer:
         port: int = 0,
         allowed_hosts: list[str] | None = None,
         name: str = "mllp",
+        max_connections: int = 16,
+        idle_timeout_s: float = 300.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.handler = handler
         self.bind_address = bind_address
         self._port = port
         self.allowed_hosts = list(allowed_hosts or [])
         self.name = name
+        self.max_connections = max_connections
+        self.idle_timeout_s = idle_timeout_s
+        self.ssl_context = ssl_context
+        self.connections = 0  # open now (the loop's thread only)
+        self.refused_connections = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
         self._thread: threading.Thread | None = None
@@ -416,25 +483,42 @@ class MllpServer:
 
     async def _connection(self, reader: MLLPStreamReader, writer: MLLPStreamWriter) -> None:
         peer = writer.get_extra_info("peername") or ("", 0)
-        if not _allowed(str(peer[0]), self.allowed_hosts):
+        if not peer_allowed(str(peer[0]), self.allowed_hosts):
             log.warning("%s: connection from %s refused (not an allowed host)", self.name, peer[0])
             writer.close()
             return
+        if self.connections >= self.max_connections:
+            self.refused_connections += 1
+            log.warning(
+                "%s: connection from %s refused (%d open, the limit)",
+                self.name,
+                peer[0],
+                self.connections,
+            )
+            writer.close()
+            return
+        self.connections += 1
         loop = asyncio.get_running_loop()
         try:
             while True:
                 try:
-                    block = await reader.readblock()
-                except (asyncio.IncompleteReadError, ConnectionError):
+                    block = await asyncio.wait_for(reader.readblock(), self.idle_timeout_s)
+                except TimeoutError:
+                    log.info("%s: connection from %s idle, closed", self.name, peer[0])
                     break
-                except (InvalidBlockError, ValueError) as exc:
+                except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+                    break
+                except (InvalidBlockError, ValueError, asyncio.LimitOverrunError) as exc:
                     log.warning("%s: bad MLLP framing from %s (%s)", self.name, peer[0], exc)
                     break
                 text = bytes(block).decode("utf-8", errors="replace")
                 answer = await loop.run_in_executor(None, self.handler, text)
                 writer.writeblock(answer.encode("utf-8"))
-                await writer.drain()
+                await asyncio.wait_for(writer.drain(), self.idle_timeout_s)
+        except (TimeoutError, ConnectionError, ssl.SSLError):
+            pass  # a peer that stopped reading its ACKs, or went away
         finally:
+            self.connections -= 1
             writer.close()
 
     def _connected(self, reader: MLLPStreamReader, writer: Any) -> Any:
@@ -453,7 +537,13 @@ class MllpServer:
 
         try:
             self._server = loop.run_until_complete(
-                loop.create_server(factory, self.bind_address, self._port)
+                loop.create_server(
+                    factory,
+                    self.bind_address,
+                    self._port,
+                    ssl=self.ssl_context,
+                    ssl_handshake_timeout=self.idle_timeout_s if self.ssl_context else None,
+                )
             )
             self._port = self._server.sockets[0].getsockname()[1]
         except OSError as exc:
@@ -511,7 +601,26 @@ class Hl7Listener(MllpServer):
             port=port if port is not None else (settings.listen_port or 0),
             allowed_hosts=settings.allowed_hosts,
             name="hl7-listener",
+            max_connections=settings.max_connections,
+            idle_timeout_s=settings.idle_timeout_s,
+            ssl_context=(
+                server_ssl_context(settings.tls.certfile, settings.tls.keyfile, settings.tls.cafile)
+                if settings.tls is not None
+                else None
+            ),
         )
+
+    def start(self) -> None:
+        super().start()
+        s = self.settings
+        log.info("hl7-listener peers: %s", describe_allowlist(s.allowed_hosts))
+        if s.allowed_hosts and s.tls is None:
+            log.warning(
+                "HL7 listener on port %d is open beyond loopback (%s) over plain TCP: orders and "
+                "patient identifiers travel unencrypted; set [hl7] tls",
+                self.port,
+                ", ".join(s.allowed_hosts),
+            )
 
     def _handle(self, text: str) -> str:
         return handle_message(self.index, text, self.settings, self.clock(), self.audit)

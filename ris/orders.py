@@ -23,6 +23,7 @@ import logging
 from dataclasses import dataclass
 from datetime import date
 from enum import StrEnum
+from functools import cache
 
 from sqlalchemy import (
     Boolean,
@@ -89,6 +90,24 @@ class Order(Base):
     updated_at: Mapped[float] = mapped_column(Float)
 
 
+class FieldTooLong(ValueError):
+    """An order field longer than its column (`Order`'s String(N)): refused, never truncated."""
+
+    def __init__(self, name: str, limit: int) -> None:
+        super().__init__(f"{name} is longer than {limit} characters")
+        self.name, self.limit = name, limit
+
+
+@cache
+def _column_lengths() -> dict[str, int]:
+    """The length limit of each String(N) column of `Order` (the one place they are declared)."""
+    return {
+        c.name: int(c.type.length)
+        for c in Order.__table__.columns
+        if isinstance(c.type, String) and c.type.length
+    }
+
+
 @dataclass(frozen=True)
 class OrderUpdate:
     """One order event, parsed and validated (from HL7 v2 or FHIR)."""
@@ -110,6 +129,10 @@ class OrderUpdate:
     message_control_id: str = ""
 
     def __post_init__(self) -> None:
+        for name, limit in _column_lengths().items():
+            value = getattr(self, name, None)
+            if isinstance(value, str) and len(value) > limit:
+                raise FieldTooLong(name, limit)
         if not self.placer_order_number.strip():
             raise ValueError("placer_order_number is required (ORC-2 / OBR-2)")
         if self.control is OrderControl.NEW and not (self.accession_number or self.patient_id):

@@ -20,7 +20,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from core.errors import InputError
-from workspace.tables import ROLES, ApiToken, User, UserSession
+from workspace.roles import ROLES
+from workspace.tables import ApiToken, User, UserSession
 
 TOKEN_PREFIX = "rt_"
 _hasher = PasswordHasher()
@@ -45,9 +46,15 @@ def _sha256(secret: str) -> str:
 class Accounts:
     """User administration and credential checks over the index's engine."""
 
-    def __init__(self, engine: Engine, session_ttl_s: float = 8 * 3600.0) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        session_ttl_s: float = 8 * 3600.0,
+        token_ttl_s: float = 90 * 86400.0,
+    ) -> None:
         self.engine = engine
         self.session_ttl_s = session_ttl_s
+        self.token_ttl_s = token_ttl_s
 
     def _session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
@@ -92,12 +99,15 @@ class Accounts:
             s.execute(update(ApiToken).where(ApiToken.user_fk == user.id).values(revoked=True))
 
     def new_token(self, name: str) -> str:
-        """A new bearer token for `name` (shown once; only its hash is kept)."""
+        """A new bearer token for `name` (shown once; only its hash is kept). Rotation: the
+        user's older tokens are revoked in the same transaction. Tokens expire `token_ttl_s`
+        after they were issued."""
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         with self._session() as s, s.begin():
             user = s.scalar(select(User).where(User.name == name))
             if user is None or user.disabled:
                 raise InputError(f"no enabled user {name!r}")
+            s.execute(update(ApiToken).where(ApiToken.user_fk == user.id).values(revoked=True))
             s.add(ApiToken(token_hash=_sha256(token), user_fk=user.id, created_at=time.time()))
         return token
 
@@ -168,6 +178,6 @@ class Accounts:
         if row is None:
             return None
         user, tok = row
-        if user.disabled or tok.revoked:
+        if user.disabled or tok.revoked or tok.created_at + self.token_ttl_s < time.time():
             return None
         return Principal(user.name, user.role, "token")

@@ -15,6 +15,8 @@ rewrite result.json: they are assessments, and audit events.
 from __future__ import annotations
 
 import logging
+import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
 from core.domain import ReferralUrgency, SeriesRole, StudyStatus
-from core.settings import OidcSettings
+from core.settings import HttpSettings, OidcSettings
 from dicom_node.index import Index
 from dicom_node.ingest import Ingest
 from dicom_node.results import decision_rows, record_override
@@ -47,8 +49,10 @@ from workspace.auth import (
     require,
 )
 from workspace.key_images import KeyImageCache, StudyImages, load_study_images
+from workspace.limits import BodyLimit
 from workspace.metrics import Metrics
 from workspace.oidc import OidcClient, create_oidc_router, provider_logout_url
+from workspace.throttle import LoginThrottle
 from workspace.viewer import viewer_link
 from workspace.worklist import (
     MAX_PAGE,
@@ -68,9 +72,10 @@ STATIC_FILES = {
     "worklist.js": "text/javascript",
     "study.js": "text/javascript",
 }
-#: failed sign-ins per user name within the window before /api/login answers 429
-LOGIN_FAILURES_ALLOWED = 10
-LOGIN_WINDOW_S = 15 * 60.0
+#: a 409 says what, never why in exception text (that goes to the log)
+IMAGES_UNAVAILABLE = "images unavailable: the study's files cannot be read (see the server log)"
+#: the STOW-RS route, whose body limit is ``[http] stow_max_bytes`` (it streams to disk)
+STOW_PATH = "/dicomweb/studies"
 #: pages load their scripts and styles from /static only; no inline script can run
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -110,6 +115,7 @@ class ApiContext:
     oidc: OidcSettings | None = None  # single sign-on (`workspace.oidc`); None: local accounts
     viewer_url: str = ""  # the site's open-in-viewer template (`workspace.viewer`)
     audit: AuditTrail | None = None  # anchored and forwarded (composition root); None: plain
+    http: HttpSettings = field(default_factory=HttpSettings)  # limits, STOW, public URL, tokens
 
 
 class Login(BaseModel):
@@ -222,6 +228,17 @@ def _study_view(row: dict[str, Any], viewer_url: str = "") -> dict[str, Any]:
     return out
 
 
+_ABSOLUTE_PATH = re.compile(r"(?:[A-Za-z]:)?[/\\](?:[^\s/\\'\":]+[/\\])+[^\s/\\'\":]*")
+
+
+def outbox_view(row: dict[str, Any]) -> dict[str, Any]:
+    """An outbox row for the API: no file path, and none inside its last error."""
+    out = {k: v for k, v in row.items() if k != "path"}
+    if isinstance(out.get("last_error"), str):
+        out["last_error"] = _ABSOLUTE_PATH.sub("<path>", out["last_error"])
+    return out
+
+
 def _html(name: str) -> HTMLResponse:
     response = HTMLResponse((WEB_DIR / name).read_text(encoding="utf-8"))
     response.headers["Content-Security-Policy"] = CSP
@@ -232,13 +249,23 @@ def _html(name: str) -> HTMLResponse:
 
 
 def create_app(ctx: ApiContext) -> FastAPI:
-    app = FastAPI(title="radtriage", version="0.2.0")
+    # no anonymous API docs and no CDN: the schema is served behind login, the docs pages off
+    app = FastAPI(
+        title="radtriage", version="0.2.0", openapi_url=None, docs_url=None, redoc_url=None
+    )
     app.state.ctx = ctx
+    stow_bytes = ctx.http.stow_max_bytes if ctx.http.stow else ctx.http.max_body_bytes
+    app.add_middleware(
+        BodyLimit,
+        default_bytes=ctx.http.max_body_bytes,
+        per_path={STOW_PATH: stow_bytes},
+    )
     engine = ctx.index.engine
-    accounts = Accounts(engine, ctx.session_ttl_s)
+    accounts = Accounts(engine, ctx.session_ttl_s, ctx.http.token_ttl_days * 86400.0)
     audit = ctx.audit if ctx.audit is not None else AuditTrail(engine)
     assessments = Assessments(engine)
     app.state.accounts = accounts
+    app.state.throttle = LoginThrottle()
     app.state.audit = audit
 
     if ctx.oidc is not None:  # single sign-on beside the local accounts
@@ -301,19 +328,29 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     @app.post("/api/login")
     def login(body: Login, request: Request, response: Response) -> dict[str, str]:
-        """Start a session: sets the HttpOnly session cookie, returns the CSRF token. After
-        `LOGIN_FAILURES_ALLOWED` failures for a name within `LOGIN_WINDOW_S`, answers 429."""
-        since = time.time() - LOGIN_WINDOW_S
-        if audit.count_since("login_failed", since, body.name[:64]) >= LOGIN_FAILURES_ALLOWED:
-            audit.append("login_refused", user=body.name[:64], address=client_address(request))
-            raise HTTPException(429, "too many failed sign-ins for this user; try again later")
-        who = accounts.check_password(body.name, body.password)
-        if who is None:
-            audit.append(
-                "login_failed",
-                user=body.name[:64],
-                address=client_address(request),
+        """Start a session: sets the HttpOnly session cookie, returns the CSRF token. Failed
+        sign-ins are throttled per client address with exponential backoff, and per user only
+        across many addresses (`workspace.throttle`): 429 with Retry-After."""
+        address, name = client_address(request), body.name[:64]
+        throttle: LoginThrottle = app.state.throttle
+        refusal = throttle.begin(address, name)
+        if refusal is not None:
+            raise HTTPException(
+                429,
+                f"{refusal.reason}; try again later",
+                headers={"Retry-After": str(max(1, math.ceil(refusal.retry_after_s)))},
             )
+        who = None
+        try:
+            with throttle.password_check():
+                who = accounts.check_password(body.name, body.password)
+        finally:
+            failures = throttle.end(address, name, ok=who is not None)
+        if who is None:
+            if throttle.should_audit(failures):
+                audit.append(
+                    "login_failed", user=name, address=address, detail={"failures": failures}
+                )
             raise HTTPException(401, "wrong user name or password, or the user is disabled")
         session_id, csrf = accounts.open_session(who.name, client_address(request))
         response.set_cookie(
@@ -359,6 +396,11 @@ def create_app(ctx: ApiContext) -> FastAPI:
         record(request, who, "logout")
         return {"status": "signed out", "end_session_url": provider_logout_url(request, response)}
 
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi(who: Anyone) -> JSONResponse:
+        """The OpenAPI schema of every route (signed-in users only)."""
+        return JSONResponse(app.openapi())
+
     @app.get("/api/models")
     def models(who: Anyone) -> dict[str, Any]:
         return ctx.models()
@@ -378,7 +420,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     ) -> list[dict[str, Any]]:
         """Outbox items of every channel (DICOM, HL7, FHIR) in `state`, the dead letters by
         default, oldest first; a DICOM document by its file name only."""
-        return ctx.outbox(state)
+        return [outbox_view(row) for row in ctx.outbox(state)]
 
     @app.get("/api/audit")
     def audit_log(
@@ -468,7 +510,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         try:
             imgs = ctx.key_images.study(key, load)
         except Exception as exc:  # a study that cannot be read still has a page
-            log.warning("images of %s unavailable: %s", study_instance_uid, exc, exc_info=True)
+            log.warning("images of %s unavailable", study_instance_uid, exc_info=True)
             raise HTTPException(409, IMAGES_UNAVAILABLE) from exc
         return {
             "slices": imgs.slices,
@@ -496,9 +538,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
         try:
             data = ctx.key_images.png(key, load, SeriesRole(role), z, lesion)
         except IndexError as exc:
-            raise HTTPException(404, "no such slice") from exc
+            raise HTTPException(404, "no such slice or lesion") from exc
         except Exception as exc:
-            log.warning("images of %s unavailable: %s", study_instance_uid, exc, exc_info=True)
+            log.warning("images of %s unavailable", study_instance_uid, exc_info=True)
             raise HTTPException(409, IMAGES_UNAVAILABLE) from exc
         return Response(data, media_type="image/png", headers={"Cache-Control": "private"})
 

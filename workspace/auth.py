@@ -16,16 +16,20 @@ from collections.abc import Callable
 from fastapi import HTTPException, Request
 
 from workspace.accounts import Accounts, Principal
+from workspace.roles import CLINICAL, INTEGRATIONS, STAFF, UPLOADERS, Role
+
+__all__ = ["CLINICAL", "INTEGRATIONS", "UPLOADERS"]
 
 SESSION_COOKIE = "radtriage_session"
 CSRF_HEADER = "X-CSRF-Token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
-RADIOLOGIST = "radiologist"
-ADMIN = "admin"
-ML_ENGINEER = "ml_engineer"
-ANY_ROLE = (RADIOLOGIST, ADMIN, ML_ENGINEER)
-CLINICAL = (RADIOLOGIST, ADMIN)  # may see patient data
+# the role names and sets, re-exported for the routes (defined once in `workspace.roles`)
+RADIOLOGIST = Role.RADIOLOGIST.value
+ADMIN = Role.ADMIN.value
+ML_ENGINEER = Role.ML_ENGINEER.value
+INTEGRATOR = Role.INTEGRATOR.value
+ANY_ROLE = STAFF  # the web app's signed-in users (integrator tokens are not among them)
 
 
 class LoginRequired(Exception):

@@ -20,8 +20,6 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from dicom_node.index import Base
 
-ROLES = ("radiologist", "admin", "ml_engineer")
-
 
 class User(Base):
     __tablename__ = "users"

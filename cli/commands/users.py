@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import InputError
+from workspace.roles import ROLES
 
 
 def register(subparsers: Any) -> None:
@@ -24,12 +25,16 @@ def register(subparsers: Any) -> None:
 
     add = action("add", "add a user (the password is read from stdin)")
     add.add_argument("name")
-    add.add_argument("--role", required=True, choices=("radiologist", "admin", "ml_engineer"))
+    add.add_argument("--role", required=True, choices=ROLES)
     add.add_argument(
         "--password-stdin", action="store_true", required=True, help="read the password from stdin"
     )
     add.set_defaults(func=run_add)
-    token = action("token", "print a new bearer token for NAME (shown once)")
+    token = action(
+        "token",
+        "print a new bearer token for NAME (shown once); NAME's older tokens are revoked, and "
+        "tokens expire after [http] token_ttl_days",
+    )
     token.add_argument("name")
     token.set_defaults(func=run_token)
     action("list", "every user, role and whether disabled").set_defaults(func=run_list)
@@ -46,9 +51,11 @@ def _engine(args: argparse.Namespace) -> Any:
 
 
 def _accounts(args: argparse.Namespace) -> Any:
+    from core.settings import load_settings
     from workspace.accounts import Accounts
 
-    return Accounts(_engine(args))
+    http = load_settings(args.config).http
+    return Accounts(_engine(args), http.session_ttl_s, http.token_ttl_days * 86400.0)
 
 
 def _audit(args: argparse.Namespace, action: str, name: str, **detail: Any) -> None:
@@ -74,8 +81,9 @@ def run_add(args: argparse.Namespace) -> int:
 
 
 def run_token(args: argparse.Namespace) -> int:
-    token = _accounts(args).new_token(args.name)
-    _audit(args, "token_issued", args.name)
+    accounts = _accounts(args)
+    token = accounts.new_token(args.name)
+    _audit(args, "token_issued", args.name, expires_in_days=accounts.token_ttl_s / 86400.0)
     print(json.dumps({"name": args.name, "token": token}) if args.json else token)
     return 0
 

@@ -205,7 +205,7 @@ def test_hl7_settings_loopback_by_default_and_allowlist_validated() -> None:
 
     default = load_settings(environ={}).hl7
     assert default.listen_port is None and default.bind_address == "127.0.0.1"
-    assert default.allowed_hosts == ["127.0.0.1", "::1"]
+    assert default.allowed_hosts == []  # empty = loopback only (core/peers.py)
     with pytest.raises(ConfigError, match="allowed_hosts"):
         load_settings(environ={"RADTRIAGE_HL7__ALLOWED_HOSTS": '["ris.example"]'})
     hl7 = load_settings(

@@ -48,7 +48,8 @@ def test_allowlists_open_the_port() -> None:
     assert peer_refusal(hosts, "192.0.2.8") is not None
     assert peer_refusal(hosts, "127.0.0.1") is not None  # an allowlist replaces loopback
     aets = DicomSettings(allowed_calling_aets=["PACS"])
-    assert aets.open_beyond_loopback and peer_refusal(aets, "203.0.113.9") is None
+    assert not aets.open_beyond_loopback  # a calling AE title never opens the port
+    assert peer_refusal(aets, "203.0.113.9") is not None
 
 
 def test_limits_and_allowlist_entries_are_validated() -> None:
@@ -127,7 +128,8 @@ def test_echoscu_from_loopback_and_start_up_log(
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="dicom_node.scp"):
         scp_factory(allowed_calling_aets=["PACS"])  # type: ignore[operator]
-    assert "open beyond loopback to calling AE titles PACS" in caplog.text
+    assert "loopback peers only" in caplog.text  # a title never opens the port
+    assert "calling AE titles PACS" in caplog.text
 
 
 @pytest.mark.integration

@@ -21,6 +21,7 @@ PATIENT_ID = "MRN-SECRET-42"
 OPEN = "open"
 ANY = ("radiologist", "admin", "ml_engineer")
 CLINICAL = ("radiologist", "admin")
+INTEGRATIONS = ("radiologist", "admin", "integrator")
 RADIOLOGIST = ("radiologist",)
 LESION = LesionResult(likelihood=0.8, volume_ml=0.5, centroid_mm=(0, 0, 0), category="ai")
 
@@ -33,10 +34,7 @@ POLICY: dict[tuple[str, str], object] = {
     ("GET", "/login"): OPEN,
     ("POST", "/api/login"): OPEN,
     ("GET", "/"): OPEN,  # a redirect to /worklist
-    ("GET", "/openapi.json"): OPEN,
-    ("GET", "/docs"): OPEN,
-    ("GET", "/docs/oauth2-redirect"): OPEN,
-    ("GET", "/redoc"): OPEN,
+    ("GET", "/openapi.json"): ANY,  # behind login; /docs and /redoc (a CDN) are off
     ("GET", "/api/session"): ANY,
     ("POST", "/api/logout"): ANY,
     ("GET", "/api/models"): ANY,
@@ -64,12 +62,12 @@ POLICY: dict[tuple[str, str], object] = {
 #: Routes other modules mount on the app (ris.fhir, dicom_node.dicomweb) when present; the
 #: matrix checks their access control too, not their request bodies.
 MOUNTED: dict[tuple[str, str], object] = {
-    ("POST", "/fhir/ServiceRequest"): CLINICAL,
-    ("GET", "/fhir/DiagnosticReport"): CLINICAL,
-    ("GET", "/fhir/Observation"): CLINICAL,
-    ("GET", "/dicomweb/studies"): CLINICAL,
-    ("POST", "/dicomweb/studies"): CLINICAL,
-    ("GET", "/dicomweb/studies/{study_instance_uid}/series"): CLINICAL,
+    ("POST", "/fhir/ServiceRequest"): INTEGRATIONS,
+    ("GET", "/fhir/DiagnosticReport"): INTEGRATIONS,
+    ("GET", "/fhir/Observation"): INTEGRATIONS,
+    ("GET", "/dicomweb/studies"): INTEGRATIONS,
+    ("POST", "/dicomweb/studies"): ("integrator", "admin"),  # only with [http] stow = true
+    ("GET", "/dicomweb/studies/{study_instance_uid}/series"): INTEGRATIONS,
 }
 PAGES = {"/worklist", "/studies/{study_instance_uid}"}
 BODIES = {
@@ -124,7 +122,7 @@ def test_every_route_has_a_policy(setup: tuple[TestClient, dict[str, str], Index
     assert set(POLICY) <= routes
 
 
-@pytest.mark.parametrize("role", ["radiologist", "admin", "ml_engineer", None])
+@pytest.mark.parametrize("role", ["radiologist", "admin", "ml_engineer", "integrator", None])
 def test_role_matrix(role: str | None, setup: tuple[TestClient, dict[str, str], Index]) -> None:
     c, tokens, _ = setup
     headers = {"Authorization": f"Bearer {tokens[role]}"} if role else {}
@@ -328,17 +326,11 @@ def test_https_option(tmp_path: Path) -> None:
         thread.join(timeout=10)
 
 
-def test_repeated_failed_sign_ins_are_throttled(
+def test_repeated_failed_sign_ins_are_throttled_per_address(
     setup: tuple[TestClient, dict[str, str], Index],
 ) -> None:
-    from workspace.app import LOGIN_FAILURES_ALLOWED
-
-    c, tokens, _ = setup
-    for _ in range(LOGIN_FAILURES_ALLOWED):
+    c, _, _ = setup  # more in tests/serving/test_login_throttle.py
+    for _ in range(5):
         assert c.post("/api/login", json={"name": "rita", "password": "guess"}).status_code == 401
     right = {"name": "rita", "password": PASSWORD}
-    assert c.post("/api/login", json=right).status_code == 429  # even the right password
-    assert c.post("/api/login", json={"name": "adam", "password": PASSWORD}).status_code == 200
-    admin = {"Authorization": f"Bearer {tokens['admin']}"}
-    actions = [e["action"] for e in c.get("/api/audit", headers=admin).json()["events"]]
-    assert "login_refused" in actions
+    assert c.post("/api/login", json=right).status_code == 429  # this address must wait

@@ -18,6 +18,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from cli.composition import build_http_app
+from core.settings import HttpSettings
 from dicom_node.index import Index
 from dicom_node.ingest import Ingest
 from dicom_node.spool import Spool
@@ -46,7 +47,8 @@ class Node:
         self.woken: list[str] = []
         self.ingest = Ingest(self.spool, self.index, on_stored=self.woken.append)
         # the node's C-STORE store path, as the composition root wires it
-        ctx = ApiContext(index=self.index, metrics=Metrics(), ingest=self.ingest)
+        http = HttpSettings(stow=True)  # STOW-RS is off unless configured
+        ctx = ApiContext(index=self.index, metrics=Metrics(), ingest=self.ingest, http=http)
         self.app = build_http_app(ctx)
         self.tokens = add_users(self.index)
 
@@ -78,7 +80,7 @@ def test_stow_rs_from_dicomweb_client_lands_in_spool_and_index(
     node = Node(tmp_path)
     datasets = [pydicom.dcmread(p) for p in study_files]
     with _serve(node.app) as url:
-        response = _client(url, node.tokens["radiologist"]).store_instances(datasets)
+        response = _client(url, node.tokens["integrator"]).store_instances(datasets)
     stored = response.ReferencedSOPSequence
     assert sorted(str(i.ReferencedSOPInstanceUID) for i in stored) == sorted(
         str(d.SOPInstanceUID) for d in datasets
@@ -109,7 +111,7 @@ def test_stow_rs_answers_each_instance(tmp_path: Path, study_files: list[Path]) 
     body, ctype = _multipart(
         [("application/dicom", good), ("application/dicom", truncated), ("text/plain", b"hi")]
     )
-    auth = {"Authorization": f"Bearer {node.tokens['radiologist']}", "Content-Type": ctype}
+    auth = {"Authorization": f"Bearer {node.tokens['integrator']}", "Content-Type": ctype}
     r = c.post("/dicomweb/studies", content=body, headers=auth)
     assert r.status_code == 202, r.text
     assert r.headers["content-type"].startswith("application/dicom+json")
@@ -198,7 +200,7 @@ def test_orthanc_dicomweb_plugin_pushes_a_study_to_us(
                             "radtriage": {
                                 "Url": url + "/",
                                 "HttpHeaders": {
-                                    "Authorization": f"Bearer {node.tokens['radiologist']}"
+                                    "Authorization": f"Bearer {node.tokens['integrator']}"
                                 },
                             }
                         },
@@ -218,3 +220,47 @@ def test_orthanc_dicomweb_plugin_pushes_a_study_to_us(
     study = node.index.get_study(uid)
     assert study is not None and study["instances"] == len(study_files)
     assert node.woken and set(node.woken) == {uid}
+
+
+def test_stow_rs_is_off_unless_configured_and_only_for_integrators(
+    tmp_path: Path, study_files: list[Path]
+) -> None:
+    node = Node(tmp_path)
+    body, ctype = _multipart([("application/dicom", study_files[0].read_bytes())])
+
+    def post(app: object, role: str) -> int:
+        headers = {"Authorization": f"Bearer {node.tokens[role]}", "Content-Type": ctype}
+        return TestClient(app).post("/dicomweb/studies", content=body, headers=headers).status_code  # type: ignore[arg-type]
+
+    off = build_http_app(ApiContext(index=node.index, metrics=Metrics(), ingest=node.ingest))
+    assert post(off, "integrator") == 405  # no STOW route at all
+    assert post(node.app, "radiologist") == 403  # a radiologist session cannot inject images
+    assert post(node.app, "ml_engineer") == 403
+    assert post(node.app, "integrator") == 200
+    assert post(node.app, "admin") == 200
+    admin = {"Authorization": f"Bearer {node.tokens['admin']}"}
+    events = TestClient(node.app).get("/api/audit", headers=admin).json()["events"]
+    stow = [e for e in events if e["action"] == "stow"]
+    assert [e["user"] for e in stow] == ["adam", "ian"]  # newest first: the uploader recorded
+    uid = str(pydicom.dcmread(study_files[0], stop_before_pixels=True).StudyInstanceUID)
+    assert stow[1]["study_instance_uid"] == uid and stow[1]["detail"]["instances"] == 1
+    # the integrator token has no radiologist rights
+    integrator = {"Authorization": f"Bearer {node.tokens['integrator']}"}
+    c = TestClient(node.app)
+    assert c.get("/api/worklist", headers=integrator).status_code == 403
+    assert c.post(f"/api/studies/{uid}/acknowledge", headers=integrator).status_code == 403
+
+
+def test_streamed_multipart_parser_reads_part_by_part() -> None:
+    from dicom_node.dicomweb import iter_multipart
+
+    parts = [("application/dicom", bytes([i]) * (300_000 + i)) for i in range(5)]
+    body, _ = _multipart(parts, boundary="x" * 70)
+    got = list(iter_multipart(io.BytesIO(b"preamble\r\n" + body), "x" * 70))
+    assert got == parts
+    with pytest.raises(ValueError, match="too large"):
+        list(iter_multipart(io.BytesIO(body), "x" * 70, max_part_bytes=100_000))
+    with pytest.raises(ValueError, match="ends inside a part"):
+        list(iter_multipart(io.BytesIO(body[: len(body) // 2]), "x" * 70))
+    with pytest.raises(ValueError, match="no multipart parts"):
+        list(iter_multipart(io.BytesIO(b"no delimiter here"), "b"))

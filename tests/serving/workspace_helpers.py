@@ -20,7 +20,7 @@ from workspace.app import ApiContext
 from workspace.metrics import Metrics
 
 PASSWORD = "correct horse battery"
-USERS = {"radiologist": "rita", "admin": "adam", "ml_engineer": "mel"}
+USERS = {"radiologist": "rita", "admin": "adam", "ml_engineer": "mel", "integrator": "ian"}
 HOSTILE_NAMES = (
     "<script>window.__xss = 1</script>^Eve",
     '<img src=x onerror="window.__xss = 2">^Mallory',
