@@ -6,6 +6,7 @@ Values that look like JSON (lists, objects, numbers, booleans) are parsed as JSO
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
