@@ -53,11 +53,14 @@ def bench_analyser(settings: Any) -> Any:
     return RecordingAnalyser(Path(settings.storage.root) / "sr")
 
 
-def _node_config(workdir: Path, port: int, stable_age_s: float, dest_port: int | None) -> Path:
+def _node_config(
+    workdir: Path, port: int, stable_age_s: float, dest_port: int | None, workers: int | None
+) -> Path:
     cfg = workdir / "node.toml"
     text = f"""
 [dicom]
 port = {port}
+{f"workers = {workers}" if workers is not None else ""}
 stable_age_s = {stable_age_s}
 low_water_mark_mb = 0
 max_associations = 16
@@ -81,10 +84,14 @@ port = {dest_port}
 
 @contextmanager
 def our_node(
-    workdir: Path, port: int, stable_age_s: float = 3600, dest_port: int | None = None
+    workdir: Path,
+    port: int,
+    stable_age_s: float = 3600,
+    dest_port: int | None = None,
+    workers: int | None = None,
 ) -> Iterator[subprocess.Popen[str]]:
     workdir.mkdir(parents=True, exist_ok=True)
-    cfg = _node_config(workdir, port, stable_age_s, dest_port)
+    cfg = _node_config(workdir, port, stable_age_s, dest_port, workers)
     proc = subprocess.Popen(
         [
             sys.executable,
