@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.ingest import _free_port, _send, our_node
+from benchmarks.ingest import _free_port, _send, our_node, tree_cpu_s
 from cli.demo.pacs import wait_port
 from tests.dicom_node.peers import make_mr_series
 
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--workers", type=int, default=0, help="0: the node default")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument("--top", type=int, default=0, help="also list the N busiest frames")
     args = parser.parse_args(argv)
     pyspy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if pyspy is None:
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                     pyspy,
                     "record",
                     "-s",
+                    "--gil",  # only samples holding the GIL: Python CPU time
                     "-r",
                     str(args.rate),
                     "-f",
@@ -85,24 +87,34 @@ def main(argv: list[str] | None = None) -> int:
                 stderr=subprocess.DEVNULL,
             )
             time.sleep(1.0)
+            cpu0 = tree_cpu_s(proc.pid)
             seconds = _send(files[5:], port, "RADTRIAGE", 1)
+            cpu = tree_cpu_s(proc.pid) - cpu0
             spy.send_signal(signal.SIGINT)
             spy.wait(30)
         n = len(files) - 5
         per_stage: collections.Counter[str] = collections.Counter()
+        leaves: collections.Counter[str] = collections.Counter()
         for line in raw.read_text().splitlines():
             stack, _, count = line.rpartition(" ")
             if "wait" in stack.rsplit(";", 1)[-1] or "select" in stack.rsplit(";", 1)[-1]:
                 continue  # idle: blocked in a wait/select
             per_stage[stage_of(stack)] += int(count)
+            for frame in stack.split(";")[-1:]:  # self time: the innermost frame
+                leaves[frame] += int(count)
         ms = {k: round(v / args.rate * 1000 / n, 3) for k, v in per_stage.most_common()}
         out = {
             "instances": n,
             "workers": args.workers,
             "wall_ms_per_instance": round(seconds * 1000 / n, 3),
             "instances_per_s": round(n / seconds, 1),
+            "cpu_ms_per_instance": round(cpu * 1000 / n, 3),
             "sampled_ms_per_instance": ms,
         }
+        if args.top:
+            out["busiest_frames_ms_per_instance"] = {
+                k: round(v / args.rate * 1000 / n, 3) for k, v in leaves.most_common(args.top)
+            }
         print(json.dumps(out, indent=2))
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -71,6 +71,7 @@ from typing import TYPE_CHECKING, Any
 import pydicom.config
 
 from core.settings import DicomSettings, TlsSettings
+from dicom_node import reactor_wakeup
 from dicom_node.index import Index
 from dicom_node.ingest import Ingest, IngestStats, read_header, record_from_header
 from dicom_node.spool import Spool
@@ -438,6 +439,7 @@ class StorageSCP:
                 sock.__class__ = socket_class  # same object, limited recv (no second Evt5)
                 sock.limits = _AbortingLimits(max_pdu_size)
                 assoc._serve_request = _abort_unanswerable(assoc, assoc._serve_request)
+                reactor_wakeup.attach(assoc)
                 if board is not None:
                     assoc._target = _freeing_slot(assoc, assoc._target, *board)  # thread body
                 return assoc
