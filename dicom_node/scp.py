@@ -446,7 +446,7 @@ class StorageSCP:
 
         class Server(ThreadedAssociationServer):  # type: ignore[misc]
             def server_bind(self) -> None:
-                if reuse_port:
+                if reuse_port and self.socket is not None:
                     self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 super().server_bind()
 

@@ -8,7 +8,7 @@ path (`dicom_node.ingest.Ingest`: validate, spool with fsync, index, then the st
 policy, PDU limits, quarantine and work-queue backpressure; the node's own process keeps the
 assembler, the analysis workers and the sender.
 
-Shared between the processes, in ``<storage.root>/tmp/``:
+Shared between the processes, in ``<storage.root>/run/``:
 
 - ``ingest-workers.bin``: one row of counters per worker (`FIELDS`: open associations and the
   ingest counters the metrics show), memory-mapped;
@@ -132,7 +132,7 @@ class WorkerPool:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.workers = settings.dicom.workers
-        self.folder = Path(settings.storage.root).resolve() / "tmp"
+        self.folder = Path(settings.storage.root).resolve() / "run"
         self.board: WorkerBoard | None = None
         self.port = settings.dicom.port
         self.restarts = 0
@@ -289,7 +289,7 @@ def run_worker(settings: Settings, worker: int, workers: int) -> int:
     from dicom_node.spool import Spool
 
     d = settings.dicom
-    board = WorkerBoard(Path(settings.storage.root).resolve() / "tmp", workers, create=False)
+    board = WorkerBoard(Path(settings.storage.root).resolve() / "run", workers, create=False)
     spool = Spool(settings.storage.root, d.low_water_mark_mb)
     index = Index(settings.storage.database_url, node_id=d.node_id or d.ae_title)
     queue = WorkQueue(index, d.max_queued_studies)

@@ -297,7 +297,7 @@ def _serving_receiver(c: Campaign, pid: int) -> int | None:
 
     from dicom_node.workers import WorkerBoard
 
-    board = WorkerBoard(c.work / "var" / "tmp", c.workers, create=False)
+    board = WorkerBoard(c.work / "var" / "run", c.workers, create=False)
     try:
         rows = [i for i in range(c.workers) if board.row(i)["associations"] > 0]
     finally:
