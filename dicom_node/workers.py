@@ -325,6 +325,7 @@ def run_worker(settings: Settings, worker: int, workers: int) -> int:
 
     threading.Thread(target=parent_gone, name="parent-watch", daemon=True).start()
     print(f"READY {scp.port}", flush=True)
+    os.dup2(2, 1)  # nobody reads our stdout pipe after READY: anything printed goes to the log
     stop.wait()
     scp.stop()
     index.close()
