@@ -441,3 +441,35 @@ def _instances(index: Index, study_uid: str) -> list[dict[str, object]]:
     for _, path in rows:
         assert Path(path).is_file()
     return [{"sop_instance_uid": sop} for sop, _ in rows]
+
+
+def test_worker_board_counts_associations_across_processes(tmp_path: Path) -> None:
+    from dicom_node.workers import WorkerBoard
+
+    parent = WorkerBoard(tmp_path / "run", 2, create=True)
+    worker0 = WorkerBoard(tmp_path / "run", 2, create=False)  # another process's mapping
+    worker1 = WorkerBoard(tmp_path / "run", 2, create=False)
+    assert worker0.take_slot(0, limit=2) and worker1.take_slot(1, limit=2)
+    assert not worker0.take_slot(0, limit=2)  # the other process's slot counts too
+    assert parent.open_associations() == 2
+    worker1.free_slot(1)
+    assert worker0.take_slot(0, limit=2) and parent.row(0)["associations"] == 2
+    worker0.set(0, stored=7)
+    assert parent.row(0)["stored"] == 7
+    for board in (parent, worker0, worker1):
+        board.close()
+
+
+def test_reactor_clock_sleeps_normally_outside_reactor_threads() -> None:
+    from pynetdicom import association, dul
+
+    from dicom_node import reactor_wakeup
+
+    reactor_wakeup.install()
+    assert isinstance(association.time, reactor_wakeup.ReactorClock)
+    assert isinstance(dul.time, reactor_wakeup.ReactorClock)
+    clock = reactor_wakeup.ReactorClock()
+    started = time.monotonic()
+    clock.sleep(0.05)  # this thread has no waiter: a real sleep
+    assert time.monotonic() - started >= 0.05
+    assert clock.monotonic() > 0  # everything else is the time module's
