@@ -1,12 +1,15 @@
-"""Ingest benchmark: DCMTK storescu (1, 2 and 4 parallel associations, TCP_NODELAY=1) sending a
-generated classic MR series into our SCP, DCMTK storescp and Orthanc, in one run, plus the
-scaling of each receiver (rate with N senders / rate with 1) from the same run.
+"""Ingest benchmark: DCMTK storescu (1, 2, 4 and 8 parallel associations, TCP_NODELAY=1) sending
+a generated classic MR series into our SCP (``dicom.workers`` receiver processes), DCMTK
+storescp and Orthanc, in one run, plus the scaling of each receiver (rate with N senders / rate
+with 1) and each receiver's CPU seconds per 1,000 instances (user + system of its process tree,
+reaped children included) from the same run.
 
 Also measures, for our node, the time from the last instance received to the result SR
 accepted by the destination (a storescp), with the small test analyser at the seam (so it is
 the node's own overhead: completeness check, queue, outbox and C-STORE; not model time).
 
     .venv/bin/python -m benchmarks.ingest [--instances 320] [--rows 256] [--repeats 1]
+        [--workers N] [--senders 1,2,4,8] [--no-latency]
 
 Writes ``benchmarks/results/ingest.json``. Our SCP fsyncs every file and its directory before
 answering; storescp and Orthanc (defaults) do not, which the JSON records.
@@ -35,7 +38,7 @@ from tests.dicom_node.peers import make_mr_series, storescp
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "ingest.json"
-SENDERS = (1, 2, 4)  # parallel storescu associations
+SENDERS = (1, 2, 4, 8)  # parallel storescu associations
 
 
 def _free_port() -> int:
@@ -53,11 +56,14 @@ def bench_analyser(settings: Any) -> Any:
     return RecordingAnalyser(Path(settings.storage.root) / "sr")
 
 
-def _node_config(workdir: Path, port: int, stable_age_s: float, dest_port: int | None) -> Path:
+def _node_config(
+    workdir: Path, port: int, stable_age_s: float, dest_port: int | None, workers: int | None
+) -> Path:
     cfg = workdir / "node.toml"
     text = f"""
 [dicom]
 port = {port}
+{f"workers = {workers}" if workers is not None else ""}
 stable_age_s = {stable_age_s}
 low_water_mark_mb = 0
 max_associations = 16
@@ -81,10 +87,14 @@ port = {dest_port}
 
 @contextmanager
 def our_node(
-    workdir: Path, port: int, stable_age_s: float = 3600, dest_port: int | None = None
+    workdir: Path,
+    port: int,
+    stable_age_s: float = 3600,
+    dest_port: int | None = None,
+    workers: int | None = None,
 ) -> Iterator[subprocess.Popen[str]]:
     workdir.mkdir(parents=True, exist_ok=True)
-    cfg = _node_config(workdir, port, stable_age_s, dest_port)
+    cfg = _node_config(workdir, port, stable_age_s, dest_port, workers)
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -111,6 +121,31 @@ def our_node(
         proc.wait(60)
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of process `pid` and its descendants, including children
+    that already exited and were reaped (storescp --fork runs one child per association)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, list[str]]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(")") + 2 :].split()
+        stats[int(entry.name)] = (int(fields[1]), fields)  # ppid, fields from state on
+    tree, frontier = set(), [pid]
+    while frontier:
+        p = frontier.pop()
+        if p in tree or p not in stats:
+            continue
+        tree.add(p)
+        frontier += [c for c, (ppid, _) in stats.items() if ppid == p]
+    # fields from index 0 = state: utime 11, stime 12, cutime 13, cstime 14
+    return sum(sum(int(f) for f in stats[p][1][11:15]) for p in tree) / tick
+
+
 def _send(files: Sequence[Path], port: int, called: str, parallel: int) -> float:
     exe = shutil.which("storescu") or "storescu"
     env = {**os.environ, "TCP_NODELAY": "1"}
@@ -131,9 +166,14 @@ def _send(files: Sequence[Path], port: int, called: str, parallel: int) -> float
 Target = Callable[[Path, int], AbstractContextManager[Any]]
 
 
-def _targets() -> dict[str, tuple[Target, str]]:
+def _pid(running: Any) -> int:
+    proc = running.proc if hasattr(running, "proc") else running
+    return int(proc.pid)
+
+
+def _targets(workers: int | None) -> dict[str, tuple[Target, str]]:
     def ours(work: Path, port: int) -> AbstractContextManager[Any]:
-        return our_node(work, port)
+        return our_node(work, port, workers=workers)
 
     def dcmtk(work: Path, port: int) -> AbstractContextManager[Any]:
         return storescp(work / "in", port, aet="STORESCP")
@@ -186,7 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--workers", type=int, default=None, help="dicom.workers (node default)")
+    parser.add_argument("--senders", default=",".join(map(str, SENDERS)))
+    parser.add_argument("--no-latency", action="store_true", help="skip the SR latency run")
+    parser.add_argument("--only", default="", help="comma-separated receivers (default all)")
     args = parser.parse_args(argv)
+    senders = tuple(int(x) for x in args.senders.split(","))
     for tool in ("storescu", "storescp", "Orthanc"):
         if shutil.which(tool) is None:
             print(f"{tool} not installed", file=sys.stderr)
@@ -196,20 +241,30 @@ def main(argv: list[str] | None = None) -> int:
         files = make_mr_series(root / "series", args.instances, rows=args.rows, columns=args.rows)
         total_mb = sum(f.stat().st_size for f in files) / 1e6
         runs: dict[str, dict[str, Any]] = {}
-        for name, (target, aet) in _targets().items():
-            for parallel in SENDERS:
-                best = float("inf")
+        targets = _targets(args.workers)
+        only = [x for x in args.only.split(",") if x] or list(targets)
+        for name, (target, aet) in targets.items():
+            if name not in only:
+                continue
+            for parallel in senders:
+                best, best_cpu = float("inf"), float("inf")
                 for rep in range(args.repeats):
                     work = root / f"{name}-{parallel}-{rep}"
                     port = _free_port()
-                    with target(work, port):
+                    with target(work, port) as running:
                         wait_port(port)
-                        best = min(best, _send(files, port, aet, parallel))
+                        time.sleep(0.5)  # let start-up work settle before counting CPU
+                        cpu0 = tree_cpu_s(_pid(running))
+                        seconds = _send(files, port, aet, parallel)
+                        time.sleep(0.3)  # storescp's children exit and are reaped
+                        cpu = tree_cpu_s(_pid(running)) - cpu0
+                        best, best_cpu = min(best, seconds), min(best_cpu, cpu)
                     shutil.rmtree(work, ignore_errors=True)
                 runs.setdefault(name, {})[f"{parallel}_sender"] = {
                     "seconds": round(best, 3),
                     "instances_per_s": round(len(files) / best, 1),
                     "mb_per_s": round(total_mb / best, 2),
+                    "cpu_s_per_1000": round(best_cpu * 1000 / len(files), 2),
                 }
                 print(name, parallel, runs[name][f"{parallel}_sender"], flush=True)
         ratios = {
@@ -219,16 +274,17 @@ def main(argv: list[str] | None = None) -> int:
                 3,
             )
             for peer in ("storescp", "orthanc")
-            for p in SENDERS
+            for p in senders
+            if "radtriage" in runs and peer in runs
         }
         scaling = {
             f"{name}_{p}_vs_1_sender": round(
                 run[f"{p}_sender"]["instances_per_s"] / run["1_sender"]["instances_per_s"], 3
             )
             for name, run in runs.items()
-            for p in SENDERS[1:]
+            for p in senders[1:]
         }
-        latency = _sr_latency(files[:60], root)
+        latency = {} if args.no_latency else _sr_latency(files[:60], root)
         result = {
             "series": {
                 "instances": len(files),
@@ -244,8 +300,11 @@ def main(argv: list[str] | None = None) -> int:
             "notes": (
                 "radtriage fsyncs each file and directory and indexes it in SQLite before "
                 "the success status; storescp (--fork) and Orthanc (defaults, SQLite index) "
-                "do not fsync per instance. Best of --repeats runs."
+                "do not fsync per instance. Best of --repeats runs. cpu_s_per_1000: the "
+                "receiver's process tree only (the storescu senders share the same cores)."
             ),
+            "radtriage_workers": args.workers or os.cpu_count(),
+            "load_average_at_end": os.getloadavg(),
             "machine": {
                 "cpus": os.cpu_count(),
                 "python": platform.python_version(),

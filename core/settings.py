@@ -105,6 +105,19 @@ class DicomSettings(_Section):
     low_water_mark_mb: int = Field(
         default=512, ge=0, description="Refuse C-STORE (0xA700) when free disk falls below this"
     )
+    workers: int = Field(
+        default_factory=lambda: os.cpu_count() or 1,
+        ge=1,
+        le=64,
+        description="Receiver processes sharing the DICOM port (SO_REUSEPORT); default the core "
+        "count. 1 = receive in the node's own process",
+    )
+    max_instance_bytes: int = Field(
+        default=1 << 30,
+        ge=1024,
+        description="Largest data set accepted per C-STORE (bytes); a larger one is refused "
+        "with 0xA700 (out of resources) and nothing is kept",
+    )
     tls: TlsSettings | None = None
     destinations: list[Destination] = Field(default_factory=list)
 

@@ -348,12 +348,12 @@ class Index:
         (study, series) row ids: one SELECT, one INSERT and two UPDATEs in one transaction.
         Without the process lock (PostgreSQL) two associations may create the same patient,
         study, series or instance at once: the loser's unique-key error is retried once, and
-        then finds the winner's rows (a duplicate instance returns False)."""
+        then finds the winner's rows (a duplicate instance returns False). The same holds
+        for SQLite written by several receiver processes (``dicom.workers``): the process lock
+        serialises one process's writers, SQLite's busy timeout the processes."""
         try:
             return self._add_instance(rec, now)
         except IntegrityError:
-            if self.engine.dialect.name == "sqlite":
-                raise  # serialised by the lock: a real constraint violation
             self._series_ids.pop(rec.series_instance_uid, None)
             return self._add_instance(rec, now)
 

@@ -332,6 +332,17 @@ class Ingest:
             calling_ae_title=source,
         )
 
+    def refuse_too_large(self, size: int, limit: int, sop_instance_uid: str) -> int:
+        """Count and log a data set over ``dicom.max_instance_bytes``; returns 0xA700."""
+        self._count_refused(0xA700)
+        log.warning(
+            "instance %s refused: its data set of %d bytes exceeds dicom.max_instance_bytes (%d)",
+            ascii(sop_instance_uid)[:80],
+            size,
+            limit,
+        )
+        return 0xA700
+
     def _count_refused(self, status: int) -> None:
         with self._lock:
             self.stats.refused[status] = self.stats.refused.get(status, 0) + 1

@@ -52,6 +52,7 @@ from dicom_node.scp import (
 )
 from dicom_node.sender import Sender
 from dicom_node.spool import Spool
+from dicom_node.workers import WorkerPool
 
 __all__ = ["Analyser", "AnalysisOutput", "DicomNode", "WorkQueue", "reconcile"]
 
@@ -221,10 +222,14 @@ class DicomNode:
         self.index = Index(settings.storage.database_url, node_id=self.node_id)
         self._work = threading.Event()
         self._send = threading.Event()
-        self.handler = StoreHandler(self.spool, self.index, clock=clock)
+        self.handler = StoreHandler(
+            self.spool, self.index, clock=clock, max_instance_bytes=d.max_instance_bytes
+        )
         self.queue = WorkQueue(self.index, d.max_queued_studies)
         self.handler.ingest.admit = self.queue.admit
         self.scp = StorageSCP(d, self.handler)
+        #: receiver processes on the DICOM port (``dicom.workers`` > 1); else `scp` receives
+        self.pool = WorkerPool(settings) if d.workers > 1 else None
         self.assembler = Assembler(self.index, d.stable_age_s, clock=clock)
         self.worker = JobWorker(
             self.index, self.spool, analyse, [x.name for x in d.destinations], clock=clock
@@ -236,7 +241,7 @@ class DicomNode:
 
     @property
     def port(self) -> int:
-        return self.scp.port
+        return self.pool.port if self.pool is not None else self.scp.port
 
     def _assemble(self) -> bool:
         if self.assembler.poll():
@@ -268,7 +273,10 @@ class DicomNode:
                 added,
                 len(resumed),
             )
-        self.scp.start()
+        if self.pool is not None:
+            self.pool.start()
+        else:
+            self.scp.start()
         if self.settings.dicom.open_beyond_loopback:
             log.warning(
                 "DICOM port %d is open beyond loopback: %s",
@@ -288,6 +296,8 @@ class DicomNode:
             loop.start()
 
     def stop(self, timeout: float = 30.0) -> None:
+        if self.pool is not None:
+            self.pool.stop(timeout)
         self.scp.stop()
         for loop in self._loops:
             loop.stopping.set()
@@ -327,17 +337,25 @@ class DicomNode:
 
     def counts(self) -> dict[str, Any]:
         out = self.index.counts()
-        stats = self.handler.stats
-        out["ingest"] = {
-            "stored": stats.stored,
-            "duplicates": stats.duplicates,
-            "bytes": stats.bytes,
-            "refused": {f"0x{k:04X}": v for k, v in (stats.refused or {}).items()},
-        }
+        stats = self.handler.stats  # this process: STOW-RS, and C-STORE without workers
+        refused = {f"0x{k:04X}": v for k, v in (stats.refused or {}).items()}
+        ingest = {"stored": stats.stored, "duplicates": stats.duplicates, "bytes": stats.bytes}
+        refused_studies = self.queue.refused_studies
+        if self.pool is not None:
+            totals = self.pool.totals()
+            for key in ingest:
+                ingest[key] += totals[key]
+            for name, n in totals.items():
+                if name.startswith("refused_") and n:
+                    key = name.removeprefix("refused_").upper().replace("OTHER", "other")
+                    key = key if key == "other" else f"0x{key}"
+                    refused[key] = refused.get(key, 0) + n
+            refused_studies += totals["queue_refused_studies"]
+        out["ingest"] = {**ingest, "refused": refused}
         out["queue"] = {
             "depth": self.queue.depth(),
             "limit": self.queue.limit,
-            "refused_studies": self.queue.refused_studies,
+            "refused_studies": refused_studies,
         }
         return out
 

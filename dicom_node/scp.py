@@ -58,21 +58,26 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import socket
 import ssl
 import struct
 import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydicom.config
 
 from core import peers
 from core.settings import DicomSettings, TlsSettings
+from dicom_node import reactor_wakeup
 from dicom_node.index import Index
 from dicom_node.ingest import Ingest, IngestStats, read_header, record_from_header
 from dicom_node.spool import Spool
+
+if TYPE_CHECKING:
+    from dicom_node.workers import WorkerBoard
 
 __all__ = [
     "IngestStats",
@@ -105,10 +110,15 @@ class StoreHandler:
         index: Index,
         on_stored: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.time,
+        max_instance_bytes: int | None = None,
     ) -> None:
         self.ingest = Ingest(spool, index, on_stored, clock)
         self.spool = spool
         self.index = index
+        #: larger data sets are refused with 0xA700 (``dicom.max_instance_bytes``)
+        self.max_instance_bytes = max_instance_bytes
+        #: called after every C-STORE (the receiver processes publish their counters)
+        self.after_store: Callable[[], None] | None = None
 
     @property
     def stats(self) -> IngestStats:
@@ -143,13 +153,23 @@ class StoreHandler:
     def handle_store(self, event: Any) -> int:
         """pynetdicom ``EVT_C_STORE`` handler."""
         req = event.request
-        return self.store(
-            req.DataSet,
-            sop_class_uid=str(req.AffectedSOPClassUID or ""),
-            sop_instance_uid=str(req.AffectedSOPInstanceUID or ""),
-            transfer_syntax_uid=str(event.context.transfer_syntax),
-            calling_ae_title=str(event.assoc.requestor.ae_title),
-        )
+        data = req.DataSet
+        limit = self.max_instance_bytes
+        if limit is not None and data.getbuffer().nbytes > limit:
+            status = self.ingest.refuse_too_large(
+                data.getbuffer().nbytes, limit, str(req.AffectedSOPInstanceUID or "")
+            )
+        else:
+            status = self.store(
+                data,
+                sop_class_uid=str(req.AffectedSOPClassUID or ""),
+                sop_instance_uid=str(req.AffectedSOPInstanceUID or ""),
+                transfer_syntax_uid=str(event.context.transfer_syntax),
+                calling_ae_title=str(event.assoc.requestor.ae_title),
+            )
+        if self.after_store is not None:
+            self.after_store()
+        return status
 
 
 def server_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
@@ -277,6 +297,22 @@ def _abort_unanswerable(
     return serve_or_abort
 
 
+def _freeing_slot(
+    assoc: Any, run: Callable[[], None], board: WorkerBoard, row: int
+) -> Callable[[], None]:
+    """The association thread's body, giving its slot on the board back when it ends."""
+
+    def run_and_free() -> None:
+        try:
+            run()
+        finally:
+            if getattr(assoc, "radtriage_slot", False):
+                assoc.radtriage_slot = False
+                board.free_slot(row)
+
+    return run_and_free
+
+
 def _decodes_as_request(raw: bytes) -> bool:
     """True when pynetdicom will decode `raw` as an A-ASSOCIATE-RQ (and queue it)."""
     from pynetdicom.pdu import A_ASSOCIATE_RQ
@@ -298,9 +334,21 @@ def _peer_address(sock: Any) -> str:
 class StorageSCP:
     """The listening AE. `start()` returns once the port is bound; `stop()` closes it."""
 
-    def __init__(self, settings: DicomSettings, handler: StoreHandler) -> None:
+    def __init__(
+        self,
+        settings: DicomSettings,
+        handler: StoreHandler,
+        *,
+        reuse_port: bool = False,
+        board: tuple[WorkerBoard, int] | None = None,
+    ) -> None:
+        """`reuse_port`: bind with SO_REUSEPORT (several receiver processes on one port);
+        `board`: the shared association count and this process's row in it
+        (`dicom_node.workers`), so ``max_associations`` holds across processes."""
         self.settings = settings
         self.handler = handler
+        self.reuse_port = reuse_port
+        self.board = board
         self._server: Any = None
         self._ae: Any = None
 
@@ -318,6 +366,25 @@ class StorageSCP:
             log.warning("association from %s rejected: %s", address, why)
             event.assoc.acse.send_reject(0x01, 0x01, 0x01)
             event.assoc.kill()  # waits until the A-ASSOCIATE-RJ has gone out
+
+    def _take_slot(self, event: Any) -> None:
+        """``EVT_REQUESTED`` (after `_check_peer`): count the association across the
+        receiver processes; over ``max_associations`` it is rejected-transient / service
+        provider (presentation) / local limit exceeded, as pynetdicom does within one."""
+        assoc = event.assoc
+        if self.board is None or assoc.is_rejected or assoc.is_aborted:
+            return
+        board, row = self.board
+        if board.take_slot(row, self.settings.max_associations):
+            assoc.radtriage_slot = True
+            return
+        log.warning(
+            "association from %s rejected: %d associations open (dicom.max_associations)",
+            assoc.requestor.address,
+            self.settings.max_associations,
+        )
+        assoc.acse.send_reject(0x02, 0x03, 0x02)
+        assoc.kill()
 
     def start(self) -> None:
         from pynetdicom import AE, _config, evt
@@ -349,9 +416,11 @@ class StorageSCP:
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self.handler.handle_store),
             (evt.EVT_REQUESTED, self._check_peer),
+            (evt.EVT_REQUESTED, self._take_slot),
         ]
         socket_class = _limited_socket_class(AssociationSocket)
         max_pdu_size = s.max_pdu_size
+        board = self.board
 
         class LimitedRequestHandler(RequestHandler):  # type: ignore[misc]
             def _create_association(self) -> Any:
@@ -360,7 +429,18 @@ class StorageSCP:
                 sock.__class__ = socket_class  # same object, limited recv (no second Evt5)
                 sock.limits = _AbortingLimits(max_pdu_size)
                 assoc._serve_request = _abort_unanswerable(assoc, assoc._serve_request)
+                reactor_wakeup.attach(assoc)
+                if board is not None:
+                    assoc._target = _freeing_slot(assoc, assoc._target, *board)  # thread body
                 return assoc
+
+        class Server(ThreadedAssociationServer):  # type: ignore[misc]
+            def server_bind(self) -> None:
+                if reuse_port and self.socket is not None:
+                    self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                super().server_bind()
+
+        reuse_port = self.reuse_port
 
         ssl_context = server_ssl_context(s.tls) if s.tls is not None else None
         try:
@@ -368,7 +448,7 @@ class StorageSCP:
                 (s.bind_address, s.port),
                 ssl_context=ssl_context,
                 evt_handlers=handlers,
-                server_class=ThreadedAssociationServer,
+                server_class=Server,
                 request_handler=LimitedRequestHandler,
             )
         except OSError as exc:

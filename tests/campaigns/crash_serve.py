@@ -5,7 +5,10 @@ the Ray Serve backend, same node code) with Orthanc as the PACS (`cli.demo.pacs.
 DCMTK storescu as the modality, and kills the server's whole process group with SIGKILL at a
 random moment of one of three phases, chosen round by round:
 
-- ``ingest``: while storescu is sending a phantom study (after a random number of files);
+- ``ingest``: while storescu is sending a phantom study: once the index holds a random number
+  of its instances (1 up to three quarters of them), so the kill lands mid-association;
+- ``worker``: the same moment, but only one receiver process (``dicom.workers = 2``) is killed;
+  the node must start it again, serve the resend of the study and then die at an idle moment;
 - ``analysis``: while a study is ``analysing``;
 - ``sending``: while an outbox item is pending (the SR on its way to Orthanc).
 
@@ -48,10 +51,10 @@ from typing import Any
 
 import pydicom
 
-from tests.campaigns.load_ingest import free_port, peak_rss_mb
+from tests.campaigns.load_ingest import free_port, peak_rss_mb, process_tree
 
 REPO = Path(__file__).resolve().parents[2]
-PHASES = ("ingest", "analysis", "sending")
+PHASES = ("ingest", "worker", "analysis", "sending")
 START_TIMEOUT_S = 240.0
 
 
@@ -69,10 +72,13 @@ class Campaign:
     missed: dict[str, int] = field(default_factory=lambda: {p: 0 for p in PHASES})
     peak_rss_mb: float = 0.0
     starts: int = 0
+    workers: int = 2
     log: Path = Path()
 
 
-def _config(work: Path, dicom_port: int, http_port: int, pacs_aet: str, pacs_port: int) -> Path:
+def _config(
+    work: Path, dicom_port: int, http_port: int, pacs_aet: str, pacs_port: int, workers: int
+) -> Path:
     var = work / "var"
     cfg = work / "radtriage.toml"
     cfg.write_text(
@@ -82,6 +88,7 @@ ae_title = "RADTRIAGE"
 port = {dicom_port}
 stable_age_s = 120
 low_water_mark_mb = 0
+workers = {workers}
 
 [[dicom.destinations]]
 name = "pacs"
@@ -173,7 +180,7 @@ def _sop(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
-def _db(c: Campaign, sql: str) -> list[tuple[Any, ...]]:
+def _db(c: Campaign, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     import sqlite3
 
     db = c.work / "var" / "radtriage.db"
@@ -181,7 +188,7 @@ def _db(c: Campaign, sql: str) -> list[tuple[Any, ...]]:
         return []
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
     try:
-        return con.execute(sql).fetchall()
+        return con.execute(sql, params).fetchall()
     except sqlite3.OperationalError:
         return []  # not migrated yet
     finally:
@@ -219,11 +226,28 @@ def _round(
         if previous is not None:
             _send_all(c, _files(previous))
         files = _files(study)
+        uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
         sender = _storescu(files, c.dicom_port)
-        if phase == "ingest":
-            time.sleep(rng.uniform(0.2, 2.0))
+        if phase in ("ingest", "worker"):
+            # kill once the index holds `k` of the study's instances: mid-association
+            k = rng.randint(1, max(1, len(files) * 3 // 4))
+            _wait(lambda: _instances_of(c, uid) >= k or sender.poll() is not None, 120, 0.01)
             hit = sender.poll() is None  # storescu still sending when the kill comes
-        else:
+        if phase == "worker":
+            workers = _receiver_pids(proc.pid)
+            serving = _serving_receiver(c, proc.pid)  # the process storescu is talking to
+            os.kill(serving or rng.choice(workers), signal.SIGKILL)
+            c.kills[phase] += 1
+            if not hit or serving is None:
+                c.missed[phase] += 1
+            log, _ = sender.communicate(timeout=120)
+            sender = None
+            c.acked |= {_sop(Path(f)) for f in _acked(log)}
+            restarted = _wait(lambda: len(set(_receiver_pids(proc.pid)) - set(workers)) == 1, 60)
+            assert restarted, f"the killed receiver process was not started again: {workers}"
+            _send_all(c, files)  # the node still receives (either process may get it)
+            phase, hit = "idle", True  # the round ends with a whole-server kill at rest
+        elif phase != "ingest":
             sql = (
                 "SELECT count(*) FROM studies WHERE status = 'analysing'"
                 if phase == "analysis"
@@ -233,9 +257,10 @@ def _round(
             time.sleep(rng.uniform(0, 0.5 if phase == "analysis" else 0.05))
         c.peak_rss_mb = max(c.peak_rss_mb, _rss_tree(proc.pid))
         _kill(proc)
-        c.kills[phase] += 1
-        if not hit:
-            c.missed[phase] += 1  # the phase passed before we saw it: still a kill, elsewhere
+        if phase != "idle":
+            c.kills[phase] += 1
+            if not hit:
+                c.missed[phase] += 1  # the phase passed before we saw it: a kill elsewhere
     finally:
         _kill(proc)
         if sender is not None:
@@ -243,11 +268,57 @@ def _round(
             c.acked |= {_sop(Path(f)) for f in _acked(log)}
 
 
-def _rss_tree(pid: int) -> float:
+def _instances_of(c: Campaign, study_uid: str) -> int:
+    rows = _db(
+        c,
+        "SELECT count(*) FROM instances i JOIN studies s ON s.id = i.study_fk "
+        "WHERE s.study_instance_uid = ?",
+        (study_uid,),
+    )
+    return int(rows[0][0]) if rows else 0
+
+
+def _receiver_pids(pid: int) -> list[int]:
+    """The receiver processes (``python -m dicom_node.workers``) under the server `pid`."""
+    out = []
+    for p in process_tree(pid):
+        try:
+            cmdline = Path(f"/proc/{p}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"dicom_node.workers" in cmdline:
+            out.append(p)
+    return out
+
+
+def _serving_receiver(c: Campaign, pid: int) -> int | None:
+    """The receiver process with an open association (the node's shared board), if any."""
+    import contextlib
+
+    from dicom_node.workers import WorkerBoard
+
+    board = WorkerBoard(c.work / "var" / "run", c.workers, create=False)
     try:
-        return peak_rss_mb(pid)
-    except OSError:
-        return 0.0
+        rows = [i for i in range(c.workers) if board.row(i)["associations"] > 0]
+    finally:
+        board.close()
+    for p in _receiver_pids(pid):
+        with contextlib.suppress(OSError):
+            args = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
+            if rows and args[args.index(b"--worker") + 1] == str(rows[0]).encode():
+                return p
+    return None
+
+
+def _rss_tree(pid: int) -> float:
+    """Peak resident memory of the server and its receiver processes, summed."""
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            total += peak_rss_mb(p)
+        except OSError:
+            continue
+    return total
 
 
 def _orthanc_srs(c: Campaign) -> dict[str, dict[str, set[str]]]:
@@ -286,7 +357,7 @@ def make_studies(root: Path, n: int, seed: int) -> list[Path]:
 
 
 def run_campaign(
-    work: Path, *, rounds: int = 3, ray_rounds: int = 0, seed: int = 12
+    work: Path, *, rounds: int = 4, ray_rounds: int = 0, seed: int = 12, workers: int = 2
 ) -> dict[str, Any]:
     """`rounds` SIGKILL rounds (the last `ray_rounds` on the Ray backend), each sending a new
     phantom study, then the final checks; returns the report (AssertionError on a failure)."""
@@ -298,11 +369,12 @@ def run_campaign(
     with OrthancPacs(work / "orthanc") as orthanc:
         c = Campaign(
             work=work,
-            config=_config(work, dicom_port, http_port, orthanc.aet, orthanc.dicom_port),
+            config=_config(work, dicom_port, http_port, orthanc.aet, orthanc.dicom_port, workers),
             dicom_port=dicom_port,
             orthanc=orthanc,
             studies=make_studies(work / "studies", studies, seed),
             log=work / "serve.log",
+            workers=workers,
         )
         t0 = time.monotonic()
         for i in range(rounds):
@@ -344,6 +416,7 @@ def run_campaign(
         report = {
             "rounds": rounds,
             "ray_rounds": ray_rounds,
+            "workers": workers,
             "kills": c.kills,
             "kills_after_phase_passed": c.missed,
             "studies": studies,
@@ -371,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--ray-rounds", type=int, default=0, help="last N rounds on Ray Serve")
     parser.add_argument("--seed", type=int, default=12)
+    parser.add_argument("--workers", type=int, default=2, help="dicom.workers of the server")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="radtriage-crash-"))
     try:
@@ -379,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
             rounds=args.rounds,
             ray_rounds=args.ray_rounds,
             seed=args.seed,
+            workers=args.workers,
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)

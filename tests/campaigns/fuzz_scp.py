@@ -12,8 +12,9 @@ for DICOM, default settings) and sends it Hypothesis-generated hostile input ove
   bad pixel data, hostile UIDs (path traversal, absolute paths, 65+ characters, NULs, unicode),
   random bytes.
 
-Checks, per case: the SCP process is alive, it answered or closed within `CASE_TIMEOUT_S`,
-its resident memory stays below the bound, and every C-STORE was either acknowledged (and the
+Checks, per case: the node and its receiver processes (``dicom.workers = 2``) are alive and
+none was restarted, it answered or closed within `CASE_TIMEOUT_S`, their resident memory stays
+below the bound, and every C-STORE was either acknowledged (and the
 file is then in the spool) or refused with a failure status and quarantined with a reason
 sidecar; 0xC000 (our own failure) fails the campaign. Every `GOOD_EVERY` cases a valid instance
 is sent and must be stored. At the end every acknowledged instance must be in the index.
@@ -28,6 +29,7 @@ The fast suite runs `run_campaign` with a few hundred cases (tests/dicom_node/te
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -46,6 +48,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 from tests.campaigns import dicom_wire as wire
+from tests.campaigns.load_ingest import process_tree
 
 REPO = Path(__file__).resolve().parents[2]
 CASE_TIMEOUT_S = 15.0
@@ -103,9 +106,11 @@ class CampaignFailure(AssertionError):
 
 
 class LiveNode:
-    """``python -m dicom_node.node`` on a free loopback port with its own storage root."""
+    """``python -m dicom_node.node`` on a free loopback port with its own storage root and
+    `workers` receiver processes (``dicom.workers``). A receiver process that dies counts as a
+    crash even though the node would start it again."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, workers: int = 2) -> None:
         from cli.demo.pacs import free_port
 
         self.root = root
@@ -117,6 +122,7 @@ class LiveNode:
 port = {self.port}
 stable_age_s = 3600
 low_water_mark_mb = 0
+workers = {workers}
 [storage]
 root = "{root / "var"}"
 database_url = "sqlite:///{root / "var" / "index.db"}"
@@ -145,16 +151,23 @@ database_url = "sqlite:///{root / "var" / "index.db"}"
             raise CampaignFailure(f"node did not start: {line!r}; see {root / 'node.log'}")
         self.spool = root / "var" / "spool"
         self.quarantine = root / "var" / "quarantine"
+        self.pids = set(process_tree(self.proc.pid))
+        if len(self.pids) != 1 + (workers if workers > 1 else 0):
+            raise CampaignFailure(f"expected {workers} receiver processes, found {self.pids}")
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        """The node and every receiver process it started are still the same processes."""
+        return self.proc.poll() is None and set(process_tree(self.proc.pid)) == self.pids
 
     def rss_mb(self) -> float:
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
+        """Resident memory of the node and its receiver processes together."""
+        total = 0.0
+        for pid in self.pids:
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) / 1024
+        return total
 
     def quarantine_count(self) -> int:
         return sum(1 for _ in self.quarantine.glob("*.reason.txt"))
@@ -527,14 +540,14 @@ def check_nothing_outside(root: Path, before: set[Path]) -> None:
         raise CampaignFailure(f"files written outside the storage root: {sorted(extra)[:5]}")
 
 
-def run_campaign(n_cases: int, work: Path, seed_value: int = 12) -> Stats:
+def run_campaign(n_cases: int, work: Path, seed_value: int = 12, workers: int = 2) -> Stats:
     """Run `n_cases` generated cases against a fresh live node under `work`; raises
     `CampaignFailure` (or Hypothesis' falsifying example) on the first broken property."""
     work.mkdir(parents=True, exist_ok=True)
     root = work / "node"
     root.mkdir()
     before = set(work.rglob("*"))
-    node = LiveNode(root)
+    node = LiveNode(root, workers)
     stats = Stats()
     stats.rss_start_mb = stats.rss_peak_mb = node.rss_mb()
     try:
@@ -566,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.campaigns.fuzz_scp", description=__doc__)
     parser.add_argument("--cases", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=12)
+    parser.add_argument("--workers", type=int, default=2, help="dicom.workers of the node")
     parser.add_argument("--keep", type=Path, help="work folder to keep (default: a temp dir)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
@@ -573,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="radtriage-fuzz-") as tmp:
         work = args.keep or Path(tmp)
         try:
-            stats = run_campaign(args.cases, work, args.seed)
+            stats = run_campaign(args.cases, work, args.seed, args.workers)
             failure = None
         except Exception as exc:  # report, then fail
             stats, failure = None, f"{type(exc).__name__}: {exc}"

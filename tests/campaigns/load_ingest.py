@@ -121,6 +121,25 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its live descendants (the node and its receiver processes)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                raw = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(raw[raw.rindex(")") + 2 :].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, frontier = [], [pid]
+    while frontier:
+        p = frontier.pop()
+        out.append(p)
+        frontier += children.get(p, [])
+    return out
+
+
 def make_studies(root: Path, studies: int, instances: int) -> list[list[Path]]:
     """`studies` MR studies of `instances` small slices; the last one is STAT."""
     from tests.dicom_node.peers import make_mr_series
@@ -161,6 +180,7 @@ def run_campaign(
     studies: int = 16,
     instances: int = 20,
     timeout_s: float = 600.0,
+    workers: int = 2,
 ) -> dict[str, Any]:
     """Run the campaign in `work`; returns the report (raises AssertionError on a failure)."""
     from dicom_node.index import Index
@@ -172,7 +192,7 @@ def run_campaign(
         str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for s in series for f in s
     }
     port, dest = free_port(), free_port()
-    cfg = node_config(work, port, dest, max_associations=senders + 2)
+    cfg = node_config(work, port, dest, max_associations=senders + 2, workers=workers)
     var = work / "var"
     with ExitStack() as stack:
         stack.enter_context(storescp(work / "dest", dest, aet="STORESCP"))
@@ -201,7 +221,7 @@ def run_campaign(
             time.sleep(0.5)
         rows = index.list_studies(limit=studies + 10)
         stuck = [r["study_instance_uid"] for r in rows if r["status"] != "sent"]
-        peak = peak_rss_mb(node.pid)
+        peak = sum(peak_rss_mb(pid) for pid in process_tree(node.pid))
         with index.read() as s:
             from sqlalchemy import select
 
@@ -214,6 +234,7 @@ def run_campaign(
     delivered = len(list((work / "dest").rglob("*"))) if (work / "dest").exists() else 0
     report = {
         "senders": senders,
+        "workers": workers,
         "studies": studies,
         "instances": len(sent_uids),
         "acknowledged": acked,
@@ -265,11 +286,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--senders", type=int, default=8)
     parser.add_argument("--studies", type=int, default=64)
     parser.add_argument("--instances", type=int, default=40, help="per study")
+    parser.add_argument("--workers", type=int, default=2, help="dicom.workers")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="radtriage-load-"))
     try:
         report = run_campaign(
-            work, senders=args.senders, studies=args.studies, instances=args.instances
+            work,
+            senders=args.senders,
+            studies=args.studies,
+            instances=args.instances,
+            workers=args.workers,
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)

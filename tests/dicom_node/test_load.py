@@ -75,6 +75,7 @@ def test_full_work_queue_answers_out_of_resources_over_the_wire(tmp_path: Path) 
                 "stable_age_s": 3600,
                 "low_water_mark_mb": 0,
                 "max_queued_studies": 1,
+                "workers": 2,  # counters and backpressure summed over receiver processes
             },
             "storage": {
                 "root": str(tmp_path / "var"),
@@ -108,8 +109,8 @@ def test_eight_parallel_senders_lose_nothing_and_urgent_jumps_the_queue(tmp_path
     require_tool("storescu")
     require_tool("storescp")
     started = time.monotonic()
-    report = run_campaign(tmp_path, senders=8, studies=12, instances=25)
-    assert report["instances"] == 300 and report["acknowledged"] == 300
+    report = run_campaign(tmp_path, senders=8, studies=12, instances=25, workers=2)
+    assert report["workers"] == 2 and report["instances"] == 300 and report["acknowledged"] == 300
     assert report["lost"] == 0 and report["stuck"] == 0
     assert report["urgent"]["referral_urgency"] == "urgent"
     assert report["urgent"]["overtaken"] >= 1, report  # there was a backlog and it jumped it

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -266,3 +269,207 @@ def test_dicom_tls_with_client_certificates(make_scp: object, tmp_path: Path) ->
     dest = Destination(name="tls", ae_title="RADTRIAGE", host="127.0.0.1", port=node.port, tls=True)
     assert Sender(index, [dest], SenderSettings(), "RADTRIAGE", tls=tls).run_once() == 1
     assert node.index.counts()["instances"] == 1
+
+
+def test_instance_over_max_instance_bytes_is_refused_a700(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "var")
+    handler = StoreHandler(spool, Index(f"sqlite:///{tmp_path}/index.db"), max_instance_bytes=4096)
+    src = make_mr_series(tmp_path / "src", 1)[0]  # 64 x 64 x 16 bit: 8 KB of pixels
+    ds = pydicom.dcmread(src)
+
+    class Request:
+        DataSet = io.BytesIO(encoded_dataset(src))
+        AffectedSOPClassUID = ds.SOPClassUID
+        AffectedSOPInstanceUID = ds.SOPInstanceUID
+
+    class Event:
+        request = Request()
+
+    assert handler.handle_store(Event()) == 0xA700
+    assert handler.stats.refused == {0xA700: 1}
+    assert not list(spool.spool_dir.rglob("*.dcm"))  # nothing kept, nothing quarantined
+    assert not list(spool.quarantine_dir.iterdir())
+
+
+# --- several receiver processes on one port (dicom.workers) ----------------------------------
+
+
+def _node_settings(tmp_path: Path, **dicom: object) -> object:
+    from core.settings import Settings
+
+    return Settings.model_validate(
+        {
+            "dicom": {"port": free_port(), "stable_age_s": 3600, "low_water_mark_mb": 0, **dicom},
+            "storage": {
+                "root": str(tmp_path / "var"),
+                "database_url": f"sqlite:///{tmp_path}/var/index.db",
+            },
+        }
+    )
+
+
+def test_two_receiver_processes_share_the_port_and_the_index(tmp_path: Path) -> None:
+    require_tool("storescu")
+    from dicom_node.node import DicomNode
+
+    from .peers import RecordingAnalyser
+
+    settings = _node_settings(tmp_path, workers=2)
+    files = make_mr_series(tmp_path / "src", 48)
+    with DicomNode(settings, RecordingAnalyser(tmp_path / "sr")) as node:  # type: ignore[arg-type]
+        assert node.pool is not None and len(node.pool.pids()) == 2
+        chunks = [files[i::6] for i in range(6)]
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(lambda c: storescu(c, node.port), chunks))
+        assert all(r.returncode == 0 for r in results), [r.stderr[-500:] for r in results]
+        study = node.index.get_study(pydicom.dcmread(files[0]).StudyInstanceUID)
+        assert study is not None and study["instances"] == 48
+        assert storescu(files[:4], node.port).returncode == 0  # resends are idempotent
+        counts = node.counts()
+        assert counts["instances"] == 48
+        assert counts["ingest"]["stored"] == 48 and counts["ingest"]["duplicates"] == 4
+        assert len(list(node.spool.spool_dir.rglob("*.dcm"))) == 48
+
+
+def test_association_cap_holds_across_receiver_processes(tmp_path: Path) -> None:
+    from pynetdicom import AE
+
+    from dicom_node.node import DicomNode
+
+    from .peers import RecordingAnalyser
+
+    settings = _node_settings(tmp_path, workers=2, max_associations=2)
+    with DicomNode(settings, RecordingAnalyser(tmp_path / "sr")) as node:  # type: ignore[arg-type]
+        ae = AE(ae_title="CAPSCU")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        held = [ae.associate("127.0.0.1", node.port, ae_title="RADTRIAGE") for _ in range(2)]
+        assert all(a.is_established for a in held)
+        # whichever process the kernel hands it to, a third one is over the shared cap
+        for _ in range(4):
+            extra = ae.associate("127.0.0.1", node.port, ae_title="RADTRIAGE")
+            assert extra.is_rejected
+            assert (extra.acceptor.primitive.result, extra.acceptor.primitive.diagnostic) == (
+                0x02,
+                0x02,
+            )
+        held[0].release()
+        deadline = time.monotonic() + 10
+        again = None
+        while time.monotonic() < deadline:
+            again = ae.associate("127.0.0.1", node.port, ae_title="RADTRIAGE")
+            if again.is_established:
+                break
+            time.sleep(0.1)
+        assert again is not None and again.is_established  # the released slot is free again
+        again.release()
+        held[1].release()
+
+
+def test_a_killed_receiver_process_is_restarted_and_nothing_acknowledged_is_lost(
+    tmp_path: Path,
+) -> None:
+    require_tool("storescu")
+    from dicom_node.node import DicomNode
+
+    from .peers import RecordingAnalyser
+
+    settings = _node_settings(tmp_path, workers=2)
+    files = make_mr_series(tmp_path / "src", 80, rows=128, columns=128)
+    with DicomNode(settings, RecordingAnalyser(tmp_path / "sr")) as node:  # type: ignore[arg-type]
+        assert node.pool is not None
+        victims = node.pool.pids()
+        senders = [
+            subprocess.Popen(
+                [require_tool("storescu"), "-v", "-aec", "RADTRIAGE", "127.0.0.1", str(node.port)]
+                + [str(f) for f in chunk],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for chunk in (files[0::2], files[1::2])
+        ]
+        deadline = time.monotonic() + 30
+        while node.counts()["ingest"]["stored"] < 10 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for pid in victims:  # both processes, mid-association
+            os.kill(pid, signal.SIGKILL)
+        logs = [s.communicate(timeout=60)[0] for s in senders]
+        deadline = time.monotonic() + 60
+        while node.pool.restarts < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert node.pool.restarts == 2 and not set(node.pool.pids()) & set(victims)
+        acked = {
+            pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
+            for log in logs
+            for f in _acknowledged(log)
+        }
+        indexed = {
+            row["sop_instance_uid"]
+            for st in node.index.list_studies()
+            for row in _instances(node.index, str(st["study_instance_uid"]))
+        }
+        assert acked <= indexed  # every acknowledged instance is indexed (and on disk)
+        assert len(acked) < len(files)  # the kill did land mid-transfer
+        # the restarted processes receive again; the rest of the series arrives
+        assert storescu(files, node.port).returncode == 0
+        assert node.index.counts()["instances"] == 80
+
+
+def _acknowledged(log: str) -> list[Path]:
+    """Files storescu -v reports a Success response for."""
+    out, current = [], None
+    for line in log.splitlines():
+        if "Sending file:" in line:
+            current = Path(line.split("Sending file:", 1)[1].strip())
+        elif "Received Store Response (Success)" in line and current is not None:
+            out.append(current)
+            current = None
+    return out
+
+
+def _instances(index: Index, study_uid: str) -> list[dict[str, object]]:
+    from sqlalchemy import select
+
+    from dicom_node.index import Instance, Study
+
+    with index.read() as s:
+        rows = s.execute(
+            select(Instance.sop_instance_uid, Instance.path)
+            .join(Study, Study.id == Instance.study_fk)
+            .where(Study.study_instance_uid == study_uid)
+        ).all()
+    for _, path in rows:
+        assert Path(path).is_file()
+    return [{"sop_instance_uid": sop} for sop, _ in rows]
+
+
+def test_worker_board_counts_associations_across_processes(tmp_path: Path) -> None:
+    from dicom_node.workers import WorkerBoard
+
+    parent = WorkerBoard(tmp_path / "run", 2, create=True)
+    worker0 = WorkerBoard(tmp_path / "run", 2, create=False)  # another process's mapping
+    worker1 = WorkerBoard(tmp_path / "run", 2, create=False)
+    assert worker0.take_slot(0, limit=2) and worker1.take_slot(1, limit=2)
+    assert not worker0.take_slot(0, limit=2)  # the other process's slot counts too
+    assert parent.open_associations() == 2
+    worker1.free_slot(1)
+    assert worker0.take_slot(0, limit=2) and parent.row(0)["associations"] == 2
+    worker0.set(0, stored=7)
+    assert parent.row(0)["stored"] == 7
+    for board in (parent, worker0, worker1):
+        board.close()
+
+
+def test_reactor_clock_sleeps_normally_outside_reactor_threads() -> None:
+    from pynetdicom import association, dul
+
+    from dicom_node import reactor_wakeup
+
+    reactor_wakeup.install()
+    assert isinstance(association.time, reactor_wakeup.ReactorClock)
+    assert isinstance(dul.time, reactor_wakeup.ReactorClock)
+    clock = reactor_wakeup.ReactorClock()
+    started = time.monotonic()
+    clock.sleep(0.05)  # this thread has no waiter: a real sleep
+    assert time.monotonic() - started >= 0.05
+    assert clock.monotonic() > 0  # everything else is the time module's
