@@ -98,10 +98,10 @@ def normalise(array: np.ndarray, rule: Normalisation) -> np.ndarray:
     """Apply one channel's normalisation rule (pure; float32 out)."""
     a = array.astype(np.float32, copy=True)
     if rule.method == "zscore" and rule.percentile is not None:
-        low, high = np.percentile(a, [100.0 - rule.percentile, rule.percentile])
-        a = np.clip(a, low, high)
-        std = float(np.std(a))
-        a = (a - np.mean(a)) / std if std > 0 else a * 0.0
+        low = np.percentile(a, 100.0 - rule.percentile)
+        a = np.clip(a, low, np.percentile(a, rule.percentile))
+        mean, std = np.mean(a), np.std(a)  # float32 scalars, as picai_baseline computes them
+        a = (a - mean) / std if std > 0 else a * 0.0
     elif rule.method == "zscore":
         std = float(a.std())
         a = (a - float(a.mean())) / (std if std > 1e-6 else 1.0)
@@ -281,12 +281,13 @@ def ras_box(t2w: Volume, spacing_xyz: Any) -> Volume:
 
 def foreground_box(image: np.ndarray, margin: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Offset and shape (z, y, x) of the box around voxels > 0 of any channel, + `margin`
-    voxels, inside the image (MONAI `CropForeground`)."""
+    voxels; it may reach outside the image, which is then zero-padded (MONAI >= 1.5
+    `CropForeground`, `allow_smaller=False`)."""
     found = np.argwhere((image > 0).any(axis=0))
     if found.size == 0:
         return (0, 0, 0), tuple(image.shape[1:])
-    lo = np.maximum(found.min(axis=0) - margin, 0)
-    hi = np.minimum(found.max(axis=0) + 1 + margin, image.shape[1:])
+    lo = found.min(axis=0) - margin
+    hi = found.max(axis=0) + 1 + margin
     return tuple(int(v) for v in lo), tuple(int(v) for v in hi - lo)
 
 
