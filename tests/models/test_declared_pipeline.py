@@ -128,3 +128,49 @@ def test_import_with_pipeline_refuses_an_unknown_key(
     )
     assert rc != 0
     assert "unknown keys ['weights']" in capsys.readouterr().err
+
+
+def _volume(shape_zyx: tuple[int, int, int], spacing: tuple[float, float, float]) -> Volume:
+    rng = np.random.default_rng(sum(shape_zyx))
+    array = rng.gamma(2.0, 100.0, shape_zyx).astype(np.uint16)
+    return Volume(array, spacing, (-40.0, -40.0, -30.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), "", "")
+
+
+def test_a_picai_detector_runs_with_the_bundled_gland_on_its_own_grid() -> None:
+    """PipelineSteps pairs grids that differ: each model's own prepared case, each output back
+    to the T2W grid; PI-CAI candidates (dynamic, >= max/5) and case = max on that grid."""
+    from models.metadata import TensorSpec, ThresholdSpec
+    from models.pipeline import PipelineSteps, PreparedPair
+    from models.repository import ModelRepository
+    from training.picai_import import picai_metadata_fields
+
+    gland = ModelRepository(None).resolve("prostate_gland:0.2.0").metadata
+    detector = ModelMetadata(
+        name="picai",
+        version="t",
+        task="cspca_detection",
+        inputs=(TensorSpec(name="input", shape=("batch", 3, 20, 256, 256)),),
+        outputs=(TensorSpec(name="output", shape=("batch", 2, 20, 256, 256)),),
+        output_channels=("bg", "csPCa"),
+        inference=InferenceSpec(tta_flips=("x",), activation="sigmoid", channel=1),
+        thresholds=ThresholdSpec(urgent=0.6, soon=0.3, source="test"),
+        sha256="0" * 64,
+        **picai_metadata_fields(),
+    )
+    steps = PipelineSteps(detector, gland)
+    t2w = _volume((16, 160, 160), (0.5, 0.5, 3.0))
+    dwi = _volume((16, 40, 40), (2.0, 2.0, 3.0))
+    prepared = steps.prepare(t2w, dwi, dwi)
+    assert isinstance(prepared, PreparedPair)
+    assert steps.detector_input(prepared).shape == (3, 20, 256, 256)
+    assert steps.gland_input(prepared).shape[1:] == tuple(gland.input_spec.shape_zyx)
+    zz, yy, xx = np.mgrid[0:20, 0:256, 0:256]
+    blob = np.exp(-(((zz - 10) / 2.0) ** 2 + ((yy - 128) / 8.0) ** 2 + ((xx - 100) / 8.0) ** 2))
+    detector_map = (0.8 * blob)[None].astype(np.float32)
+    gland_probs = np.zeros((3, *gland.input_spec.shape_zyx), np.float32)
+    gland_probs[0] = 1.0
+    prediction = steps.finish(prepared, gland_probs, detector_map)
+    assert len(prediction.lesions) == 1
+    assert prediction.lesions[0].category == "ai_high"
+    assert abs(prediction.case_likelihood - 0.8) < 0.02
+    assert prediction.likelihood_map.array.shape == t2w.array.shape
