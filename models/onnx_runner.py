@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -143,7 +144,7 @@ class OnnxModel:
 
     def member_runs(self) -> list[Callable[[np.ndarray], np.ndarray]]:
         """One `run` per ensemble member (a single-network model has one)."""
-        return [lambda batch, i=i: self.run(batch, member=i) for i in range(len(self.members))]
+        return [partial(self.run, member=i) for i in range(len(self.members))]
 
     def run(self, batch: np.ndarray, member: int = 0) -> np.ndarray:
         """(N, C, Z, Y, X) float32 -> the first output, (N, C_out, Z, Y, X) float32."""

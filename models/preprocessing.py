@@ -100,8 +100,8 @@ def normalise(array: np.ndarray, rule: Normalisation) -> np.ndarray:
     if rule.method == "zscore" and rule.percentile is not None:
         low = np.percentile(a, 100.0 - rule.percentile)
         a = np.clip(a, low, np.percentile(a, rule.percentile))
-        mean, std = np.mean(a), np.std(a)  # float32 scalars, as picai_baseline computes them
-        a = (a - mean) / std if std > 0 else a * 0.0
+        mean, spread = np.mean(a), np.std(a)  # numpy scalars, as picai_baseline computes them
+        a = (a - mean) / spread if spread > 0 else a * 0.0
     elif rule.method == "zscore":
         std = float(a.std())
         a = (a - float(a.mean())) / (std if std > 1e-6 else 1.0)
@@ -242,7 +242,8 @@ def _picai_prep(
         c: (v if c == "t2w" else resample_keeping_type(v, grid, order)).array
         for c, v in cropped.items()
     }
-    return arrays, grid.with_array(np.zeros(spec.shape_zyx, np.float32)), canvas, offset_t2w
+    empty = grid.with_array(np.zeros(spec.shape_zyx, np.float32))
+    return arrays, empty, canvas, offset_t2w  # type: ignore[return-value]
 
 
 def ras_box(t2w: Volume, spacing_xyz: Any) -> Volume:
