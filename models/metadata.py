@@ -37,14 +37,96 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class ParityCheck(_Frozen):
+    max_abs_diff: float
+    tolerance: float
+    inputs: int
+    reference: str = "torch (eager, CPU)"
+
+
 class Normalisation(_Frozen):
-    """Per-channel intensity normalisation, computed over the model-grid crop."""
+    """Per-channel intensity normalisation, computed over the model-grid crop.
+
+    `zscore`: (x - mean) / std over the crop (std < 1e-6: divide by 1); `percentile` first clips
+    intensities to [P(100 - p), P(p)] and a zero std then gives zeros (picai_baseline's
+    `z_score_norm`). `zscore_nonzero`: mean and std of the non-zero voxels only, applied to those
+    (MONAI `NormalizeIntensity(nonzero=True)`).
+    """
 
     channel: Literal["t2w", "adc", "hbv"]
-    method: Literal["zscore", "none"] = "zscore"
+    method: Literal["zscore", "zscore_nonzero", "none"] = "zscore"
     clip: tuple[float, float] | None = Field(
         default=(-5.0, 5.0), description="Clip after normalisation (None = no clipping)"
     )
+    percentile: float | None = Field(
+        default=None, gt=50.0, le=100.0, description="Clip to this percentile before z-score"
+    )
+
+
+class GridSpec(_Frozen):
+    """Where a model's voxels come from and how its outputs go back to the T2W grid.
+
+    - `t2w_center`: a box of `shape_zyx` at `spacing_xyz`, oriented like the T2W series and
+      centred on its field of view; each channel resampled once straight onto it (0.2.0 models).
+    - `picai_prep`: picai_prep's `Sample.preprocess`: every series resampled to the spacing on
+      its own origin, centre-cropped/padded in index space to `shape_zyx`, ADC/high-b then
+      resampled onto the cropped T2W; outputs zero-padded back into the resampled T2W box and
+      resampled onto the T2W grid.
+    - `sliding_window`: the whole T2W field of view reoriented to `orientation`, at the spacing,
+      cropped to the foreground (+ `foreground_margin` voxels); the network runs on `roi_zyx`
+      windows with `overlap` and Gaussian blending.
+    """
+
+    kind: Literal["t2w_center", "picai_prep", "sliding_window"] = "t2w_center"
+    interpolation: Literal["linear", "bspline"] = "linear"
+    revert_interpolation: Literal["linear", "bspline"] = "linear"
+    orientation: Literal["t2w", "RAS"] = "t2w"
+    roi_zyx: tuple[int, int, int] | None = None
+    overlap: float = Field(default=0.5, ge=0.0, lt=1.0)
+    foreground_margin: int | None = None
+    axis_order: Literal["zyx", "xyz"] = Field(
+        default="zyx", description="the network's spatial axes: (N, C, Z, Y, X) or (N, C, X, Y, Z)"
+    )
+
+
+class EnsembleMember(_Frozen):
+    """One member network of an ensemble (e.g. a cross-validation fold), its own ONNX file."""
+
+    file: str = Field(pattern=r"^[A-Za-z0-9_.-]+\.onnx$")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    fold: int | None = None
+    source_sha256: str | None = Field(default=None, description="the checkpoint it came from")
+    parity: ParityCheck | None = None
+
+
+class InferenceSpec(_Frozen):
+    """How raw network outputs become one map: members x test-time flips, activation and channel,
+    smoothing per augmentation, mean over augmentations then members."""
+
+    tta_flips: tuple[Literal["x", "y", "z"], ...] = Field(
+        default=(), description="each adds a flipped copy of the input, its output un-flipped"
+    )
+    activation: Literal["none", "sigmoid", "softmax"] = "none"
+    activate_on: Literal["model_grid", "t2w_grid"] = Field(
+        default="model_grid", description="t2w_grid: logits go back, then the activation"
+    )
+    channel: int | None = Field(default=None, description="keep only this output channel")
+    smoothing_sigma: float = Field(default=0.0, ge=0.0, description="Gaussian, model-grid voxels")
+    smoothing_mode: Literal["reflect", "nearest"] = "reflect"
+    members: tuple[EnsembleMember, ...] = ()
+    mask_threshold: float | None = Field(
+        default=None, description="gland models with one channel: foreground where p > this"
+    )
+
+
+class LesionSpec(_Frozen):
+    """Detection map -> candidates -> case likelihood."""
+
+    method: Literal["components", "report_guided_dynamic"] = "components"
+    min_peak_fraction: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="drop candidates below this x the highest peak"
+    )
+    case_aggregation: Literal["max"] = "max"
 
 
 class InputSpec(_Frozen):
@@ -56,6 +138,7 @@ class InputSpec(_Frozen):
     channels: tuple[str, ...] = Field(description="Input channels in order, from t2w/adc/hbv")
     normalisation: tuple[Normalisation, ...]
     crop: Literal["t2w_center"] = "t2w_center"
+    grid: GridSpec = Field(default_factory=GridSpec)
 
     @field_validator("channels")
     @classmethod
@@ -83,6 +166,7 @@ class InputSpec(_Frozen):
             self.spacing_xyz == other.spacing_xyz
             and self.shape_zyx == other.shape_zyx
             and self.crop == other.crop
+            and self.grid == other.grid
         )
 
 
@@ -125,13 +209,6 @@ class PostprocessingSpec(_Frozen):
     )
 
 
-class ParityCheck(_Frozen):
-    max_abs_diff: float
-    tolerance: float
-    inputs: int
-    reference: str = "torch (eager, CPU)"
-
-
 class ModelMetadata(_Frozen):
     """Everything the runtime knows about one model version."""
 
@@ -144,6 +221,8 @@ class ModelMetadata(_Frozen):
     input_spec: InputSpec
     output_channels: tuple[str, ...] = Field(description="Meaning of each output channel")
     postprocessing: PostprocessingSpec = Field(default_factory=PostprocessingSpec)
+    inference: InferenceSpec = Field(default_factory=InferenceSpec)
+    lesions: LesionSpec = Field(default_factory=LesionSpec)
     thresholds: ThresholdSpec | None = None
     calibration: CalibrationSpec | None = Field(
         default=None,

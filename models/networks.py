@@ -157,3 +157,21 @@ def gland_config(**overrides: Any) -> NetworkConfig:
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+#: picai_baseline's default U-Net (its `unet_hyperparam`, 3 channels, 2 classes): MONAI's UNet
+#: with its defaults (no residual units, PReLU, instance norm), so the state dicts of its
+#: published fold checkpoints load unchanged (tests/models/test_picai_parity.py proves it
+#: against picai_baseline's own definition).
+PICAI_UNET: dict[str, Any] = {
+    "spatial_dims": 3,
+    "in_channels": 3,
+    "out_channels": 2,
+    "channels": (32, 64, 128, 256, 512, 1024),
+    "strides": ((2, 2, 2), (1, 2, 2), (1, 2, 2), (1, 2, 2), (2, 2, 2)),
+}
+
+
+def picai_unet() -> nn.Module:
+    """The PI-CAI baseline U-Net: (N, 3, 20, 256, 256) t2w/adc/hbv -> (N, 2, ...) logits."""
+    return UNet(**PICAI_UNET)

@@ -8,6 +8,8 @@ with the metadata (names, ranks, fixed dimensions, dtypes) before anything runs.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -72,8 +74,15 @@ def _check_tensors(
 class OnnxModel:
     """A loaded, verified model: `run` maps an (N, C, Z, Y, X) batch to its output batch."""
 
-    def __init__(self, session: ort.InferenceSession, metadata: ModelMetadata, path: Path) -> None:
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        metadata: ModelMetadata,
+        path: Path,
+        members: list[ort.InferenceSession] | None = None,
+    ) -> None:
         self.session = session
+        self.members = members or [session]
         self.metadata = metadata
         self.path = path
         self.ref: ModelRef = metadata.model_ref()
@@ -110,6 +119,20 @@ class OnnxModel:
         where = str(version.onnx_path)
         _check_tensors("inputs", session.get_inputs(), version.metadata.inputs, where)
         _check_tensors("outputs", session.get_outputs(), version.metadata.outputs, where)
+        members = [session]
+        for member in version.metadata.inference.members:
+            if member.file == version.onnx_path.name:
+                continue  # model.onnx: the first member, checked above
+            member_data = version.read_verified_member(member.file, member.sha256)
+            try:
+                extra = ort.InferenceSession(
+                    member_data, options, providers=select_providers(device)
+                )
+            except Exception as exc:  # onnxruntime's own exception types
+                raise ModelError(f"ONNX Runtime cannot load {member.file}: {exc}") from exc
+            _check_tensors("inputs", extra.get_inputs(), version.metadata.inputs, member.file)
+            _check_tensors("outputs", extra.get_outputs(), version.metadata.outputs, member.file)
+            members.append(extra)
         log.info(
             "loaded %s:%s from %s on %s",
             version.metadata.name,
@@ -117,19 +140,27 @@ class OnnxModel:
             where,
             session.get_providers(),
         )
-        return cls(session, version.metadata, version.onnx_path)
+        return cls(session, version.metadata, version.onnx_path, members)
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def member_runs(self) -> list[Callable[[np.ndarray], np.ndarray]]:
+        """One `run` per ensemble member (a single-network model has one)."""
+        return [partial(self.run, member=i) for i in range(len(self.members))]
+
+    def run(self, batch: np.ndarray, member: int = 0) -> np.ndarray:
         """(N, C, Z, Y, X) float32 -> the first output, (N, C_out, Z, Y, X) float32."""
         expected = tuple(self._input.shape[1:])
-        if batch.ndim != 5 or tuple(batch.shape[1:]) != expected:
+        fixed = all(
+            not isinstance(want, int) or got == want
+            for got, want in zip(batch.shape[1:], expected, strict=False)
+        )
+        if batch.ndim != 5 or not fixed:
             raise InferenceError(
                 f"{self.ref.name}:{self.ref.version} expects batches of shape (N, "
                 f"{', '.join(map(str, expected))}), got {tuple(batch.shape)}"
             )
         x = np.ascontiguousarray(batch, dtype=np.float32)
         try:
-            (out,) = self.session.run(self._output_names[:1], {self._input.name: x})
+            (out,) = self.members[member].run(self._output_names[:1], {self._input.name: x})
         except Exception as exc:  # onnxruntime's own exception types
             raise InferenceError(
                 f"ONNX Runtime failed running {self.ref.name}:{self.ref.version}: {exc}"

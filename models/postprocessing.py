@@ -38,7 +38,9 @@ from models.metadata import PostprocessingSpec
 from models.ood_gate import DomainCheck, OodGateSpec, unchecked
 
 MIN_GLAND_ML = 5.0
-ZONE_NAMES = {1: "PZ", 2: "TZ"}
+ZONE_NAMES = {1: "PZ", 2: "TZ", 3: "WG"}
+#: Zone value of a whole-gland model's mask (no PZ/TZ split): sectors then say "WG".
+WHOLE_GLAND = 3
 #: The least priority a low-confidence study is shown with (it may raise, never lower).
 LOW_CONFIDENCE_FLOOR = Priority.SOON
 

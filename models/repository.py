@@ -102,6 +102,22 @@ class ModelVersion:
             )
         return data
 
+    def read_verified_member(self, file: str, sha256: str) -> bytes:
+        """An ensemble member's ONNX bytes (a plain file name in this folder), checked against
+        the sha256 its metadata records."""
+        if "/" in file or "\\" in file or file.startswith("."):
+            raise ModelIntegrityError(f"{file!r} is not a file name inside {self.path}")
+        path = self.path / file
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as exc:
+            raise ModelIntegrityError(f"{path} is missing (ensemble member)") from exc
+        if sha256_bytes(data) != sha256:
+            raise ModelIntegrityError(
+                f"{path} does not match its sha256 in metadata.json: refusing to load it"
+            )
+        return data
+
 
 class ModelRepository:
     """A folder of model versions with promotion state."""

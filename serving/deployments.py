@@ -34,7 +34,7 @@ from core.log_events import log_event
 from core.priority import Thresholds
 from core.settings import Settings
 from models.onnx_runner import OnnxModel
-from models.pipeline import PipelineSteps
+from models.pipeline import PipelineSteps, PreparedPair, declared, model_map
 from models.preprocessing import PreparedCase
 from models.repository import ModelRepository
 from serving.batching import BatchItemResult, run_batch
@@ -73,7 +73,7 @@ class Preprocessor(_PipelineStage):
 
     def prepare(
         self, t2w: Volume, adc: Volume, hbv: Volume
-    ) -> tuple[PreparedCase, np.ndarray, np.ndarray]:
+    ) -> tuple[PreparedCase | PreparedPair, np.ndarray, np.ndarray]:
         prepared = self.steps.prepare(t2w, adc, hbv)
         return prepared, self.steps.gland_input(prepared), self.steps.detector_input(prepared)
 
@@ -83,7 +83,7 @@ class Postprocessor(_PipelineStage):
     """Model outputs -> `Prediction` on the T2W grid."""
 
     def finish(
-        self, prepared: PreparedCase, gland_out: np.ndarray, detector_out: np.ndarray
+        self, prepared: PreparedCase | PreparedPair, gland_out: np.ndarray, detector_out: np.ndarray
     ) -> Prediction:
         return self.steps.finish(prepared, gland_out, detector_out)
 
@@ -185,6 +185,8 @@ class OnnxModelDeployment:
         ran = ModelRun(model.ref, thresholds.as_thresholds() if thresholds else None)
 
         def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            if declared(model.metadata):  # members x flips (x windows) per study
+                return {"output": np.stack([model_map(model, x) for x in inputs["input"]])}
             return {"output": model.run(inputs["input"])}
 
         results = await asyncio.to_thread(run_batch, run, [{"input": x} for x in items])

@@ -17,7 +17,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("dir", type=Path, help="folder with the study's DICOM files")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--model", default=None, help="detector NAME[:VERSION] (default: config)")
+    p.add_argument(
+        "--detector",
+        "--model",
+        dest="model",
+        default=None,
+        help="detector NAME[:VERSION] (default: config)",
+    )
     p.add_argument("--gland", default=None, help="gland model NAME[:VERSION] (default: config)")
     p.add_argument("--repository", type=Path, default=None, help="model repository root")
     p.add_argument("--config", type=Path, default=None, help="settings TOML (optional)")

@@ -26,12 +26,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Nothing is promoted: use `models promote` (the gate) after `evaluate`.",
     )
     imp.add_argument("source", type=Path, help="MONAI bundle folder, or a .onnx file")
+    imp.add_argument(
+        "--pipeline",
+        type=Path,
+        help="declared pipeline TOML for an ONNX model (e.g. configs/models/taps.toml)",
+    )
     imp.add_argument("--metadata", type=Path, help="bundle-style metadata JSON (ONNX imports)")
     imp.add_argument("--like", default="cspca_detector", help="model whose grid it must fit")
     imp.add_argument("--name", default=None, help="default: bundle's radtriage.name or --like's")
     imp.add_argument("--version", default=None, help="default: the bundle's version")
     imp.add_argument("--json", action="store_true")
     imp.set_defaults(func=run_import)
+
+    pic = sub.add_parser(
+        "import-picai-unet",
+        help="import PI-CAI baseline U-Net fold checkpoints (unet_F0.pt ... unet_F4.pt)",
+        description="Each fold is checked against picai_baseline's default U-Net, exported to "
+        "ONNX with a parity check and recorded with its checkpoint's sha256; missing folds are "
+        "recorded. The version declares the PI-CAI algorithm's pipeline. Nothing is promoted.",
+    )
+    pic.add_argument("dir", type=Path, help="folder with unet_F<k>.pt checkpoints")
+    pic.add_argument("--name", required=True)
+    pic.add_argument("--version", required=True)
+    pic.add_argument("--json", action="store_true")
+    pic.set_defaults(func=run_import_picai)
 
     pro = sub.add_parser(
         "promote",
@@ -100,10 +118,55 @@ def run_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_import(args: argparse.Namespace, version: Any) -> int:
+    md = version.metadata
+    members = md.inference.members
+    doc = {
+        "name": md.name,
+        "version": md.version,
+        "path": str(version.path),
+        "sha256": md.sha256,
+        "parity_max_abs_diff": md.parity.max_abs_diff if md.parity else None,
+        "members": [m.model_dump(mode="json") for m in members],
+        "training": md.training,
+        "promoted": False,
+    }
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        print(
+            f"imported {md.name}:{md.version} -> {version.path} (sha256 {md.sha256[:12]}, "
+            f"{max(1, len(members))} network(s)); not promoted: evaluate it, then models promote"
+        )
+    return 0
+
+
+def run_import_picai(args: argparse.Namespace) -> int:
+    from training.picai_import import import_picai_unet
+
+    version = import_picai_unet(
+        args.dir, name=args.name, version=args.version, repository=args.repository
+    )
+    return _print_import(args, version)
+
+
 def run_import(args: argparse.Namespace) -> int:
     from core.errors import InputError
     from training.bundle_import import import_bundle, import_onnx
 
+    if args.pipeline is not None:
+        from training.onnx_pipeline_import import import_declared_onnx
+
+        if not (args.source.is_file() and args.name and args.version):
+            raise InputError("--pipeline imports an ONNX file and needs --name and --version")
+        version = import_declared_onnx(
+            args.source,
+            args.pipeline,
+            name=args.name,
+            version=args.version,
+            repository=args.repository,
+        )
+        return _print_import(args, version)
     common = {
         "repository": args.repository,
         "like": args.like,
