@@ -34,9 +34,10 @@ test: install
 	$(BIN)/python -m pytest -m own_process $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 # Unit tests only: no Ray, Orthanc, Chromium, PostgreSQL or DICOM peers (tests/conftest.py fails
-# an unmarked test that starts one), for the edit-test loop.
+# an unmarked test that starts one) and none of the slow training/evaluation tests, for the
+# edit-test loop.
 test-fast: install
-	$(BIN)/python -m pytest -m "not integration and not own_process" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not integration and not own_process and not slow" $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

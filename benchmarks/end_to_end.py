@@ -182,7 +182,7 @@ def run_level(
     sender: str,
 ) -> None:
     """Push `pushes` on schedule, wait until every SR is at the PACS and the index says sent."""
-    from dicom_node.index import Index
+    from store.index import Index
 
     t0 = time.time() + 0.5
     for i, push in enumerate(pushes):

@@ -192,7 +192,7 @@ def _targets(workers: int | None) -> dict[str, tuple[Target, str]]:
 
 def _sr_latency(files: Sequence[Path], root: Path) -> dict[str, float]:
     """Last instance received -> SR accepted by the destination, for our node."""
-    from dicom_node.index import Index
+    from store.index import Index
 
     port, dest = _free_port(), _free_port()
     work = root / "latency"

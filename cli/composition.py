@@ -37,16 +37,16 @@ from core.log_events import log_event
 from core.priority import Thresholds
 from core.settings import ModelSettings, Settings
 from dicom_node.dicomweb import StowLimits, StowReport, create_dicomweb_router
-from dicom_node.index import Index
 from dicom_node.jobs import AnalysisOutput
 from dicom_node.node import DicomNode
-from dicom_node.outbox import listing as outbox_listing
 from imaging.study_reader import scan_study
 from models.engine import LocalEngine
 from models.repository import ModelRepository, parse_ref
 from models.shadow_log import ShadowLog
 from ris.fhir import create_fhir_router
 from ris.node import RisNode
+from store.index import Index
+from store.outbox import listing as outbox_listing
 from triage.analysis import StudyAnalyser, StudyAnalysis
 from triage.waiting_list import LiveWaitingList
 from workspace.app import ApiContext, create_app, is_pending, pending_row

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select, update
 
 from core.domain import REQUIRED_ROLES, StudyStatus
-from dicom_node.index import Index, Series, Study
 from dicom_node.jobs import transition
+from store.index import Index, Series, Study
 
 if TYPE_CHECKING:
     from imaging.series_selection import SelectionRules

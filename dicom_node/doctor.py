@@ -21,7 +21,7 @@ Checks (``Problem.check``), and what ``repair=True`` does:
   back to ``reported`` so the sender finishes.
 - ``results_orphan``: a ``results/`` folder for no indexed study: reported (it may be evidence).
 
-Besides the problems, the report shows the one outbox (`dicom_node.outbox.summary`): items by
+Besides the problems, the report shows the one outbox (`store.outbox.summary`): items by
 channel (dicom, hl7, fhir) and state (pending, sent, dead, withdrawn), the dead letters and the
 stuck items (pending for over an hour), without file paths or message payloads.
 """
@@ -36,9 +36,9 @@ from typing import Any
 from sqlalchemy import select, update
 
 from core.domain import StudyStatus
-from dicom_node import outbox
-from dicom_node.index import OUTBOX_DEAD, OUTBOX_PENDING, Index, Instance, OutboxItem, Study
-from dicom_node.spool import Spool
+from store import outbox
+from store.index import OUTBOX_DEAD, OUTBOX_PENDING, Index, Instance, OutboxItem, Study
+from store.spool import Spool
 
 S = StudyStatus
 

@@ -22,7 +22,7 @@ Statuses (`IngestOutcome.status`):
   work queue is full (`admit` refused a new study: `dicom_node.node.WorkQueue`); nothing is
   kept, the sender must resend.
 - ``0xA900`` data set does not match SOP Class: a UID breaks the DICOM UID syntax
-  (`dicom_node.uids.InvalidUIDError`), or the data set's SOP Class/Instance UID differ from the
+  (`core.uids.InvalidUIDError`), or the data set's SOP Class/Instance UID differ from the
   request's. Quarantined with the reason.
 - ``0xC210`` cannot understand: the data set cannot be parsed, its encoding is broken
   (truncated or overlong elements, unknown VRs, unclosed sequences, nesting deeper than 32,
@@ -32,7 +32,7 @@ Statuses (`IngestOutcome.status`):
   file may be in the spool and `dicom_node.node.reconcile` indexes it at the next start.
 
 Every value read from the header is hostile: no path is built from one except a UID that passed
-`dicom_node.uids.require_uid`, and log lines carry UIDs escaped, never patient data.
+`core.uids.require_uid`, and log lines carry UIDs escaped, never patient data.
 """
 
 from __future__ import annotations
@@ -59,11 +59,11 @@ from core.errors import (
     OutOfResourcesError,
     RadtriageError,
 )
+from core.uids import require_uid
 from dicom_node.encoding_check import check_encoding
-from dicom_node.index import Index, InstanceRecord
-from dicom_node.spool import Spool, encode_file_meta
-from dicom_node.uids import require_uid
 from imaging.request_attributes import requested_procedure_priority
+from store.index import Index, InstanceRecord
+from store.spool import Spool, encode_file_meta
 
 log = logging.getLogger(__name__)
 

@@ -36,10 +36,10 @@ from sqlalchemy.orm import Session
 
 from core.domain import Priority, StudyStatus, TriageResult
 from core.errors import RadtriageError
-from dicom_node import outbox
-from dicom_node.index import Index, Study
-from dicom_node.results import update_result_columns
-from dicom_node.spool import Spool, write_atomic
+from store import outbox
+from store.index import Index, Study
+from store.results import update_result_columns
+from store.spool import Spool, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def enqueue_document(
 ) -> None:
     """Queue one document of `study` for every destination, once (a resend reuses the row); a
     newer document of the same kind (SR, SEG) withdraws the older pending one
-    (`dicom_node.outbox.enqueue`)."""
+    (`store.outbox.enqueue`)."""
     for dest in destinations:
         outbox.enqueue(
             s,

@@ -9,7 +9,7 @@ the index (acknowledged, then the process died before indexing) are indexed, stu
 
 Several nodes (one per hospital, each with its own AE title, port and spool) may share one
 PostgreSQL index: each node is named by ``dicom.node_id`` (default: its AE title) and touches only
-the studies it received (see `dicom_node.index`). See docs/scaling.md.
+the studies it received (see `store.index`). See docs/scaling.md.
 
 Backpressure: the work queue (studies received, complete or analysing) is bounded by
 ``dicom.max_queued_studies`` (`WorkQueue`). When it is full, the first instance of a new study
@@ -42,7 +42,6 @@ from core.domain import StudyStatus
 from core.errors import ConfigError, OutOfResourcesError, RadtriageError
 from core.settings import Settings, load_settings
 from dicom_node.assembler import Assembler
-from dicom_node.index import Index, Study
 from dicom_node.jobs import Analyser, AnalysisOutput, JobWorker, recover
 from dicom_node.scp import (
     StorageSCP,
@@ -51,8 +50,9 @@ from dicom_node.scp import (
     record_from_header,
 )
 from dicom_node.sender import Sender
-from dicom_node.spool import Spool
 from dicom_node.workers import WorkerPool
+from store.index import Index, Study
+from store.spool import Spool
 
 __all__ = ["Analyser", "AnalysisOutput", "DicomNode", "WorkQueue", "reconcile"]
 

@@ -41,7 +41,7 @@ indexes and returns; it never runs analysis):
 - ``0xA700`` Refused, out of resources (`OutOfResourcesError`): free disk is below
   ``dicom.low_water_mark_mb`` or the spool write failed. Nothing is kept; the peer must resend.
 - ``0xA900`` Error, data set does not match SOP Class: a Study/Series/SOP Instance UID, SOP
-  Class UID or transfer syntax UID breaks the DICOM UID syntax (`dicom_node.uids.InvalidUIDError`:
+  Class UID or transfer syntax UID breaks the DICOM UID syntax (`core.uids.InvalidUIDError`:
   digits and dots, no leading zeros, at most 64 characters), or the data set's SOP Class/Instance
   UID differ from the C-STORE request (`DatasetMismatchError`). Quarantined with a reason.
   0xA900 rather than 0xC000 so that a sender's bad data and our own failures stay apart.
@@ -72,9 +72,9 @@ import pydicom.config
 from core import peers
 from core.settings import DicomSettings, TlsSettings
 from dicom_node import reactor_wakeup
-from dicom_node.index import Index
 from dicom_node.ingest import Ingest, IngestStats, read_header, record_from_header
-from dicom_node.spool import Spool
+from store.index import Index
+from store.spool import Spool
 
 if TYPE_CHECKING:
     from dicom_node.workers import WorkerBoard

@@ -1,11 +1,11 @@
-"""The sender: the DICOM channel of the one outbox (`dicom_node.outbox`), C-STORE of result
+"""The sender: the DICOM channel of the one outbox (`store.outbox`), C-STORE of result
 documents (SR, SEG) to destinations.
 
 Each DICOM outbox item is one (destination, SOP Instance) pair. The due items
-(`dicom_node.outbox.due`: in order per study and destination, a newer SR having withdrawn an
+(`store.outbox.due`: in order per study and destination, a newer SR having withdrawn an
 older pending one) are sent in one association per destination per round; success (0x0000 or a
 warning 0xB000/0xB006/0xB007) marks an item ``sent``; anything else (association refused,
-network error, failure status) is a failed attempt (`dicom_node.outbox.record_failure`:
+network error, failure status) is a failed attempt (`store.outbox.record_failure`:
 backoff from ``[sender]`` ``initial_backoff_s`` doubling up to ``max_backoff_s``, a dead letter
 after ``max_attempts``), and the items of the same study behind it wait. A dead letter makes its
 study ``failed``. When no DICOM item of a ``reported`` study is left undelivered, the study
@@ -39,10 +39,10 @@ from pydicom.uid import (
 from core.domain import StudyStatus
 from core.errors import DestinationError
 from core.settings import Destination, SenderSettings, TlsSettings
-from dicom_node import outbox
-from dicom_node.index import Index
 from dicom_node.jobs import transition
-from dicom_node.outbox import Channel, DeliveryRound, DueItem, RetryPolicy
+from store import outbox
+from store.index import Index
+from store.outbox import Channel, DeliveryRound, DueItem, RetryPolicy
 
 log = logging.getLogger(__name__)
 

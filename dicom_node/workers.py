@@ -283,10 +283,10 @@ class WorkerPool:
 
 def run_worker(settings: Settings, worker: int, workers: int) -> int:
     """One receiver process: the node's store path behind an SO_REUSEPORT SCP."""
-    from dicom_node.index import Index
     from dicom_node.node import WorkQueue
     from dicom_node.scp import StorageSCP, StoreHandler
-    from dicom_node.spool import Spool
+    from store.index import Index
+    from store.spool import Spool
 
     d = settings.dicom
     board = WorkerBoard(Path(settings.storage.root).resolve() / "run", workers, create=False)

@@ -1,4 +1,4 @@
-"""Alembic environment for the index. `dicom_node.index.upgrade` passes the connection in
+"""Alembic environment for the index. `store.index.upgrade` passes the connection in
 ``config.attributes["connection"]``; the standalone `alembic` CLI is not needed."""
 
 from __future__ import annotations
@@ -6,11 +6,11 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from dicom_node import results  # noqa: F401 - 0006: waiting_list
+from ris import orders  # noqa: F401 - 0006: orders
+from store import results  # noqa: F401 - 0006: waiting_list
 
 # imported for the tables they declare on Base (the autogenerate comparison must see them)
-from dicom_node.index import Base  # and the one outbox (0007)
-from ris import orders  # noqa: F401 - 0006: orders
+from store.index import Base  # and the one outbox (0007)
 from workspace import tables  # noqa: F401 - 0005: users, sessions, audit...
 
 config = context.config

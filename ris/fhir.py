@@ -59,10 +59,6 @@ from sqlalchemy.orm import Session
 
 from core import codes
 from core.domain import Priority, ReferralUrgency, TriageResult
-from dicom_node import outbox
-from dicom_node.index import Index, Patient, Study
-from dicom_node.outbox import Channel, Kind, RetryPolicy
-from dicom_node.results import Decision, WaitingListEntry
 from ris.orders import (
     SUSPECTED_CANCER_CODES,
     Order,
@@ -71,6 +67,10 @@ from ris.orders import (
     OrderUpdate,
     apply_order,
 )
+from store import outbox
+from store.index import Index, Patient, Study
+from store.outbox import Channel, Kind, RetryPolicy
+from store.results import Decision, WaitingListEntry
 
 log = logging.getLogger(__name__)
 

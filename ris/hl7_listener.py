@@ -50,7 +50,6 @@ from core.domain import ReferralUrgency
 from core.peers import describe_allowlist, peer_allowed
 from core.settings import Hl7Settings
 from core.tls import server_ssl_context
-from dicom_node.index import Index
 from imaging.request_attributes import parse_da
 from ris.hl7 import (
     _ERROR_NAMES,
@@ -73,6 +72,7 @@ from ris.orders import (
     OrderUpdate,
     apply_order,
 )
+from store.index import Index
 
 log = logging.getLogger(__name__)
 

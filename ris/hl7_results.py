@@ -29,7 +29,7 @@ Values absent from the result are left out, never sent empty. Every value writte
 the built message is parsed back and validated against the ORU^R01 structure by ``hl7apy``
 before it is queued.
 
-Messages are queued in the one outbox (`dicom_node.outbox`, channel ``hl7``, kind ``oru``): a
+Messages are queued in the one outbox (`store.outbox`, channel ``hl7``, kind ``oru``): a
 newer result for the same study and destination withdraws the older pending one, and a study's
 messages go out in the order they were queued, so after an outage the RIS's last message is the
 current flag. The sender (`Hl7Sender.run_once`, one round) is the channel's transport: it sends
@@ -58,10 +58,10 @@ from sqlalchemy.orm import Session
 from core import codes
 from core.domain import Priority, TriageResult
 from core.settings import Hl7Destination, Hl7Settings
-from dicom_node import outbox
-from dicom_node.index import UNOWNED, Index
-from dicom_node.outbox import Channel, DeliveryRound, Kind, RetryPolicy
 from ris.hl7 import escape, field_component, read_header
+from store import outbox
+from store.index import UNOWNED, Index
+from store.outbox import Channel, DeliveryRound, Kind, RetryPolicy
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ from collections.abc import Callable
 from typing import Any
 
 from core.settings import Hl7Settings
-from dicom_node.index import Index
-from dicom_node.outbox import RetryPolicy
 from ris.fhir import FhirSender
 from ris.hl7_listener import Hl7Listener
 from ris.hl7_results import Hl7Sender
+from store.index import Index
+from store.outbox import RetryPolicy
 
 log = logging.getLogger(__name__)
 

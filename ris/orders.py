@@ -38,8 +38,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from core.domain import ReferralUrgency
-from dicom_node.index import URGENCY_RANK, Base, Index, Patient, Study
-from dicom_node.results import WaitingListEntry
+from store.index import URGENCY_RANK, Base, Index, Patient, Study
+from store.results import WaitingListEntry
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ OURS = frozenset(
     {
         "core",
         "imaging",
+        "store",
         "models",
         "dicom_node",
         "serving",
@@ -30,19 +31,21 @@ OURS = frozenset(
     }
 )
 # Bottom to top: each way in or out (dicom_node: PACS, ris: HL7/FHIR, workspace: browsers,
-# serving: Ray Serve) sits on core/imaging/models; triage composes them; cli wires everything.
+# serving: Ray Serve) sits on core/imaging/models and the shared durable store (index, spool,
+# outbox, result records); triage composes them; cli wires everything.
 ALLOWED: dict[str, frozenset[str]] = {
     "core": frozenset(),
     "imaging": frozenset({"core"}),
+    "store": frozenset({"core"}),
     "models": frozenset({"core", "imaging"}),
-    "dicom_node": frozenset({"core", "imaging"}),
+    "dicom_node": frozenset({"core", "imaging", "store"}),
     "serving": frozenset({"core", "models"}),
-    "ris": frozenset({"core", "imaging", "dicom_node"}),
-    "workspace": frozenset({"core", "imaging", "models", "dicom_node"}),
-    "triage": frozenset({"core", "imaging", "models", "dicom_node", "ris"}),
+    "ris": frozenset({"core", "imaging", "store"}),
+    "workspace": frozenset({"core", "imaging", "models", "store", "dicom_node"}),
+    "triage": frozenset({"core", "imaging", "models", "store", "dicom_node", "ris"}),
     "training": frozenset({"core", "imaging", "models"}),
     "evaluation": frozenset({"core", "imaging", "models", "training"}),
-    "migrations": frozenset({"core", "dicom_node", "ris", "workspace"}),
+    "migrations": frozenset({"core", "store", "ris", "workspace"}),
     "cli": OURS - {"cli", "benchmarks"},
 }
 # Third-party libraries a package must not reach for: the DICOM node speaks DICOM (its DICOMweb
@@ -50,6 +53,7 @@ ALLOWED: dict[str, frozenset[str]] = {
 FORBIDDEN_LIBRARIES: dict[str, frozenset[str]] = {
     "core": frozenset({"fastapi", "starlette", "ray", "pynetdicom", "hl7", "hl7apy", "sqlalchemy"}),
     "imaging": frozenset({"fastapi", "ray", "pynetdicom", "hl7", "hl7apy", "sqlalchemy"}),
+    "store": frozenset({"fastapi", "starlette", "ray", "pynetdicom", "hl7", "hl7apy", "argon2"}),
     "dicom_node": frozenset({"hl7", "hl7apy", "fhir", "argon2", "itsdangerous"}),
     "serving": frozenset(
         {"fastapi", "starlette", "uvicorn", "argon2", "hl7", "hl7apy", "fhir", "pynetdicom"}

@@ -261,7 +261,7 @@ def _check_target(root: Path) -> None:
 def export_dataset(studies: Sequence[StudyFeedback], index: Any, root: Path) -> DatasetExport:
     """Write the PI-CAI layout training set of `studies` (see the module docstring) to `root`.
 
-    `index`: the node's `dicom_node.index.Index` (instance paths). Raises InputError before
+    `index`: the node's `store.index.Index` (instance paths). Raises InputError before
     writing anything when `root` exists and is not empty."""
     root = Path(root)
     _check_target(root)

@@ -61,15 +61,15 @@ from core.errors import (
 from core.log_events import log_event
 from core.priority import Thresholds, WaitingPolicy, days_waited, decide_priority
 from core.settings import TriageSettings
+from core.uids import require_uid
 from dicom_node.evidence import scan_evidence
-from dicom_node.index import Index
 from dicom_node.jobs import AnalysisOutput, Document
 from dicom_node.seg import build_seg
 from dicom_node.sr import build_triage_sr
-from dicom_node.uids import require_uid
 from imaging.series_selection import SelectionRules, load_rules
 from imaging.study_reader import StudyScan, scan_study
 from imaging.study_volumes import StudyVolumes, load_study_volumes
+from store.index import Index
 from triage.waiting_list import WaitingInputs, analysis_inputs, image_inputs, psa_density
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ A study routine on day 5 must be urgent on day 26 without being analysed again. 
    (`ris.hl7_results`); a study whose orders were all cancelled gets no HL7 result. With
    ``[hl7] fhir_base_url``, queue the decision's FHIR resources too (`ris.fhir`).
 
-Everything is queued in the one outbox (`dicom_node.outbox`): a newer SR, ORU or FHIR push
+Everything is queued in the one outbox (`store.outbox`): a newer SR, ORU or FHIR push
 withdraws the study's older pending one, so the last word anywhere is the current flag.
 
 The thresholds of the model that analysed a study come from the composition root
@@ -51,11 +51,7 @@ from core import codes
 from core.domain import ModelInfo, ModelRef, Priority, ReferralUrgency, StudyStatus, TriageResult
 from core.priority import Override, PriorityDecision, Thresholds, days_waited, decide_priority
 from core.settings import Hl7Settings, Settings, TriageSettings
-from dicom_node.index import Index, Instance, Patient, Series
-from dicom_node.index import Study as StudyRow
 from dicom_node.jobs import enqueue_document
-from dicom_node.results import WaitingListEntry, append_decision, latest_decision
-from dicom_node.spool import Spool
 from imaging.request_attributes import clock_start, parse_da, referral_urgency, request_values
 from ris.fhir import enqueue_fhir_result
 from ris.hl7_results import ResultReport, enqueue_result
@@ -65,6 +61,10 @@ from ris.orders import (
     match_orders,
     order_for_study,
 )
+from store.index import Index, Instance, Patient, Series
+from store.index import Study as StudyRow
+from store.results import WaitingListEntry, append_decision, latest_decision
+from store.spool import Spool
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ Everything else is behind a login session or a bearer token and checked per role
 (`workspace.auth`); the full list of JSON routes is FastAPI's OpenAPI schema (``/openapi.json``,
 listed in docs/worklist.md). The role of each route is in `require(...)` on the route itself.
 
-Study data comes from the index (`dicom_node.index.Index`), the worklist is one SQL query
+Study data comes from the index (`store.index.Index`), the worklist is one SQL query
 (`workspace.worklist`), assessments and the audit chain live in the index too. Overrides never
 rewrite result.json: they are assessments, and audit events.
 """
@@ -31,9 +31,9 @@ from sqlalchemy.orm import Session
 
 from core.domain import ReferralUrgency, SeriesRole, StudyStatus
 from core.settings import HttpSettings, OidcSettings
-from dicom_node.index import Index
 from dicom_node.ingest import Ingest
-from dicom_node.results import decision_rows, record_override
+from store.index import Index
+from store.results import decision_rows, record_override
 from workspace.accounts import Accounts, Principal
 from workspace.assessments import Assessments, BiopsyBody, FindingBody, OverrideBody, PiradsBody
 from workspace.audit import AuditTrail

@@ -2,7 +2,7 @@
 tokens, the audit hash chain and the radiologist's assessments, (the sortable result
 columns migration 0005 adds to ``studies`` are in `workspace.worklist`).
 
-ORM classes share `dicom_node.index.Base`, so alembic and `Index` see one schema.
+ORM classes share `store.index.Base`, so alembic and `Index` see one schema.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from dicom_node.index import Base
+from store.index import Base
 
 
 class User(Base):

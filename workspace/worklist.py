@@ -6,8 +6,8 @@ override, the referrer's urgency as a floor and the wait clock), by `Priority.ra
 longest waiting (oldest imaging request) first. A study without a result yet ranks as
 `not_analysed`: unknown risk never sinks to the bottom.
 
-The result columns on ``studies`` (migration 0005) are declared once, on `dicom_node.index.Study`,
-and written by `dicom_node.results.update_result_columns`; the live waiting list recomputes
+The result columns on ``studies`` (migration 0005) are declared once, on `store.index.Study`,
+and written by `store.results.update_result_columns`; the live waiting list recomputes
 ``priority``/``priority_rank`` in place.
 """
 
@@ -30,10 +30,10 @@ from sqlalchemy.orm import Session
 
 from core.domain import Priority, ReferralUrgency
 from core.priority import FLAG_WORDS
-from dicom_node.index import Patient, Study
+from store.index import Patient, Study
 from workspace.tables import Assessment
 
-STUDIES = Study.__table__  # the one declaration, in dicom_node.index
+STUDIES = Study.__table__  # the one declaration, in store.index
 
 SortKey = Literal[
     "priority",

@@ -21,7 +21,7 @@ def register(subparsers: Any) -> None:
 
 def run_verify(args: argparse.Namespace) -> int:
     from core.settings import load_settings
-    from dicom_node.index import Index
+    from store.index import Index
     from workspace.audit import verify_configured
 
     settings = load_settings(args.config)

@@ -24,8 +24,8 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from core.settings import load_settings
     from dicom_node.doctor import examine
-    from dicom_node.index import Index
-    from dicom_node.spool import Spool
+    from store.index import Index
+    from store.spool import Spool
 
     settings = load_settings(args.config)
     d = settings.dicom

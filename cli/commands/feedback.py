@@ -49,7 +49,7 @@ def register(subparsers: Any) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     from core.settings import load_settings
-    from dicom_node.index import Index
+    from store.index import Index
     from training.feedback_dataset import export_dataset, write_marksheet
 
     if args.out is None and args.dataset is None:
@@ -91,7 +91,7 @@ def read_feedback(session: Any) -> list[StudyFeedback]:
     """Every study with an AI score, in index order, with the radiologist's findings."""
     from sqlalchemy import select
 
-    from dicom_node.index import Patient, Study
+    from store.index import Patient, Study
     from workspace.tables import Assessment, FindingAssessment
 
     q = (

@@ -45,7 +45,7 @@ def register(subparsers: Any) -> None:
 
 def _engine(args: argparse.Namespace) -> Any:
     from core.settings import load_settings
-    from dicom_node.index import Index
+    from store.index import Index
 
     return Index(load_settings(args.config).storage.database_url).engine
 

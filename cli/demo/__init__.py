@@ -165,7 +165,7 @@ class DemoLogin:
 
 def create_demo_user(database_url: str) -> DemoLogin:
     """A radiologist account in the demo's index (the worklist and API are behind a login)."""
-    from dicom_node.index import Index
+    from store.index import Index
     from workspace.accounts import Accounts
 
     accounts = Accounts(Index(database_url).engine)
@@ -268,19 +268,24 @@ def _refresh(study: DemoStudy, base_url: str, token: str) -> None:
 
 
 def format_table(studies: list[DemoStudy]) -> str:
-    rows = [("study", "vendor", "truth", "priority", "likelihood", "status", "time to SR")]
+    """The result table: the flag, what set it (the decision's statement, as every output
+    states it), the AI's likelihood, the status and the time to the SR in PACS."""
+    rows = [
+        ("study", "vendor", "truth", "priority", "driver", "likelihood", "status", "time to SR")
+    ]
     for s in studies:
         r = s.result or {}
         likelihood = r.get("case_likelihood")
+        headline = str(r.get("priority_headline") or "")
+        driver = headline.split(": ", 1)[1] if ": " in headline else headline
         reason = (r.get("reason") or {}).get("code")
-        if not reason and any(x.startswith("waited ") for x in r.get("priority_reasons") or []):
-            reason = f"waited {r.get('days_waited')} d"
         rows.append(
             (
                 s.folder.name,
                 s.vendor,
                 s.label,
                 str(r.get("priority", "?")) + (f" ({reason})" if reason else ""),
+                driver or "-",
                 "-" if likelihood is None else f"{likelihood:.2f}",
                 str(r.get("status", "?")),
                 "-" if s.sr_at is None else f"{s.sr_at - s.pushed_at:.1f} s",
@@ -365,7 +370,9 @@ def format_oru(messages: list[str]) -> str:
             if line.startswith("OBX|")
         }
         obr = next((line.split("|") for line in message.split("\r") if line.startswith("OBR|")), [])
-        priority = fields.get("RT001", ["", "", "", "", "", "?^?"])[5].split("^")[1]
+        flag = fields.get("RT001", ["", "", "", "", "", "?^?"])[5].split("^")[1].split(":")[0]
+        statement = fields.get("RT012", [""] * 6)[5]
+        priority = statement or flag  # the flag naming its driver, as the RIS reads it
         psad = fields.get("RT006", [""] * 6)[5] or "-"
         status = {"P": "preliminary", "C": "correction"}.get(obr[25] if len(obr) > 25 else "", "?")
         accession = obr[18] if len(obr) > 18 else ""

@@ -1,7 +1,7 @@
 """One outbox for every way out: ``outbox`` gets a channel (dicom, hl7, fhir), a kind (triage_sr,
 seg, oru, fhir_report), a payload (HL7 and FHIR messages), the withdrawn state's bookkeeping
 (``superseded_by``, ``closed_at``), and takes the rows of ``hl7_outbox``, which is dropped
-(`dicom_node.outbox`).
+(`store.outbox`).
 
 The table is rebuilt (new table, copy, drop, rename) so that SQLite and PostgreSQL take the same
 steps; DICOM rows keep their ids. A DICOM row's kind follows its SOP Class (Segmentation ->

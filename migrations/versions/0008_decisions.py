@@ -2,7 +2,7 @@
 waiting list decides with it.
 
 - ``decisions``: immutable rows (inputs with sources, flag, coded drivers, headline, cause,
-  actor), appended by the waiting list (`dicom_node.results.append_decision`);
+  actor), appended by the waiting list (`store.results.append_decision`);
 - ``waiting_list.override_json``: a radiologist's flag {"priority", "by", "reason"};
 - ``waiting_list.sr_state``: what the last SR said (flag, deciding driver, PSA density).
 

@@ -83,8 +83,8 @@ class Stats:
 def serve(database_url: str) -> None:
     """The listener process: prints ``READY <port>`` and serves until SIGTERM."""
     from core.settings import Hl7Settings
-    from dicom_node.index import Index
     from ris.hl7_listener import Hl7Listener
+    from store.index import Index
 
     settings = Hl7Settings(max_connections=128)
     listener = Hl7Listener(Index(database_url), settings, port=0)

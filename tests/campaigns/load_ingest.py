@@ -183,7 +183,7 @@ def run_campaign(
     workers: int = 2,
 ) -> dict[str, Any]:
     """Run the campaign in `work`; returns the report (raises AssertionError on a failure)."""
-    from dicom_node.index import Index
+    from store.index import Index
     from tests.dicom_node.peers import storescp
 
     series = make_studies(work / "src", studies, instances)
@@ -225,7 +225,7 @@ def run_campaign(
         with index.read() as s:
             from sqlalchemy import select
 
-            from dicom_node.index import Instance
+            from store.index import Instance
 
             indexed = dict(s.execute(select(Instance.sop_instance_uid, Instance.path)).all())
         index.close()

@@ -11,7 +11,7 @@ import pydicom
 from hl7.mllp import open_hl7_connection
 
 from core.domain import ModelInfo, Priority, StudyStatus, TriageResult
-from dicom_node.index import Index, InstanceRecord, Study
+from store.index import Index, InstanceRecord, Study
 
 from .peers import make_mr_series
 

@@ -19,7 +19,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from cli.demo.pacs import OrthancPacs as Orthanc  # noqa: F401 - re-exported for the tests
 from cli.demo.pacs import stop_process as _stop
 from cli.demo.pacs import wait_port
-from dicom_node.index import Index, InstanceRecord
+from store.index import Index, InstanceRecord
 
 
 def make_mr_series(

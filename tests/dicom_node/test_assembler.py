@@ -11,7 +11,7 @@ import pytest
 
 from core.domain import StudyStatus
 from dicom_node.assembler import Assembler, required_series_complete
-from dicom_node.index import Index, InstanceRecord
+from store.index import Index, InstanceRecord
 
 
 class Clock:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_node.index import Index
+from store.index import Index
 from tests.conftest import REPO, free_port, require_tool
 
 from .peers import make_mr_series

@@ -10,10 +10,10 @@ import pytest
 
 from cli.main import main
 from core.domain import StudyStatus
-from dicom_node.index import Index
 from dicom_node.ingest import Ingest
 from dicom_node.jobs import claim_next, transition
-from dicom_node.spool import Spool, encode_file_meta
+from store.index import Index
+from store.spool import Spool, encode_file_meta
 
 from .peers import encoded_dataset, make_mr_series
 
@@ -102,7 +102,7 @@ def test_doctor_finds_and_repairs_what_a_crash_leaves(
 def test_doctor_requeues_a_study_whose_pending_document_vanished(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from dicom_node import outbox
+    from store import outbox
 
     cfg = _config(tmp_path)
     spool = Spool(tmp_path / "var")

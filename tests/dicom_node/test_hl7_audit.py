@@ -10,9 +10,9 @@ from sqlalchemy import select
 
 import workspace.audit
 from core.settings import Hl7Settings
-from dicom_node.index import Index
 from ris.hl7_listener import handle_message
 from ris.orders import Order
+from store.index import Index
 from workspace.audit import AuditTrail
 
 from .hl7_peers import orm_o01

@@ -17,9 +17,9 @@ from hl7.mllp import open_hl7_connection
 from sqlalchemy import select, text
 
 from core.settings import Hl7Settings, TlsSettings
-from dicom_node.index import Index
 from ris.hl7_listener import Hl7Listener, handle_message
 from ris.orders import FieldTooLong, Order, OrderControl, OrderUpdate
+from store.index import Index
 from tests.conftest import require_tool
 
 from .hl7_peers import orm_o01, segment, send

@@ -12,10 +12,10 @@ from sqlalchemy import select
 
 from core.domain import ReferralUrgency
 from core.settings import Hl7Settings
-from dicom_node.index import Index, Study
 from ris.hl7 import Hl7Error
 from ris.hl7_listener import Hl7Listener, parse_order_message
 from ris.orders import ORDER_CANCELLED, Order, match_orders, order_for_study
+from store.index import Index, Study
 
 from .hl7_peers import index_study, omi_o23, orm_o01, segment, send
 

@@ -11,9 +11,9 @@ import pytest
 from cli.demo.ris import RecordingRis
 from core.domain import LesionResult, ModelInfo, Priority, StudyStatus, TriageResult
 from core.settings import Hl7Destination, Hl7Settings
-from dicom_node.index import Index
-from dicom_node.outbox import DEAD, PENDING, SENT, WITHDRAWN
 from ris.hl7_results import Hl7Sender, ResultReport, build_oru, enqueue_result
+from store.index import Index
+from store.outbox import DEAD, PENDING, SENT, WITHDRAWN
 
 from .hl7_peers import segment
 
@@ -218,7 +218,7 @@ def test_a_ris_down_holds_back_only_its_own_messages(tmp_path: Path) -> None:
 def test_result_status_follows_what_the_ris_may_hold(tmp_path: Path) -> None:
     """OBR-25 is P until a result of the study reached (or was tried at) the RIS, then C; a
     first result withdrawn before it left does not make the next one a correction."""
-    from dicom_node import outbox
+    from store import outbox
 
     index = Index(f"sqlite:///{tmp_path}/i.db")
     settings = _settings(1)

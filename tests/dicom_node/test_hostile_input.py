@@ -18,8 +18,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from core.errors import MalformedDicomError
-from dicom_node.spool import Spool
-from dicom_node.uids import InvalidUIDError, is_valid_uid, require_uid
+from core.uids import InvalidUIDError, is_valid_uid, require_uid
+from store.spool import Spool
 from tests.campaigns import dicom_wire as wire
 from tests.campaigns.fuzz_scp import HOSTILE_UIDS, LiveNode, mr_elements
 from tests.conftest import require_tool
@@ -223,8 +223,8 @@ def test_hostile_header_from_pynetdicom_and_storescu(node: LiveNode, tmp_path: P
 def test_part10_ingest_for_stow(tmp_path: Path) -> None:
     """`Ingest.receive_part10` (the STOW-RS entry) takes UIDs from the File Meta Information
     and applies the same checks."""
-    from dicom_node.index import Index
     from dicom_node.ingest import Ingest
+    from store.index import Index
 
     spool = Spool(tmp_path / "var")
     ingest = Ingest(spool, Index(f"sqlite:///{tmp_path}/index.db"))

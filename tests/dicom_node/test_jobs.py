@@ -9,10 +9,10 @@ import pydicom
 import pytest
 
 from core.domain import StudyStatus
-from dicom_node.index import Index
 from dicom_node.jobs import JobWorker, claim_next, recover, transition
-from dicom_node.spool import Spool
 from dicom_node.sr_reader import read_triage_sr
+from store.index import Index
+from store.spool import Spool
 
 from .peers import RecordingAnalyser, index_series, make_mr_series
 
@@ -161,7 +161,7 @@ def test_a_rerun_whose_documents_were_already_delivered_ends_sent(
     and the study must still end `sent`, not stay `reported` for ever."""
     from sqlalchemy import update
 
-    from dicom_node.index import OUTBOX_SENT, OutboxItem
+    from store.index import OUTBOX_SENT, OutboxItem
 
     spool = Spool(tmp_path / "var")
     worker = JobWorker(index, spool, RecordingAnalyser(tmp_path / "sr"), ["pacs"])

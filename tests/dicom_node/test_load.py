@@ -15,9 +15,9 @@ from pynetdicom.sop_class import MRImageStorage
 from core.domain import StudyStatus
 from core.errors import OutOfResourcesError
 from core.settings import Settings
-from dicom_node.index import Index, InstanceRecord
 from dicom_node.jobs import claim_next, transition
 from dicom_node.node import DicomNode, WorkQueue
+from store.index import Index, InstanceRecord
 from tests.campaigns.load_ingest import run_campaign
 from tests.conftest import free_port, require_tool
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect, text
 
-from dicom_node import outbox
-from dicom_node.index import MIGRATIONS, Index, make_engine
-from dicom_node.outbox import (
+from store import outbox
+from store.index import MIGRATIONS, Index, make_engine
+from store.outbox import (
     DEAD,
     PENDING,
     SENT,

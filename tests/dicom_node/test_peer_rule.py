@@ -12,10 +12,10 @@ import pytest
 
 from core.peers import parse_allowlist, peer_allowed
 from core.settings import DicomSettings, Hl7Settings
-from dicom_node.index import Index
 from dicom_node.scp import StorageSCP, StoreHandler, peer_refusal
-from dicom_node.spool import Spool
 from ris.hl7_listener import Hl7Listener
+from store.index import Index
+from store.spool import Spool
 from tests.conftest import free_port, require_tool
 
 from .hl7_peers import orm_o01, segment, send

@@ -19,9 +19,9 @@ from sqlalchemy import create_engine, text
 from core.errors import ConfigError
 from core.redact import redact
 from core.settings import Destination, DicomSettings, SenderSettings, TlsSettings, load_settings
-from dicom_node.index import MIGRATIONS, Index, InstanceRecord
 from dicom_node.scp import StorageSCP, StoreHandler, client_ssl_context, peer_refusal
-from dicom_node.spool import Spool
+from store.index import MIGRATIONS, Index, InstanceRecord
+from store.spool import Spool
 from tests.campaigns import dicom_wire as wire
 from tests.conftest import free_port, require_tool
 

@@ -17,9 +17,9 @@ import pydicom
 import pytest
 
 from core.settings import DicomSettings
-from dicom_node.index import Index
 from dicom_node.scp import StorageSCP, StoreHandler
-from dicom_node.spool import Spool
+from store.index import Index
+from store.spool import Spool
 from tests.conftest import free_port, require_tool
 
 from .peers import encoded_dataset, make_mr_series, storescu
@@ -430,7 +430,7 @@ def _acknowledged(log: str) -> list[Path]:
 def _instances(index: Index, study_uid: str) -> list[dict[str, object]]:
     from sqlalchemy import select
 
-    from dicom_node.index import Instance, Study
+    from store.index import Instance, Study
 
     with index.read() as s:
         rows = s.execute(

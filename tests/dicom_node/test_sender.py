@@ -10,11 +10,11 @@ import pytest
 
 from core.domain import StudyStatus
 from core.settings import Destination, SenderSettings
-from dicom_node.index import Index
 from dicom_node.jobs import JobWorker, transition
-from dicom_node.outbox import RetryPolicy
 from dicom_node.sender import Sender
-from dicom_node.spool import Spool
+from store.index import Index
+from store.outbox import RetryPolicy
+from store.spool import Spool
 from tests.conftest import free_port, require_tool
 
 from .peers import RecordingAnalyser, index_series, make_mr_series, storescp
@@ -149,9 +149,9 @@ def test_pacs_outage_ends_with_the_superseding_sr_and_the_seg(tmp_path: Path) ->
     it is back it receives the SEG and the newer SR, in queue order, never the withdrawn SR."""
     from sqlalchemy import select
 
-    from dicom_node.index import Study
     from dicom_node.jobs import enqueue_document
-    from dicom_node.outbox import PENDING, SENT, WITHDRAWN
+    from store.index import Study
+    from store.outbox import PENDING, SENT, WITHDRAWN
 
     require_tool("storescp")
     index = Index(f"sqlite:///{tmp_path}/index.db")

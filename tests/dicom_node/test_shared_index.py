@@ -19,11 +19,11 @@ from sqlalchemy import text
 from core.domain import StudyStatus
 from core.errors import ConfigError
 from core.settings import Settings
-from dicom_node.index import MIGRATIONS, UNOWNED, Index, make_engine
 from dicom_node.jobs import JobWorker, claim_next, recover, transition
 from dicom_node.node import DicomNode
 from dicom_node.sender import Sender
-from dicom_node.spool import Spool
+from store.index import MIGRATIONS, UNOWNED, Index, make_engine
+from store.spool import Spool
 from tests.conftest import free_port, require_tool
 
 from .peers import RecordingAnalyser, index_series, make_mr_series, storescp, storescu

@@ -12,8 +12,8 @@ from alembic.migration import MigrationContext
 
 from core.domain import StudyStatus
 from core.errors import OutOfResourcesError
-from dicom_node.index import Base, Index, InstanceRecord, Study
-from dicom_node.spool import Spool, encode_file_meta
+from store.index import Base, Index, InstanceRecord, Study
+from store.spool import Spool, encode_file_meta
 
 from .peers import encoded_dataset, make_mr_series
 from .pg import postgresql_server  # noqa: F401  (the postgresql_url fixture)

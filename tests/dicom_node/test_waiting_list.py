@@ -18,9 +18,6 @@ from core.domain import ModelRef, Priority, ReferralUrgency, StudyStatus, Triage
 from core.priority import Thresholds, decide_priority
 from core.settings import Hl7Destination, Hl7Settings, Settings, TriageSettings
 from dicom_node.evidence import scan_evidence
-from dicom_node.index import Index, Instance, OutboxItem
-from dicom_node.outbox import PENDING, SENT, WITHDRAWN
-from dicom_node.spool import Spool
 from dicom_node.sr import build_triage_sr
 from dicom_node.sr_reader import read_triage_sr
 from evaluation.simulate import queue_rank
@@ -29,6 +26,9 @@ from ris.hl7_listener import Hl7Listener
 from ris.hl7_results import Hl7Sender
 from ris.node import RisNode
 from ris.orders import OrderControl, OrderUpdate, apply_order
+from store.index import Index, Instance, OutboxItem
+from store.outbox import PENDING, SENT, WITHDRAWN
+from store.spool import Spool
 from triage.waiting_list import LiveWaitingList, WaitingInputs, WaitingList, decide_today
 
 from .hl7_peers import MODEL, index_study, mark_reported, orm_o01, segment, send

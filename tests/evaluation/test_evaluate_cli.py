@@ -22,6 +22,7 @@ def bundled() -> None:
         pytest.skip(f"no promoted bundled detector: {exc}")
 
 
+@pytest.mark.slow  # seconds of training/evaluation: `make test`, not test-fast
 def test_evaluate_json_and_report(bundled, tmp_path, capsys) -> None:
     report = tmp_path / "r.html"
     rc = main(
@@ -58,6 +59,7 @@ def test_evaluate_json_and_report(bundled, tmp_path, capsys) -> None:
     assert not re.search(r"(src|href)=[\"'](?!data:)", page)
 
 
+@pytest.mark.slow  # seconds of training/evaluation: `make test`, not test-fast
 def test_write_thresholds_refused_without_enough_cspca(bundled, capsys) -> None:
     rc = main(
         [
@@ -74,6 +76,7 @@ def test_write_thresholds_refused_without_enough_cspca(bundled, capsys) -> None:
     assert "csPCa" in json.loads(capsys.readouterr().out)["error"]["message"]
 
 
+@pytest.mark.slow  # seconds of training/evaluation: `make test`, not test-fast
 def test_evaluate_reads_the_picai_layout(bundled, tmp_path, capsys) -> None:
     """`--data` on a PI-CAI folder (marksheet.csv, images/<patient>/<case>_<t2w|adc|hbv>.mha,
     labels/...): the layout `radtriage train` reads, here filled with phantoms."""

@@ -184,6 +184,7 @@ def test_gate_on_offline_evidence_feeds_the_repository(cases, tmp_path) -> None:
     assert entry["gate"]["outcome"] == "passed" and repo.promoted("det") == "2"
 
 
+@pytest.mark.slow  # seconds of training/evaluation: `make test`, not test-fast
 def test_dicom_folder_source_reads_phantom_studies(tmp_path) -> None:
     """`--data DIR`: DICOM studies + masks/ + ground_truth.json, as `radtriage phantom` writes."""
     phantoms = pytest.importorskip("training.phantoms")

@@ -91,6 +91,7 @@ def test_fit_on_splits_keeps_the_check_split_unseen(tmp_path: Path) -> None:
     assert text.startswith("# model")
 
 
+@pytest.mark.slow  # seconds of training/evaluation: `make test`, not test-fast
 def test_evaluate_write_thresholds_writes_calibration_bands_and_gate(tmp_path, capsys) -> None:
     from models.repository import ModelRepository, default_repository
 

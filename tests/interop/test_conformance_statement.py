@@ -59,6 +59,7 @@ def test_sop_classes_and_roles_match_the_code() -> None:
         assert rows[str(written)][3].startswith("Yes"), f"we send {written.name} (SCU)"
 
 
+@pytest.mark.slow  # seconds of training/evaluation: `make test`, not test-fast
 def test_sr_and_seg_we_write_have_the_listed_classes_and_syntax(samples: dict) -> None:
     import pydicom
 

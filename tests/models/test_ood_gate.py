@@ -65,6 +65,7 @@ def test_obliquity_of_a_rotated_exam() -> None:
     assert obliquity_deg(oblique(case).t2w.direction) > before + 10.0
 
 
+@pytest.mark.slow  # seconds of training/evaluation: `make test`, not test-fast
 def test_pipeline_gate_refuses_a_shifted_study(tiny_repo: Path) -> None:
     def pipeline() -> TriagePipeline:
         return TriagePipeline.from_repository(

@@ -38,6 +38,7 @@ def test_bundled_models_are_demo_models(pipeline: TriagePipeline) -> None:
         assert model.metadata.training_data["synthetic"] is True
 
 
+@pytest.mark.slow  # seconds of training/evaluation: `make test`, not test-fast
 def test_gland_dice_on_fresh_phantoms(results) -> None:  # type: ignore[no-untyped-def]
     scores = []
     for case, prediction in results:

@@ -40,7 +40,7 @@ def phantoms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def pending_context(tmp_path: Path, phantoms: dict[str, Path]) -> tuple[ApiContext, str, str]:
     """A real index holding two studies still arriving: a routine one first, then a STAT one."""
     from cli.composition import IndexStudies
-    from dicom_node.index import Index
+    from store.index import Index
     from tests.dicom_node.peers import index_series
     from workspace.app import ApiContext
     from workspace.metrics import Metrics

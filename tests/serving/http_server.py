@@ -12,9 +12,9 @@ import uvicorn
 
 from cli.composition import build_http_app
 from core.settings import HttpSettings
-from dicom_node.index import Index
 from dicom_node.ingest import Ingest
-from dicom_node.spool import Spool
+from store.index import Index
+from store.spool import Spool
 from workspace.app import ApiContext
 from workspace.metrics import Metrics
 

@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 
 from cli.composition import RadtriageApp
 from core.settings import Settings
-from dicom_node.index import Index
 from models.repository import GateDecision, ModelRepository
+from store.index import Index
 from workspace.accounts import Accounts
 
 

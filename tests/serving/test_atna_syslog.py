@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from dicom_node.index import Index
+from store.index import Index
 from tests.conftest import require_tool
 from tests.serving.atna_checks import check_audit_message
 from workspace.atna import AuditSource

@@ -13,7 +13,7 @@ from sqlalchemy import text
 
 from cli.main import main
 from core.settings import load_settings
-from dicom_node.index import Index
+from store.index import Index
 from tests.dicom_node.pg import postgresql_server  # noqa: F401 - fixture
 from workspace.audit import GENESIS, AuditAnchor, AuditTrail, anchor_from_settings, chain_hash
 

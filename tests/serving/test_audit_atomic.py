@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 import workspace.audit
 from cli.composition import build_http_app
-from dicom_node.index import Index
+from store.index import Index
 from tests.serving.workspace_helpers import add_study, add_users
 from workspace.app import ApiContext
 from workspace.metrics import Metrics

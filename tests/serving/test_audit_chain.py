@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import text
 
 from cli.main import main
-from dicom_node.index import Index
+from store.index import Index
 from workspace.audit import GENESIS, AuditTrail, chain_hash
 
 

@@ -11,7 +11,7 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
 from core.domain import LesionResult, Priority
-from dicom_node.index import Index
+from store.index import Index
 from tests.serving.workspace_helpers import PASSWORD, USERS, add_study, add_users, client, login
 from workspace.accounts import Accounts
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.index import Index
+from store.index import Index
 from tests.conftest import free_port
 from tests.serving.workspace_helpers import add_users, client
 

@@ -60,10 +60,11 @@ def test_demo_once_analyses_every_study_and_returns_srs_to_orthanc(tmp_path: Pat
         assert re.search(r"\bsent\b", row), row  # SR accepted by the PACS
         if dropped:
             assert f"not_analysed (missing_{dropped})" in row
-        elif days_ago is not None:  # a negative raised by the waiting-list clock
-            assert f"urgent (waited {days_ago} d)" in row, row
+        elif days_ago is not None:  # a negative raised by the waiting-list clock, never the AI
+            assert re.search(rf"\burgent +waited {days_ago} of 28 days \(FDS\)", row), row
+            assert "AI" not in row.split("urgent", 1)[1], row
         elif cspca:
-            assert re.search(r"\b(urgent|soon)\b", row), row
+            assert re.search(r"\b(urgent|soon) +(AI |STAT referral)", row), row
         else:  # the soon band holds false positives by design (its PPV is ~0.35): never urgent
             assert re.search(r"\b(routine|soon)\b", row) and "urgent" not in row, row
 

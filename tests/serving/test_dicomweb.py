@@ -19,9 +19,9 @@ from fastapi.testclient import TestClient
 
 from cli.composition import build_http_app
 from core.settings import HttpSettings
-from dicom_node.index import Index
 from dicom_node.ingest import Ingest
-from dicom_node.spool import Spool
+from store.index import Index
+from store.spool import Spool
 from tests.conftest import free_port, require_tool
 from tests.serving.workspace_helpers import add_study, add_users
 from workspace.app import ApiContext

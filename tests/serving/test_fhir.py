@@ -18,9 +18,9 @@ from fhir.resources.R4B.operationoutcome import OperationOutcome
 from sqlalchemy import select, text
 
 from core.domain import LesionResult, ModelInfo, Priority, StudyStatus, TriageResult
-from dicom_node.index import Index
 from ris.fhir import create_fhir_router
 from ris.orders import ORDER_CANCELLED, Order
+from store.index import Index
 from workspace.accounts import Accounts
 from workspace.auth import CLINICAL, require
 
@@ -308,8 +308,8 @@ def _decision(priority: Priority, uid: str = "1.2.826.0.1.3680043.8.498.1") -> T
 
 @pytest.mark.integration
 def test_fhir_pushes_retry_with_backoff_and_refusals_are_dead_letters(index: Index) -> None:
-    from dicom_node.outbox import DEAD, PENDING, SENT, RetryPolicy
     from ris.fhir import FhirSender
+    from store.outbox import DEAD, PENDING, SENT, RetryPolicy
 
     _queue_fhir(index, _decision(Priority.URGENT), now=0.0)
     _queue_fhir(index, _decision(Priority.ROUTINE, "1.2.826.0.1.3680043.8.498.2"), 0.0, "1.2.9")
@@ -355,8 +355,8 @@ def test_fhir_server_outage_ends_with_the_latest_decision_only(index: Index) -> 
     back it receives the urgent one only."""
     import socket
 
-    from dicom_node.outbox import SENT, WITHDRAWN, RetryPolicy
     from ris.fhir import FhirSender
+    from store.outbox import SENT, WITHDRAWN, RetryPolicy
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

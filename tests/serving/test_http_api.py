@@ -19,8 +19,8 @@ from sqlalchemy import select
 from cli.composition import build_http_app
 from core.domain import Priority
 from core.settings import Settings
-from dicom_node.index import Index, Study
-from dicom_node.results import update_result_columns
+from store.index import Index, Study
+from store.results import update_result_columns
 from tests.serving.workspace_helpers import add_study, add_users, client
 from workspace.app import ApiContext
 from workspace.key_images import GLAND_COLOUR, LESION_COLOUR, SELECTED_COLOUR

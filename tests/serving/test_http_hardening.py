@@ -15,7 +15,7 @@ from sqlalchemy import update
 from cli.composition import build_http_app
 from core.priority import Priority
 from core.settings import HttpSettings
-from dicom_node.index import Index
+from store.index import Index
 from tests.serving.test_fhir import service_request
 from tests.serving.workspace_helpers import USERS, add_study, add_users
 from workspace.accounts import Accounts

@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from cli.composition import build_http_app
-from dicom_node.index import Index
+from store.index import Index
 from tests.serving.workspace_helpers import PASSWORD, add_users
 from workspace.app import ApiContext
 from workspace.metrics import Metrics

@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from core.errors import SignInError
-from dicom_node.index import Index
+from store.index import Index
 from tests.serving.oidc_provider import Provider, run_provider, settings, sign_in_at_provider
 from tests.serving.workspace_helpers import PASSWORD, client
 from workspace.accounts import Accounts

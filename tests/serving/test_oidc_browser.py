@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import pytest
 import uvicorn
 
-from dicom_node.index import Index
+from store.index import Index
 from tests.serving.oidc_provider import Provider, run_provider, settings
 from tests.serving.test_workspace_browser import CHROMIUM, CHROMIUM_ARGS
 from tests.serving.workspace_helpers import add_study

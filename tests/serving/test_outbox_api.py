@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dicom_node import outbox
-from dicom_node.index import Index
-from dicom_node.outbox import Channel, Kind, Message, RetryPolicy
+from store import outbox
+from store.index import Index
+from store.outbox import Channel, Kind, Message, RetryPolicy
 from tests.serving.workspace_helpers import add_users, client
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"

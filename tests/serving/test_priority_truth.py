@@ -35,15 +35,15 @@ from core.domain import Priority, ReferralUrgency
 from core.engine import InferenceOutput
 from core.priority import Thresholds
 from core.settings import Hl7Destination, Hl7Settings, Settings, TriageSettings
-from dicom_node.index import Index, Study
-from dicom_node.results import update_result_columns
-from dicom_node.spool import Spool
 from dicom_node.sr_reader import read_triage_sr
 from imaging.study_reader import scan_study
 from models.ood_gate import DomainCheck
 from models.postprocessing import CalibratedPrediction
 from ris.hl7_results import Hl7Sender
 from ris.orders import OrderControl, OrderUpdate, apply_order
+from store.index import Index, Study
+from store.results import update_result_columns
+from store.spool import Spool
 from tests.dicom_node.peers import index_series
 from tests.serving.workspace_helpers import add_users, client
 from triage.waiting_list import WaitingList

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from core.settings import HttpSettings, OidcSettings
-from dicom_node.index import Index
+from store.index import Index
 from tests.serving.workspace_helpers import add_study, add_users, client
 from workspace.viewer import viewer_link
 

@@ -18,9 +18,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 
 from cli.composition import build_http_app
-from dicom_node.index import Index, Study
 from dicom_node.ingest import Ingest
-from dicom_node.spool import Spool
+from store.index import Index, Study
+from store.spool import Spool
 from tests.conftest import require_tool
 from tests.serving.test_dicomweb import ORTHANC_DICOMWEB_PLUGIN, _client, _serve
 from tests.serving.workspace_helpers import add_users

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import event
 
 from core.domain import Priority, StudyStatus
-from dicom_node.index import Index
+from store.index import Index
 from tests.dicom_node.pg import postgresql_server  # noqa: F401 - fixture
 from tests.serving.workspace_helpers import add_study, add_users, client
 

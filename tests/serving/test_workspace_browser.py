@@ -83,7 +83,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
     from cli.demo import DemoStudy, push_direct, wait_ready, write_config
     from cli.demo.pacs import LocalPacs, free_port, stop_process
-    from dicom_node.index import Index
+    from store.index import Index
     from training.phantoms import synthesize_case, write_study
     from workspace.accounts import Accounts
 

@@ -13,8 +13,8 @@ from sqlalchemy import insert, select, update
 
 from cli.composition import build_http_app
 from core.domain import LesionResult, ModelInfo, Priority, StudyStatus, TriageResult
-from dicom_node.index import Index, Patient, Study
-from dicom_node.results import update_result_columns
+from store.index import Index, Patient, Study
+from store.results import update_result_columns
 from workspace.accounts import Accounts
 from workspace.app import ApiContext
 from workspace.metrics import Metrics
@@ -120,7 +120,7 @@ def _waiting_list(index: Index) -> Any:
     import tempfile
 
     from core.settings import Hl7Settings, TriageSettings
-    from dicom_node.spool import Spool
+    from store.spool import Spool
     from triage.waiting_list import WaitingList
 
     return WaitingList(

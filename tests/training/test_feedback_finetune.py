@@ -21,10 +21,10 @@ from sqlalchemy import select
 
 from cli.main import main
 from core.settings import Settings
-from dicom_node.index import Index, Study
-from dicom_node.results import update_result_columns
 from models.metadata import METADATA_FILE, ThresholdSpec, read_metadata, write_metadata
 from models.repository import ModelRepository
+from store.index import Index, Study
+from store.results import update_result_columns
 from tests.serving.fixture_models import SPEC, build_fixture_repository
 from tests.serving.workspace_helpers import add_study, add_users, client
 from training.feedback_dataset import LESION_DIR
@@ -153,6 +153,7 @@ network = {network}
     return path
 
 
+@pytest.mark.slow  # seconds of training/evaluation: `make test`, not test-fast
 def test_outcomes_to_a_fine_tuned_candidate_through_the_gate(
     workspace: Workspace, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -29,6 +29,7 @@ def test_unknown_family_is_refused() -> None:
         synthesize_case(1, family="alien")
 
 
+@pytest.mark.slow  # seconds of training/evaluation: `make test`, not test-fast
 def test_randomised_family_covers_the_wider_ranges() -> None:
     standard = [synthesize_case(s, vendor="siemens", cspca=True) for s in range(20)]
     randomised = [
@@ -51,6 +52,7 @@ def test_randomised_family_covers_the_wider_ranges() -> None:
     assert RANDOMISED.cspca_ml[0] <= 0.1
 
 
+@pytest.mark.slow  # seconds of training/evaluation: `make test`, not test-fast
 def test_every_randomised_csPCa_case_keeps_a_labelled_lesion() -> None:
     for seed in range(30):
         case = synthesize_case(seed, vendor="philips", cspca=True, family="randomised")

@@ -84,6 +84,7 @@ def test_prevalence_roughly_forty_percent() -> None:
     assert 0.3 < np.mean(labels) < 0.5
 
 
+@pytest.mark.slow  # seconds of training/evaluation: `make test`, not test-fast
 def test_lesions_dark_on_t2w_and_adc_bright_on_hbv() -> None:
     checked = 0
     for seed in range(6):

@@ -15,7 +15,7 @@ from sqlalchemy import Boolean, Float, Integer, String, Text, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from core.domain import TriageResult
-from dicom_node.index import Base, Instance, Study
+from store.index import Base, Instance, Study
 
 
 class WaitingListEntry(Base):

@@ -5,7 +5,7 @@ component, no leading zero in a component except the component ``0`` itself. Tra
 padding (PS3.5 6.2, VR UI) is tolerated on input and removed; nothing else is cleaned, so two
 different invalid values can never map to one valid UID.
 
-Only a UID that passed `require_uid` may become a file or folder name (`dicom_node.spool`).
+Only a UID that passed `require_uid` may become a file or folder name (`store.spool`).
 """
 
 from __future__ import annotations

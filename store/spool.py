@@ -8,7 +8,7 @@ Layout under ``StorageSettings.root``::
     outbox/<StudyInstanceUID>/...                                        documents to send
 
 Every folder and file name under ``spool/`` and ``outbox/`` is a UID that passed
-`dicom_node.uids.require_uid`, used verbatim (no cleaning, so two UIDs never share a file and
+`core.uids.require_uid`, used verbatim (no cleaning, so two UIDs never share a file and
 ``..`` or ``/`` can never occur); quarantine names are generated, and what the peer claimed
 (escaped) is written into the reason sidecar only.
 
@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from core.errors import OutOfResourcesError
-from dicom_node.uids import require_uid
+from core.uids import require_uid
 
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1429.1"
 IMPLEMENTATION_VERSION_NAME = "RADTRIAGE_01"

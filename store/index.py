@@ -121,7 +121,7 @@ class Study(Base):
     analysis_started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     reported_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    # the result's sortable columns (migration 0005, `dicom_node.results.update_result_columns`)
+    # the result's sortable columns (migration 0005, `store.results.update_result_columns`)
     priority: Mapped[str | None] = mapped_column(String(16), nullable=True, index=True)
     priority_rank: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
     case_likelihood: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
@@ -168,7 +168,7 @@ class Instance(Base):
 
 
 class OutboxItem(Base):
-    """One message on its way out, whatever the way (`dicom_node.outbox` is its state machine):
+    """One message on its way out, whatever the way (`store.outbox` is its state machine):
     a DICOM document (``path``) for a C-STORE destination, an HL7 ORU^R01 or the FHIR resources
     of one decision (``payload``). ``item_uid`` names it within its channel and destination
     (SOP Instance UID, MSH-10 message control ID, FHIR push id)."""

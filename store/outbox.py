@@ -42,7 +42,7 @@ from typing import Any, Protocol
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from dicom_node.index import (
+from store.index import (
     OUTBOX_DEAD,
     OUTBOX_PENDING,
     OUTBOX_SENT,
