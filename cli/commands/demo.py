@@ -41,6 +41,11 @@ def quiet_logging(verbose: bool) -> None:
     """The demo prints its steps, the table and the sign-in; the libraries' per-instance INFO
     lines (pynetdicom: several per C-STORE) only with --verbose. Warnings always show."""
     logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
+    if verbose:  # an in-process SCP mutes pynetdicom's per-message lines: --verbose wants them
+        from pynetdicom import _config
+
+        _config.LOG_HANDLER_LEVEL = "standard"
+        logging.getLogger("pynetdicom").setLevel(logging.NOTSET)
 
 
 def run(args: argparse.Namespace) -> int:
