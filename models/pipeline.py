@@ -183,7 +183,7 @@ class PipelineSteps:
             )
         likelihood = np.clip(np.nan_to_num(likelihood, nan=0.0), 0.0, 1.0).astype(np.float32)
         likelihood_volume = reference.with_array(likelihood)
-        domain = check_domain(d.ood_gate, {})  # a declared model without a gate: "unchecked"
+        domain = check_domain(d.ood_gate, {})  # a declared model without a gate: "not_fitted"
         if d.lesions.method == "report_guided_dynamic":
             found = detect(d.lesions, likelihood)
             raw = found.case_likelihood

@@ -301,6 +301,7 @@ def _result(
         lesions=tuple(LesionResult.from_lesion(les) for les in prediction.lesions),
         gland_volume_ml=prediction.gland_volume_ml,
         psa_density=psa_density(inputs.psa_ng_ml, prediction.gland_volume_ml),
+        domain_gate=prediction.domain_gate,
         **common,
     )
 
@@ -329,6 +330,7 @@ def redecide_not_analysed(result: TriageResult, reason: dict[str, str]) -> Triag
             "lesions": (),
             "ai_priority": None,
             "low_confidence": False,
+            "domain_gate": None,
             "thresholds": None,
             "priority_rank": rank,
             "priority_drivers": tuple(drivers),
