@@ -4,11 +4,12 @@ of being reported in domain by assumption; the gate's state never changes the pr
 from __future__ import annotations
 
 import json
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pydicom
 import pytest
+from fhir.resources.R4B.observation import Observation
 
 from core import codes
 from core.domain import DOMAIN_GATES, ModelInfo, Prediction, Priority, StudyStatus, TriageResult
@@ -22,6 +23,7 @@ from models.engine import LocalEngine
 from models.metadata import read_metadata
 from models.ood_gate import DomainCheck, unchecked
 from models.postprocessing import CalibratedPrediction, check_domain
+from ris.fhir import result_resources
 from ris.hl7_results import ResultReport, build_oru
 from training.phantoms import synthesize_case, write_study
 from triage.analysis import analyse_study
@@ -109,6 +111,19 @@ def test_a_fitted_gate_state_reads_back_from_the_sr_and_oru(state: str, tmp_path
     assert read_triage_sr(sr).domain_gate == state
     obx = _obx(build_oru(ResultReport(result), _destination(), _hl7_settings(), "2"))
     assert obx[codes.DOMAIN_GATE.value][5].split("^")[0] == codes.DOMAIN_GATE_CODES[state].value
+    _, observations = result_resources(
+        result,
+        sr_sop_instance_uid="1.2.3",
+        patient_id="P1",
+        issuer="HOSP",
+        accession="A1",
+        issued=datetime(2026, 12, 1, tzinfo=UTC),
+    )
+    by_code = {
+        o.code.coding[0].code: o for o in (Observation.model_validate(x) for x in observations)
+    }
+    gate = by_code[codes.DOMAIN_GATE.value].valueCodeableConcept.coding[0].code
+    assert gate == codes.DOMAIN_GATE_CODES[state].value
 
 
 def _destination() -> Hl7Destination:
