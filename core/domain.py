@@ -331,7 +331,8 @@ class TriageResult(BaseModel):
     lesions: tuple[LesionResult, ...] = ()
     gland_volume_ml: float | None = None
     psa_density: float | None = None
-    model: ModelInfo | None = None
+    model: ModelInfo | None = None  # the detector
+    gland_model: ModelInfo | None = None  # the gland model (None in results before it was kept)
     series_used: dict[str, str] = Field(default_factory=dict)
     reason: dict[str, str] | None = None  # {"code", "message"} when not analysed
     timings_ms: dict[str, float] = Field(default_factory=dict)

@@ -74,6 +74,10 @@ def test_model_without_gate_says_not_fitted_in_result_sr_and_oru(
     # result.json
     written = json.loads((tmp_path / "out" / "result.json").read_text())
     assert written["domain_gate"] == "not_fitted"
+    assert (written["model"]["name"], written["gland_model"]["name"]) == (
+        "cspca_detector",
+        "prostate_gland",
+    )
     assert written["low_confidence"] is False
     # information, not a flag: it drives nothing
     assert "low_confidence" not in written["priority_drivers"]
@@ -119,10 +123,10 @@ def test_a_fitted_gate_state_reads_back_from_the_sr_and_oru(state: str, tmp_path
         accession="A1",
         issued=datetime(2026, 12, 1, tzinfo=UTC),
     )
-    by_code = {
-        o.code.coding[0].code: o for o in (Observation.model_validate(x) for x in observations)
-    }
-    gate = by_code[codes.DOMAIN_GATE.value].valueCodeableConcept.coding[0].code
+    for observation in observations:
+        Observation.model_validate(observation)  # valid FHIR R4B
+    by_code = {o["code"]["coding"][0]["code"]: o for o in observations}
+    gate = by_code[codes.DOMAIN_GATE.value]["valueCodeableConcept"]["coding"][0]["code"]
     assert gate == codes.DOMAIN_GATE_CODES[state].value
 
 
