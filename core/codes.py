@@ -33,6 +33,7 @@ PRIORITY_DRIVER = Code("RT010", CODING_SCHEME, "Priority driver")
 AI_PRIORITY = Code("RT011", CODING_SCHEME, "AI priority opinion")
 PRIORITY_STATEMENT = Code("RT012", CODING_SCHEME, "Priority statement")
 REQUEST_DATE_SOURCE = Code("RT013", CODING_SCHEME, "Request date source")
+DOMAIN_GATE = Code("RT014", CODING_SCHEME, "AI domain gate")
 
 # Concepts of the RIS and FHIR results (ORU^R01 OBX-3, Observation.code)
 SERVICE = Code("RT500", CODING_SCHEME, "AI prostate MRI triage")
@@ -68,6 +69,14 @@ REQUEST_DATE_SOURCES: dict[str, Code] = {
     "dicom_request": Code("RT702", CODING_SCHEME, "DICOM request attributes"),
     "study_date": Code("RT703", CODING_SCHEME, "Study date"),
     "received": Code("RT704", CODING_SCHEME, "Date received"),
+}
+
+# Values of DOMAIN_GATE, keyed by core.domain.DomainGate value: what the model's
+# out-of-distribution gate said (information only: never a priority driver by itself)
+DOMAIN_GATE_CODES: dict[str, Code] = {
+    "in_domain": Code("RT801", CODING_SCHEME, "Within the model's validated domain"),
+    "low_confidence": Code("RT802", CODING_SCHEME, "Near the edge of the model's validated domain"),
+    "not_fitted": Code("RT803", CODING_SCHEME, "Model has no fitted domain gate: not checked"),
 }
 
 # Values of REFERRAL_URGENCY, keyed by core.domain.ReferralUrgency value

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -236,6 +236,13 @@ class Lesion:
         object.__setattr__(self, "centroid_mm", _as_triple("centroid_mm", self.centroid_mm))
 
 
+#: What a model's out-of-distribution gate said about a study it analysed: within its validated
+#: domain, near its edge (`low_confidence`), or nothing because the model has no fitted gate.
+#: (A study outside the domain is not analysed: `outside_validated_domain`.)
+DomainGate = Literal["in_domain", "low_confidence", "not_fitted"]
+DOMAIN_GATES: tuple[DomainGate, ...] = ("in_domain", "low_confidence", "not_fitted")
+
+
 @dataclass(frozen=True, eq=False)
 class Prediction:
     """What the models say about one study, on the T2W grid."""
@@ -256,6 +263,12 @@ class Prediction:
         """Whether the model's domain gate found the study near the edge of what the model was
         validated on (a prediction with a gate answer overrides this)."""
         return False
+
+    @property
+    def domain_gate(self) -> DomainGate:
+        """What the model's domain gate said; a prediction without a gate answer was not
+        checked (a prediction with one overrides this)."""
+        return "not_fitted"
 
 
 @dataclass(frozen=True)
@@ -318,7 +331,8 @@ class TriageResult(BaseModel):
     lesions: tuple[LesionResult, ...] = ()
     gland_volume_ml: float | None = None
     psa_density: float | None = None
-    model: ModelInfo | None = None
+    model: ModelInfo | None = None  # the detector
+    gland_model: ModelInfo | None = None  # the gland model (None in results before it was kept)
     series_used: dict[str, str] = Field(default_factory=dict)
     reason: dict[str, str] | None = None  # {"code", "message"} when not analysed
     timings_ms: dict[str, float] = Field(default_factory=dict)
@@ -337,6 +351,9 @@ class TriageResult(BaseModel):
     priority_headline: str | None = None
     ai_priority: Priority | None = None
     low_confidence: bool = False  # the model's domain gate: near the edge of its domain
+    # the domain gate's state for an analysed study (None: not analysed, or a result written
+    # before it was recorded); "not_fitted" says the model's domain was not checked
+    domain_gate: DomainGate | None = None
     # The policy inputs with their sources (the decision record's inputs).
     referral_source: str | None = None  # order | dicom_request | none
     image_referral_urgency: ReferralUrgency | None = None  # what the images' request said

@@ -57,6 +57,7 @@ class InferenceOutput:
     thresholds: Thresholds
     batch_sizes: dict[str, int] = field(default_factory=dict)
     shadow: ShadowOutput | None = None
+    gland: ModelRef | None = None  # the gland model version that answered
 
 
 class InferenceEngine(Protocol):

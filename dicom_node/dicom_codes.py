@@ -50,6 +50,7 @@ DAYS_SINCE_REQUEST = concept(codes.DAYS_SINCE_REQUEST)
 PRIORITY_DRIVER = concept(codes.PRIORITY_DRIVER)
 AI_PRIORITY = concept(codes.AI_PRIORITY)
 PRIORITY_STATEMENT = concept(codes.PRIORITY_STATEMENT)
+DOMAIN_GATE = concept(codes.DOMAIN_GATE)
 
 # --- standard concepts ----------------------------------------------------------------------
 PROCEDURE_MPMRI_PROSTATE = _dcm("126021", "Multiparametric MRI of prostate")
@@ -176,6 +177,7 @@ _CATEGORY_BY_CODE = _reverse(codes.LESION_CATEGORY_CODES)
 _REASON_BY_CODE = _reverse(codes.NOT_ANALYSED_REASONS)
 _REFERRAL_BY_CODE = _reverse(codes.REFERRAL_CODES)
 _DRIVER_BY_CODE = _reverse(codes.DRIVER_CODES)
+_DOMAIN_GATE_BY_CODE = _reverse(codes.DOMAIN_GATE_CODES)
 
 
 def sector_for(value: str, scheme: str) -> str | None:
@@ -228,3 +230,13 @@ def driver_concept(driver: str) -> CodedConcept:
 def driver_for(value: str, scheme: str) -> str | None:
     """`core.priority.Driver` value for a coded priority driver."""
     return _DRIVER_BY_CODE.get((value, scheme))
+
+
+def domain_gate_concept(state: str) -> CodedConcept:
+    """A `core.domain.DomainGate` value as its code (RT8xx)."""
+    return concept(codes.DOMAIN_GATE_CODES[state])
+
+
+def domain_gate_for(value: str, scheme: str) -> str | None:
+    """`core.domain.DomainGate` value for a coded domain-gate state."""
+    return _DOMAIN_GATE_BY_CODE.get((value, scheme))

@@ -18,6 +18,7 @@ docs/conformance.md)::
           CODE Waiting-list priority = urgent|soon|routine|not_analysed
           CODE Priority driver (RT6xx), one each    what set the flag, the deciding one first
           CODE AI priority opinion                  the AI's own flag [analysed]
+          CODE AI domain gate = in_domain|low_confidence|not_fitted (RT80x) [analysed]
           CODE Reason not analysed by AI            [not analysed]
           TEXT Priority statement                   the flag naming its driver, e.g. "Urgent:
                                                     waited 26 of 28 days (FDS)"
@@ -283,6 +284,10 @@ def _case_group(
                 dc.REFERRAL_URGENCY,
                 dc.referral_concept(result.referral_urgency),
             )
+        )
+    if result.domain_gate is not None:
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(dc.DOMAIN_GATE, dc.domain_gate_concept(result.domain_gate))
         )
     reason = result.reason or {}
     if priority is Priority.NOT_ANALYSED:

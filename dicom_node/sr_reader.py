@@ -70,6 +70,7 @@ class TriageSrSummary:
     ai_priority: Priority | None = None  # the AI's own opinion, apart from the flag
     headline: str = ""  # the priority statement ("Urgent: waited 26 of 28 days (FDS)")
     verifying_observer: str | None = None  # the radiologist whose override set the flag
+    domain_gate: str | None = None  # core.domain.DomainGate value, when recorded
 
 
 def _name(item: Dataset) -> tuple[str, str] | None:
@@ -269,6 +270,8 @@ def read_triage_sr(ds: Dataset) -> TriageSrSummary:
     ai_code = _code(ai_items[0]) if ai_items else None
     ai_value = dc.priority_for(ai_code[0], ai_code[1]) if ai_code else None
     headlines = _text(case_group, _key(dc.PRIORITY_STATEMENT))
+    gate_items = _direct(case_group, _key(dc.DOMAIN_GATE), "CODE")
+    gate_code = _code(gate_items[0]) if gate_items else None
     verifiers = ds.get("VerifyingObserverSequence") or []
     return TriageSrSummary(
         sop_instance_uid=str(ds.SOPInstanceUID),
@@ -298,4 +301,5 @@ def read_triage_sr(ds: Dataset) -> TriageSrSummary:
         ai_priority=Priority(ai_value) if ai_value else None,
         headline=headlines[0] if headlines else "",
         verifying_observer=str(verifiers[0].VerifyingObserverName) if verifiers else None,
+        domain_gate=dc.domain_gate_for(gate_code[0], gate_code[1]) if gate_code else None,
     )

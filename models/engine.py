@@ -52,6 +52,7 @@ class LocalEngine:
             self.pipeline.detector.ref,
             self.pipeline.thresholds,
             {"detector": 1, "gland": 1},
+            gland=self.pipeline.gland.ref,
         )
 
     def loaded(self, timeout_s: float | None = None) -> dict[str, dict[str, Any]]:

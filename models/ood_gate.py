@@ -17,7 +17,8 @@ split, so an in-distribution study is flagged with probability <= alpha (+ 1/(n+
 beyond `outside_distance` (= `outside_factor` x that) is outside the validated domain: the
 pipeline raises `core.errors.OutsideValidatedDomainError` and the study is `not_analysed` with
 reason `outside_validated_domain`. Between the two it is flagged low confidence, which may raise
-the priority shown (never lower it). No `ood_gate` in metadata = no gate.
+the priority shown (never lower it). No `ood_gate` in metadata = no gate: the verdict is
+"not_fitted" and every result, SR and ORU says the domain was not checked.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ SCALE_FLOORS: dict[str, float] = {
     "detector_entropy": 0.005,
 }
 MIN_GLAND_VOXELS = 50
-Verdict = Literal["in_domain", "low_confidence", "outside"]
+Verdict = Literal["in_domain", "low_confidence", "outside", "not_fitted"]
 
 
 def obliquity_deg(direction: Sequence[float]) -> float:
@@ -184,8 +185,9 @@ class OodGateSpec(BaseModel):
 
 
 def unchecked(features: Mapping[str, float]) -> DomainCheck:
-    """The answer of a model without a gate: in domain by assumption."""
-    return DomainCheck("in_domain", None, dict(features), ())
+    """The answer of a model without a fitted gate: not checked ("not_fitted"), never
+    "in_domain" by assumption; every result says so."""
+    return DomainCheck("not_fitted", None, dict(features), ())
 
 
 def fit_ood_gate(

@@ -183,7 +183,10 @@ class PipelineSteps:
             )
         likelihood = np.clip(np.nan_to_num(likelihood, nan=0.0), 0.0, 1.0).astype(np.float32)
         likelihood_volume = reference.with_array(likelihood)
-        domain = check_domain(d.ood_gate, {})  # a declared model without a gate: "unchecked"
+        # A gate is fitted on the features of the pair it was evaluated with (the gland model's
+        # entropy and volume among them, on a shared grid); a declared pair has no such fit yet,
+        # so its results say "not_fitted" rather than passing it in domain by assumption.
+        domain = check_domain(None, {})
         if d.lesions.method == "report_guided_dynamic":
             found = detect(d.lesions, likelihood)
             raw = found.case_likelihood

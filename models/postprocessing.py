@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from core.domain import Lesion, Prediction, Priority, Volume
+from core.domain import DOMAIN_GATES, DomainGate, Lesion, Prediction, Priority, Volume
 from core.errors import OutsideValidatedDomainError
 from core.priority import Thresholds
 from models.calibration import CalibrationSpec, calibrate
@@ -55,6 +55,11 @@ class CalibratedPrediction(Prediction):
     @property
     def low_confidence(self) -> bool:
         return self.domain is not None and self.domain.low_confidence
+
+    @property
+    def domain_gate(self) -> DomainGate:
+        verdict = self.domain.verdict if self.domain is not None else "not_fitted"
+        return verdict if verdict in DOMAIN_GATES else "not_fitted"  # type: ignore[return-value]
 
 
 def check_domain(spec: OodGateSpec | None, features: Mapping[str, float]) -> DomainCheck:

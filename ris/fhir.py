@@ -286,6 +286,9 @@ def result_resources(
         add(codes.DAYS_SINCE_REQUEST, valueQuantity=_quantity(result.days_waited, "d"))
     if result.case_likelihood is not None:
         add(codes.CASE_LIKELIHOOD, valueQuantity=_quantity(result.case_likelihood, "1"))
+    if result.domain_gate is not None:
+        gate = codes.DOMAIN_GATE_CODES[result.domain_gate]
+        add(codes.DOMAIN_GATE, valueCodeableConcept=_concept(gate))
     if result.gland_volume_ml is not None:
         add(
             codes.Code("118565006", "SCT", "Volume"),

@@ -127,6 +127,8 @@ def _observations(report: ResultReport) -> list[tuple[str, codes.Code, str, str]
         obs.append(("NM", codes.PSA_DENSITY, _fmt(r.psa_density, 3), unit))
     if priority is not Priority.NOT_ANALYSED:
         obs.append(("NM", codes.LESION_COUNT, str(len(r.lesions)), "{#}^count^UCUM"))
+    if r.domain_gate is not None:
+        obs.append(("CWE", codes.DOMAIN_GATE, _cwe(codes.DOMAIN_GATE_CODES[r.domain_gate]), ""))
     if r.model is not None:
         obs.append(("ST", codes.AI_MODEL, escape(f"{r.model.name} {r.model.version}"), ""))
     if r.disclaimer:

@@ -237,6 +237,7 @@ class TriageIngress:
             ran.thresholds,
             {"gland": gland_answer.item.batch_size, "detector": detector_answer.item.batch_size},
             shadow,
+            gland_answer.model.ref,
         )
 
     async def _shadow(

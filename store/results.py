@@ -74,6 +74,7 @@ def decision_inputs(result: TriageResult) -> dict[str, object]:
         "case_likelihood": result.case_likelihood,
         "ai_priority": result.ai_priority.value if result.ai_priority else None,
         "low_confidence": result.low_confidence,
+        "domain_gate": result.domain_gate,
         "model": f"{model.name}:{model.version}" if model else None,
         "model_sha256": model.sha256 if model else None,
         "thresholds": result.thresholds,

@@ -145,6 +145,7 @@ class _Outcome:
     error: BaseException | None = None
     batch_sizes: dict[str, int] = field(default_factory=dict)
     shadow: ShadowOutput | None = None
+    gland: ModelRef | None = None
 
 
 def _run_models(
@@ -172,6 +173,7 @@ def _run_models(
         None,
         output.batch_sizes,
         output.shadow,
+        output.gland,
     )
 
 
@@ -301,6 +303,12 @@ def _result(
         lesions=tuple(LesionResult.from_lesion(les) for les in prediction.lesions),
         gland_volume_ml=prediction.gland_volume_ml,
         psa_density=psa_density(inputs.psa_ng_ml, prediction.gland_volume_ml),
+        domain_gate=prediction.domain_gate,
+        gland_model=(
+            ModelInfo(name=gland.name, version=gland.version, sha256=gland.sha256)
+            if (gland := outcome.gland) is not None
+            else None
+        ),
         **common,
     )
 
@@ -329,6 +337,7 @@ def redecide_not_analysed(result: TriageResult, reason: dict[str, str]) -> Triag
             "lesions": (),
             "ai_priority": None,
             "low_confidence": False,
+            "domain_gate": None,
             "thresholds": None,
             "priority_rank": rank,
             "priority_drivers": tuple(drivers),

@@ -54,7 +54,7 @@ def test_outside_is_an_input_error_with_its_reason_code() -> None:
     assert isinstance(err.value, InputError)
     assert err.value.to_dict()["code"] == "outside_validated_domain"
     assert "furthest" in err.value.message
-    assert check_domain(None, _features(rng, 1, shift=10.0)[0]).verdict == "in_domain"
+    assert check_domain(None, _features(rng, 1, shift=10.0)[0]).verdict == "not_fitted"
     assert LOW_CONFIDENCE_FLOOR.value == "soon"
 
 

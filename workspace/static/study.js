@@ -3,6 +3,12 @@ const UID = decodeURIComponent(location.pathname.split("/").pop());
 const BASE = `/api/studies/${encodeURIComponent(UID)}`;
 let selected = null;
 let study = null;
+// result.domain_gate: what the model's out-of-distribution gate said (information, not a flag)
+const DOMAIN_GATE_WORDS = {
+  in_domain: "within the model's validated domain",
+  low_confidence: "near the edge of the model's validated domain (low confidence)",
+  not_fitted: "not checked: this model has no fitted domain gate",
+};
 
 function fact(list, name, value) {
   list.append(el("dt", {textContent: name}), el("dd", {textContent: value == null || value === "" ? "\u2014" : String(value)}));
@@ -109,6 +115,7 @@ async function load() {
   fact(facts, "Referral", result.referral_urgency ? `${result.referral_urgency}${result.referral_source && result.referral_source !== "none" ? ` (${result.referral_source.replace("_", " ")})` : ""}` : study.referral_urgency);
   fact(facts, "Days waited", result.days_waited);
   fact(facts, "AI likelihood", result.case_likelihood == null ? null : `${Math.round(result.case_likelihood * 100)}%`);
+  fact(facts, "Domain check", Object.hasOwn(DOMAIN_GATE_WORDS, result.domain_gate || "") ? DOMAIN_GATE_WORDS[result.domain_gate] : null);
   fact(facts, "Gland volume", result.gland_volume_ml == null ? null : `${result.gland_volume_ml.toFixed(0)} ml`);
   fact(facts, "PSA density", result.psa_density);
   fact(facts, "Status", study.status);
