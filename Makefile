@@ -37,7 +37,7 @@ test: install
 # an unmarked test that starts one) and none of the slow training/evaluation tests, for the
 # edit-test loop.
 test-fast: install
-	$(BIN)/python -m pytest -m "not integration and not own_process and not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 -m "not integration and not own_process and not slow" $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -22,6 +22,8 @@ import torch
 
 from core.errors import InputError, ModelSignatureError
 
+pytestmark = pytest.mark.slow  # a real exam through two probe folds and the reference: `make test`
+
 pytest.importorskip("picai_prep")
 pytest.importorskip("picai_baseline")
 

@@ -49,6 +49,7 @@ def test_gland_dice_on_fresh_phantoms(results) -> None:  # type: ignore[no-untyp
     assert float(np.mean(scores)) >= 0.85, scores
 
 
+@pytest.mark.slow  # the bundled models on fresh phantoms: `make test`
 def test_positives_score_above_negatives(results) -> None:  # type: ignore[no-untyped-def]
     pos = [p.case_likelihood for c, p in results if c.is_cspca]
     neg = [p.case_likelihood for c, p in results if not c.is_cspca]
@@ -56,6 +57,7 @@ def test_positives_score_above_negatives(results) -> None:  # type: ignore[no-un
     assert np.mean(pos) > np.mean(neg), (pos, neg)
 
 
+@pytest.mark.slow  # the bundled models on fresh phantoms: `make test`
 def test_prediction_contract(results) -> None:  # type: ignore[no-untyped-def]
     for case, p in results:
         assert isinstance(p, Prediction)

@@ -284,6 +284,7 @@ def test_outcomes_to_a_fine_tuned_candidate_through_the_gate(
     assert decision["gate"]["outcome"] in ("passed", "forced")
 
 
+@pytest.mark.slow  # analyses phantoms first: `make test`
 def test_export_refuses_a_used_folder_and_counts_unreadable_studies(
     workspace: Workspace, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
