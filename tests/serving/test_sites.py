@@ -297,3 +297,40 @@ def test_two_sites_on_one_postgresql_share_nothing(postgresql_url: str, tmp_path
         assert len({fk for _, fk in patients}) == 2  # the same MRN is a patient per site
     finally:
         world.close()
+
+
+def test_users_add_grants_the_nodes_site_or_the_sites_named(tmp_path: Path, capsys) -> None:
+    """`radtriage users add NAME --site S --site T`; without --site, the config's site."""
+    import io
+    import sys
+
+    from cli.main import main
+
+    config = tmp_path / "hosp_b.toml"
+    config.write_text(
+        f'[site]\nid = "NGH"\n[dicom]\nae_title = "HOSP_B"\n[storage]\nroot = "{tmp_path}"\n'
+        f'database_url = "sqlite:///{tmp_path}/index.db"\n'
+    )
+
+    def add(*argv: str) -> dict[str, object]:
+        stdin, sys.stdin = sys.stdin, io.StringIO("s3cret-pass-word\n")
+        try:
+            assert (
+                main(["users", "add", *argv, "--password-stdin", "--json", "--config", str(config)])
+                == 0
+            )
+        finally:
+            sys.stdin = stdin
+        return json.loads(capsys.readouterr().out)  # type: ignore[no-any-return]
+
+    assert add("adam", "--role", "admin")["sites"] == ["NGH"]
+    both = add("rita", "--role", "radiologist", "--site", "RLH", "--site", "NGH", "--site", "RLH")
+    assert both["sites"] == ["RLH", "NGH"]
+    index = Index(f"sqlite:///{tmp_path}/index.db")
+    rlh = Accounts(index.engine, site_id="RLH")
+    assert [u["name"] for u in rlh.list_users()] == ["rita"]  # adam is NGH's only
+    assert rlh.check_password("adam", "s3cret-pass-word") is None
+    assert rlh.check_password("rita", "s3cret-pass-word") is not None
+    with pytest.raises(InputError):
+        Accounts(index.engine).add_user("eve", "admin", "s3cret-pass-word", sites=["../x"])
+    index.close()
