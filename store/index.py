@@ -637,7 +637,8 @@ class Index:
         study_instance_uid: str | None = None,
         channel: str | None = None,
     ) -> list[dict[str, Any]]:
-        """This node's outbox items of every channel (or one), oldest first."""
+        """This node's outbox items of every channel (or one), of its site's studies, oldest
+        first."""
         with self.read() as s:
             return self._outbox_rows(
                 s,
@@ -645,6 +646,7 @@ class Index:
                 study_instance_uid=study_instance_uid,
                 node=self.mine,
                 channel=channel,
+                site=self.site_id,
             )
 
     def dead_letters(self) -> list[dict[str, Any]]:
@@ -657,10 +659,17 @@ class Index:
         study_instance_uid: str | None = None,
         node: Any = None,
         channel: str | None = None,
+        site: str | None = None,
     ) -> list[dict[str, Any]]:
         q = select(OutboxItem).order_by(OutboxItem.id)
         if node is not None:
             q = q.where(node(OutboxItem.node_id))
+        if site is not None:
+            q = q.where(
+                OutboxItem.study_instance_uid.in_(
+                    select(Study.study_instance_uid).where(Study.site_id == site)
+                )
+            )
         if state is not None:
             q = q.where(OutboxItem.state == state)
         if study_instance_uid is not None:

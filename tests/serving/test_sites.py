@@ -23,6 +23,7 @@ from dicom_node.ingest import InstanceRecord
 from ris.hl7_listener import handle_message
 from ris.orders import Order, order_for_study
 from store.index import Index, Instance, Study
+from store.outbox import Channel, Kind, Message, enqueue
 from store.results import update_result_columns
 from tests.dicom_node.hl7_peers import index_study, omi_o23, orm_o01, segment
 from tests.dicom_node.pg import postgresql_server  # noqa: F401  (the postgresql_url fixture)
@@ -158,6 +159,16 @@ def check_reads_and_writes_stay_in_their_site(w: TwoSites) -> None:
     )
     with pytest.raises(DatasetMismatchError):
         w.index[B].add_instance(record, 1795507400.0)
+    # the outbox of an index without a node id (an HTTP-only app) shows its site's only
+    with w.index[A].write() as s:
+        message = Message(Channel.HL7, Kind.ORU, foreign, "ris", "MSG-A", node_id=A)
+        enqueue(s, message, 1795507400.0)
+    url = w.index[A].engine.url.render_as_string(hide_password=False)
+    http_only = {site: Index(url, site_id=site) for site in (A, B)}
+    assert [o["item_uid"] for o in http_only[A].outbox()] == ["MSG-A"]
+    assert http_only[B].outbox() == []
+    for index in http_only.values():
+        index.close()
     # a user granted only A has no credential at B, by token or password
     assert b.get(f"/api/studies/{own}", headers=w.auth("adam_a")).status_code == 401
     login = b.post("/api/login", json={"name": "adam_a", "password": PASSWORD})
