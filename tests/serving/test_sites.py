@@ -345,3 +345,53 @@ def test_users_add_grants_the_nodes_site_or_the_sites_named(tmp_path: Path, caps
     with pytest.raises(InputError):
         Accounts(index.engine).add_user("eve", "admin", "s3cret-pass-word", sites=["../x"])
     index.close()
+
+
+def test_migration_0010_keeps_orders_and_users_and_the_first_node_adopts_them(
+    tmp_path: Path,
+) -> None:
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import text
+
+    from store.index import MIGRATIONS, make_engine
+
+    url = f"sqlite:///{tmp_path}/index.db"
+    engine = make_engine(url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, "0009")
+        connection.execute(
+            text(
+                "INSERT INTO orders (placer_order_number, placer_namespace, filler_order_number, "
+                "accession_number, patient_id, issuer_of_patient_id, state, referral_urgency, "
+                "suspected_cancer_pathway, clinical_details, source, message_control_id, "
+                "changes, received_at, updated_at) VALUES ('PLC1', '', '', 'ACC001', 'PAT001', "
+                "'', 'active', 'routine', 0, '', 'hl7', 'M1', 0, 1, 1)"
+            )
+        )
+        connection.execute(
+            text(
+                "INSERT INTO users (name, role, password_hash, disabled, created_at) "
+                "VALUES ('old', 'admin', 'x', 0, 1)"
+            )
+        )
+    engine.dispose()
+    index = Index(url, node_id="HOSP_A")  # upgrades to head
+    with index.read() as s:
+        assert s.scalar(select(Order.site_id)) == ""
+    assert Accounts(index.engine, site_id="HOSP_A").list_users() == []  # not granted yet
+    index.adopt_unowned()
+    with index.read() as s:
+        assert s.scalar(select(Order.site_id)) == "HOSP_A"
+    assert [u["name"] for u in Accounts(index.engine, site_id="HOSP_A").list_users()] == ["old"]
+    # the same placer order number at another site is another order now
+    other = Index(url, node_id="HOSP_B")
+    ack = handle_message(other, orm_o01("B1", "PLC1"), Hl7Settings(), 2.0)
+    other.close()
+    assert segment(ack, "MSA")[1] == "AA"
+    with index.read() as s:
+        assert sorted(s.scalars(select(Order.site_id))) == ["HOSP_A", "HOSP_B"]
+    index.close()
