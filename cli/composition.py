@@ -154,7 +154,7 @@ def build_audit(settings: Settings, index: Index) -> AuditTrail:
     """The audit trail, anchored by `[audit]`'s key file (created 0600 on first start) and
     head file."""
     anchor = anchor_from_settings(settings.audit, Path(settings.storage.root), create=True)
-    return AuditTrail(index.engine, anchor)
+    return AuditTrail(index.engine, anchor, site_id=index.site_id)
 
 
 def build_audit_forwarder(
@@ -371,7 +371,11 @@ class RadtriageApp:
     def http_app(self) -> Any:
         """The HTTP app over the node's index (or the configured index when no node runs)."""
         node = self.node
-        index = node.index if node is not None else Index(self.settings.storage.database_url)
+        index = (
+            node.index
+            if node is not None
+            else Index(self.settings.storage.database_url, site_id=self.settings.site_id)
+        )
         ctx = ApiContext(
             index=index,
             metrics=self.metrics,

@@ -586,7 +586,22 @@ class AuditSettings(_Section):
         return self
 
 
+class SiteSettings(_Section):
+    """The hospital this node belongs to (docs/scaling.md, "Sites")."""
+
+    id: str | None = Field(
+        default=None,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="The site (hospital) this node serves: its studies, orders and audit "
+        "events carry it, and its HTTP API, FHIR, DICOMweb and HL7 listener see and change only "
+        "that site's rows and users granted it. Several nodes of one hospital share one id. "
+        "None = the node id (dicom.node_id, else the AE title): a single site needs nothing",
+    )
+
+
 class Settings(_Section):
+    site: SiteSettings = Field(default_factory=SiteSettings)
     dicom: DicomSettings = Field(default_factory=DicomSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
@@ -597,6 +612,16 @@ class Settings(_Section):
     hl7: Hl7Settings = Field(default_factory=Hl7Settings)
     monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+
+    @property
+    def node_id(self) -> str:
+        """This DICOM node's id: `dicom.node_id`, else its AE title."""
+        return self.dicom.node_id or self.dicom.ae_title
+
+    @property
+    def site_id(self) -> str:
+        """This node's site: `site.id`, else the node id."""
+        return self.site.id or self.node_id
 
 
 def _parse_env_value(raw: str) -> Any:

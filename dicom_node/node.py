@@ -219,7 +219,8 @@ class DicomNode:
         d = settings.dicom
         self.spool = Spool(settings.storage.root, d.low_water_mark_mb)
         self.node_id = d.node_id or d.ae_title
-        self.index = Index(settings.storage.database_url, node_id=self.node_id)
+        self.site_id = settings.site_id  # [site] id, else the node id
+        self.index = Index(settings.storage.database_url, self.node_id, self.site_id)
         self._work = threading.Event()
         self._send = threading.Event()
         self.handler = StoreHandler(

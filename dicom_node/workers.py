@@ -291,7 +291,7 @@ def run_worker(settings: Settings, worker: int, workers: int) -> int:
     d = settings.dicom
     board = WorkerBoard(Path(settings.storage.root).resolve() / "run", workers, create=False)
     spool = Spool(settings.storage.root, d.low_water_mark_mb)
-    index = Index(settings.storage.database_url, node_id=d.node_id or d.ae_title)
+    index = Index(settings.storage.database_url, settings.node_id, settings.site_id)
     queue = WorkQueue(index, d.max_queued_studies)
     handler = StoreHandler(spool, index, max_instance_bytes=d.max_instance_bytes)
     handler.ingest.admit = queue.admit

@@ -38,6 +38,7 @@ transport.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -364,7 +365,11 @@ def _rows(
                 WaitingListEntry,
                 WaitingListEntry.study_instance_uid == Study.study_instance_uid,
             )
-            .where(Study.result_json.is_not(None), index.mine(Study.node_id))
+            .where(
+                Study.result_json.is_not(None),
+                index.mine(Study.node_id),
+                index.in_site(Study.site_id),
+            )
         )
         if identifier:
             value = identifier.rpartition("|")[2].removeprefix("urn:oid:")
@@ -622,6 +627,7 @@ def create_fhir_router(
                 return (
                     s.scalar(
                         select(Order.id).where(
+                            Order.site_id == index.site,
                             Order.placer_namespace == namespace,
                             Order.placer_order_number == placer,
                         )
@@ -630,7 +636,8 @@ def create_fhir_router(
                 )
 
         try:
-            update_ = order_update(body, exists)
+            # the order is of this route's site: it matches only this site's studies
+            update_ = dataclasses.replace(order_update(body, exists), site_id=index.site)
             applied: dict[str, Any] = {}
 
             def change(s: Session) -> None:

@@ -28,6 +28,7 @@ SCP: suspected-cancer pathway), OBX with OBX-3 LOINC 2857-1 and OBX-6 ng/mL (or 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import ssl
 import threading
@@ -371,8 +372,8 @@ def handle_message(
         message = parse_order_message(text, settings.processing_ids)
 
         def apply_all(s: Session) -> None:
-            for update_ in message.updates:
-                apply_order(s, update_, now)
+            for update_ in message.updates:  # an order is of the listener's site
+                apply_order(s, dataclasses.replace(update_, site_id=index.site), now)
 
         if audit is None:
             with index.write() as s:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import date
 from enum import StrEnum
 from functools import cache
+from typing import Any
 
 from sqlalchemy import (
     Boolean,
@@ -67,7 +68,11 @@ ORDER_CANCELLED = "cancelled"
 
 class Order(Base):
     __tablename__ = "orders"
-    __table_args__ = (UniqueConstraint("placer_namespace", "placer_order_number"),)
+    __table_args__ = (
+        UniqueConstraint(
+            "site_id", "placer_namespace", "placer_order_number", name="uq_orders_site_placer"
+        ),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     placer_order_number: Mapped[str] = mapped_column(String(64))
@@ -88,6 +93,8 @@ class Order(Base):
     changes: Mapped[int] = mapped_column(Integer, default=0)
     received_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+    #: the site whose listener or route received it (0010); it matches only that site's studies
+    site_id: Mapped[str] = mapped_column(String(64), default="", server_default="", index=True)
 
 
 class FieldTooLong(ValueError):
@@ -127,6 +134,7 @@ class OrderUpdate:
     psa_ng_ml: float | None = None
     source: str = "hl7"
     message_control_id: str = ""
+    site_id: str = ""  # the receiving listener's or route's site (`Index.site`)
 
     def __post_init__(self) -> None:
         for name, limit in _column_lengths().items():
@@ -176,6 +184,7 @@ def apply_order(s: Session, update_: OrderUpdate, now: float) -> Order:
     """Insert, change or cancel the order in the caller's transaction; match it to a study."""
     order = s.scalars(
         select(Order).where(
+            Order.site_id == update_.site_id,
             Order.placer_namespace == update_.placer_namespace,
             Order.placer_order_number == update_.placer_order_number,
         )
@@ -189,6 +198,7 @@ def apply_order(s: Session, update_: OrderUpdate, now: float) -> Order:
         order = Order(
             placer_order_number=update_.placer_order_number,
             placer_namespace=update_.placer_namespace,
+            site_id=update_.site_id,
             received_at=now,
             changes=0,
         )
@@ -204,7 +214,7 @@ def apply_order(s: Session, update_: OrderUpdate, now: float) -> Order:
         order.state = ORDER_CANCELLED
         order.changes = (order.changes or 0) + 1
         s.flush()
-        _mark_stale(s, order.study_instance_uid)
+        _mark_stale(s, order)
         return order
     order.state = ORDER_ACTIVE
     if update_.control is OrderControl.CHANGE:
@@ -230,32 +240,38 @@ def apply_order(s: Session, update_: OrderUpdate, now: float) -> Order:
         order.psa_ng_ml = update_.psa_ng_ml
     s.flush()
     _match(s, order)
-    _mark_stale(s, order.study_instance_uid)
+    _mark_stale(s, order)
     return order
 
 
-def _mark_stale(s: Session, study_instance_uid: str | None) -> None:
-    if study_instance_uid:
+def _mark_stale(s: Session, order: Order) -> None:
+    """Mark the order's study (of the order's site only) for a new decision."""
+    if order.study_instance_uid:
+        own = select(Study.study_instance_uid).where(
+            Study.study_instance_uid == order.study_instance_uid, Study.site_id == order.site_id
+        )
         s.execute(
             update(WaitingListEntry)
-            .where(WaitingListEntry.study_instance_uid == study_instance_uid)
+            .where(WaitingListEntry.study_instance_uid.in_(own))
             .values(stale=True)
         )
 
 
 def _candidate_study(s: Session, order: Order) -> Study | None:
     """The study `order` is for: by Study Instance UID (IPC-3) or Accession Number, else the
-    patient's oldest study received since the request date that no other active order has."""
+    patient's oldest study received since the request date that no other active order has.
+    Only studies of the order's own site are candidates: matching never crosses sites."""
+    same_site = Study.site_id == order.site_id
     if order.study_instance_uid:
         study = s.scalars(
-            select(Study).where(Study.study_instance_uid == order.study_instance_uid)
+            select(Study).where(Study.study_instance_uid == order.study_instance_uid, same_site)
         ).first()
         if study is not None:
             return study
     if order.accession_number:
         study = s.scalars(
             select(Study)
-            .where(Study.accession_number == order.accession_number)
+            .where(Study.accession_number == order.accession_number, same_site)
             .order_by(Study.first_received_at)
         ).first()
         if study is not None:
@@ -265,12 +281,13 @@ def _candidate_study(s: Session, order: Order) -> Study | None:
     q = (
         select(Study)
         .join(Patient, Study.patient_fk == Patient.id)
-        .where(Patient.patient_id == order.patient_id)
+        .where(Patient.patient_id == order.patient_id, same_site)
     )
     if order.issuer_of_patient_id:  # a study without an issuer matches any (one namespace)
         q = q.where(Patient.issuer_of_patient_id.in_(("", order.issuer_of_patient_id)))
     taken = select(Order.study_instance_uid).where(
         Order.state == ORDER_ACTIVE,
+        Order.site_id == order.site_id,
         Order.id != order.id,
         Order.study_instance_uid.is_not(None),
     )
@@ -310,7 +327,7 @@ def match_orders(index: Index) -> int:
         ).all()
         for order in waiting:
             if _match(s, order) is not None:
-                _mark_stale(s, order.study_instance_uid)
+                _mark_stale(s, order)
                 matched += 1
         # an order with an IPC Study Instance UID may name a study that arrived later
         named = s.scalars(
@@ -324,11 +341,26 @@ def match_orders(index: Index) -> int:
     return matched
 
 
+def _study_site(study_instance_uid: str) -> Any:
+    """WHERE clause: the order is of the study's own site (an order naming another site's
+    Study Instance UID in IPC-3 never reaches that study)."""
+    return (
+        Order.site_id
+        == select(Study.site_id)
+        .where(Study.study_instance_uid == study_instance_uid)
+        .scalar_subquery()
+    )
+
+
 def order_for_study(s: Session, study_instance_uid: str) -> OrderView | None:
     """The active order matched to a study (the latest changed one if several), or None."""
     order = s.scalars(
         select(Order)
-        .where(Order.study_instance_uid == study_instance_uid, Order.state == ORDER_ACTIVE)
+        .where(
+            Order.study_instance_uid == study_instance_uid,
+            Order.state == ORDER_ACTIVE,
+            _study_site(study_instance_uid),
+        )
         .order_by(Order.updated_at.desc(), Order.id.desc())
     ).first()
     return OrderView.of(order) if order is not None else None
@@ -337,6 +369,10 @@ def order_for_study(s: Session, study_instance_uid: str) -> OrderView | None:
 def cancelled_order_for_study(s: Session, study_instance_uid: str) -> bool:
     """Whether the study's only orders are cancelled (the RIS withdrew the request)."""
     states = set(
-        s.scalars(select(Order.state).where(Order.study_instance_uid == study_instance_uid))
+        s.scalars(
+            select(Order.state).where(
+                Order.study_instance_uid == study_instance_uid, _study_site(study_instance_uid)
+            )
+        )
     )
     return bool(states) and ORDER_ACTIVE not in states

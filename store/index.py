@@ -56,7 +56,7 @@ from sqlalchemy.orm import (
 )
 
 from core.domain import ReferralUrgency, StudyStatus
-from core.errors import ConfigError
+from core.errors import ConfigError, DatasetMismatchError
 from core.redact import redact
 
 log = logging.getLogger(__name__)
@@ -81,13 +81,17 @@ class Patient(Base):
 
     __tablename__ = "patients"
     __table_args__ = (
-        UniqueConstraint("patient_id", "issuer_of_patient_id", name="uq_patients_identity"),
+        UniqueConstraint(
+            "site_id", "patient_id", "issuer_of_patient_id", name="uq_patients_site_identity"
+        ),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     patient_id: Mapped[str] = mapped_column(String(64))
     issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="", server_default="")
     patient_name: Mapped[str] = mapped_column(String(324), default="")
+    #: each site keeps its own patients (0010): one hospital's MRN never shows another's name
+    site_id: Mapped[str] = mapped_column(String(64), default=UNOWNED, server_default="")
 
 
 class Study(Base):
@@ -103,6 +107,8 @@ class Study(Base):
     urgency_rank: Mapped[int] = mapped_column(Integer, default=ReferralUrgency.ROUTINE.rank)
     status: Mapped[str] = mapped_column(String(16), default="received", index=True)
     node_id: Mapped[str] = mapped_column(String(64), default=UNOWNED, server_default="", index=True)
+    #: the hospital the study belongs to (migration 0010; `Index.site_id`)
+    site_id: Mapped[str] = mapped_column(String(64), default=UNOWNED, server_default="", index=True)
     status_changed_at: Mapped[float] = mapped_column(Float)
     first_received_at: Mapped[float] = mapped_column(Float)
     last_received_at: Mapped[float] = mapped_column(Float)
@@ -275,10 +281,18 @@ class Index:
     studies and outbox rows carry it, and the node's reads (`mine`) see only those rows. None
     (tools, single-node tests) sees and writes every row as unowned."""
 
-    def __init__(self, database_url: str, node_id: str | None = None) -> None:
+    def __init__(
+        self, database_url: str, node_id: str | None = None, site_id: str | None = None
+    ) -> None:
         if node_id is not None and not node_id.strip():
             raise ConfigError("node_id must not be empty; set dicom.node_id or dicom.ae_title")
+        if site_id is not None and not site_id.strip():
+            raise ConfigError("site_id must not be empty; set site.id or leave it out")
         self.node_id = node_id
+        #: the site this node serves: every study read by UID, listed or changed through the
+        #: HTTP, FHIR, DICOMweb and HL7 surfaces is this site's (`in_site`). None: every site
+        #: (tools, single-node tests); a node given a node id defaults its site to it.
+        self.site_id = site_id if site_id is not None else node_id
         try:
             self.engine = make_engine(database_url)
             upgrade(self.engine)
@@ -308,6 +322,15 @@ class Index:
         """WHERE clause on a ``node_id`` column: this node's rows (every row without node_id)."""
         return true() if self.node_id is None else column == self.node_id
 
+    @property
+    def site(self) -> str:
+        """The ``site_id`` written on new rows."""
+        return self.site_id if self.site_id is not None else UNOWNED
+
+    def in_site(self, column: InstrumentedAttribute[str]) -> Any:
+        """WHERE clause on a ``site_id`` column: this site's rows (every row without a site)."""
+        return true() if self.site_id is None else column == self.site_id
+
     def adopt_unowned(self) -> int:
         """Give this node the rows without an owner (written before migration 0003, by a single
         node); returns how many studies it took. Called once at node start-up."""
@@ -320,6 +343,23 @@ class Index:
             s.execute(
                 update(OutboxItem).where(OutboxItem.node_id == UNOWNED).values(node_id=self.node_id)
             )
+            if self.site_id is not None:
+                s.execute(
+                    update(Study).where(Study.site_id == UNOWNED).values(site_id=self.site_id)
+                )
+                # audit events before sites stay without one: their hashes cover no site
+                for table in ("patients", "orders"):  # orders is ris's table
+                    s.execute(
+                        text(f"UPDATE {table} SET site_id = :site WHERE site_id = ''"),
+                        {"site": self.site_id},
+                    )
+                s.execute(
+                    text(
+                        "INSERT INTO user_sites (user_fk, site_id) SELECT id, :site FROM users "
+                        "WHERE id NOT IN (SELECT user_fk FROM user_sites)"
+                    ),
+                    {"site": self.site_id},
+                )
             return int(getattr(res, "rowcount", 0) or 0)
 
     @contextmanager
@@ -394,7 +434,7 @@ class Index:
         """Get or create the patient, study and series rows of `rec`; returns row ids."""
         urgency = ReferralUrgency.from_dicom(rec.requested_procedure_priority)
         row = conn.execute(
-            select(Study.id, Study.urgency_rank, Study.node_id).where(
+            select(Study.id, Study.urgency_rank, Study.node_id, Study.site_id).where(
                 Study.study_instance_uid == rec.study_instance_uid
             )
         ).first()
@@ -403,6 +443,7 @@ class Index:
                 select(Patient.id).where(
                     Patient.patient_id == rec.patient_id,
                     Patient.issuer_of_patient_id == rec.issuer_of_patient_id,
+                    Patient.site_id == self.site,
                 )
             )
             if patient_id is None:
@@ -411,6 +452,7 @@ class Index:
                         patient_id=rec.patient_id,
                         issuer_of_patient_id=rec.issuer_of_patient_id,
                         patient_name=rec.patient_name,
+                        site_id=self.site,
                     )
                 ).inserted_primary_key[0]  # type: ignore[index]
             study_id = conn.execute(
@@ -424,6 +466,7 @@ class Index:
                     urgency_rank=URGENCY_RANK[urgency],
                     status=StudyStatus.RECEIVED.value,
                     node_id=self.owner,
+                    site_id=self.site,
                     status_changed_at=now,
                     first_received_at=now,
                     last_received_at=now,
@@ -435,6 +478,12 @@ class Index:
             ).inserted_primary_key[0]  # type: ignore[index]
         else:
             study_id = row.id
+            if self.site_id is not None and row.site_id != self.site_id:
+                # another hospital's study: never add to it (nor say whose it is)
+                raise DatasetMismatchError(
+                    "this Study Instance UID is not this site's; the instance is refused",
+                    study_instance_uid=rec.study_instance_uid,
+                )
             if row.node_id != self.owner:
                 log.warning(
                     "study %s was first received by DICOM node %r: this node (%r) indexes the "
@@ -450,9 +499,17 @@ class Index:
                     .where(Study.id == study_id)
                     .values(referral_urgency=urgency.value, urgency_rank=URGENCY_RANK[urgency])
                 )
-        series_id = conn.scalar(
-            select(Series.id).where(Series.series_instance_uid == rec.series_instance_uid)
-        )
+        series = conn.execute(
+            select(Series.id, Series.study_fk).where(
+                Series.series_instance_uid == rec.series_instance_uid
+            )
+        ).first()
+        if series is not None and series.study_fk != study_id:
+            raise DatasetMismatchError(
+                "this Series Instance UID belongs to another study; the instance is refused",
+                study_instance_uid=rec.study_instance_uid,
+            )
+        series_id = series.id if series is not None else None
         if series_id is None:
             series_id = conn.execute(
                 insert(Series).values(
@@ -491,7 +548,7 @@ class Index:
             rows = s.scalars(
                 select(Instance.path)
                 .join(Study, Instance.study_fk == Study.id)
-                .where(Study.study_instance_uid == study_instance_uid)
+                .where(Study.study_instance_uid == study_instance_uid, self.in_site(Study.site_id))
                 .order_by(Instance.id)
             )
             return [Path(p) for p in rows]
@@ -505,7 +562,9 @@ class Index:
         with self.read() as s:
             study = s.scalar(
                 select(Study).where(
-                    Study.study_instance_uid == study_instance_uid, self.mine(Study.node_id)
+                    Study.study_instance_uid == study_instance_uid,
+                    self.mine(Study.node_id),
+                    self.in_site(Study.site_id),
                 )
             )
             if study is None:
@@ -538,6 +597,7 @@ class Index:
             q = select(Study, Patient).join(Patient, Study.patient_fk == Patient.id)
             if not all_nodes:
                 q = q.where(self.mine(Study.node_id))
+            q = q.where(self.in_site(Study.site_id))
             if status is not None:
                 q = q.where(Study.status == str(status))
             q = q.order_by(Study.first_received_at.desc()).limit(limit)
@@ -549,7 +609,7 @@ class Index:
             row = s.execute(
                 select(Study, Patient)
                 .join(Patient, Study.patient_fk == Patient.id)
-                .where(Study.study_instance_uid == study_instance_uid)
+                .where(Study.study_instance_uid == study_instance_uid, self.in_site(Study.site_id))
             ).first()
             if row is None:
                 return None
@@ -577,7 +637,8 @@ class Index:
         study_instance_uid: str | None = None,
         channel: str | None = None,
     ) -> list[dict[str, Any]]:
-        """This node's outbox items of every channel (or one), oldest first."""
+        """This node's outbox items of every channel (or one), of its site's studies, oldest
+        first."""
         with self.read() as s:
             return self._outbox_rows(
                 s,
@@ -585,6 +646,7 @@ class Index:
                 study_instance_uid=study_instance_uid,
                 node=self.mine,
                 channel=channel,
+                site=self.site_id,
             )
 
     def dead_letters(self) -> list[dict[str, Any]]:
@@ -597,10 +659,17 @@ class Index:
         study_instance_uid: str | None = None,
         node: Any = None,
         channel: str | None = None,
+        site: str | None = None,
     ) -> list[dict[str, Any]]:
         q = select(OutboxItem).order_by(OutboxItem.id)
         if node is not None:
             q = q.where(node(OutboxItem.node_id))
+        if site is not None:
+            q = q.where(
+                OutboxItem.study_instance_uid.in_(
+                    select(Study.study_instance_uid).where(Study.site_id == site)
+                )
+            )
         if state is not None:
             q = q.where(OutboxItem.state == state)
         if study_instance_uid is not None:
@@ -699,6 +768,7 @@ def _study_dict(study: Study, patient: Patient) -> dict[str, Any]:
     return {
         "study_instance_uid": study.study_instance_uid,
         "node_id": study.node_id,
+        "site_id": study.site_id,
         "patient_id": patient.patient_id,
         "issuer_of_patient_id": patient.issuer_of_patient_id,
         "patient_name": patient.patient_name,

@@ -4,26 +4,34 @@ Passwords are hashed with argon2id (argon2-cffi, its default parameters; hashes 
 on login when those change). Session ids and bearer tokens are 32 random bytes from `secrets`;
 the database keeps only their sha256, so a copy of the index cannot be replayed as a login.
 A plain sha256 is enough there: unlike passwords, those secrets carry 256 bits of entropy.
+
+Sites: a user is granted one or several sites (``user_sites``). `Accounts` opened for a site
+(the node's) finds, lists, manages and signs in only users granted it; a session or token of a
+user not granted the site is no credential there.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, exists, select, true, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from core.errors import InputError
 from workspace.roles import ROLES
-from workspace.tables import ApiToken, User, UserSession
+from workspace.tables import ApiToken, User, UserSession, UserSite
 
 TOKEN_PREFIX = "rt_"
+SITE_ID = re.compile(r"[A-Za-z0-9._-]+")
 _hasher = PasswordHasher()
 # verifying against this keeps a login for an unknown user as slow as one for a known user
 _DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
@@ -51,47 +59,81 @@ class Accounts:
         engine: Engine,
         session_ttl_s: float = 8 * 3600.0,
         token_ttl_s: float = 90 * 86400.0,
+        site_id: str | None = None,
     ) -> None:
         self.engine = engine
         self.session_ttl_s = session_ttl_s
         self.token_ttl_s = token_ttl_s
+        #: the site these accounts serve: only users granted it are listed, managed or signed
+        #: in, and their sessions and tokens act only here. None: every user (tools, tests).
+        self.site_id = site_id
+
+    def _granted(self, user_id: Any) -> Any:
+        """WHERE clause: the user is granted this site (always true without a site)."""
+        if self.site_id is None:
+            return true()
+        return exists().where(UserSite.user_fk == user_id, UserSite.site_id == self.site_id)
+
+    def _user(self, s: Session, name: str) -> User | None:
+        """The user called `name` if granted this site; None otherwise (an unknown name and a
+        user of another site look the same)."""
+        return s.scalar(select(User).where(User.name == name, self._granted(User.id)))
 
     def _session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
 
     # --- administration -------------------------------------------------------------------
 
-    def add_user(self, name: str, role: str, password: str) -> None:
+    def add_user(self, name: str, role: str, password: str, sites: Sequence[str] = ()) -> None:
+        """Add a user granted `sites` (default: this accounts' site; at least one)."""
         if not name or len(name) > 64 or not name.isprintable():
             raise InputError("user name must be 1-64 printable characters")
         if role not in ROLES:
             raise InputError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
         if len(password) < 8:
             raise InputError("password must have at least 8 characters")
+        grants = list(dict.fromkeys(sites)) or ([self.site_id] if self.site_id else [])
+        for site in grants:
+            if not site or len(site) > 64 or not SITE_ID.fullmatch(site):
+                raise InputError("a site id is 1-64 letters, digits, '.', '_' or '-'")
         with self._session() as s, s.begin():
             if s.scalar(select(User.id).where(User.name == name)) is not None:
                 raise InputError(f"user {name!r} exists already")
-            s.add(
-                User(
-                    name=name,
-                    role=role,
-                    password_hash=_hasher.hash(password),
-                    disabled=False,
-                    created_at=time.time(),
-                )
+            user = User(
+                name=name,
+                role=role,
+                password_hash=_hasher.hash(password),
+                disabled=False,
+                created_at=time.time(),
             )
+            s.add(user)
+            s.flush()
+            s.add_all(UserSite(user_fk=user.id, site_id=site) for site in grants)
 
     def list_users(self) -> list[dict[str, object]]:
+        """The users granted this site (every user without a site), with their sites."""
         with self._session() as s:
-            return [
-                {"name": u.name, "role": u.role, "disabled": u.disabled, "created_at": u.created_at}
-                for u in s.scalars(select(User).order_by(User.name))
-            ]
+            users = s.scalars(select(User).where(self._granted(User.id)).order_by(User.name))
+            out: list[dict[str, object]] = []
+            for u in users:
+                sites = sorted(s.scalars(select(UserSite.site_id).where(UserSite.user_fk == u.id)))
+                if self.site_id is not None:
+                    sites = [self.site_id]  # an admin never learns another site's name
+                out.append(
+                    {
+                        "name": u.name,
+                        "role": u.role,
+                        "disabled": u.disabled,
+                        "created_at": u.created_at,
+                        "sites": sites,
+                    }
+                )
+            return out
 
     def disable(self, name: str) -> None:
         """Disable a user: their sessions end and their tokens stop working at once."""
         with self._session() as s, s.begin():
-            user = s.scalar(select(User).where(User.name == name))
+            user = self._user(s, name)
             if user is None:
                 raise InputError(f"no user {name!r}")
             user.disabled = True
@@ -104,7 +146,7 @@ class Accounts:
         after they were issued."""
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         with self._session() as s, s.begin():
-            user = s.scalar(select(User).where(User.name == name))
+            user = self._user(s, name)
             if user is None or user.disabled:
                 raise InputError(f"no enabled user {name!r}")
             s.execute(update(ApiToken).where(ApiToken.user_fk == user.id).values(revoked=True))
@@ -115,7 +157,7 @@ class Accounts:
 
     def check_password(self, name: str, password: str) -> Principal | None:
         with self._session() as s, s.begin():
-            user = s.scalar(select(User).where(User.name == name))
+            user = self._user(s, name)
             try:
                 _hasher.verify(user.password_hash if user else _DUMMY_HASH, password)
             except (VerificationError, InvalidHashError):
@@ -132,7 +174,7 @@ class Accounts:
         csrf = secrets.token_urlsafe(32)
         now = time.time()
         with self._session() as s, s.begin():
-            user_id = s.scalar(select(User.id).where(User.name == name))
+            user_id = s.scalar(select(User.id).where(User.name == name, self._granted(User.id)))
             if user_id is None:
                 raise InputError(f"no user {name!r}")
             s.execute(delete(UserSession).where(UserSession.expires_at < now))
@@ -153,7 +195,7 @@ class Accounts:
             row = s.execute(
                 select(User, UserSession)
                 .join(UserSession, UserSession.user_fk == User.id)
-                .where(UserSession.session_hash == _sha256(session_id))
+                .where(UserSession.session_hash == _sha256(session_id), self._granted(User.id))
             ).first()
         if row is None:
             return None
@@ -173,7 +215,7 @@ class Accounts:
             row = s.execute(
                 select(User, ApiToken)
                 .join(ApiToken, ApiToken.user_fk == User.id)
-                .where(ApiToken.token_hash == _sha256(token))
+                .where(ApiToken.token_hash == _sha256(token), self._granted(User.id))
             ).first()
         if row is None:
             return None

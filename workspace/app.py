@@ -261,8 +261,13 @@ def create_app(ctx: ApiContext) -> FastAPI:
         per_path={STOW_PATH: stow_bytes},
     )
     engine = ctx.index.engine
-    accounts = Accounts(engine, ctx.session_ttl_s, ctx.http.token_ttl_days * 86400.0)
-    audit = ctx.audit if ctx.audit is not None else AuditTrail(engine)
+    # sites: the app serves its index's site; users, sessions, tokens, studies (every
+    # /api/studies/{uid} route goes through `study_row`) and audit are that site's
+    site = ctx.index.site_id
+    accounts = Accounts(engine, ctx.session_ttl_s, ctx.http.token_ttl_days * 86400.0, site)
+    audit = ctx.audit if ctx.audit is not None else AuditTrail(engine, site_id=site)
+    if audit.site_id != site:
+        raise ValueError(f"the audit trail's site {audit.site_id!r} is not the app's {site!r}")
     assessments = Assessments(engine)
     app.state.accounts = accounts
     app.state.throttle = LoginThrottle()
@@ -296,6 +301,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         )
 
     def study_row(uid: str) -> dict[str, Any]:
+        """The study of this site, or 404 (another site's study is not revealed to exist)."""
         row = ctx.index.get_study(uid)
         if row is None:
             raise HTTPException(404, "no such study")
@@ -461,6 +467,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
             offset=offset,
             limit=limit,
             node_id=ctx.node_id,
+            site_id=ctx.index.site_id,
         )
         with ctx.index.read() as s:
             page = query_worklist(s, query, ctx.today())

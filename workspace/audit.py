@@ -61,6 +61,7 @@ def _content(row: AuditEvent) -> dict[str, Any]:
         "study_instance_uid": row.study_instance_uid,
         "address": row.address,
         "detail": json.loads(row.detail_json),
+        **({"site_id": row.site_id} if row.site_id else {}),
     }
 
 
@@ -180,9 +181,13 @@ class Verification:
 
 
 class AuditTrail:
-    def __init__(self, engine: Engine, anchor: AuditAnchor | None = None) -> None:
+    def __init__(
+        self, engine: Engine, anchor: AuditAnchor | None = None, site_id: str | None = None
+    ) -> None:
         self.engine = engine
         self.anchor = anchor
+        #: the site whose events this trail writes and lists (None: every site, tools)
+        self.site_id = site_id
         self._lock = threading.Lock()
         #: called after each commit with the event (the ATNA sender wakes on it)
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
@@ -209,6 +214,8 @@ class AuditTrail:
             "address": address[:64],
             "detail": json.loads(canonical(detail or {})),
         }
+        if self.site_id:  # hashed with the event (absent on events before sites, 0010)
+            content["site_id"] = self.site_id[:64]
         for _ in range(20):
             with self._lock, Session(self.engine) as s, s.begin():
                 if change is not None:
@@ -223,6 +230,7 @@ class AuditTrail:
                     study_instance_uid=content["study_instance_uid"],
                     address=content["address"],
                     detail_json=json.dumps(content["detail"], sort_keys=True),
+                    site_id=content.get("site_id", ""),
                     prev_hash=prev,
                     hash=chain_hash(prev, content),
                 )
@@ -247,10 +255,13 @@ class AuditTrail:
     def events(
         self, offset: int = 0, limit: int = 100, study_instance_uid: str | None = None
     ) -> tuple[int, list[dict[str, Any]]]:
-        """(total, one page of events, newest first)."""
+        """(total, one page of events of this trail's site, newest first)."""
         with Session(self.engine) as s:
             q = select(AuditEvent)
             count = select(func.count()).select_from(AuditEvent)
+            if self.site_id is not None:
+                q = q.where(AuditEvent.site_id == self.site_id)
+                count = count.where(AuditEvent.site_id == self.site_id)
             if study_instance_uid is not None:
                 q = q.where(AuditEvent.study_instance_uid == study_instance_uid)
                 count = count.where(AuditEvent.study_instance_uid == study_instance_uid)

@@ -50,7 +50,7 @@ from core.errors import DestinationError, SignInError
 from core.settings import OidcSettings
 from workspace.accounts import Principal
 from workspace.auth import SESSION_COOKIE, client_address
-from workspace.tables import User
+from workspace.tables import User, UserSite
 
 PENDING_COOKIE = "radtriage_oidc"  # state, nonce and PKCE verifier between login and callback
 HINT_COOKIE = "radtriage_sso"  # the ID token, as id_token_hint for the provider's sign-out
@@ -340,23 +340,26 @@ class OidcClient:
         return meta.end_session_endpoint + separator + urllib.parse.urlencode(params)
 
 
-def sign_in_user(engine: Engine, signed_in: SignedIn, issuer: str) -> Principal:
+def sign_in_user(
+    engine: Engine, signed_in: SignedIn, issuer: str, site_id: str | None = None
+) -> Principal:
     """The local user row of a single sign-on user: created at the first sign-in, its role
     following the provider's at each one. Refuses a name that belongs to a local (password)
-    account or to another issuer, and a user an admin disabled."""
+    account or to another issuer, and a user an admin disabled. The node's provider vouches
+    for its site: the user is granted `site_id` (the node's) at sign-in."""
     marker = SSO_HASH_PREFIX + issuer
     with Session(engine, expire_on_commit=False) as s, s.begin():
         user = s.scalar(select(User).where(User.name == signed_in.name))
         if user is None:
-            s.add(
-                User(
-                    name=signed_in.name,
-                    role=signed_in.role,
-                    password_hash=marker,
-                    disabled=False,
-                    created_at=time.time(),
-                )
+            user = User(
+                name=signed_in.name,
+                role=signed_in.role,
+                password_hash=marker,
+                disabled=False,
+                created_at=time.time(),
             )
+            s.add(user)
+            s.flush()
         elif not hmac.compare_digest(user.password_hash.encode(), marker.encode()):
             raise SignInError(
                 "a local account has this user name; ask an admin to rename one", http_status=403
@@ -365,6 +368,8 @@ def sign_in_user(engine: Engine, signed_in: SignedIn, issuer: str) -> Principal:
             raise SignInError("this user is disabled in radtriage", http_status=403)
         else:
             user.role = signed_in.role
+        if site_id is not None and s.get(UserSite, (user.id, site_id)) is None:
+            s.add(UserSite(user_fk=user.id, site_id=site_id))
     return Principal(signed_in.name, signed_in.role, "sso")
 
 
@@ -430,7 +435,8 @@ def create_oidc_router(client: OidcClient, session_ttl_s: float) -> APIRouter:
             if error:  # e.g. access_denied: the user cancelled at the provider
                 raise SignInError("the provider did not sign you in", http_status=403)
             signed_in = client.finish(code[:4096], state[:512], pending)
-            who = sign_in_user(request.app.state.accounts.engine, signed_in, settings.issuer)
+            accounts = request.app.state.accounts
+            who = sign_in_user(accounts.engine, signed_in, settings.issuer, accounts.site_id)
         except (SignInError, DestinationError) as exc:
             audit.append(
                 "login_failed", address=address, detail={"via": "oidc", "reason": exc.message}

@@ -32,6 +32,16 @@ class User(Base):
     created_at: Mapped[float] = mapped_column(Float)
 
 
+class UserSite(Base):
+    """A user's grant of one site (0010): they sign in, and their sessions and tokens act,
+    only at the nodes of the sites they are granted."""
+
+    __tablename__ = "user_sites"
+
+    user_fk: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)
+    site_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+
+
 class UserSession(Base):
     """A server-side login session; the cookie holds the id, the table only its sha256."""
 
@@ -76,6 +86,8 @@ class AuditEvent(Base):
     hash: Mapped[str] = mapped_column(String(64), unique=True)
     #: HMAC-SHA256(key, hash) with the `[audit] key_file` key (0007); None before anchoring
     mac: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    #: the site the event belongs to (0010); in the hashed content when not ""
+    site_id: Mapped[str] = mapped_column(String(64), default="", server_default="", index=True)
 
 
 class AuditForwarding(Base):

@@ -64,6 +64,7 @@ class WorklistQuery:
     offset: int = 0
     limit: int = 50
     node_id: str | None = None  # None: every node's studies
+    site_id: str | None = None  # None: every site's studies (tools); the app passes its site
 
     def __post_init__(self) -> None:
         if self.sort not in SORT_KEYS:
@@ -129,6 +130,8 @@ def _filters(q: WorklistQuery) -> list[Any]:
     where: list[Any] = []
     if q.node_id is not None:
         where.append(STUDIES.c.node_id == q.node_id)
+    if q.site_id is not None:
+        where.append(STUDIES.c.site_id == q.site_id)
     if q.priority:
         where.append(effective_priority().in_(q.priority))
     if q.status:

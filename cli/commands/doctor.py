@@ -28,8 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from store.spool import Spool
 
     settings = load_settings(args.config)
-    d = settings.dicom
-    index = Index(settings.storage.database_url, node_id=d.node_id or d.ae_title)
+    index = Index(settings.storage.database_url, settings.node_id, settings.site_id)
     try:
         spool = Spool(settings.storage.root)
         report = examine(spool, index, spool.root / "results", repair=args.repair)

@@ -29,6 +29,14 @@ def register(subparsers: Any) -> None:
     add.add_argument(
         "--password-stdin", action="store_true", required=True, help="read the password from stdin"
     )
+    add.add_argument(
+        "--site",
+        action="append",
+        default=[],
+        metavar="SITE",
+        help="a site the user may work at (repeatable); default: this node's site "
+        "([site] id, else the node id)",
+    )
     add.set_defaults(func=run_add)
     token = action(
         "token",
@@ -54,8 +62,12 @@ def _accounts(args: argparse.Namespace) -> Any:
     from core.settings import load_settings
     from workspace.accounts import Accounts
 
-    http = load_settings(args.config).http
-    return Accounts(_engine(args), http.session_ttl_s, http.token_ttl_days * 86400.0)
+    settings = load_settings(args.config)
+    http = settings.http
+    # the CLI manages the users of its config's site (an ICS runs it once per hospital)
+    return Accounts(
+        _engine(args), http.session_ttl_s, http.token_ttl_days * 86400.0, settings.site_id
+    )
 
 
 def _audit(args: argparse.Namespace, action: str, name: str, **detail: Any) -> None:
@@ -64,7 +76,7 @@ def _audit(args: argparse.Namespace, action: str, name: str, **detail: Any) -> N
 
     settings = load_settings(args.config)
     anchor = anchor_from_settings(settings.audit, settings.storage.root, create=True)
-    AuditTrail(_engine(args), anchor).append(
+    AuditTrail(_engine(args), anchor, site_id=settings.site_id).append(
         action, user="cli", role="admin", address="cli", detail={"name": name, **detail}
     )
 
@@ -73,9 +85,11 @@ def run_add(args: argparse.Namespace) -> int:
     password = sys.stdin.readline().rstrip("\r\n")
     if not password:
         raise InputError("no password on stdin")
-    _accounts(args).add_user(args.name, args.role, password)
-    _audit(args, "user_added", args.name, role=args.role)
-    out = {"added": args.name, "role": args.role}
+    accounts = _accounts(args)
+    sites = list(dict.fromkeys(args.site)) or [accounts.site_id]
+    accounts.add_user(args.name, args.role, password, sites=sites)
+    _audit(args, "user_added", args.name, role=args.role, sites=sites)
+    out = {"added": args.name, "role": args.role, "sites": sites}
     print(json.dumps(out) if args.json else f"added {args.name} ({args.role})")
     return 0
 

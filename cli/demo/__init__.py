@@ -163,14 +163,15 @@ class DemoLogin:
     token: str
 
 
-def create_demo_user(database_url: str) -> DemoLogin:
-    """A radiologist account in the demo's index (the worklist and API are behind a login)."""
+def create_demo_user(database_url: str, site_id: str = "RADTRIAGE") -> DemoLogin:
+    """A radiologist account in the demo's index (the worklist and API are behind a login),
+    granted the demo node's site (its AE title in `write_config`)."""
     from store.index import Index
     from workspace.accounts import Accounts
 
     accounts = Accounts(Index(database_url).engine)
     password = secrets.token_urlsafe(12)
-    accounts.add_user(DEMO_USER, "radiologist", password)
+    accounts.add_user(DEMO_USER, "radiologist", password, sites=[site_id])
     return DemoLogin(DEMO_USER, password, accounts.new_token(DEMO_USER))
 
 

@@ -40,7 +40,9 @@ def _add_study(index: Index, folder: Path, now: float, seed: int) -> str:
 def test_two_indexes_on_one_postgresql_keep_to_their_own_studies(
     postgresql_url: str, tmp_path: Path
 ) -> None:
-    a, b = Index(postgresql_url, node_id="HOSP_A"), Index(postgresql_url, node_id="HOSP_B")
+    # two nodes of one site (the two-site case: tests/dicom_node/test_sites.py)
+    a = Index(postgresql_url, node_id="HOSP_A", site_id="REGION")
+    b = Index(postgresql_url, node_id="HOSP_B", site_id="REGION")
     try:
         uid_a = _add_study(a, tmp_path / "a", 1.0, seed=1)
         uid_b = _add_study(b, tmp_path / "b", 0.5, seed=2)  # older: first in a shared queue
@@ -103,9 +105,14 @@ def test_rows_from_before_node_ids_are_adopted_by_the_first_node(tmp_path: Path)
     engine.dispose()
 
     index = Index(url, node_id="RADTRIAGE")  # upgrades to head: the old row is unowned
-    assert index.get_study("1.2.3")["node_id"] == UNOWNED  # type: ignore[index]
+    assert index.get_study("1.2.3") is None  # not yet of this node's site either
+    tool = Index(url)
+    row = tool.get_study("1.2.3")
+    assert row is not None and row["node_id"] == UNOWNED and row["site_id"] == UNOWNED
     assert claim_next(index, 2.0) is None
     assert index.adopt_unowned() == 1
+    assert index.get_study("1.2.3")["site_id"] == "RADTRIAGE"  # type: ignore[index]
+    tool.close()
     assert index.adopt_unowned() == 0
     claim = claim_next(index, 2.0)
     assert claim is not None and claim.study_instance_uid == "1.2.3"
@@ -171,9 +178,11 @@ def test_two_dicom_nodes_share_one_postgresql(postgresql_url: str, tmp_path: Pat
         assert sent_a["node_id"] == "HOSP_A" and sent_b["node_id"] == "HOSP_B"
         assert [s["study_instance_uid"] for s in node_a.list_studies()] == [uid_a]
         assert [s["study_instance_uid"] for s in node_b.list_studies()] == [uid_b]
-        everyone = {
-            s["study_instance_uid"]: s["node_id"] for s in node_a.list_studies(all_nodes=True)
-        }
+        # each node is its own site by default: "all nodes" are its site's nodes
+        assert [s["study_instance_uid"] for s in node_a.list_studies(all_nodes=True)] == [uid_a]
+        tool = Index(postgresql_url)  # a tool without a site sees every row
+        everyone = {s["study_instance_uid"]: s["node_id"] for s in tool.list_studies()}
+        tool.close()
         assert everyone == {uid_a: "HOSP_A", uid_b: "HOSP_B"}
         for node, uid in ((node_a, uid_a), (node_b, uid_b)):
             spool = node.spool.spool_dir

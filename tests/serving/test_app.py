@@ -32,7 +32,8 @@ def test_local_app_analyses_reports_metrics_and_rolls_out_promotions(
     app = RadtriageApp(settings, backend="local")
     client = TestClient(app.http_app())
     accounts = Accounts(Index(settings.storage.database_url).engine)
-    accounts.add_user("mel", "ml_engineer", "correct horse battery")
+    # granted the app's site (the node id): a user without one signs in nowhere
+    accounts.add_user("mel", "ml_engineer", "correct horse battery", sites=[settings.site_id])
     auth = {"Authorization": f"Bearer {accounts.new_token('mel')}"}
     assert client.get("/readyz").status_code == 503
     app.start_models()

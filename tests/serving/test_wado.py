@@ -15,7 +15,8 @@ from typing import Any
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import update
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from cli.composition import build_http_app
 from dicom_node.ingest import Ingest
@@ -26,6 +27,7 @@ from tests.serving.test_dicomweb import ORTHANC_DICOMWEB_PLUGIN, _client, _serve
 from tests.serving.workspace_helpers import add_users
 from workspace.app import ApiContext
 from workspace.metrics import Metrics
+from workspace.tables import User, UserSite
 
 dicomweb_client = pytest.importorskip("dicomweb_client", reason="pip: dicomweb-client ([dev])")
 
@@ -144,7 +146,10 @@ def test_wado_refusals(tmp_path: Path, analysed: tuple[list[Path], Path, Path]) 
     explicit = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.1'
     assert c.get(base, headers={**auth, "Accept": explicit}).status_code == 200
     assert r.headers["content-type"].startswith('multipart/related; type="application/dicom"')
-    # another node's study is not this node's to serve
+    # another site's study is not this node's to serve, even to a user granted both sites
+    with Session(node.index.engine) as s, s.begin():
+        rita = s.scalar(select(User.id).where(User.name == "rita"))
+        s.add(UserSite(user_fk=rita, site_id="OTHER"))
     other = build_http_app(
         ApiContext(
             index=Index(f"sqlite:///{tmp_path}/index.db", node_id="OTHER"), metrics=Metrics()

@@ -101,8 +101,9 @@ def set_patient_name(index: Index, patient_id: str, name: str) -> None:
 
 
 def add_users(index: Index) -> dict[str, str]:
-    """One user per role (name -> role as USERS) and a bearer token each: role -> token."""
-    accounts = Accounts(index.engine)
+    """One user per role (name -> role as USERS), granted the index's site (if it has one),
+    and a bearer token each: role -> token."""
+    accounts = Accounts(index.engine, site_id=index.site_id)
     for role, name in USERS.items():
         accounts.add_user(name, role, PASSWORD)
     return {role: accounts.new_token(name) for role, name in USERS.items()}
