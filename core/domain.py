@@ -379,3 +379,25 @@ class SeriesChoice:
     instances: int
     score: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
+
+
+def cspca_label(case_cspca: str | None, case_isup: str | None) -> bool | None:
+    """The one csPCa rule for marksheets (PI-CAI ``case_csPCa``/``case_ISUP`` columns): YES/NO
+    when given, else ISUP grade group >= 2; None when neither is known (biopsy pending). An
+    ISUP may be written as an integer or an integral decimal ("2", "2.0"); anything else, or a
+    label other than YES/NO, is a ValueError naming the column."""
+    label = (case_cspca or "").strip().upper()
+    if label:
+        if label not in ("YES", "NO"):
+            raise ValueError(f"case_csPCa must be YES or NO, not {case_cspca!r}")
+        return label == "YES"
+    isup = (case_isup or "").strip()
+    if not isup:
+        return None
+    try:
+        value = float(isup)
+    except ValueError:
+        raise ValueError(f"case_ISUP must be a grade group 0-5, not {case_isup!r}") from None
+    if not value.is_integer() or not 0 <= value <= 5:
+        raise ValueError(f"case_ISUP must be a grade group 0-5, not {case_isup!r}")
+    return int(value) >= 2

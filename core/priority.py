@@ -35,6 +35,12 @@ from core.domain import Priority, ReferralUrgency, most_urgent
 #: A request older than this is an archive study re-sent, not a waiting patient.
 STALE_REQUEST_DAYS = 365
 
+# The waiting standards' defaults, in one place (`WaitingPolicy`, `[triage]`, the simulation):
+FDS_DAYS = 28  #: NHS Faster Diagnosis Standard: diagnosis within 28 days of referral
+ESCALATE_WITHIN_DAYS = 7  #: at least `soon` this many days before the FDS breach
+URGENT_WITHIN_DAYS = 3  #: `urgent` this many days before the breach (or past it)
+PATHWAY_DAYS = 62  #: suspected-cancer pathway target, referral to treatment
+
 
 @dataclass(frozen=True)
 class Thresholds:
@@ -55,10 +61,10 @@ class Thresholds:
 class WaitingPolicy:
     """The site's waiting-list rules (`[triage]`)."""
 
-    fds_days: int = 28
-    escalate_within_days: int = 7
-    urgent_within_days: int = 3
-    pathway_days: int = 62
+    fds_days: int = FDS_DAYS
+    escalate_within_days: int = ESCALATE_WITHIN_DAYS
+    urgent_within_days: int = URGENT_WITHIN_DAYS
+    pathway_days: int = PATHWAY_DAYS
 
     def __post_init__(self) -> None:
         if not 0 <= self.urgent_within_days <= self.escalate_within_days <= self.fds_days:

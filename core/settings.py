@@ -29,7 +29,13 @@ from pydantic import (
 
 from core.errors import ConfigError
 from core.peers import parse_allowlist
-from core.priority import WaitingPolicy
+from core.priority import (
+    ESCALATE_WITHIN_DAYS,
+    FDS_DAYS,
+    PATHWAY_DAYS,
+    URGENT_WITHIN_DAYS,
+    WaitingPolicy,
+)
 from core.redact import redact
 
 ENV_PREFIX = "RADTRIAGE_"
@@ -380,15 +386,23 @@ class SenderSettings(_Section):
 
 
 class TriageSettings(_Section):
-    fds_days: int = Field(default=28, gt=0, description="Faster Diagnosis Standard clock, days")
+    fds_days: int = Field(
+        default=FDS_DAYS, gt=0, description="Faster Diagnosis Standard clock, days"
+    )
     escalate_within_days: int = Field(
-        default=7, ge=0, description="Days before the FDS breach when a study becomes `soon`"
+        default=ESCALATE_WITHIN_DAYS,
+        ge=0,
+        description="Days before the FDS breach when a study becomes `soon`",
     )
     urgent_within_days: int = Field(
-        default=3, ge=0, description="Days before the FDS breach when a study becomes `urgent`"
+        default=URGENT_WITHIN_DAYS,
+        ge=0,
+        description="Days before the FDS breach when a study becomes `urgent`",
     )
     pathway_days: int = Field(
-        default=62, gt=0, description="Suspected-cancer pathway target (referral to treatment)"
+        default=PATHWAY_DAYS,
+        gt=0,
+        description="Suspected-cancer pathway target (referral to treatment)",
     )
     today: date | None = Field(
         default=None,

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from core.domain import cspca_label
 from core.errors import InputError
 from core.priority import Thresholds
 from evaluation.bootstrap import bootstrap_ci, clopper_pearson
@@ -82,18 +83,10 @@ def _text(row: dict[str, str | None], key: str) -> str | None:
 
 
 def _cspca(row: dict[str, str | None], line: int) -> bool | None:
-    label = _text(row, "case_csPCa")
-    if label is not None:
-        if label.upper() not in ("YES", "NO"):
-            raise InputError(f"marksheet line {line}: case_csPCa must be YES or NO, not {label!r}")
-        return label.upper() == "YES"
-    isup = _text(row, "case_ISUP")
-    if isup is None:
-        return None
     try:
-        return int(float(isup)) >= 2
+        return cspca_label(row.get("case_csPCa"), row.get("case_ISUP"))
     except ValueError as exc:
-        raise InputError(f"marksheet line {line}: case_ISUP must be 0-5, not {isup!r}") from exc
+        raise InputError(f"marksheet line {line}: {exc}") from exc
 
 
 def read_outcomes(path: Path) -> list[Outcome]:

@@ -31,7 +31,15 @@ from typing import Any
 import numpy as np
 
 from core.domain import Priority, ReferralUrgency
-from core.priority import Thresholds, WaitingPolicy, ai_priority, decide_priority
+from core.priority import (
+    ESCALATE_WITHIN_DAYS,
+    FDS_DAYS,
+    URGENT_WITHIN_DAYS,
+    Thresholds,
+    WaitingPolicy,
+    ai_priority,
+    decide_priority,
+)
 
 ARMS = ("fifo", "referral", "ai")
 
@@ -50,9 +58,9 @@ class SimulationParams:
         default_factory=lambda: {"urgent": 0.1, "soon": 0.2, "routine": 0.7}
     )
     referral_to_scan_days: int = 14
-    fds_days: int = 28
-    escalate_within_days: int = 7
-    urgent_within_days: int = 3
+    fds_days: int = FDS_DAYS
+    escalate_within_days: int = ESCALATE_WITHIN_DAYS
+    urgent_within_days: int = URGENT_WITHIN_DAYS
     # the AI model: thresholds and measured operating points (from `radtriage evaluate`)
     urgent_threshold: float = 0.6
     soon_threshold: float = 0.3

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from core.domain import Volume
+from core.domain import Volume, cspca_label
 from core.errors import InputError
 from models.metadata import InputSpec
 from models.preprocessing import from_sitk, labels_to_grid, prepare_case
@@ -137,14 +137,12 @@ def read_marksheet(path: Path) -> dict[str, bool]:
     out: dict[str, bool] = {}
     with path.open(newline="", encoding="utf-8") as f:
         for line, row in enumerate(csv.DictReader(f), start=2):
-            label = (row.get("case_csPCa") or "").strip().upper()
-            isup = (row.get("case_ISUP") or "").strip()
-            if label in ("YES", "NO"):
-                out[f"{row['patient_id']}_{row['study_id']}"] = label == "YES"
-            elif label or (isup and not isup.isdigit()):
-                raise InputError(f"{path} line {line}: case_csPCa must be YES/NO, case_ISUP 0-5")
-            elif isup:
-                out[f"{row['patient_id']}_{row['study_id']}"] = int(isup) >= 2
+            try:
+                cspca = cspca_label(row.get("case_csPCa"), row.get("case_ISUP"))
+            except ValueError as exc:
+                raise InputError(f"{path} line {line}: {exc}") from exc
+            if cspca is not None:
+                out[f"{row['patient_id']}_{row['study_id']}"] = cspca
     return out
 
 

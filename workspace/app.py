@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
 from core.domain import ReferralUrgency, SeriesRole, StudyStatus
+from core.priority import FDS_DAYS
 from core.settings import HttpSettings, OidcSettings
 from dicom_node.ingest import Ingest
 from store.index import Index
@@ -106,7 +107,7 @@ class ApiContext:
     ready: Callable[[], bool] = lambda: True
     node_id: str | None = None  # the worklist lists this node's studies (None: all)
     session_ttl_s: float = 8 * 3600.0
-    fds_days: int = 28
+    fds_days: int = FDS_DAYS
     today: Callable[[], date] = date.today  # the site's date (`TriageSettings.current_date`)
     # decide a study again at once (a radiologist's override); None: the next tick does
     redecide: Callable[[str], object] | None = None

@@ -91,3 +91,38 @@ def test_settings_errors_are_clear(tmp_path: Path) -> None:
 def test_referral_from_dicom() -> None:
     assert ReferralUrgency.from_dicom("STAT") is ReferralUrgency.URGENT
     assert ReferralUrgency.from_dicom(None) is ReferralUrgency.ROUTINE
+
+
+def test_one_cspca_rule_for_every_marksheet_reader(tmp_path: Path) -> None:
+    """Issue 21: evaluation's outcome marksheet and training's PI-CAI marksheet read "2.0" the
+    same way (they disagreed), through `core.domain.cspca_label`."""
+    from core.domain import cspca_label
+    from evaluation.outcomes import _cspca
+    from training.datasets import read_marksheet
+
+    assert cspca_label("", "2.0") is True and cspca_label(None, "1") is False
+    assert cspca_label("yes", "0") is True and cspca_label("", "") is None
+    for bad in ("2.5", "6", "two"):
+        with pytest.raises(ValueError, match="case_ISUP"):
+            cspca_label("", bad)
+    with pytest.raises(ValueError, match="case_csPCa"):
+        cspca_label("maybe", "")
+    sheet = tmp_path / "marksheet.csv"
+    sheet.write_text("patient_id,study_id,case_csPCa,case_ISUP\n1,2,,2.0\n3,4,,1\n5,6,,\n")
+    assert read_marksheet(sheet) == {"1_2": True, "3_4": False}
+    assert _cspca({"case_csPCa": "", "case_ISUP": "2.0"}, 2) is True
+
+
+def test_waiting_standards_defaults_have_one_home() -> None:
+    from core import priority
+    from core.settings import TriageSettings
+    from evaluation.simulate import SimulationParams
+
+    policy = TriageSettings().waiting_policy()
+    assert policy == priority.WaitingPolicy()
+    assert (policy.fds_days, policy.escalate_within_days, policy.urgent_within_days) == (
+        priority.FDS_DAYS,
+        priority.ESCALATE_WITHIN_DAYS,
+        priority.URGENT_WITHIN_DAYS,
+    )
+    assert SimulationParams().fds_days == priority.FDS_DAYS
