@@ -86,7 +86,13 @@ def test_compose_wires_orthanc_and_valid_settings() -> None:
     settings = load_settings(REPO / "configs" / "docker.toml", radtriage["environment"])
     (dest,) = settings.dicom.destinations
     assert dest.host == "orthanc" and dest.port == 4242
-    assert "0.0.0.0:11112:11112" in radtriage["ports"]
+    # safe defaults (issue 23 item 8): nothing published beyond loopback; DICOM admits only the
+    # compose network Orthanc sits on, by address (an AE title alone opens nothing)
+    for service in services.values():
+        assert all(str(port).startswith("127.0.0.1:") for port in service.get("ports", []))
+    (subnet,) = [c["subnet"] for c in compose["networks"]["pacsnet"]["ipam"]["config"]]
+    assert settings.dicom.allowed_hosts == [subnet]
+    assert "pacsnet" in services["orthanc"]["networks"] and "pacsnet" in radtriage["networks"]
 
 
 @pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)
