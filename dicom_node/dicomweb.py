@@ -408,8 +408,13 @@ def create_dicomweb_router(
         if "StudyInstanceUID" in filters:
             found = [index.get_study(uid) for uid in filters["StudyInstanceUID"]]
             studies = [s for s in found if s is not None]
-        else:
-            studies = index.list_studies(limit=enough)
+        else:  # the filters in SQL, before the page limit
+            studies = index.list_studies(
+                limit=enough,
+                patient_ids=filters.get("PatientID", ()),
+                accession_numbers=filters.get("AccessionNumber", ()),
+                with_documents=True,
+            )
         keys = {"PatientID": "patient_id", "AccessionNumber": "accession_number"}
         return [
             s

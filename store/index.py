@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -589,10 +589,18 @@ class Index:
             return instances, documents
 
     def list_studies(
-        self, status: StudyStatus | str | None = None, limit: int = 200, all_nodes: bool = False
+        self,
+        status: StudyStatus | str | None = None,
+        limit: int = 200,
+        all_nodes: bool = False,
+        *,
+        patient_ids: Sequence[str] = (),
+        accession_numbers: Sequence[str] = (),
+        with_documents: bool = False,
     ) -> list[dict[str, Any]]:
         """This node's studies (every node's with `all_nodes`), newest first, with status,
-        referral urgency, counts and timings."""
+        referral urgency, counts and timings. The filters apply in SQL before `limit` (a
+        search never misses a match that lies beyond the first page of all studies)."""
         with self.read() as s:
             q = select(Study, Patient).join(Patient, Study.patient_fk == Patient.id)
             if not all_nodes:
@@ -600,6 +608,12 @@ class Index:
             q = q.where(self.in_site(Study.site_id))
             if status is not None:
                 q = q.where(Study.status == str(status))
+            if patient_ids:
+                q = q.where(Patient.patient_id.in_(list(patient_ids)))
+            if accession_numbers:
+                q = q.where(Study.accession_number.in_(list(accession_numbers)))
+            if with_documents:
+                q = q.where(Study.documents_json.is_not(None), Study.documents_json != "[]")
             q = q.order_by(Study.first_received_at.desc()).limit(limit)
             return [_study_dict(st, p) for st, p in s.execute(q)]
 

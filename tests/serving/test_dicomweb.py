@@ -157,6 +157,12 @@ def test_qido_rs_lists_our_results(tmp_path: Path, samples_sr_seg: tuple[Path, P
     assert c.get("/dicomweb/studies?PatientName=x", headers=auth).status_code == 400
     r = c.get(f"/dicomweb/studies/{uid}/series?limit=1", headers=auth)
     assert "additional results" in r.headers.get("warning", "")
+    # the filter applies before the page limit (issue 23): newer studies without results, and
+    # newer ones of other patients, never hide the match
+    for n in range(5):
+        add_study(node.index, f"1.2.3.5.{n}", patient_id=f"P-9{n}", documents=[sr_path])
+    found = c.get("/dicomweb/studies?PatientID=P-7&limit=1", headers=auth).json()
+    assert [s["0020000D"]["Value"][0] for s in found] == [uid]
 
 
 @pytest.fixture(scope="module")
