@@ -202,6 +202,18 @@ class Spool:
             f"bytes: {len(data)}\n"
         )
         try:
+            # refused data never takes the disk below the low-water mark (a peer sending
+            # malformed instances must not fill it): then only the reason is kept
+            self.check_space(len(data) + len(sidecar))
+        except OutOfResourcesError:
+            sidecar += "data: not kept (free disk below the low-water mark)\n"
+            target = base.with_suffix(".reason.txt")
+            try:
+                write_atomic(target, (sidecar.encode(),), self.tmp_dir)
+            except OSError:
+                pass
+            return target
+        try:
             write_atomic(target, (data,), self.tmp_dir)
             write_atomic(base.with_suffix(".reason.txt"), (sidecar.encode(),), self.tmp_dir)
         except OSError:

@@ -80,6 +80,15 @@ def test_quarantine_keeps_file_and_reason(tmp_path: Path) -> None:
     assert "0xC210" in reason.read_text()
 
 
+def test_quarantine_respects_the_low_water_mark(tmp_path: Path) -> None:
+    """Issue 23: refused data never takes the disk below the low-water mark (a peer sending
+    malformed instances cannot fill it); only the reason is kept."""
+    spool = Spool(tmp_path / "var", low_water_mark_mb=10**9)  # always below: a full disk
+    path = spool.quarantine("1.2.3", b"garbage" * 1000, "0xC210 cannot parse")
+    assert path.name.endswith(".reason.txt") and "not kept" in path.read_text()
+    assert not list(spool.quarantine_dir.glob("*.dcm"))
+
+
 def test_duplicate_is_idempotent_and_counts(tmp_path: Path) -> None:
     index = Index(f"sqlite:///{tmp_path}/index.db")
     now = time.time()
