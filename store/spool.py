@@ -22,6 +22,7 @@ in the negotiated transfer syntax.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import struct
@@ -208,10 +209,8 @@ class Spool:
         except OutOfResourcesError:
             sidecar += "data: not kept (free disk below the low-water mark)\n"
             target = base.with_suffix(".reason.txt")
-            try:
+            with contextlib.suppress(OSError):
                 write_atomic(target, (sidecar.encode(),), self.tmp_dir)
-            except OSError:
-                pass
             return target
         try:
             write_atomic(target, (data,), self.tmp_dir)
