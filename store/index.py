@@ -678,10 +678,10 @@ class Index:
         q = select(OutboxItem).order_by(OutboxItem.id)
         if node is not None:
             q = q.where(node(OutboxItem.node_id))
-        if site is not None:
+        if site is not None:  # never another site's study (an item's own study may be gone)
             q = q.where(
-                OutboxItem.study_instance_uid.in_(
-                    select(Study.study_instance_uid).where(Study.site_id == site)
+                OutboxItem.study_instance_uid.not_in(
+                    select(Study.study_instance_uid).where(Study.site_id != site)
                 )
             )
         if state is not None:
