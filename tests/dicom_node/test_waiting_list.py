@@ -292,6 +292,7 @@ def test_stat_study_not_analysed_ranks_with_the_urgent_ones(index: Index, tmp_pa
     assert _columns(index, uid)[:2] == ("not_analysed", Priority.URGENT.rank)
 
 
+@pytest.mark.slow  # seconds of phantoms/training: `make test`, not test-fast
 def test_many_studies_are_all_recomputed(index: Index, tmp_path: Path) -> None:
     """More than one page (PAGE = 500): no cap."""
     with index.write() as s:

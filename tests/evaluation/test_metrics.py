@@ -123,6 +123,7 @@ def test_right_case_score_wrong_place_is_a_lesion_miss() -> None:
     assert s["froc"]["sensitivity_at"]["3"] == 0.0
 
 
+@pytest.mark.slow  # seconds of phantoms/training: `make test`, not test-fast
 def test_random_scores_give_chance_auroc_with_ci_covering_half() -> None:
     rng = np.random.default_rng(3)
     y = rng.random(400) < 0.3

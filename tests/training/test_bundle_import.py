@@ -176,6 +176,7 @@ def test_bundle_with_wrong_weights_or_expressions_is_refused(
         import_bundle(bundle, repository=tiny_repo, like="cspca_detector:1.0.0")
 
 
+@pytest.mark.slow  # seconds of phantoms/training: `make test`, not test-fast
 def test_onnx_import_and_cli(tiny_repo: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     bundle = make_bundle(tmp_path / "bundle", torchscript=True)
     base = ["models", "--repository", str(tiny_repo), "import"]

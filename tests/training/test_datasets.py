@@ -64,6 +64,7 @@ def test_picai_layout_with_real_prostatex(prostatex: Path, tmp_path: Path) -> No
     )
 
 
+@pytest.mark.slow  # seconds of phantoms/training: `make test`, not test-fast
 def test_dicom_folders_with_masks(tmp_path: Path) -> None:
     """`radtriage phantom` output (DICOM + masks/ + ground_truth.json) read as a dataset."""
     from training.phantoms import synthesize_case

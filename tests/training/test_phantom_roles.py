@@ -36,6 +36,7 @@ def test_roles_match_ground_truth(tmp_path: Path, vendor: str, enhanced: bool) -
         assert np.allclose(geo["direction"], vol.direction, atol=1e-4)
 
 
+@pytest.mark.slow  # seconds of phantoms/training: `make test`, not test-fast
 @pytest.mark.parametrize("vendor", VENDORS)
 def test_a_dce_series_is_never_a_model_input(tmp_path: Path, vendor: str) -> None:
     """A dynamic contrast-enhanced T1 series (and one phase of it exported as its own series

@@ -24,6 +24,7 @@ def tiny_data():  # type: ignore[no-untyped-def]
     return config, *load_data(config)
 
 
+@pytest.mark.slow  # seconds of phantoms/training: `make test`, not test-fast
 def test_train_export_parity_and_serve(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     repo, out = tmp_path / "repo", tmp_path / "out"
     argv = ["train", "--config", str(TINY), "--out", str(out), "--repository", str(repo)]
