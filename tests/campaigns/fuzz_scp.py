@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -235,6 +236,7 @@ def nested_sequence(depth: int, closed: bool) -> bytes:
 
 
 uids = st.integers(min_value=1, max_value=2**120).map(lambda n: f"2.25.{n}".encode())
+_FRESH = itertools.count(1)
 
 
 @dataclass
@@ -248,7 +250,9 @@ class StoreCase:
 
 @st.composite
 def store_cases(draw: Any) -> StoreCase:
-    study, series, sop = draw(uids), draw(uids), draw(uids)
+    # fresh UIDs per case: Hypothesis reuses small values across cases, and a series UID
+    # already stored under another study is rightly refused (0xA900), even for a valid case
+    study, series, sop = (draw(uids) + b".%d" % next(_FRESH) for _ in range(3))
     elements = mr_elements(study, series, sop)
     kind = draw(
         st.sampled_from(
