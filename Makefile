@@ -27,11 +27,16 @@ $(VENV)/.installed: pyproject.toml constraints/cpu.txt
 demo: install
 	$(BIN)/radtriage demo
 
-# Tests marked own_process connect the test process to a Ray cluster of their own; Ray's driver
-# state is process-wide, so they run in a second pytest process (exit 5: none selected).
+# Tests marked own_process connect the test process to a Ray cluster of their own. Ray's and
+# Serve's driver state is process-wide and outlives ray.shutdown() (Serve's shared router keeps
+# polling the first cluster), so each such file runs in a pytest process of its own (exit 5:
+# none selected, e.g. a -k in PYTEST_ARGS).
+OWN_PROCESS_FILES = $(shell grep -rl --include='test_*.py' 'mark.own_process' tests | sort)
 test: install
 	$(BIN)/python -m pytest -m "not own_process" $(PYTEST_ARGS)
-	$(BIN)/python -m pytest -m own_process $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	for f in $(OWN_PROCESS_FILES); do \
+		$(BIN)/python -m pytest -m own_process $(PYTEST_ARGS) $$f || [ $$? -eq 5 ] || exit 1; \
+	done
 
 # Unit tests only: no Ray, Orthanc, Chromium, PostgreSQL or DICOM peers (tests/conftest.py fails
 # an unmarked test that starts one) and none of the slow training/evaluation tests, for the
