@@ -273,7 +273,9 @@ class RadtriageApp:
 
     def _record_models(self) -> None:
         refs = {
-            role: ModelRef(info["name"], info["version"], info["sha256"])
+            role: ModelRef(
+                info["name"], info["version"], info["sha256"], digest=info.get("digest", "")
+            )
             # at start-up: a fresh handle first has to learn the replicas from the controller
             for role, info in self.loaded_models(timeout_s=120.0).items()
         }
@@ -333,7 +335,12 @@ class RadtriageApp:
         shadow, result = analysis.shadow, analysis.result
         if shadow is None or result.model is None or result.case_likelihood is None:
             return
-        primary = ModelRef(result.model.name, result.model.version, result.model.sha256)
+        primary = ModelRef(
+            result.model.name,
+            result.model.version,
+            result.model.sha256,
+            digest=result.model.digest,
+        )
         self.shadow_log.append_comparison(
             result.study_instance_uid,
             primary,

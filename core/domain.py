@@ -280,6 +280,7 @@ class ModelRef:
     sha256: str
     clinical_use: bool = False  # False for demo models trained on synthetic data
     intended_use: str = ""
+    digest: str = ""  # the version's sealed digest (metadata + every file), "" when unknown
 
     @property
     def disclaimer(self) -> str | None:
@@ -317,6 +318,9 @@ class ModelInfo(BaseModel):
     name: str
     version: str
     sha256: str
+    digest: str = Field(
+        default="", description="the version's sealed digest: thresholds, calibration, gate, files"
+    )
 
 
 class TriageResult(BaseModel):

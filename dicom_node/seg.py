@@ -76,7 +76,8 @@ def _algorithm(model: ModelRef) -> hd.AlgorithmIdentificationSequence:
         family=dc.ARTIFICIAL_INTELLIGENCE,
         version=model.version,
         source=MANUFACTURER,
-        parameters={"sha256": model.sha256},
+        parameters={"sha256": model.sha256}
+        | ({"version_digest": model.digest} if model.digest else {}),
     )
 
 

@@ -11,7 +11,7 @@ docs/conformance.md)::
                                                     referencing the gland segment when the
                                                     SEG has one (then every group is 1411)
           Tracking Identifier / UID; Finding = Overall Prostate Finding
-          Algorithm Name / Version / Parameters "sha256=..." (TID 4019)
+          Algorithm Name / Version / Parameters "sha256=...", "version_digest=..." (TID 4019)
           NUM  AI csPCa case likelihood (0..1)      [analysed]
           NUM  PSA density (ng/mL/mL)               [when known]
           NUM  Volume, finding site Prostate        [when known and not in the SEG]
@@ -172,6 +172,7 @@ def _model_ref(result: TriageResult, model: ModelRef | None) -> ModelRef | None:
         version=result.model.version,
         sha256=result.model.sha256,
         clinical_use=result.disclaimer is None,
+        digest=result.model.digest,
     )
 
 
@@ -201,8 +202,11 @@ def _radtriage_version() -> str:
 
 
 def _algorithm(model: ModelRef) -> hd.sr.AlgorithmIdentification:
+    parameters = [f"sha256={model.sha256}"]
+    if model.digest:  # the sealed version: thresholds, calibration, gate and files
+        parameters.append(f"version_digest={model.digest}")
     return hd.sr.AlgorithmIdentification(
-        name=model.name, version=model.version, parameters=[f"sha256={model.sha256}"]
+        name=model.name, version=model.version, parameters=parameters
     )
 
 

@@ -141,11 +141,17 @@ def _model(group: Dataset) -> ModelInfo | None:
     versions = _text(group, ("111003", "DCM"))
     if not names:
         return None
-    sha = ""
+    found = {"sha256": "", "version_digest": ""}
     for parameter in _text(group, ("111002", "DCM")):
-        if parameter.startswith("sha256="):
-            sha = parameter.removeprefix("sha256=")
-    return ModelInfo(name=names[0], version=versions[0] if versions else "", sha256=sha)
+        key, sep, value = parameter.partition("=")
+        if sep and key in found:
+            found[key] = value
+    return ModelInfo(
+        name=names[0],
+        version=versions[0] if versions else "",
+        sha256=found["sha256"],
+        digest=found["version_digest"],
+    )
 
 
 def _lesion(group: Dataset) -> SrLesion:

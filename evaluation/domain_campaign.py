@@ -150,7 +150,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _measure(args: argparse.Namespace, repo: Path, fit: dict[str, Any] | None) -> dict[str, Any]:
-    pipeline = TriagePipeline.from_repository(repository=repo)
+    # the fit is a new version beside the promoted one (versions are immutable): measure that
+    if fit is not None and fit.get("new_version"):
+        pipeline = TriagePipeline.from_repository(repository=repo, detector=fit["new_version"])
+    else:
+        pipeline = TriagePipeline.from_repository(repository=repo)
     md = pipeline.detector_metadata
     thresholds = (
         {"urgent": md.thresholds.urgent, "soon": md.thresholds.soon} if md.thresholds else None

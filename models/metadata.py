@@ -3,11 +3,19 @@
 Serving reads only this file and `model.onnx` (no code from training), so everything the runtime
 needs to reproduce training-time pre/post-processing lives here: input grid (spacing, shape),
 channels, normalisation, output meaning, postprocessing parameters and operating thresholds.
+
+A version is immutable: `version_digest` is the sha256 of this file's canonical JSON without that
+field (so it covers thresholds, calibration, the gate, the pipeline and, through `sha256` and the
+members' sha256, every ONNX file). `write_metadata` seals it; `read_metadata` refuses a file
+whose content no longer matches its seal. New thresholds make a new version
+(`ModelRepository.derive`), and a study records the digest of exactly what scored it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +29,7 @@ from pydantic import (
 )
 
 from core.domain import ModelRef
-from core.errors import ModelError
+from core.errors import ModelError, ModelIntegrityError
 from core.priority import Thresholds
 from models.calibration import CalibrationSpec
 from models.ood_gate import OodGateSpec
@@ -31,6 +39,9 @@ MODEL_FILE = "model.onnx"
 MODEL_CARD_FILE = "model_card.md"
 NOT_FOR_CLINICAL_USE = "NOT FOR CLINICAL USE: demonstration model trained on synthetic data."
 CHANNELS = ("t2w", "adc", "hbv")
+DIGEST_FIELD = "version_digest"
+
+log = logging.getLogger(__name__)
 
 
 class _Frozen(BaseModel):
@@ -245,6 +256,14 @@ class ModelMetadata(_Frozen):
     created: str = ""
     software: dict[str, str] = Field(default_factory=dict)
     model_card: str = MODEL_CARD_FILE
+    derived_from: str | None = Field(
+        default=None, description="NAME:VERSION this version was derived from (new thresholds)"
+    )
+    version_digest: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="sha256 of this file's canonical content without this field (the seal)",
+    )
 
     @field_validator("disclaimer")
     @classmethod
@@ -264,6 +283,20 @@ class ModelMetadata(_Frozen):
             )
         return self
 
+    def content_digest(self) -> str:
+        """sha256 of the canonical JSON of everything but the seal itself."""
+        content = self.model_dump(mode="json", exclude={DIGEST_FIELD})
+        canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    @property
+    def digest(self) -> str:
+        """The version's digest: its seal, or (an unsealed legacy file) its content digest."""
+        return self.version_digest or self.content_digest()
+
+    def sealed(self) -> ModelMetadata:
+        return self.model_copy(update={DIGEST_FIELD: self.content_digest()})
+
     def model_ref(self) -> ModelRef:
         return ModelRef(
             name=self.name,
@@ -271,6 +304,7 @@ class ModelMetadata(_Frozen):
             sha256=self.sha256,
             clinical_use=self.clinical_use,
             intended_use=self.intended_use,
+            digest=self.digest,
         )
 
     def to_json(self) -> str:
@@ -286,10 +320,23 @@ def read_metadata(path: Path) -> ModelMetadata:
     except json.JSONDecodeError as exc:
         raise ModelError(f"{path} is not valid JSON ({exc}); re-export the model") from exc
     try:
-        return ModelMetadata.model_validate(raw)
+        md = ModelMetadata.model_validate(raw)
     except ValidationError as exc:
         raise ModelError(f"{path} is not a valid model metadata file: {exc}") from exc
+    if md.version_digest is None:
+        log.warning("%s carries no version_digest (written before versions were sealed)", path)
+    elif md.version_digest != md.content_digest():
+        raise ModelIntegrityError(
+            f"{path} was changed after {md.name}:{md.version} was written (its content no "
+            "longer matches version_digest): a model version is immutable, so its thresholds, "
+            "calibration and gate cannot change under it; restore the file, or write new "
+            "thresholds as a new version with `radtriage evaluate --write-thresholds`"
+        )
+    return md
 
 
 def write_metadata(path: Path, metadata: ModelMetadata) -> None:
-    path.write_text(metadata.to_json(), encoding="utf-8")
+    """Write `metadata` sealed (`version_digest`), atomically (tmp file + rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(metadata.sealed().to_json(), encoding="utf-8")
+    tmp.replace(path)

@@ -23,7 +23,7 @@ from core.domain import Lesion, Prediction, Volume
 from core.errors import InferenceError, ModelSignatureError
 from core.priority import Thresholds
 from models.calibration import CalibrationSpec, calibrate
-from models.metadata import GridSpec, InputSpec, LesionSpec, ModelMetadata
+from models.metadata import GridSpec, InferenceSpec, InputSpec, LesionSpec, ModelMetadata
 from models.onnx_runner import OnnxModel
 from models.ood_gate import domain_features
 from models.postprocessing import (
@@ -291,9 +291,14 @@ class TriagePipeline(PipelineSteps):
 def model_map(model: OnnxModel, x: np.ndarray) -> np.ndarray:
     """One study's (C, Z, Y, X) input through a loaded model: its declared inference (members,
     flips, windows, activation, smoothing) or, for a 0.2.0 model, one plain run."""
+    return model_maps(model, x[None])[0]
+
+
+def model_maps(model: OnnxModel, xs: np.ndarray) -> np.ndarray:
+    """`model_map` for N studies stacked ((N, C, Z, Y, X)): one run per member for all."""
     if declared(model.metadata):
-        return forward_map(model.metadata, model.member_runs(), x)
-    return model.run(x[None])[0]
+        return forward_maps(model.metadata, model.member_runs(), xs)
+    return model.run(xs)
 
 
 # --- declared pipeline executor -----------------------------------------------------------
@@ -350,33 +355,48 @@ def forward_map(md: ModelMetadata, runs: Sequence[Run], x: np.ndarray) -> np.nda
     every member on the input and its declared flips (one batch), outputs un-flipped, activated
     (on the model grid when so declared), the declared channel kept, smoothed per augmentation,
     averaged over augmentations, then over members."""
+    return forward_maps(md, runs, x[None])[0]
+
+
+def forward_maps(md: ModelMetadata, runs: Sequence[Run], xs: np.ndarray) -> np.ndarray:
+    """`forward_map` for N studies at once ((N, C, Z, Y, X) -> (N, C_out, Z, Y, X)): each
+    member runs once on every study and flip (one batch of N x augmentations), which is how
+    Ray Serve's dynamic batching reaches an ensemble's members."""
     spec = md.inference
     grid = md.input_spec.grid
     variants: list[tuple[int, ...]] = [()] + [(_FLIP_AXES[a],) for a in spec.tta_flips]
-    batch = np.stack([np.flip(x, v) if v else x for v in variants]).astype(np.float32)
-    members = []
+    batch = np.stack([np.flip(x, v) if v else x for x in xs for v in variants]).astype(np.float32)
+    n = len(variants)
+    per_study: list[list[np.ndarray]] = [[] for _ in xs]
     for run in runs:
         out = _network(run, batch, grid)
-        maps = []
-        for y, flips in zip(out, variants, strict=True):
-            if spec.activate_on == "model_grid":
-                y = _activate(y, spec.activation)
-            if spec.channel is not None:
-                y = y[spec.channel : spec.channel + 1]
-            if flips:
-                y = np.flip(y, flips)
-            if spec.smoothing_sigma > 0:
-                y = np.stack(
-                    [
-                        ndimage.gaussian_filter(
-                            c, sigma=spec.smoothing_sigma, mode=spec.smoothing_mode
-                        )
-                        for c in y
-                    ]
-                )
-            maps.append(np.ascontiguousarray(y, dtype=np.float32))
-        members.append(np.mean(maps, axis=0))
-    return np.mean(members, axis=0).astype(np.float32)
+        for i in range(len(xs)):
+            per_study[i].append(_average_variants(spec, out[i * n : (i + 1) * n], variants))
+    return np.stack([np.mean(m, axis=0) for m in per_study]).astype(np.float32)
+
+
+def _average_variants(
+    spec: InferenceSpec, out: np.ndarray, variants: Sequence[tuple[int, ...]]
+) -> np.ndarray:
+    """One member's outputs for one study's augmentations -> their mean map (un-flipped,
+    activated, channel kept, smoothed per augmentation)."""
+    maps = []
+    for y, flips in zip(out, variants, strict=True):
+        if spec.activate_on == "model_grid":
+            y = _activate(y, spec.activation)
+        if spec.channel is not None:
+            y = y[spec.channel : spec.channel + 1]
+        if flips:
+            y = np.flip(y, flips)
+        if spec.smoothing_sigma > 0:
+            y = np.stack(
+                [
+                    ndimage.gaussian_filter(c, sigma=spec.smoothing_sigma, mode=spec.smoothing_mode)
+                    for c in y
+                ]
+            )
+        maps.append(np.ascontiguousarray(y, dtype=np.float32))
+    return np.mean(maps, axis=0)
 
 
 def map_to_t2w(md: ModelMetadata, prepared: PreparedCase, model_map: np.ndarray) -> np.ndarray:

@@ -1,5 +1,8 @@
 """The model repository: `<root>/<name>/<version>/{model.onnx, metadata.json, model_card.md}`.
 
+Versions are immutable (metadata.json is sealed: `models.metadata`); `derive` writes a new version
+from an existing one with other thresholds, calibration or gate, and never touches the original.
+
 `<root>/<name>/production.json` names the promoted version that "NAME" resolves to;
 `<root>/<name>/promotions.jsonl` is the append-only promotion log (who, when, why, gate result).
 "NAME:VERSION" always resolves to that exact version.
@@ -12,6 +15,7 @@ the log and carries an allowing decision, so no path reaches production around t
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import getpass
 import hashlib
@@ -19,19 +23,27 @@ import json
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from core.errors import InputError, ModelError, ModelIntegrityError, ModelNotFoundError
-from models.metadata import METADATA_FILE, MODEL_FILE, ModelMetadata, read_metadata
+from models.metadata import (
+    METADATA_FILE,
+    MODEL_FILE,
+    ModelMetadata,
+    read_metadata,
+    write_metadata,
+)
 
 log = logging.getLogger(__name__)
 
 PRODUCTION_FILE = "production.json"
 PROMOTION_LOG = "promotions.jsonl"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_LINKABLE = frozenset({".onnx", ".pt", ".pth"})  # large, read-only model files
 
 
 class PromotionRefusedError(ModelError):
@@ -166,6 +178,63 @@ class ModelRepository:
         folder = self.root / name / version
         return ModelVersion(folder, read_metadata(folder / METADATA_FILE))
 
+    def derive(
+        self, ref: str, update: dict[str, Any], new_version: str | None = None
+    ) -> ModelVersion:
+        """A new version of `ref`'s model, `update` applied to its metadata (sealed,
+        `derived_from` = `ref`). Model files are hard-linked where possible, everything else
+        copied (editing the new card never edits the old). The original is untouched and
+        nothing is promoted. `new_version` defaults to "<base>-t<n>", the next free n. Written
+        into a temporary folder and renamed, so a half-written version never appears."""
+        source = self.resolve(ref)
+        source.read_verified()  # derive only from a version whose model file is intact
+        name = source.metadata.name
+        folder = self.root / name
+        version = new_version or self._next_derived(name, source.metadata.version)
+        if not _NAME.match(version):
+            raise InputError(f"version {version!r} must match {_NAME.pattern}")
+        target = folder / version
+        if target.exists():
+            raise InputError(
+                f"{name}:{version} already exists in {self.root}; versions are immutable"
+            )
+        staging = folder / f".{version}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        try:
+            for item in source.path.iterdir():
+                if item.name == METADATA_FILE or not item.is_file():
+                    continue
+                if item.suffix in _LINKABLE:
+                    with contextlib.suppress(OSError):
+                        os.link(item, staging / item.name)
+                        continue
+                shutil.copy2(item, staging / item.name)
+            metadata = source.metadata.model_copy(
+                update={
+                    **update,
+                    "version": version,
+                    "derived_from": f"{name}:{source.metadata.version}",
+                    "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "version_digest": None,
+                }
+            )
+            checked = ModelMetadata.model_validate(metadata.model_dump())
+            write_metadata(staging / METADATA_FILE, checked)
+            staging.rename(target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return self.resolve(f"{name}:{version}")
+
+    def _next_derived(self, name: str, version: str) -> str:
+        base = re.sub(r"-t\d+$", "", version)
+        taken = set(self.versions(name)) | {p.name[1:-4] for p in (self.root / name).glob(".*.tmp")}
+        n = 1
+        while f"{base}-t{n}" in taken:
+            n += 1
+        return f"{base}-t{n}"
+
     def partner(self, ref: str, name: str) -> str:
         """The NAME:VERSION of model `name` that runs with `ref` on one model grid: the
         promoted version when its grid matches, else the newest version that matches (a grid
@@ -180,10 +249,18 @@ class ModelRepository:
         return name
 
     def verify(self, ref: str) -> ModelVersion:
-        """Resolve `ref` and check model.onnx against its sha256 (raises ModelIntegrityError)."""
+        """Resolve `ref` and check model.onnx and every ensemble member against their sha256
+        (raises ModelIntegrityError); the metadata's seal is checked by `resolve`."""
         version = self.resolve(ref)
         version.read_verified()
+        for member in version.metadata.inference.members:
+            version.read_verified_member(member.file, member.sha256)
         return version
+
+    def exact(self, ref: str) -> str:
+        """ "NAME" or "NAME:VERSION" -> the exact "NAME:VERSION" it resolves to now."""
+        md = self.resolve(ref).metadata
+        return f"{md.name}:{md.version}"
 
     def listing(self) -> list[dict[str, Any]]:
         """`radtriage models list --json`: every version with its key facts."""
@@ -199,6 +276,9 @@ class ModelRepository:
                         "promoted": v == promoted,
                         "task": md.task,
                         "sha256": md.sha256,
+                        "digest": md.digest,
+                        "sealed": md.version_digest is not None,
+                        "derived_from": md.derived_from,
                         "size_bytes": md.size_bytes,
                         "clinical_use": md.clinical_use,
                         "thresholds": md.thresholds.model_dump() if md.thresholds else None,

@@ -9,16 +9,21 @@ DICOM node (`triage.analysis`), so no Ray worker needs the node's files.
                   ├─> OnnxModelDeployment "shadow"    optional: returned apart, never sets a flag
                   └─> Postprocessor (CPU: lesions, zones, gland volume; models.postprocessing)
 
-Model versions travel in `user_config` ({"detector": "name:version", "gland": ...}): changing it
-makes Serve call `reconfigure` on every replica, which loads and verifies the new version
-(sha256 + ONNX signature), warms it and swaps it in; a version that fails verification is
-refused and the old one keeps serving (`info()["last_error"]` says why).
+Model versions travel in `user_config` ({"detector": "name:version", "gland": ...}) and swap as
+one unit: the ingress resolves and verifies the whole set (seal, sha256 of every file, the pair's
+pipeline) and pins every request to the set it held when the request came in, passing the exact
+versions to each stage. Pre/postprocessing keep the steps, and model replicas the loaded
+networks, of the versions requests still pin (loading a pinned one on demand), so no request
+mixes one version's detector with another's calibration, gate or grid. A set that fails
+verification is refused whole and the old set keeps serving (`info()["last_error"]`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +39,7 @@ from core.log_events import log_event
 from core.priority import Thresholds
 from core.settings import Settings
 from models.onnx_runner import OnnxModel
-from models.pipeline import PipelineSteps, PreparedPair, declared, model_map
+from models.pipeline import PipelineSteps, PreparedPair, model_maps
 from models.preprocessing import PreparedCase
 from models.repository import ModelRepository
 from serving.batching import BatchItemResult, run_batch
@@ -43,49 +48,84 @@ log = logging.getLogger(__name__)
 
 APP_NAME = "radtriage"
 DETECTOR_ROLES = frozenset({"detector", "shadow"})  # roles whose outputs set a priority
+#: Versions a replica keeps ready: the current set, the one before (requests in flight) and one
+#: more, so a rollout never evicts what a pinned request still needs.
+KEEP_VERSIONS = 3
+
+Pair = tuple[str, str]  # exact ("detector NAME:VERSION", "gland NAME:VERSION")
 
 
-def _steps(repository: Path | None, detector: str, gland: str) -> PipelineSteps:
+def pin_versions(repository: Path | None, refs: dict[str, str]) -> dict[str, str]:
+    """Role -> exact NAME:VERSION for a set of references, verified as one unit: each version's
+    seal and files, and the detector/gland pair's pipeline. Raises `ModelError` (the set is then
+    refused whole)."""
+    repo = ModelRepository(repository)
+    pinned = {role: repo.exact(ref) for role, ref in refs.items()}
+    for ref in pinned.values():
+        repo.verify(ref)
+    _steps(repository, (pinned["detector"], pinned["gland"]))
+    return pinned
+
+
+def _steps(repository: Path | None, pair: Pair) -> PipelineSteps:
     """Pre/post-processing of a model pair from their verified metadata (no network loaded)."""
     repo = ModelRepository(repository)
-    return PipelineSteps(repo.resolve(detector).metadata, repo.resolve(gland).metadata)
+    return PipelineSteps(repo.resolve(pair[0]).metadata, repo.resolve(pair[1]).metadata)
 
 
 class _PipelineStage:
+    """Keeps the steps of the last `KEEP_VERSIONS` pairs requests pinned; loads one on demand."""
+
     def __init__(self, repository: str | None, detector: str, gland: str) -> None:
         self.repository = Path(repository) if repository else None
-        self.refs = (detector, gland)
-        self.steps = _steps(self.repository, detector, gland)
+        self._steps: OrderedDict[Pair, PipelineSteps] = OrderedDict()
+        repo = ModelRepository(self.repository)
+        self.steps_for((repo.exact(detector), repo.exact(gland)))
+
+    def steps_for(self, pair: Pair) -> PipelineSteps:
+        steps = self._steps.get(pair)
+        if steps is None:
+            steps = _steps(self.repository, pair)
+            self._steps[pair] = steps
+            while len(self._steps) > KEEP_VERSIONS:
+                self._steps.popitem(last=False)
+        self._steps.move_to_end(pair)
+        return steps
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        refs = (config.get("detector", self.refs[0]), config.get("gland", self.refs[1]))
-        if refs != self.refs:
-            try:
-                self.steps = _steps(self.repository, *refs)
-                self.refs = refs
-            except ModelError as exc:
-                log_event(log, "model update refused", logging.ERROR, **exc.to_dict())
+        """Warm the steps of the configured pair; requests still say which pair they need."""
+        try:
+            repo = ModelRepository(self.repository)
+            self.steps_for((repo.exact(config["detector"]), repo.exact(config["gland"])))
+        except (KeyError, ModelError) as exc:
+            log_event(log, "model update not prepared", logging.WARNING, error=str(exc))
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
 class Preprocessor(_PipelineStage):
-    """Volumes -> the model-grid case and each model's (C, Z, Y, X) input."""
+    """Volumes -> the model-grid case and each model's (C, Z, Y, X) input, for a pinned pair."""
 
     def prepare(
-        self, t2w: Volume, adc: Volume, hbv: Volume
+        self, pair: Pair, t2w: Volume, adc: Volume, hbv: Volume
     ) -> tuple[PreparedCase | PreparedPair, np.ndarray, np.ndarray]:
-        prepared = self.steps.prepare(t2w, adc, hbv)
-        return prepared, self.steps.gland_input(prepared), self.steps.detector_input(prepared)
+        steps = self.steps_for(pair)
+        prepared = steps.prepare(t2w, adc, hbv)
+        return prepared, steps.gland_input(prepared), steps.detector_input(prepared)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
 class Postprocessor(_PipelineStage):
-    """Model outputs -> `Prediction` on the T2W grid."""
+    """Model outputs -> `Prediction` on the T2W grid, with the pinned pair's calibration and
+    gate."""
 
     def finish(
-        self, prepared: PreparedCase | PreparedPair, gland_out: np.ndarray, detector_out: np.ndarray
+        self,
+        pair: Pair,
+        prepared: PreparedCase | PreparedPair,
+        gland_out: np.ndarray,
+        detector_out: np.ndarray,
     ) -> Prediction:
-        return self.steps.finish(prepared, gland_out, detector_out)
+        return self.steps_for(pair).finish(prepared, gland_out, detector_out)
 
 
 @dataclass(frozen=True)
@@ -98,15 +138,19 @@ class ModelRun:
 
 @dataclass(frozen=True)
 class ModelAnswer:
-    """One batch item's result and the version that produced it."""
+    """One batch item's result and the version that produced it (None: it could not load)."""
 
     item: BatchItemResult
-    model: ModelRun
+    model: ModelRun | None
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1})
 class OnnxModelDeployment:
-    """One verified ONNX model version; dynamic batching across studies."""
+    """Verified ONNX model versions of one role; dynamic batching across studies.
+
+    `infer` takes (exact NAME:VERSION, (C, Z, Y, X) input) items: each batch runs per version, a
+    declared ensemble's members once for all studies of the batch (`models.pipeline.model_maps`).
+    """
 
     def __init__(
         self,
@@ -121,11 +165,25 @@ class OnnxModelDeployment:
         self.role = role
         self.repository = Path(repository) if repository else None
         self.device, self.threads = device, max(1, threads)
+        self._models: OrderedDict[str, OnnxModel] = OrderedDict()
+        self._lock = threading.Lock()  # loads happen on worker threads (on-demand pins)
         self.requested = ref
         self.last_error: dict[str, str] | None = None
-        self.model = self._load(ref)
+        self.model = self.model_for(ModelRepository(self.repository).exact(ref))
         self.infer.set_max_batch_size(max_batch_size)
         self.infer.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def model_for(self, exact: str) -> OnnxModel:
+        """The loaded, verified version `exact` (NAME:VERSION), loading it when not kept."""
+        with self._lock:
+            model = self._models.get(exact)
+            if model is None:
+                model = self._load(exact)
+                self._models[exact] = model
+                while len(self._models) > KEEP_VERSIONS:
+                    self._models.popitem(last=False)
+            self._models.move_to_end(exact)
+            return model
 
     def _load(self, ref: str) -> OnnxModel:
         model = OnnxModel.load(self.repository, ref, device=self.device, threads=self.threads)
@@ -141,36 +199,38 @@ class OnnxModelDeployment:
             "model loaded",
             role=self.role,
             model=f"{model.ref.name}:{model.ref.version}",
+            digest=model.ref.digest,
             providers=model.providers,
             threads=self.threads,
         )
         return model
 
     def reconfigure(self, config: dict[str, Any]) -> None:
+        """Load and warm the configured version ahead of the requests the ingress pins to it."""
         ref = config.get(self.role)
         if not ref or ref == self.requested:
             return
         try:
-            self.model = self._load(ref)
+            self.model = self.model_for(ModelRepository(self.repository).exact(ref))
             self.requested, self.last_error = ref, None
         except ModelError as exc:  # keep serving the verified version we have
             self.last_error = exc.to_dict()
             log_event(log, "model update refused", logging.ERROR, role=self.role, **exc.to_dict())
 
-    def info(self) -> dict[str, Any]:
-        ref: ModelRef = self.model.ref
+    def info(self, exact: str | None = None) -> dict[str, Any]:
+        model = self.model_for(exact) if exact else self.model
+        ref: ModelRef = model.ref
         return {
             "role": self.role,
             "name": ref.name,
             "version": ref.version,
             "sha256": ref.sha256,
+            "digest": ref.digest,
             "requested": self.requested,
-            "providers": self.model.providers,
+            "providers": model.providers,
             "threads": self.threads,
             "thresholds": (
-                self.model.metadata.thresholds.model_dump()
-                if self.model.metadata.thresholds
-                else None
+                model.metadata.thresholds.model_dump() if model.metadata.thresholds else None
             ),
             "last_error": self.last_error,
         }
@@ -179,18 +239,35 @@ class OnnxModelDeployment:
         return self.model.ref  # type: ignore[no-any-return]
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
-    async def infer(self, items: list[np.ndarray]) -> list[ModelAnswer]:
-        model = self.model  # one version for the whole batch, even during a reconfigure
-        thresholds = model.metadata.thresholds
-        ran = ModelRun(model.ref, thresholds.as_thresholds() if thresholds else None)
+    async def infer(self, items: list[tuple[str, np.ndarray]]) -> list[ModelAnswer]:
+        answers: list[ModelAnswer | None] = [None] * len(items)
+        by_version: dict[str, list[int]] = {}
+        for i, item in enumerate(items):
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+                error = {"code": "model_failure", "message": "item must be (NAME:VERSION, array)"}
+                answers[i] = ModelAnswer(BatchItemResult(error=error, batch_size=0), None)
+                continue
+            by_version.setdefault(item[0], []).append(i)
+        for exact, indices in by_version.items():
+            try:  # one version for its items, even while a rollout loads the next
+                model = await asyncio.to_thread(self.model_for, exact)
+            except ModelError as exc:
+                for i in indices:
+                    failed = BatchItemResult(error=exc.to_dict(), batch_size=0)
+                    answers[i] = ModelAnswer(failed, None)
+                continue
+            thresholds = model.metadata.thresholds
+            ran = ModelRun(model.ref, thresholds.as_thresholds() if thresholds else None)
 
-        def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            if declared(model.metadata):  # members x flips (x windows) per study
-                return {"output": np.stack([model_map(model, x) for x in inputs["input"]])}
-            return {"output": model.run(inputs["input"])}
+            def run(inputs: dict[str, np.ndarray], model: OnnxModel = model) -> dict[str, Any]:
+                return {"output": model_maps(model, inputs["input"])}
 
-        results = await asyncio.to_thread(run_batch, run, [{"input": x} for x in items])
-        return [ModelAnswer(r, ran) for r in results]
+            results = await asyncio.to_thread(
+                run_batch, run, [{"input": items[i][1]} for i in indices]
+            )
+            for i, result in zip(indices, results, strict=True):
+                answers[i] = ModelAnswer(result, ran)
+        return [a for a in answers if a is not None]
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=16)
@@ -209,51 +286,79 @@ class TriageIngress:
         detector: DeploymentHandle,
         post: DeploymentHandle,
         shadow: DeploymentHandle | None,
+        repository: str | None = None,
+        refs: dict[str, str] | None = None,
     ) -> None:
         self.pre, self.gland, self.detector, self.post = pre, gland, detector, post
         self.shadow = shadow
+        self.repository = Path(repository) if repository else None
+        self.last_error: dict[str, str] | None = None
+        self.pinned = pin_versions(self.repository, refs or {})
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Swap to the configured version set as one unit, or refuse it whole."""
+        try:
+            pinned = pin_versions(self.repository, config)
+        except ModelError as exc:
+            self.last_error = exc.to_dict()
+            log_event(log, "model set refused", logging.ERROR, refs=config, **exc.to_dict())
+            return
+        if pinned != self.pinned:
+            log_event(log, "model set swapped", old=self.pinned, new=pinned)
+        self.pinned, self.last_error = pinned, None
 
     async def predict(self, request: InferenceRequest) -> InferenceOutput:
+        pinned = self.pinned  # this request's versions, whatever a rollout does meanwhile
+        pair = (pinned["detector"], pinned["gland"])
         prepared, gland_in, detector_in = await self.pre.prepare.remote(
-            request.t2w, request.adc, request.hbv
+            pair, request.t2w, request.adc, request.hbv
         )
-        gland_resp = self.gland.infer.remote(gland_in)
-        detector_resp = self.detector.infer.remote(detector_in)
-        shadow_resp = self.shadow.infer.remote(detector_in) if self.shadow is not None else None
+        gland_resp = self.gland.infer.remote((pinned["gland"], gland_in))
+        detector_resp = self.detector.infer.remote((pinned["detector"], detector_in))
+        shadow_resp = None
+        if self.shadow is not None and "shadow" in pinned:
+            shadow_resp = self.shadow.infer.remote((pinned["shadow"], detector_in))
         gland_answer: ModelAnswer = await gland_resp
         detector_answer: ModelAnswer = await detector_resp
         gland_out = gland_answer.item.raise_for_error()["output"]
         detector_out = detector_answer.item.raise_for_error()["output"]
-        prediction: Prediction = await self.post.finish.remote(prepared, gland_out, detector_out)
-        ran = detector_answer.model
-        if ran.thresholds is None:  # refused at load; a guard, not a default
-            raise ModelError(f"detector {ran.ref.name}:{ran.ref.version} has no thresholds")
+        for role, answer in (("gland", gland_answer), ("detector", detector_answer)):
+            _check_pinned(role, answer, pinned[role])
+        prediction: Prediction = await self.post.finish.remote(
+            pair, prepared, gland_out, detector_out
+        )
+        ran, gland_ran = detector_answer.model, gland_answer.model
+        # guards: _check_pinned saw both answer; a detector without thresholds is refused at load
+        if ran is None or gland_ran is None or ran.thresholds is None:
+            raise ModelError(f"detector {pinned['detector']} has no thresholds")
         shadow = None
         if shadow_resp is not None:
-            shadow = await self._shadow(shadow_resp, prepared, gland_out, request)
+            shadow = await self._shadow(shadow_resp, pair, prepared, gland_out, request)
         return InferenceOutput(
             prediction,
             ran.ref,
             ran.thresholds,
             {"gland": gland_answer.item.batch_size, "detector": detector_answer.item.batch_size},
             shadow,
-            gland_answer.model.ref,
+            gland_ran.ref,
         )
 
     async def _shadow(
         self,
         response: DeploymentResponse[Any] | DeploymentResponseGenerator[Any],
-        prepared: PreparedCase,
+        pair: Pair,
+        prepared: PreparedCase | PreparedPair,
         gland_out: np.ndarray,
         request: InferenceRequest,
     ) -> ShadowOutput:
-        """The shadow detector's case likelihood; a failure is reported, never propagated."""
+        """The shadow detector's case likelihood, finished with the live pair's steps (its
+        grid is the one the inputs were prepared on); a failure is reported, never propagated."""
         ref: ModelRef | None = None
         try:
             answer: ModelAnswer = await response
-            ref = answer.model.ref
+            ref = answer.model.ref if answer.model is not None else None
             out = answer.item.raise_for_error()["output"]
-            pred: Prediction = await self.post.finish.remote(prepared, gland_out, out)
+            pred: Prediction = await self.post.finish.remote(pair, prepared, gland_out, out)
             return ShadowOutput(ref, pred.case_likelihood, len(pred.lesions))
         except Exception as exc:
             log_event(
@@ -266,13 +371,29 @@ class TriageIngress:
             return ShadowOutput(ref, error=f"{type(exc).__name__}: {exc}")
 
     async def current_detector(self) -> ModelRef:
-        return await self.detector.ref.remote()  # type: ignore[no-any-return]
+        info = await self.detector.info.remote(self.pinned["detector"])
+        return ModelRef(info["name"], info["version"], info["sha256"], digest=info["digest"])
 
     async def models(self) -> dict[str, Any]:
+        """Each role's pinned version (what the next request runs); `last_error` is why the
+        last configured set was refused, when it was."""
+        pinned = self.pinned
         roles = {"gland": self.gland, "detector": self.detector}
-        if self.shadow is not None:
+        if self.shadow is not None and "shadow" in pinned:
             roles["shadow"] = self.shadow
-        return {role: await h.info.remote() for role, h in roles.items()}
+        out = {}
+        for role, handle in roles.items():
+            info = await handle.info.remote(pinned[role])
+            out[role] = {**info, "last_error": self.last_error or info["last_error"]}
+        return out
+
+
+def _check_pinned(role: str, answer: ModelAnswer, pinned: str) -> None:
+    """A guard: the version that answered is the one the request was pinned to."""
+    ran = answer.model
+    if ran is None or f"{ran.ref.name}:{ran.ref.version}" != pinned:
+        got = f"{ran.ref.name}:{ran.ref.version}" if ran is not None else "none"
+        raise ModelError(f"{role} answered with {got}, but the request was pinned to {pinned}")
 
 
 #: Logical CPUs of the deployments that are not models (pre/post-processing and the ingress).
@@ -318,10 +439,6 @@ def build_app(settings: Settings, refs: dict[str, str] | None = None) -> Any:
     pre = Preprocessor.options(user_config=refs, ray_actor_options=stage).bind(*stage_args)
     post = Postprocessor.options(user_config=refs, ray_actor_options=stage).bind(*stage_args)
     shadow = model("shadow") if "shadow" in refs else None
-    return TriageIngress.options(ray_actor_options=stage).bind(
-        pre,
-        model("gland"),
-        model("detector"),
-        post,
-        shadow,
+    return TriageIngress.options(ray_actor_options=stage, user_config=refs).bind(
+        pre, model("gland"), model("detector"), post, shadow, repo, initial
     )

@@ -77,6 +77,7 @@ def decision_inputs(result: TriageResult) -> dict[str, object]:
         "domain_gate": result.domain_gate,
         "model": f"{model.name}:{model.version}" if model else None,
         "model_sha256": model.sha256 if model else None,
+        "model_digest": model.digest if model else None,
         "thresholds": result.thresholds,
         "referral": result.referral_urgency.value if result.referral_urgency else None,
         "referral_source": result.referral_source,

@@ -270,7 +270,9 @@ def _result(
     common: dict[str, Any] = {
         "study_instance_uid": uid,
         "priority": decision.priority,
-        "model": ModelInfo(name=model.name, version=model.version, sha256=model.sha256),
+        "model": ModelInfo(
+            name=model.name, version=model.version, sha256=model.sha256, digest=model.digest
+        ),
         "disclaimer": model.disclaimer,
         "series_used": dict(outcome.volumes.series_used) if outcome.volumes is not None else {},
         "referral_urgency": inputs.referral,
@@ -305,7 +307,9 @@ def _result(
         psa_density=psa_density(inputs.psa_ng_ml, prediction.gland_volume_ml),
         domain_gate=prediction.domain_gate,
         gland_model=(
-            ModelInfo(name=gland.name, version=gland.version, sha256=gland.sha256)
+            ModelInfo(
+                name=gland.name, version=gland.version, sha256=gland.sha256, digest=gland.digest
+            )
             if (gland := outcome.gland) is not None
             else None
         ),

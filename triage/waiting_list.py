@@ -615,7 +615,13 @@ class WaitingList:
         previous = Path(study.previous_sr_path) if study.previous_sr_path else None
         predecessor = pydicom.dcmread(previous) if previous and previous.is_file() else None
         model = (
-            ModelRef(new.model.name, new.model.version, new.model.sha256, new.disclaimer is None)
+            ModelRef(
+                new.model.name,
+                new.model.version,
+                new.model.sha256,
+                new.disclaimer is None,
+                digest=new.model.digest,
+            )
             if new.model
             else None
         )

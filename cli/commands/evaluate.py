@@ -40,7 +40,14 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--write-thresholds",
         action="store_true",
-        help="write the thresholds chosen on these cases into the model's metadata",
+        help="write the thresholds, calibration and gate fitted on these cases as a NEW "
+        "version of the model (NAME:VERSION-tN; versions are immutable); promote it with "
+        "`radtriage models promote`",
+    )
+    p.add_argument(
+        "--new-version",
+        metavar="VERSION",
+        help="with --write-thresholds: the new version's name (default: VERSION-tN)",
     )
     p.add_argument("--target-sensitivity", type=float, default=0.95)
     p.add_argument(
@@ -182,7 +189,7 @@ def _evaluate(args: argparse.Namespace, records: list[Any]) -> dict[str, Any]:
         with_calibrated,
         write_card_section,
     )
-    from models.metadata import METADATA_FILE, ThresholdSpec, read_metadata, write_metadata
+    from models.metadata import METADATA_FILE, ThresholdSpec
 
     version = _repository(args).resolve(args.model)
     md = version.metadata
@@ -194,6 +201,7 @@ def _evaluate(args: argparse.Namespace, records: list[Any]) -> dict[str, Any]:
         urgent_specificity=args.urgent_specificity,
     )
     written = None
+    new_version: str | None = None
     fitted: dict[str, Any] | None = None
     if args.write_thresholds:
         fit = fit_on_splits(
@@ -228,21 +236,23 @@ def _evaluate(args: argparse.Namespace, records: list[Any]) -> dict[str, Any]:
             scale="calibrated" if fit.calibration is not None else "raw",
             bands=fit.check_bands,
         )
-        path = version.path / METADATA_FILE
-        # thresholds, calibration and ood_gate change; the sha256 covers model.onnx only
+        # a version is immutable: the fit becomes a new version derived from this one
         update = {
             "thresholds": spec,
             "calibration": fit.calibration,
             "ood_gate": None if args.no_ood_gate else fit.gate,
         }
-        write_metadata(path, read_metadata(path).model_copy(update=update))
-        md = read_metadata(path)
+        derived = _repository(args).derive(
+            f"{md.name}:{md.version}", update, new_version=args.new_version
+        )
+        md = derived.metadata
         write_card_section(
-            version.path / md.model_card,
+            derived.path / md.model_card,
             model_card_section(fit, source=source),
             fit.choice.thresholds,
         )
-        written = str(path)
+        written = str(derived.path / METADATA_FILE)
+        new_version = f"{md.name}:{md.version}"
         fitted = fit.summary
         records = with_calibrated([records[i] for i in fit.check_index], fit.calibration)
     if md.thresholds is not None:
@@ -254,6 +264,7 @@ def _evaluate(args: argparse.Namespace, records: list[Any]) -> dict[str, Any]:
     summary["operating_points"] = json_safe(choice.to_dict())
     summary["thresholds_source"] = source
     summary["thresholds_written_to"] = written
+    summary["new_version"] = new_version
     summary["evaluated_on"] = "held-out check split" if fitted is not None else "all cases"
     summary["validation_fit"] = fitted
     summary["calibration_before_after"] = calibration_before_after(records, md.calibration)
@@ -271,6 +282,8 @@ def _evaluate(args: argparse.Namespace, records: list[Any]) -> dict[str, Any]:
         "name": md.name,
         "version": md.version,
         "sha256": md.sha256,
+        "digest": md.digest,
+        "derived_from": md.derived_from,
         "clinical_use": md.clinical_use,
     }
     summary["data"] = args.data
@@ -377,7 +390,10 @@ def _text(doc: dict[str, Any]) -> str:
         f"(target met: {op['meets_target']})"
     )
     if doc.get("thresholds_written_to"):
-        lines.append(f"thresholds written to {doc['thresholds_written_to']}")
+        lines.append(
+            f"new version {doc['new_version']} written ({doc['thresholds_written_to']}); "
+            f"it serves once promoted: radtriage models promote {doc['new_version']}"
+        )
     if doc.get("report"):
         lines.append(f"report: {doc['report']}")
     return "\n".join(lines)

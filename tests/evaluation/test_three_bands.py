@@ -103,6 +103,8 @@ def test_evaluate_write_thresholds_writes_calibration_bands_and_gate(tmp_path, c
         pytest.skip(f"no promoted bundled detector: {exc}")
     bundled_path = default_repository() / version.path.relative_to(repo) / "metadata.json"
     bundled_before = bundled_path.read_bytes()
+    source_before = (version.path / "metadata.json").read_bytes()
+    card_before = (version.path / "model_card.md").read_bytes()
     rc = main(
         [
             "evaluate",
@@ -124,12 +126,24 @@ def test_evaluate_write_thresholds_writes_calibration_bands_and_gate(tmp_path, c
     doc = json.loads(capsys.readouterr().out)
     assert doc["evaluated_on"] == "held-out check split"
     assert doc["bands"]["n_cases"] == doc["validation_fit"]["check_split"]["n"]
-    md = json.loads((version.path / "metadata.json").read_text())
+    # a version is immutable: the fit is a new version beside it, derived from it, not promoted
+    name, old = version.metadata.name, version.metadata.version
+    assert doc["new_version"] == f"{name}:{old}-t1"
+    written = Path(doc["thresholds_written_to"])
+    assert written == repo / name / f"{old}-t1" / "metadata.json"
+    assert (version.path / "metadata.json").read_bytes() == source_before
+    assert (version.path / "model_card.md").read_bytes() == card_before
+    new = ModelRepository(repo).verify(doc["new_version"])  # sealed, files intact
+    md = json.loads(written.read_text())
+    assert md["derived_from"] == f"{name}:{old}" and md["version"] == f"{old}-t1"
+    assert md["version_digest"] == new.metadata.content_digest() != version.metadata.digest
+    assert md["sha256"] == version.metadata.sha256  # same network, other thresholds
     assert md["calibration"]["method"] == "platt"
     assert md["thresholds"]["scale"] == "calibrated"
     assert "ppv" in md["thresholds"]["bands"]["urgent"]
     assert md["ood_gate"]["features"] == list(FEATURES)
-    assert CARD_BEGIN in (version.path / "model_card.md").read_text()
+    assert CARD_BEGIN in (written.parent / "model_card.md").read_text()
+    assert ModelRepository(repo).promoted(name) == old  # serving changes only on promotion
     assert bundled_path.read_bytes() == bundled_before  # the bundled model is untouched
 
 

@@ -94,9 +94,47 @@ def test_signature_mismatch_is_refused(tiny_repo: Path, edit) -> None:  # type: 
     path = tiny_repo / "cspca_detector" / "1.0.0" / METADATA_FILE
     md = json.loads(path.read_text())
     edit(md)
+    md.pop("version_digest", None)  # an unsealed (legacy) file: only the signature check is left
     path.write_text(json.dumps(md))  # sha256 still matches: only the signature is wrong
     with pytest.raises(ModelSignatureError, match="metadata"):
         OnnxModel.load(tiny_repo, "cspca_detector:1.0.0", device="cpu")
+
+
+def test_a_sealed_version_edited_in_place_is_refused(tiny_repo: Path) -> None:
+    """Thresholds cannot change under a version: any edit of a sealed metadata.json (here the
+    urgent threshold, the ONNX file untouched) makes the version unloadable, with what to do."""
+    path = tiny_repo / "cspca_detector" / "1.0.0" / METADATA_FILE
+    md = json.loads(path.read_text())
+    assert md["version_digest"] == read_metadata(path).content_digest()
+    md["thresholds"]["urgent"] = round(md["thresholds"]["urgent"] / 2, 6)
+    path.write_text(json.dumps(md))
+    with pytest.raises(ModelIntegrityError, match="immutable.*--write-thresholds"):
+        ModelRepository(tiny_repo).resolve("cspca_detector:1.0.0")
+    with pytest.raises(ModelIntegrityError):
+        OnnxModel.load(tiny_repo, "cspca_detector:1.0.0", device="cpu")
+
+
+def test_derive_writes_a_new_sealed_version_and_leaves_the_original(tiny_repo: Path) -> None:
+    repo = ModelRepository(tiny_repo)
+    source = repo.resolve("cspca_detector:1.0.0")
+    before = {p.name: p.read_bytes() for p in source.path.iterdir()}
+    assert source.metadata.thresholds is not None
+    thresholds = source.metadata.thresholds.model_copy(update={"urgent": 0.9, "source": "test"})
+    first = repo.derive("cspca_detector:1.0.0", {"thresholds": thresholds})
+    second = repo.derive("cspca_detector:1.0.0-t1", {"thresholds": thresholds})
+    assert (first.metadata.version, second.metadata.version) == ("1.0.0-t1", "1.0.0-t2")
+    assert first.metadata.derived_from == "cspca_detector:1.0.0"
+    assert first.metadata.thresholds is not None and first.metadata.thresholds.urgent == 0.9
+    assert first.metadata.digest != source.metadata.digest
+    assert first.metadata.model_ref().digest == first.metadata.version_digest
+    assert {p.name: p.read_bytes() for p in source.path.iterdir()} == before
+    repo.verify("cspca_detector:1.0.0-t1")  # the model file came along, intact
+    assert repo.versions("cspca_detector") == ["1.0.0", "1.0.0-t1", "1.0.0-t2", "1.1.0"]
+    with pytest.raises(InputError, match="immutable"):
+        repo.derive("cspca_detector:1.0.0", {}, new_version="1.0.0-t1")
+    with pytest.raises(InputError):
+        repo.derive("cspca_detector:1.0.0", {}, new_version="../escape")
+    assert not list((tiny_repo / "cspca_detector").glob(".*.tmp"))
 
 
 def test_resolve_and_promote(tiny_repo: Path) -> None:

@@ -16,6 +16,7 @@ import pytest
 
 from core.settings import Settings
 from imaging.study_reader import scan_study
+from models.repository import ModelRepository
 from triage.analysis import StudyAnalyser
 
 ray = pytest.importorskip("ray")
@@ -97,14 +98,18 @@ def test_bad_item_in_a_batch_fails_alone(app) -> None:
     nan[0, 0, 0, 0] = np.nan
     wrong_shape = np.zeros((3, 8, 64, 64), np.float32)
     items = [good, nan, good + 1, wrong_shape, good - 1]
-    answers = [r.result(timeout_s=60) for r in [detector.infer.remote(x) for x in items]]
-    assert {a.model.ref.version for a in answers} == {"1"}
+    pinned = [("cspca_detector:1", x) for x in items] + [("cspca_detector:2", good)]
+    answers = [r.result(timeout_s=60) for r in [detector.infer.remote(x) for x in pinned]]
+    # each item answered by the version it was pinned to, even within one batch
+    assert [a.model.ref.version for a in answers] == ["1"] * 5 + ["2"]
     results = [a.item for a in answers]
-    assert [r.ok for r in results] == [True, False, True, False, True]
+    assert [r.ok for r in results] == [True, False, True, False, True, True]
     assert "NaN" in results[1].error["message"]
     assert "expects batches of shape" in results[3].error["message"]
     assert results[0].raise_for_error()["output"].shape == (1, 16, 64, 64)
     assert max(r.batch_size for r in results) > 1
+    unpinned = detector.infer.remote(good).result(timeout_s=60)
+    assert unpinned.model is None and "NAME:VERSION" in unpinned.item.error["message"]
 
 
 def test_models_and_shadow_comparisons(
@@ -122,7 +127,12 @@ def test_models_and_shadow_comparisons(
 
 
 def test_rolling_update_swaps_versions_and_refuses_a_corrupt_one(
-    app, settings: Settings, model_repository: Path
+    app,
+    analyser: StudyAnalyser,
+    settings: Settings,
+    model_repository: Path,
+    phantoms: dict[str, Path],
+    tmp_path: Path,
 ) -> None:
     """New versions arrive through user_config; a tampered file never replaces a good model."""
     from serving.deployments import APP_NAME, build_app
@@ -139,10 +149,30 @@ def test_rolling_update_swaps_versions_and_refuses_a_corrupt_one(
         "shadow": "cspca_detector:3",
     }
     try:
+        # a set with one tampered version is refused whole: the detector does not move either
         serve.run(build_app(settings, refs), name=APP_NAME, route_prefix=None)
         models = app.models.remote().result(timeout_s=30)
-        assert models["detector"]["version"] == "2" and models["detector"]["last_error"] is None
+        assert models["detector"]["version"] == "1"
         assert models["shadow"]["version"] == "2"  # still the verified one it had
-        assert models["shadow"]["last_error"]["code"] == "model_integrity"
+        assert models["detector"]["last_error"]["code"] == "model_integrity"
+        # a good set swaps as one unit, and a study records exactly what scored it
+        serve.run(
+            build_app(settings, {**refs, "shadow": "cspca_detector:2"}),
+            name=APP_NAME,
+            route_prefix=None,
+        )
+        models = app.models.remote().result(timeout_s=30)
+        assert models["detector"]["version"] == "2" and models["detector"]["last_error"] is None
+        v2 = ModelRepository(model_repository).resolve("cspca_detector:2").metadata
+        assert models["detector"]["digest"] == v2.digest
+        analysis = analyser.analyse(scan_study(phantoms["negative"]), tmp_path)
+        assert analysis.result.model.version == "2"
+        assert analysis.result.model.digest == v2.digest
+        assert v2.thresholds is not None
+        assert analysis.result.thresholds == {
+            "urgent": v2.thresholds.urgent,
+            "soon": v2.thresholds.soon,
+        }
     finally:
         shutil.rmtree(corrupt)
+        serve.run(build_app(settings), name=APP_NAME, route_prefix=None)
