@@ -12,7 +12,7 @@ import torch
 from cli.main import main
 from core.domain import Volume
 from models.metadata import GridSpec, InferenceSpec, InputSpec, ModelMetadata, Normalisation
-from models.pipeline import declared, forward_map
+from models.pipeline import declared, forward_map, forward_maps
 from models.preprocessing import centre_offset, cut_box, normalise, place_in_box
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,6 +80,33 @@ def test_forward_map_flips_back_activates_and_averages_members() -> None:
     got = forward_map(md, [identity, shifted], x)
     want = (torch.sigmoid(torch.from_numpy(3 * x)) + torch.sigmoid(torch.from_numpy(3 * x + 1))) / 2
     np.testing.assert_allclose(got, want.numpy(), atol=1e-6)
+
+
+def test_an_ensemble_batch_runs_each_member_once_and_equals_study_by_study() -> None:
+    """Dynamic batching reaches the members: N studies x flips go through each member in one
+    call, and each study's map is exactly what it gets alone (a flip or member mixed up between
+    studies would differ: the studies are different noise)."""
+    xs = np.random.default_rng(1).standard_normal((3, 1, 2, 4, 4)).astype(np.float32)
+    md = _tiny(
+        InferenceSpec(tta_flips=("x", "y"), activation="sigmoid", channel=1, smoothing_sigma=0.7)
+    )
+    calls: list[int] = []
+
+    def member(scale: float):  # type: ignore[no-untyped-def]
+        def run(b: np.ndarray) -> np.ndarray:
+            calls.append(len(b))
+            return np.concatenate([b, scale * b + np.arange(4, dtype=np.float32)], axis=1)
+
+        return run
+
+    members = [member(2.0), member(-1.5)]
+    batched = forward_maps(md, members, xs)
+    assert calls == [9, 9]  # 3 studies x 3 augmentations, once per member
+    calls.clear()
+    alone = np.stack([forward_map(md, members, x) for x in xs])
+    assert calls == [3] * 6
+    np.testing.assert_array_equal(batched, alone)
+    assert not np.allclose(alone[0], alone[1])
 
 
 def test_import_picai_unet_refuses_a_folder_without_folds(
