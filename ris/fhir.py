@@ -42,7 +42,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -60,6 +59,7 @@ from sqlalchemy.orm import Session
 
 from core import codes
 from core.domain import Priority, ReferralUrgency, TriageResult
+from core.periodic import Periodic
 from ris.orders import (
     SUSPECTED_CANCER_CODES,
     Order,
@@ -532,8 +532,7 @@ class FhirSender:
         self.timeout_s = timeout_s
         self.interval_s = interval_s
         self.clock = clock
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._rounds = Periodic(self.run_once, interval_s, "radtriage-fhir-push")
 
     def _put(self, resource: dict[str, Any]) -> None:
         from urllib.parse import quote
@@ -577,24 +576,11 @@ class FhirSender:
                 )
         return pushed
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except Exception:
-                log.exception("FHIR push round failed; continuing")
-            self._stop.wait(self.interval_s)
-
     def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="radtriage-fhir-push", daemon=True)
-        self._thread.start()
+        self._rounds.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        self._thread = None
+        self._rounds.stop(timeout)
 
 
 def _caller(request: Request) -> dict[str, str]:

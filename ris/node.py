@@ -5,11 +5,11 @@ and stopped together like `dicom_node.node.DicomNode`."""
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from core.periodic import Periodic
 from core.settings import Hl7Settings
 from ris.fhir import FhirSender
 from ris.hl7_listener import Hl7Listener
@@ -42,33 +42,17 @@ class RisNode:
             else None
         )
         self.poll_s = poll_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _sends(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.sender.run_once()
-            except Exception:
-                log.exception("HL7 sender round failed; continuing")
-            self._stop.wait(self.poll_s)
+        self._sends = Periodic(self.sender.run_once, poll_s, "radtriage-hl7-sender")
 
     def start(self) -> None:
         if self.listener is not None:
             self.listener.start()
         if self.fhir is not None:
             self.fhir.start()
-        self._stop.clear()
-        self._thread = threading.Thread(
-            target=self._sends, name="radtriage-hl7-sender", daemon=True
-        )
-        self._thread.start()
+        self._sends.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        self._sends.stop(timeout)
         if self.fhir is not None:
             self.fhir.stop()
         if self.listener is not None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from sqlalchemy.orm import Session
 
 from core import codes
 from core.domain import ModelInfo, ModelRef, Priority, ReferralUrgency, StudyStatus, TriageResult
+from core.periodic import Periodic
 from core.priority import Override, PriorityDecision, Thresholds, days_waited, decide_priority
 from core.settings import Hl7Settings, Settings, TriageSettings
 from dicom_node.jobs import enqueue_document
@@ -704,30 +704,18 @@ class LiveWaitingList:
         self.poll_s = poll_s
         self.full_every_s = settings.triage.tick_s
         self.clock = clock
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._last_full = -float("inf")
+        self._ticks = Periodic(self._tick, poll_s, "radtriage-waiting-list")
 
-    def _ticks(self) -> None:
-        last_full = -float("inf")
-        while not self._stop.is_set():
-            try:
-                full = self.clock() - last_full >= self.full_every_s
-                self.waiting_list.tick(only_changed=not full)
-                if full:
-                    last_full = self.clock()
-            except Exception:
-                log.exception("waiting-list tick failed; continuing")
-            self._stop.wait(self.poll_s)
+    def _tick(self) -> None:
+        """Studies whose inputs changed every round; every study each `tick_s`."""
+        full = self.clock() - self._last_full >= self.full_every_s
+        self.waiting_list.tick(only_changed=not full)
+        if full:
+            self._last_full = self.clock()
 
     def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(
-            target=self._ticks, name="radtriage-waiting-list", daemon=True
-        )
-        self._thread.start()
+        self._ticks.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        self._ticks.stop(timeout)
