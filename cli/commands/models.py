@@ -114,7 +114,12 @@ def run_list(args: argparse.Namespace) -> int:
         mark = "*" if r["promoted"] else " "
         size = f"{(r['size_bytes'] or 0) / 1e6:.2f} MB"
         use = "clinical" if r["clinical_use"] else "NOT FOR CLINICAL USE"
-        print(f"{mark} {r['name']}:{r['version']}  {r['task']}  {size}  {use}  {r['sha256'][:12]}")
+        seal = f"digest {r['digest'][:12]}" + ("" if r["sealed"] else " (unsealed)")
+        origin = f"  from {r['derived_from']}" if r["derived_from"] else ""
+        print(
+            f"{mark} {r['name']}:{r['version']}  {r['task']}  {size}  {use}  "
+            f"sha256 {r['sha256'][:12]}  {seal}{origin}"
+        )
     return 0
 
 
