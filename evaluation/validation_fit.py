@@ -58,6 +58,7 @@ class GatedRecorder:
             pipeline.detector_metadata = md.model_copy(update={"ood_gate": None})
         gland = getattr(pipeline, "gland_metadata", None)
         self.gland_model = f"{gland.name}:{gland.version}" if gland is not None else None
+        self.declared = not getattr(pipeline, "shared_grid", True)
         self.calls: list[dict[str, Any]] = []
 
     def predict(self, t2w: Volume, adc: Volume, hbv: Volume) -> Prediction:
@@ -68,7 +69,8 @@ class GatedRecorder:
         applies = (
             self.gate is not None
             and bool(features)
-            and not_applicable(self.gate, features, self.gland_model) is None
+            and not_applicable(self.gate, features, self.gland_model, declared=self.declared)
+            is None
         )
         check = self.gate.check(features) if applies and self.gate is not None else None
         self.calls.append(

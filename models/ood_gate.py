@@ -33,8 +33,9 @@ quantiles are taken in), so `OodGateSpec.gland_model` records the NAME:VERSION i
 with. Run with another gland model the gate does not apply: the verdict is "not_fitted" with a
 `reason` naming both (the study is analysed and every result says the domain was not checked;
 refusing would drop the AI's opinion for a pairing choice, applying would pass studies on
-another model's uncertainty). A gate without `gland_model` (fitted before it was recorded)
-applies to any gland, as it always did.
+another model's uncertainty). A gate without `gland_model` (fitted before it was recorded, on
+the 0.2.0 shared-grid path) still applies to shared-grid pairs, as it always did, but never to a
+declared pair: its features were computed another way, with another gland model.
 """
 
 from __future__ import annotations
@@ -279,10 +280,21 @@ def unchecked(features: Mapping[str, float], reason: str | None = None) -> Domai
 
 
 def not_applicable(
-    spec: OodGateSpec, features: Mapping[str, float], gland_model: str | None
+    spec: OodGateSpec,
+    features: Mapping[str, float],
+    gland_model: str | None,
+    *,
+    declared: bool = False,
 ) -> str | None:
     """Why `spec` cannot judge this study (None: it can): fitted with another gland model than
-    `gland_model` (NAME:VERSION), or on features this pipeline does not compute."""
+    `gland_model` (NAME:VERSION), fitted without recording one while the pair is `declared`, or
+    on features this pipeline does not compute."""
+    if spec.gland_model is None and declared:
+        return (
+            "the gate was fitted on the shared-grid path before its gland model was recorded; "
+            "it does not apply to this declared pair: fit one with radtriage evaluate "
+            "--write-thresholds"
+        )
     if spec.gland_model is not None and gland_model is not None and spec.gland_model != gland_model:
         return (
             f"the gate was fitted with gland model {spec.gland_model}, this study ran with "

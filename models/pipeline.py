@@ -203,7 +203,7 @@ class PipelineSteps:
             gland_entropy,
         )
         # raises OutsideValidatedDomainError; "not_fitted" without a gate fitted for this pair
-        domain = check_domain(d.ood_gate, features, f"{g.name}:{g.version}")
+        domain = check_domain(d.ood_gate, features, f"{g.name}:{g.version}", declared=True)
         if d.lesions.method == "report_guided_dynamic":
             found = detect(d.lesions, likelihood)
             raw = found.case_likelihood

@@ -63,14 +63,19 @@ class CalibratedPrediction(Prediction):
 
 
 def check_domain(
-    spec: OodGateSpec | None, features: Mapping[str, float], gland_model: str | None = None
+    spec: OodGateSpec | None,
+    features: Mapping[str, float],
+    gland_model: str | None = None,
+    *,
+    declared: bool = False,
 ) -> DomainCheck:
     """The gate's verdict; raise `OutsideValidatedDomainError` for a study outside it. A gate
-    fitted with another gland model than `gland_model` (NAME:VERSION), or on features this
-    pipeline lacks, does not apply: "not_fitted" with the reason (models/ood_gate.py)."""
+    fitted with another gland model than `gland_model` (NAME:VERSION), without one recorded on a
+    `declared` pair, or on features this pipeline lacks, does not apply: "not_fitted" with the
+    reason (models/ood_gate.py)."""
     if spec is None:
         return unchecked(features)
-    reason = not_applicable(spec, features, gland_model)
+    reason = not_applicable(spec, features, gland_model, declared=declared)
     if reason is not None:
         return unchecked(features, reason)
     result = spec.check(features)

@@ -79,6 +79,7 @@ mask_threshold = 0.5
 def _pointwise_onnx(path: Path, weights: list[list[float]], bias: list[float]) -> Path:
     """A 1x1x1 convolution (outputs = weights @ channels + bias) as ONNX, batch axis dynamic."""
     w = np.asarray(weights, dtype=np.float32)[:, :, None, None, None]
+    b = np.asarray(bias, dtype=np.float32)
     dims = ["batch", w.shape[1], "z", "y", "x"]
     graph = helper.make_graph(
         [helper.make_node("Conv", ["input", "w", "b"], ["output"], kernel_shape=[1, 1, 1])],
@@ -89,7 +90,7 @@ def _pointwise_onnx(path: Path, weights: list[list[float]], bias: list[float]) -
                 "output", TensorProto.FLOAT, ["batch", w.shape[0], *dims[2:]]
             )
         ],
-        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.float32(bias), "b")],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.save(model, str(path))
@@ -124,7 +125,8 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     writes)."""
     tmp = tmp_path_factory.mktemp("declared_gate")
     repo = tmp / "repo"
-    shutil.copytree(default_repository() / "prostate_gland", repo / "prostate_gland")
+    for name in ("prostate_gland", "cspca_detector"):
+        shutil.copytree(default_repository() / name, repo / name)
     # csPCa logit = 2 hbv - 1 adc - 3 (z-scored): bright on high b, dark on ADC
     det = _pointwise_onnx(tmp / "det.onnx", [[0, 0, 0], [0, -1.0, 2.0]], [0.0, -3.0])
     _import(repo, det, DETECTOR_TOML, "tiny_det")
@@ -222,6 +224,13 @@ def test_a_gate_fitted_with_another_gland_model_does_not_apply(fitted: dict[str,
     # the one-channel gland's binary entropy is a feature all the same
     assert domain.features["gland_entropy"] > 0
     assert set(domain.features) == set(FEATURES)
+    # the bundled detector's gate (fitted on its shared grid, no gland recorded) with a declared
+    # gland model: not applied either (as with TAPS in tests/serving/test_serve_taps.py)
+    bundled = _pipeline(fitted["repo"], "cspca_detector:0.2.0", "tiny_gland:1")
+    gate = bundled.detector_metadata.ood_gate
+    assert gate is not None and gate.gland_model is None
+    legacy = bundled.predict(case.t2w, case.adc, case.hbv).domain  # type: ignore[attr-defined]
+    assert legacy.verdict == "not_fitted" and "declared" in legacy.reason
 
 
 # --- fast: no network ---------------------------------------------------------------------
@@ -240,9 +249,14 @@ def test_gland_mismatch_is_not_fitted_with_a_reason_and_no_record_applies_to_any
         check_domain(gate, far, "g:1")
     other = check_domain(gate, far, "g:2")
     assert other.verdict == "not_fitted" and "g:1" in (other.reason or "")
+    # fitted before the gland was recorded: still acts on a shared-grid pair, not on a declared
     legacy = gate.model_copy(update={"gland_model": None})
     with pytest.raises(OutsideValidatedDomainError):
         check_domain(legacy, far, "g:2")
+    on_declared = check_domain(legacy, far, "g:1", declared=True)
+    assert on_declared.verdict == "not_fitted" and "declared" in (on_declared.reason or "")
+    with pytest.raises(OutsideValidatedDomainError):
+        check_domain(gate, far, "g:1", declared=True)
     missing = check_domain(gate, {k: v for k, v in fit[0].items() if not k.startswith("adc")})
     assert missing.verdict == "not_fitted" and "adc_q05" in (missing.reason or "")
 
