@@ -240,7 +240,7 @@ def _features(rng: np.random.Generator, names: tuple[str, ...] = FEATURES) -> di
     return {f: float(rng.normal()) for f in names}
 
 
-def test_gland_mismatch_is_not_fitted_with_a_reason_and_no_record_applies_to_any() -> None:
+def test_gland_mismatch_is_not_fitted_and_an_unrecorded_gland_acts_on_shared_only() -> None:
     rng = np.random.default_rng(0)
     fit = [_features(rng) for _ in range(12)]
     gate = fit_ood_gate(fit[:6], fit[6:], source="test", gland_model="g:1")
