@@ -12,6 +12,9 @@ split and a held-out *check* split:
 
 `GatedRecorder` wraps the pipeline under evaluation so that each case's raw score, gate
 features and verdict are kept: evaluation sees every case (the gate is reported, not enforced).
+The gate is fitted on the features every calibration case has (a declared detector without an
+ADC input has no ADC quantiles) and records the gland model (NAME:VERSION) the cases ran with:
+it applies only with that gland model.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from evaluation.operating_points import (
     stratified_split,
 )
 from models.calibration import CalibrationSpec, calibrate, fit_calibration
-from models.ood_gate import DomainCheck, OodGateSpec, fit_ood_gate
+from models.ood_gate import FEATURES, DomainCheck, OodGateSpec, fit_ood_gate, not_applicable
 
 CARD_BEGIN = "<!-- radtriage evaluate: bands -->"
 CARD_END = "<!-- /radtriage evaluate: bands -->"
@@ -53,6 +56,9 @@ class GatedRecorder:
         self.gate: OodGateSpec | None = md.ood_gate if md is not None else None
         if md is not None and md.ood_gate is not None:
             pipeline.detector_metadata = md.model_copy(update={"ood_gate": None})
+        gland = getattr(pipeline, "gland_metadata", None)
+        self.gland_model = f"{gland.name}:{gland.version}" if gland is not None else None
+        self.declared = not getattr(pipeline, "shared_grid", True)
         self.calls: list[dict[str, Any]] = []
 
     def predict(self, t2w: Volume, adc: Volume, hbv: Volume) -> Prediction:
@@ -60,11 +66,18 @@ class GatedRecorder:
         raw = getattr(p, "raw_case_likelihood", None)
         domain: DomainCheck | None = getattr(p, "domain", None)
         features = dict(domain.features) if domain is not None else {}
-        check = self.gate.check(features) if self.gate is not None and features else None
+        applies = (
+            self.gate is not None
+            and bool(features)
+            and not_applicable(self.gate, features, self.gland_model, declared=self.declared)
+            is None
+        )
+        check = self.gate.check(features) if applies and self.gate is not None else None
         self.calls.append(
             {
                 "raw_likelihood": p.case_likelihood if raw is None else raw,
                 "features": features,
+                "gland_model": self.gland_model,
                 "gate": check.verdict if check is not None else None,
                 "gate_distance": check.distance if check is not None else None,
             }
@@ -158,7 +171,9 @@ def fit_on_splits(
     )
     gate = None
     feats = [r.extra.get("features") or {} for r in cal]
-    if all(feats) and len(feats) >= 10:
+    names = [f for f in FEATURES if all(f in x for x in feats)]
+    glands = {r.extra.get("gland_model") for r in cal}
+    if all(feats) and len(feats) >= 10 and names:
         half = len(feats) // 2
         gate = fit_ood_gate(
             feats[:half],
@@ -166,6 +181,8 @@ def fit_on_splits(
             alpha=gate_alpha,
             outside_factor=gate_outside_factor,
             source=f"{where}: fitted on {half} cases, conformal distance on {len(feats) - half}",
+            features=names,
+            gland_model=glands.pop() if len(glands) == 1 else None,
         )
     check_scores = np.asarray(calibrate(np.array([_raw(r) for r in check]), spec), dtype=float)
     bands = json_safe(

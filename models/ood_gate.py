@@ -19,6 +19,23 @@ pipeline raises `core.errors.OutsideValidatedDomainError` and the study is `not_
 reason `outside_validated_domain`. Between the two it is flagged low confidence, which may raise
 the priority shown (never lower it). No `ood_gate` in metadata = no gate: the verdict is
 "not_fitted" and every result, SR and ORU says the domain was not checked.
+
+Declared pipelines (`declared_domain_features`: PI-CAI U-Net, TAPS, any `models import
+--pipeline`) compute the same features from what their path has: the detector's normalised inputs
+on its own grid inside the T2W gland mapped there, the T2W gland's volume, the T2W geometry, the
+gland model's entropy (softmax entropy of a 3-channel model on its grid, binary entropy of a
+one-channel sigmoid model on the T2W grid) and the detector's binary entropy inside the T2W
+gland. A channel the detector does not take has no quantiles: those features are absent (never
+zero-filled), and a gate fitted on such studies lists only the features it had.
+
+The gland model is part of what the gate measures (gland entropy and volume, the region the
+quantiles are taken in), so `OodGateSpec.gland_model` records the NAME:VERSION it was fitted
+with. Run with another gland model the gate does not apply: the verdict is "not_fitted" with a
+`reason` naming both (the study is analysed and every result says the domain was not checked;
+refusing would drop the AI's opinion for a pairing choice, applying would pass studies on
+another model's uncertainty). A gate without `gland_model` (fitted before it was recorded, on
+the 0.2.0 shared-grid path) still applies to shared-grid pairs, as it always did, but never to a
+declared pair: its features were computed another way, with another gland model.
 """
 
 from __future__ import annotations
@@ -72,6 +89,50 @@ def _entropy(p: np.ndarray, axis: int | None = None) -> np.ndarray:
     return -(q * np.log(q)).sum(axis=axis) if axis is not None else -(q * np.log(q))
 
 
+def central_box(shape: Sequence[int]) -> np.ndarray:
+    """The middle half of a (Z, Y, X) grid: where the features look when no gland was found."""
+    box = np.zeros(tuple(shape), dtype=bool)
+    z, y, x = box.shape
+    box[z // 4 : z - z // 4, y // 4 : y - y // 4, x // 4 : x - x // 4] = True
+    return box
+
+
+def _channel_quantiles(
+    image: np.ndarray, channels: Sequence[str], region: np.ndarray, *, absent_as_zero: bool
+) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for c in CHANNELS:
+        if c not in channels and not absent_as_zero:
+            continue
+        values = image[list(channels).index(c)][region] if c in channels else np.zeros(1)
+        for q, v in zip(QUANTILES, np.percentile(values, QUANTILES), strict=True):
+            out[f"{c}_q{q:02d}"] = float(v)
+    return out
+
+
+def _acquisition(reference: Volume) -> dict[str, float]:
+    out = {f"t2w_spacing_{a}_mm": float(s) for a, s in zip("xyz", reference.spacing, strict=True)}
+    out["obliquity_deg"] = obliquity_deg(reference.direction)
+    return out
+
+
+def softmax_entropy(gland_probabilities: np.ndarray) -> float:
+    """Mean entropy of a (bg, PZ, TZ) softmax where PZ + TZ >= 0.05 (0 when nowhere)."""
+    around = gland_probabilities[1:].sum(axis=0) >= 0.05
+    return float(_entropy(gland_probabilities[:, around], axis=0).mean()) if around.any() else 0.0
+
+
+def binary_entropy(p: np.ndarray) -> np.ndarray:
+    q = np.clip(p, 0.0, 1.0)
+    return _entropy(q) + _entropy(1.0 - q)
+
+
+def sigmoid_entropy(gland_probability: np.ndarray) -> float:
+    """Mean binary entropy of a one-channel gland probability where it is >= 0.05."""
+    around = gland_probability >= 0.05
+    return float(binary_entropy(gland_probability[around]).mean()) if around.any() else 0.0
+
+
 def domain_features(
     image: np.ndarray,
     channels: Sequence[str],
@@ -85,25 +146,45 @@ def domain_features(
     gland = zones_grid > 0
     n_gland = int(gland.sum())
     if n_gland < MIN_GLAND_VOXELS:  # no plausible gland: describe the central box instead
-        gland = np.zeros_like(gland)
-        z, y, x = gland.shape
-        gland[z // 4 : z - z // 4, y // 4 : y - y // 4, x // 4 : x - x // 4] = True
-    out: dict[str, float] = {}
-    for c in CHANNELS:
-        values = image[list(channels).index(c)][gland] if c in channels else np.zeros(1)
-        for q, v in zip(QUANTILES, np.percentile(values, QUANTILES), strict=True):
-            out[f"{c}_q{q:02d}"] = float(v)
+        gland = central_box(gland.shape)
+    out = _channel_quantiles(image, channels, gland, absent_as_zero=True)
     voxel_ml = float(np.prod(grid_spacing_xyz)) / 1000.0
     out["gland_volume_ml"] = n_gland * voxel_ml if n_gland >= MIN_GLAND_VOXELS else 0.0
-    for axis, s in zip("xyz", reference.spacing, strict=True):
-        out[f"t2w_spacing_{axis}_mm"] = float(s)
-    out["obliquity_deg"] = obliquity_deg(reference.direction)
-    around = gland_probabilities[1:].sum(axis=0) >= 0.05
-    out["gland_entropy"] = (
-        float(_entropy(gland_probabilities[:, around], axis=0).mean()) if around.any() else 0.0
-    )
-    lik = np.clip(likelihood_grid[gland], 0.0, 1.0)
-    out["detector_entropy"] = float((_entropy(lik) + _entropy(1.0 - lik)).mean())
+    out.update(_acquisition(reference))
+    out["gland_entropy"] = softmax_entropy(gland_probabilities)
+    out["detector_entropy"] = float(binary_entropy(likelihood_grid[gland]).mean())
+    return out
+
+
+def declared_domain_features(
+    detector_image: np.ndarray,
+    detector_channels: Sequence[str],
+    gland_on_detector_grid: np.ndarray,
+    gland_t2w: np.ndarray,
+    likelihood_t2w: np.ndarray,
+    reference: Volume,
+    gland_entropy: float,
+) -> dict[str, float]:
+    """The gate's features of one study on a declared pipeline (see module doc).
+
+    `detector_image` is the detector's normalised (C, Z, Y, X) input, `gland_on_detector_grid`
+    the T2W gland resampled onto that grid; `gland_t2w` and `likelihood_t2w` (the detector's
+    map, before calibration) are on the T2W grid `reference`. Where no plausible gland was found
+    (< `MIN_GLAND_VOXELS`) the central box of each grid stands in and the volume is 0.
+    """
+    on_grid = gland_on_detector_grid > 0
+    if int(on_grid.sum()) < MIN_GLAND_VOXELS:
+        on_grid = central_box(on_grid.shape)
+    out = _channel_quantiles(detector_image, detector_channels, on_grid, absent_as_zero=False)
+    gland = gland_t2w > 0
+    n_gland = int(gland.sum())
+    if n_gland < MIN_GLAND_VOXELS:
+        gland = central_box(gland.shape)
+    voxel_ml = float(np.prod(reference.spacing)) / 1000.0
+    out["gland_volume_ml"] = n_gland * voxel_ml if n_gland >= MIN_GLAND_VOXELS else 0.0
+    out.update(_acquisition(reference))
+    out["gland_entropy"] = float(gland_entropy)
+    out["detector_entropy"] = float(binary_entropy(likelihood_t2w[gland]).mean())
     return out
 
 
@@ -115,6 +196,7 @@ class DomainCheck:
     distance: float | None  # Mahalanobis distance to the validation set (None: no gate)
     features: Mapping[str, float]
     furthest: tuple[tuple[str, float], ...] = ()  # (feature, standardised deviation), worst first
+    reason: str | None = None  # why a fitted gate was not applied ("not_fitted" only)
 
     @property
     def low_confidence(self) -> bool:
@@ -123,7 +205,8 @@ class DomainCheck:
     def describe(self) -> str:
         worst = ", ".join(f"{name} {z:+.1f} SD" for name, z in self.furthest[:3])
         d = "n/a" if self.distance is None else f"{self.distance:.1f}"
-        return f"distance {d} from the validation set (furthest: {worst or 'n/a'})"
+        text = f"distance {d} from the validation set (furthest: {worst or 'n/a'})"
+        return f"{text}; {self.reason}" if self.reason else text
 
 
 class OodGateSpec(BaseModel):
@@ -144,6 +227,12 @@ class OodGateSpec(BaseModel):
     n_fit: int = Field(ge=1)
     n_threshold: int = Field(ge=1)
     source: str
+    gland_model: str | None = Field(
+        default=None,
+        description="NAME:VERSION of the gland model the features were computed with; with "
+        "another gland model the gate does not apply (verdict not_fitted). None: fitted before "
+        "this was recorded, applies to any gland model",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> OodGateSpec:
@@ -184,10 +273,37 @@ class OodGateSpec(BaseModel):
         return DomainCheck(verdict, d, dict(features), furthest)
 
 
-def unchecked(features: Mapping[str, float]) -> DomainCheck:
-    """The answer of a model without a fitted gate: not checked ("not_fitted"), never
-    "in_domain" by assumption; every result says so."""
-    return DomainCheck("not_fitted", None, dict(features), ())
+def unchecked(features: Mapping[str, float], reason: str | None = None) -> DomainCheck:
+    """The answer of a model without a fitted gate (or one that does not apply, `reason`): not
+    checked ("not_fitted"), never "in_domain" by assumption; every result says so."""
+    return DomainCheck("not_fitted", None, dict(features), (), reason)
+
+
+def not_applicable(
+    spec: OodGateSpec,
+    features: Mapping[str, float],
+    gland_model: str | None,
+    *,
+    declared: bool = False,
+) -> str | None:
+    """Why `spec` cannot judge this study (None: it can): fitted with another gland model than
+    `gland_model` (NAME:VERSION), fitted without recording one while the pair is `declared`, or
+    on features this pipeline does not compute."""
+    if spec.gland_model is None and declared:
+        return (
+            "the gate was fitted on the shared-grid path before its gland model was recorded; "
+            "it does not apply to this declared pair: fit one with radtriage evaluate "
+            "--write-thresholds"
+        )
+    if spec.gland_model is not None and gland_model is not None and spec.gland_model != gland_model:
+        return (
+            f"the gate was fitted with gland model {spec.gland_model}, this study ran with "
+            f"{gland_model}; fit one for this pair with radtriage evaluate --write-thresholds"
+        )
+    missing = [f for f in spec.features if f not in features]
+    if missing:
+        return f"the gate needs features this pipeline does not compute: {missing}"
+    return None
 
 
 def fit_ood_gate(
@@ -198,6 +314,7 @@ def fit_ood_gate(
     outside_factor: float = 2.0,
     source: str,
     features: Sequence[str] = FEATURES,
+    gland_model: str | None = None,
 ) -> OodGateSpec:
     """Fit the gate on `fit` cases and set its distance thresholds on `threshold` cases (split
     conformal: the ceil((n + 1)(1 - alpha))-th smallest distance, or the largest when n is
@@ -228,6 +345,7 @@ def fit_ood_gate(
         n_fit=len(fit),
         n_threshold=len(threshold),
         source=source,
+        gland_model=gland_model,
     )
     d = np.sort([spec.distance(f) for f in threshold])
     k = math.ceil((d.size + 1) * (1 - alpha))

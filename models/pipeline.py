@@ -25,7 +25,12 @@ from core.priority import Thresholds
 from models.calibration import CalibrationSpec, calibrate
 from models.metadata import GridSpec, InferenceSpec, InputSpec, LesionSpec, ModelMetadata
 from models.onnx_runner import OnnxModel
-from models.ood_gate import domain_features
+from models.ood_gate import (
+    declared_domain_features,
+    domain_features,
+    sigmoid_entropy,
+    softmax_entropy,
+)
 from models.postprocessing import (
     WHOLE_GLAND,
     CalibratedPrediction,
@@ -39,7 +44,7 @@ from models.postprocessing import (
     zones_from_probabilities,
     zones_from_pz_tz,
 )
-from models.preprocessing import PreparedCase, prepare_case
+from models.preprocessing import PreparedCase, prepare_case, resample_to_reference
 from models.repository import default_repository
 
 __all__ = ["TriagePipeline", "default_repository"]
@@ -79,7 +84,9 @@ class PipelineSteps:
 
     0.2.0-style pairs share one model grid and one `PreparedCase`; any other pair (declared
     pipelines: PI-CAI baseline, TAPS, ...) prepares one case per model (`PreparedPair`) and
-    maps each output back to the T2W grid on its own."""
+    maps each output back to the T2W grid on its own. Both compute the out-of-distribution
+    gate's features (`models.ood_gate`) and check the detector's `ood_gate`, which applies only
+    with the gland model it was fitted with (otherwise "not_fitted", with the reason)."""
 
     def __init__(self, detector: ModelMetadata, gland: ModelMetadata) -> None:
         d, g = detector, gland
@@ -163,9 +170,12 @@ class PipelineSteps:
         reference = prepared.detector.reference
         gland_map = gland_out[0] if gland_out.ndim == 5 else gland_out
         if len(g.output_channels) == 1 or gland_map.shape[0] == 1:
-            zones_array = gland_mask(g, map_to_t2w(g, prepared.gland, gland_map)) * WHOLE_GLAND
+            gland_probability = map_to_t2w(g, prepared.gland, gland_map)
+            zones_array = gland_mask(g, gland_probability) * WHOLE_GLAND
+            gland_entropy = sigmoid_entropy(gland_probability[0])
         else:
             probabilities = _single(gland_map, 3, "gland")
+            gland_entropy = softmax_entropy(probabilities)
             zones_grid = zones_from_probabilities(probabilities)
             pz, tz = (
                 prepared.gland.to_reference(p, order=1).array
@@ -183,10 +193,17 @@ class PipelineSteps:
             )
         likelihood = np.clip(np.nan_to_num(likelihood, nan=0.0), 0.0, 1.0).astype(np.float32)
         likelihood_volume = reference.with_array(likelihood)
-        # A gate is fitted on the features of the pair it was evaluated with (the gland model's
-        # entropy and volume among them, on a shared grid); a declared pair has no such fit yet,
-        # so its results say "not_fitted" rather than passing it in domain by assumption.
-        domain = check_domain(None, {})
+        features = declared_domain_features(
+            prepared.detector.image,
+            prepared.detector.channels,
+            resample_to_reference(gland, prepared.detector.grid, order=0).array,
+            gland.array,
+            likelihood,
+            reference,
+            gland_entropy,
+        )
+        # raises OutsideValidatedDomainError; "not_fitted" without a gate fitted for this pair
+        domain = check_domain(d.ood_gate, features, f"{g.name}:{g.version}", declared=True)
         if d.lesions.method == "report_guided_dynamic":
             found = detect(d.lesions, likelihood)
             raw = found.case_likelihood
@@ -238,7 +255,8 @@ class PipelineSteps:
             prepared.reference,
             self.spec.spacing_xyz,
         )
-        domain = check_domain(md.ood_gate, features)  # raises OutsideValidatedDomainError
+        gland_ref = f"{self.gland_metadata.name}:{self.gland_metadata.version}"
+        domain = check_domain(md.ood_gate, features, gland_ref)  # may raise OutsideValidated...
         lesions, labels = extract_lesions(likelihood, zones, post, self.thresholds, md.calibration)
         if md.calibration is not None:  # one scale for every likelihood the prediction carries
             calibrated = calibrate(likelihood.array, md.calibration)

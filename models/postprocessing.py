@@ -35,7 +35,7 @@ from core.errors import OutsideValidatedDomainError
 from core.priority import Thresholds
 from models.calibration import CalibrationSpec, calibrate
 from models.metadata import PostprocessingSpec
-from models.ood_gate import DomainCheck, OodGateSpec, unchecked
+from models.ood_gate import DomainCheck, OodGateSpec, not_applicable, unchecked
 
 MIN_GLAND_ML = 5.0
 ZONE_NAMES = {1: "PZ", 2: "TZ", 3: "WG"}
@@ -62,10 +62,22 @@ class CalibratedPrediction(Prediction):
         return verdict if verdict in DOMAIN_GATES else "not_fitted"  # type: ignore[return-value]
 
 
-def check_domain(spec: OodGateSpec | None, features: Mapping[str, float]) -> DomainCheck:
-    """The gate's verdict; raise `OutsideValidatedDomainError` for a study outside it."""
+def check_domain(
+    spec: OodGateSpec | None,
+    features: Mapping[str, float],
+    gland_model: str | None = None,
+    *,
+    declared: bool = False,
+) -> DomainCheck:
+    """The gate's verdict; raise `OutsideValidatedDomainError` for a study outside it. A gate
+    fitted with another gland model than `gland_model` (NAME:VERSION), without one recorded on a
+    `declared` pair, or on features this pipeline lacks, does not apply: "not_fitted" with the
+    reason (models/ood_gate.py)."""
     if spec is None:
         return unchecked(features)
+    reason = not_applicable(spec, features, gland_model, declared=declared)
+    if reason is not None:
+        return unchecked(features, reason)
     result = spec.check(features)
     if result.verdict == "outside":
         raise OutsideValidatedDomainError(
