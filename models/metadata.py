@@ -284,10 +284,8 @@ class ModelMetadata(_Frozen):
         return self
 
     def content_digest(self) -> str:
-        """sha256 of the canonical JSON of everything but the seal itself."""
-        content = self.model_dump(mode="json", exclude={DIGEST_FIELD})
-        canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+        """sha256 of the canonical JSON of everything but the seal itself, as written."""
+        return content_digest(self.model_dump(mode="json"))
 
     @property
     def digest(self) -> str:
@@ -311,6 +309,15 @@ class ModelMetadata(_Frozen):
         return json.dumps(self.model_dump(mode="json"), indent=2) + "\n"
 
 
+def content_digest(document: dict[str, Any]) -> str:
+    """sha256 of a metadata document's canonical JSON (sorted keys, no spaces) without its seal.
+    Read files are digested as they stand, so a key added to the schema later (with a default)
+    leaves every sealed version valid."""
+    content = {k: v for k, v in document.items() if k != DIGEST_FIELD}
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
 def read_metadata(path: Path) -> ModelMetadata:
     """Read and validate `path` (a metadata.json); raise `ModelError` saying what is wrong."""
     try:
@@ -325,7 +332,7 @@ def read_metadata(path: Path) -> ModelMetadata:
         raise ModelError(f"{path} is not a valid model metadata file: {exc}") from exc
     if md.version_digest is None:
         log.warning("%s carries no version_digest (written before versions were sealed)", path)
-    elif md.version_digest != md.content_digest():
+    elif not isinstance(raw, dict) or md.version_digest != content_digest(raw):
         raise ModelIntegrityError(
             f"{path} was changed after {md.name}:{md.version} was written (its content no "
             "longer matches version_digest): a model version is immutable, so its thresholds, "

@@ -17,7 +17,7 @@ from core.errors import (
     ModelNotFoundError,
     ModelSignatureError,
 )
-from models.metadata import METADATA_FILE, MODEL_FILE, read_metadata
+from models.metadata import METADATA_FILE, MODEL_FILE, content_digest, read_metadata
 from models.onnx_runner import OnnxModel
 from models.repository import (
     GateDecision,
@@ -108,10 +108,26 @@ def test_a_sealed_version_edited_in_place_is_refused(tiny_repo: Path) -> None:
     assert md["version_digest"] == read_metadata(path).content_digest()
     md["thresholds"]["urgent"] = round(md["thresholds"]["urgent"] / 2, 6)
     path.write_text(json.dumps(md))
-    with pytest.raises(ModelIntegrityError, match="immutable.*--write-thresholds"):
+    with pytest.raises(ModelIntegrityError, match=r"immutable.*--write-thresholds"):
         ModelRepository(tiny_repo).resolve("cspca_detector:1.0.0")
     with pytest.raises(ModelIntegrityError):
         OnnxModel.load(tiny_repo, "cspca_detector:1.0.0", device="cpu")
+
+
+def test_a_seal_written_before_a_schema_key_was_added_stays_valid(tiny_repo: Path) -> None:
+    """The seal is over the file as written: a later schema key with a default (here the
+    file lacks `derived_from`) neither breaks old sealed versions nor lets an edit pass."""
+    path = tiny_repo / "cspca_detector" / "1.0.0" / METADATA_FILE
+    doc = json.loads(path.read_text())
+    del doc["derived_from"]
+    doc["version_digest"] = content_digest(doc)
+    path.write_text(json.dumps(doc, indent=2))
+    md = read_metadata(path)
+    assert md.derived_from is None and md.digest == doc["version_digest"]
+    doc["description"] = doc.get("description", "") + " edited"
+    path.write_text(json.dumps(doc, indent=2))
+    with pytest.raises(ModelIntegrityError):
+        read_metadata(path)
 
 
 def test_derive_writes_a_new_sealed_version_and_leaves_the_original(tiny_repo: Path) -> None:
