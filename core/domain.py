@@ -270,6 +270,11 @@ class Prediction:
         checked (a prediction with one overrides this)."""
         return "not_fitted"
 
+    @property
+    def domain_gate_note(self) -> str | None:
+        """Why a fitted gate did not apply (e.g. fitted with another gland model), if so."""
+        return None
+
 
 @dataclass(frozen=True)
 class ModelRef:
@@ -358,6 +363,9 @@ class TriageResult(BaseModel):
     # the domain gate's state for an analysed study (None: not analysed, or a result written
     # before it was recorded); "not_fitted" says the model's domain was not checked
     domain_gate: DomainGate | None = None
+    domain_gate_note: str | None = Field(
+        default=None, description="why a fitted gate did not apply to this study (not_fitted)"
+    )
     # The policy inputs with their sources (the decision record's inputs).
     referral_source: str | None = None  # order | dicom_request | none
     image_referral_urgency: ReferralUrgency | None = None  # what the images' request said

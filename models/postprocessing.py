@@ -61,6 +61,10 @@ class CalibratedPrediction(Prediction):
         verdict = self.domain.verdict if self.domain is not None else "not_fitted"
         return verdict if verdict in DOMAIN_GATES else "not_fitted"  # type: ignore[return-value]
 
+    @property
+    def domain_gate_note(self) -> str | None:
+        return self.domain.reason if self.domain is not None else None
+
 
 def check_domain(
     spec: OodGateSpec | None,

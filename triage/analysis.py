@@ -306,6 +306,7 @@ def _result(
         gland_volume_ml=prediction.gland_volume_ml,
         psa_density=psa_density(inputs.psa_ng_ml, prediction.gland_volume_ml),
         domain_gate=prediction.domain_gate,
+        domain_gate_note=prediction.domain_gate_note,
         gland_model=(
             ModelInfo(
                 name=gland.name, version=gland.version, sha256=gland.sha256, digest=gland.digest

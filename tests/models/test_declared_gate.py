@@ -150,11 +150,13 @@ def _pipeline(repo: Path, detector: str, gland: str) -> TriagePipeline:
     return TriagePipeline.from_repository(repo, detector=detector, gland=gland, device="cpu")
 
 
-def _infer(repo: Path, study: Path, out: Path, detector: str) -> dict[str, Any]:
+def _infer(
+    repo: Path, study: Path, out: Path, detector: str, gland: str = "prostate_gland:0.2.0"
+) -> dict[str, Any]:
     rc, printed = _run(
         [
             *("infer", str(study), "--out", str(out), "--repository", str(repo)),
-            *("--detector", detector, "--gland", "prostate_gland:0.2.0", "--device", "cpu"),
+            *("--detector", detector, "--gland", gland, "--device", "cpu"),
             "--json",
         ]
     )
@@ -190,10 +192,14 @@ def test_infer_in_domain_with_the_fitted_gate_and_not_fitted_without(
     repo = fitted["repo"]
     gated = _infer(repo, new_study, tmp_path / "gated", fitted["ref"])
     assert gated["status"] == "reported"
-    assert gated["domain_gate"] == "in_domain"
+    assert gated["domain_gate"] == "in_domain" and gated["domain_gate_note"] is None
     unfitted = _infer(repo, new_study, tmp_path / "unfitted", "tiny_det:2")
     assert unfitted["status"] == "reported"
     assert unfitted["domain_gate"] == "not_fitted"
+    # a gate fitted with another gland model: not applied, and the result says why
+    other = _infer(repo, new_study, tmp_path / "other", fitted["ref"], "tiny_gland:1")
+    assert other["domain_gate"] == "not_fitted"
+    assert "prostate_gland:0.2.0" in other["domain_gate_note"]
 
 
 @pytest.mark.slow
