@@ -333,7 +333,8 @@ class TriageIngress:
             raise ModelError(f"detector {pinned['detector']} has no thresholds")
         shadow = None
         if shadow_resp is not None:
-            shadow = await self._shadow(shadow_resp, pair, prepared, gland_out, request)
+            shadow_pair = (pinned["shadow"], pinned["gland"])  # its own calibration and gate
+            shadow = await self._shadow(shadow_resp, shadow_pair, prepared, gland_out, request)
         return InferenceOutput(
             prediction,
             ran.ref,
@@ -351,8 +352,9 @@ class TriageIngress:
         gland_out: np.ndarray,
         request: InferenceRequest,
     ) -> ShadowOutput:
-        """The shadow detector's case likelihood, finished with the live pair's steps (its
-        grid is the one the inputs were prepared on); a failure is reported, never propagated."""
+        """The shadow detector's case likelihood, finished with its own pair's steps (its
+        calibration and gate, on the inputs prepared for the live pair: a shadow must share the
+        live detector's grid); a failure is reported, never propagated."""
         ref: ModelRef | None = None
         try:
             answer: ModelAnswer = await response
