@@ -25,7 +25,13 @@ def register(subparsers: Any) -> None:
         "labelled dataset folder, or an outcome marksheet (CSV with ai_score: `feedback "
         "export`) for live performance per model version, site and vendor",
     )
-    p.add_argument("--model", default="cspca_detector", help="detector NAME[:VERSION]")
+    p.add_argument(
+        "--model",
+        "--detector",
+        dest="model",
+        default="cspca_detector",
+        help="detector NAME[:VERSION] (--detector, as in `infer`)",
+    )
     p.add_argument("--gland", default="prostate_gland", help="gland model NAME[:VERSION]")
     p.add_argument("--repository", type=Path, help="model repository (default: bundled)")
     p.add_argument(
