@@ -30,11 +30,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,18 +44,14 @@ from typing import Any
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
+from tests.campaigns.live_process import CampaignFailure, LiveProcess
 from tests.dicom_node.hl7_peers import omi_o23, orm_o01
 
-REPO = Path(__file__).resolve().parents[2]
 CASE_TIMEOUT_S = 15.0
 RSS_BOUND_MB = 150.0  # growth over the listener's resident memory at start
 PARALLEL_CONNECTIONS = 100
 PARALLEL_MESSAGES = 2
 VB, FS, CR = b"\x0b", b"\x1c", b"\r"
-
-
-class CampaignFailure(AssertionError):
-    """A property of the campaign does not hold."""
 
 
 @dataclass
@@ -94,45 +88,14 @@ def serve(database_url: str) -> None:
     listener.stop()
 
 
-class LiveListener:
+class LiveListener(LiveProcess):
+    """The HL7 listener (`serve` above) in a process of its own."""
+
     def __init__(self, root: Path) -> None:
-        self.log = (root / "listener.log").open("w")
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.campaigns.fuzz_hl7", "--serve",
-                 f"sqlite:///{root / 'index.db'}"],
-                cwd=REPO, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                start_new_session=True,
-            )  # fmt: skip
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line.startswith("READY"):
-            raise CampaignFailure(f"listener did not start: {line!r}; see {root}/listener.log")
-        self.port = int(line.split()[1])
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self.log.close()
+        url = f"sqlite:///{root / 'index.db'}"
+        argv = [sys.executable, "-m", "tests.campaigns.fuzz_hl7", "--serve", url]
+        super().__init__(argv, root / "listener.log", "listener")
+        self.port = int(self.ready.split()[1])
 
 
 # --- messages ----------------------------------------------------------------------------------

@@ -29,14 +29,10 @@ The fast suite runs `run_campaign` with a few hundred cases (tests/dicom_node/te
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
-import os
-import signal
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,9 +45,9 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 from tests.campaigns import dicom_wire as wire
+from tests.campaigns.live_process import CampaignFailure, LiveProcess
 from tests.campaigns.load_ingest import process_tree
 
-REPO = Path(__file__).resolve().parents[2]
 CASE_TIMEOUT_S = 15.0
 GOOD_EVERY = 25
 RSS_BOUND_MB = 400.0  # over the node's resident memory at start
@@ -99,14 +95,10 @@ class Stats:
     rss_end_mb: float = 0.0
 
 
-class CampaignFailure(AssertionError):
-    pass
-
-
 # --- the node under test ----------------------------------------------------------------------
 
 
-class LiveNode:
+class LiveNode(LiveProcess):
     """``python -m dicom_node.node`` on a free loopback port with its own storage root and
     `workers` receiver processes (``dicom.workers``). A receiver process that dies counts as a
     crash even though the node would start it again."""
@@ -129,61 +121,22 @@ root = "{root / "var"}"
 database_url = "sqlite:///{root / "var" / "index.db"}"
 """
         )
-        self.log = (root / "node.log").open("w")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "dicom_node.node",
-                "--config",
-                str(config),
-                "--analyser",
-                "tests.dicom_node.peers:make_recording_analyser",
-            ],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            text=True,
-            start_new_session=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line.startswith("READY"):
-            raise CampaignFailure(f"node did not start: {line!r}; see {root / 'node.log'}")
+        argv = [sys.executable, "-m", "dicom_node.node", "--config", str(config)]
+        argv += ["--analyser", "tests.dicom_node.peers:make_recording_analyser"]
+        super().__init__(argv, root / "node.log", "node")
         self.spool = root / "var" / "spool"
         self.quarantine = root / "var" / "quarantine"
         self.pids = set(process_tree(self.proc.pid))
         if len(self.pids) != 1 + (workers if workers > 1 else 0):
+            self.stop()
             raise CampaignFailure(f"expected {workers} receiver processes, found {self.pids}")
 
     def alive(self) -> bool:
         """The node and every receiver process it started are still the same processes."""
         return self.proc.poll() is None and set(process_tree(self.proc.pid)) == self.pids
 
-    def rss_mb(self) -> float:
-        """Resident memory of the node and its receiver processes together."""
-        total = 0.0
-        for pid in self.pids:
-            with contextlib.suppress(OSError):
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) / 1024
-        return total
-
     def quarantine_count(self) -> int:
         return sum(1 for _ in self.quarantine.glob("*.reason.txt"))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self.log.close()
 
 
 # --- data sets --------------------------------------------------------------------------------
