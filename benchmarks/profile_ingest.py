@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0, help="0: the node default")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=0, help="also list the N busiest frames")
+    parser.add_argument("--raw", type=Path, default=None, help="keep py-spy's raw samples here")
     args = parser.parse_args(argv)
     pyspy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if pyspy is None:
@@ -116,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                 k: round(v / args.rate * 1000 / n, 3) for k, v in leaves.most_common(args.top)
             }
         print(json.dumps(out, indent=2))
+        if args.raw is not None:
+            shutil.copyfile(raw, args.raw)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

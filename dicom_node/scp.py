@@ -71,7 +71,7 @@ import pydicom.config
 
 from core import peers
 from core.settings import DicomSettings, TlsSettings
-from dicom_node import reactor_wakeup
+from dicom_node import dimse_fastpath, reactor_wakeup
 from dicom_node.ingest import Ingest, IngestStats, read_header, record_from_header
 from store.index import Index
 from store.spool import Spool
@@ -430,6 +430,7 @@ class StorageSCP:
                 sock.limits = _AbortingLimits(max_pdu_size)
                 assoc._serve_request = _abort_unanswerable(assoc, assoc._serve_request)
                 reactor_wakeup.attach(assoc)
+                dimse_fastpath.attach(assoc)
                 if board is not None:
                     assoc._target = _freeing_slot(assoc, assoc._target, *board)  # thread body
                 return assoc
