@@ -34,6 +34,10 @@ import struct
 from io import BytesIO
 from typing import Any
 
+from pynetdicom import _config, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import P_DATA
+
 log = logging.getLogger(__name__)
 
 _C_STORE_RQ = 0x0001
@@ -112,8 +116,6 @@ def _text(raw: bytes | None) -> str | None:
 def store_request_primitive(values: dict[int, bytes], context_id: int) -> Any:
     """The `C_STORE` request primitive for decoded command `values`, set through pynetdicom's
     own setters (they raise where pynetdicom's decode would fail)."""
-    from pynetdicom.dimse_primitives import C_STORE
-
     primitive = C_STORE()
     primitive.MessageID = _us(values.get(_MESSAGE_ID))
     primitive.AffectedSOPClassUID = _text(values.get(_AFFECTED_SOP_CLASS))
@@ -169,14 +171,11 @@ class FastDimse:
         self.data: BytesIO | None = None
 
     def _usable(self, event: Any) -> bool:
-        from pynetdicom import _config
-
-        return not _config.STORE_RECV_CHUNKED_DATASET and not self.assoc.get_handlers(event)
+        chunked = _config.STORE_RECV_CHUNKED_DATASET
+        return not chunked and not self.assoc.get_handlers(event)
 
     def receive_primitive(self, primitive: Any) -> None:
         """The DUL hands over one P-DATA primitive (its fragments, in order)."""
-        from pynetdicom import evt
-
         if self.dimse.message is not None or not (
             self.request is not None or self.command or self._usable(evt.EVT_DIMSE_RECV)
         ):
@@ -215,8 +214,6 @@ class FastDimse:
     def _replay(self, context_id: int, command: bytes, rest: list[tuple[int, bytes]]) -> None:
         """Give pynetdicom the whole command set and the `rest` of the primitive: it decodes,
         answers or aborts as it always did."""
-        from pynetdicom.pdu_primitives import P_DATA
-
         pdata = P_DATA()  # its setter wants [id, bytes] lists; its decoder makes tuples
         pdata.presentation_data_value_list = [[context_id, b"\x03" + command]]  # type: ignore[list-item]
         pdata.presentation_data_value_list.extend(rest)
@@ -231,10 +228,6 @@ class FastDimse:
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         """A plain C-STORE-RSP goes out as one P-DATA primitive; anything else via pynetdicom."""
-        from pynetdicom import evt
-        from pynetdicom.dimse_primitives import C_STORE
-        from pynetdicom.pdu_primitives import P_DATA
-
         if (
             type(primitive) is C_STORE
             and primitive.MessageIDBeingRespondedTo is not None

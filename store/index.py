@@ -408,7 +408,7 @@ class Index:
             run: Callable[[Any, dict[str, Any]], Any]
             if raw is not None:
                 cursor = raw.cursor()
-                run = lambda sql, params: cursor.execute(str(sql), params)  # noqa: E731
+                run = lambda sql, params: cursor.execute(sql.text, params)  # noqa: E731
             else:
                 run = conn.execute
             if run(_SQL_DUPLICATE, {"sop": rec.sop_instance_uid}).fetchone() is not None:
