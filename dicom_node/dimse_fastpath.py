@@ -121,7 +121,7 @@ def store_request_primitive(values: dict[int, bytes], context_id: int) -> Any:
     primitive.AffectedSOPClassUID = _text(values.get(_AFFECTED_SOP_CLASS))
     primitive.AffectedSOPInstanceUID = _text(values.get(_AFFECTED_SOP_INSTANCE))
     if _PRIORITY in values:
-        primitive.Priority = _us(values[_PRIORITY])
+        primitive.Priority = _us(values[_PRIORITY]) or 0
     if _MOVE_ORIGINATOR_AET in values:
         aet = _text(values[_MOVE_ORIGINATOR_AET])
         primitive.MoveOriginatorApplicationEntityTitle = aet.strip() if aet else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from io import BytesIO
+from typing import Any
 
 import pytest
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP
@@ -49,7 +50,7 @@ def _assert_decodes_like_pynetdicom(command: bytes) -> None:
     pdata.presentation_data_value_list = [[5, b"\x03" + command]]  # type: ignore[list-item]
     pdata.presentation_data_value_list.append((5, b"\x02" + b"\x08\x00\x18\x00"))
     assert theirs.decode_msg(pdata)
-    expected = theirs.message_to_primitive()
+    expected: Any = theirs.message_to_primitive()
     for name in (
         "MessageID",
         "AffectedSOPClassUID",
