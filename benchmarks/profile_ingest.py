@@ -31,11 +31,12 @@ STAGES = (
     ("fsync", ("fsync",)),
     ("spool write", ("write_atomic", "Spool.store", "spool.py:store")),
     ("index (SQL)", ("add_instance", "add_batch", "index.py")),
-    ("encoding check", ("check_encoding",)),
+    ("encoding check", ("check_encoding", "walk_encoding", "_Walker", "check_pixel_data")),
     ("header decode", ("read_header", "record_from_header", "identify")),
-    ("pynetdicom DIMSE decode", ("decode_msg", "dimse_messages", "dsutils")),
+    ("pynetdicom DIMSE decode/encode", ("decode_msg", "dimse_messages", "dsutils", "fastpath")),
     ("pynetdicom PDU read/decode", ("_read_pdu_data", "pdu.py", "transport.py", "recv")),
     ("pynetdicom state machine/events", ("dul.py", "fsm.py", "events.py", "association.py")),
+    ("node loops (assembler, jobs, sender)", ("_Loop.run",)),
 )
 
 
