@@ -31,11 +31,12 @@ STAGES = (
     ("fsync", ("fsync",)),
     ("spool write", ("write_atomic", "Spool.store", "spool.py:store")),
     ("index (SQL)", ("add_instance", "add_batch", "index.py")),
-    ("encoding check", ("check_encoding",)),
+    ("encoding check", ("check_encoding", "walk_encoding", "_Walker", "check_pixel_data")),
     ("header decode", ("read_header", "record_from_header", "identify")),
-    ("pynetdicom DIMSE decode", ("decode_msg", "dimse_messages", "dsutils")),
+    ("pynetdicom DIMSE decode/encode", ("decode_msg", "dimse_messages", "dsutils", "fastpath")),
     ("pynetdicom PDU read/decode", ("_read_pdu_data", "pdu.py", "transport.py", "recv")),
     ("pynetdicom state machine/events", ("dul.py", "fsm.py", "events.py", "association.py")),
+    ("node loops (assembler, jobs, sender)", ("_Loop.run",)),
 )
 
 
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0, help="0: the node default")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=0, help="also list the N busiest frames")
+    parser.add_argument("--raw", type=Path, default=None, help="keep py-spy's raw samples here")
     args = parser.parse_args(argv)
     pyspy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if pyspy is None:
@@ -116,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                 k: round(v / args.rate * 1000 / n, 3) for k, v in leaves.most_common(args.top)
             }
         print(json.dumps(out, indent=2))
+        if args.raw is not None:
+            shutil.copyfile(raw, args.raw)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

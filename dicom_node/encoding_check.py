@@ -16,6 +16,7 @@ inflated whole); their header is still parsed on ingest.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
@@ -48,6 +49,8 @@ class _Walker:
         self.implicit = implicit
         self.end_char = "<" if little else ">"
         self.pixel_data_length: int | None = None
+        #: (group << 16 | element, offset) of each top-level element, in order
+        self.top_level: list[tuple[int, int]] = []
 
     def _tag(self, pos: int) -> tuple[int, int]:
         if pos + 4 > len(self.data):
@@ -122,6 +125,8 @@ class _Walker:
         stack.append(frame)
 
     def _element(self, tag: tuple[int, int], pos: int, implicit: bool, stack: list[_Frame]) -> int:
+        if len(stack) == 1:
+            self.top_level.append((tag[0] << 16 | tag[1], pos))
         vr = b""
         if implicit:
             length, start = self._length(pos + 4, "I"), pos + 8
@@ -181,12 +186,22 @@ def _native_pixel_bytes(header: Dataset) -> int | None:
     return (pixels + 7) // 8 if bits == 1 else pixels * ((bits + 7) // 8)
 
 
-def check_encoding(data: memoryview | bytes, transfer_syntax_uid: str, header: Dataset) -> None:
-    """Raise `MalformedDicomError` with the reason when the encoding is broken (module
-    docstring). `header` is the parsed header (for the pixel data size check)."""
+@dataclass(frozen=True)
+class Walked:
+    """What a successful walk learned: the VR encoding actually used, the top-level Pixel
+    Data length and where each top-level element starts (``(tag, offset)`` in order)."""
+
+    implicit_vr: bool
+    pixel_data_length: int | None
+    top_level: list[tuple[int, int]]
+
+
+def walk_encoding(data: memoryview | bytes, transfer_syntax_uid: str) -> Walked | None:
+    """Walk the whole encoding (module docstring); `MalformedDicomError` with the reason when
+    it is broken, None for a transfer syntax that is not walked (deflated, unknown)."""
     ts = UID(transfer_syntax_uid)
     if ts == DeflatedExplicitVRLittleEndian or not ts.is_transfer_syntax:
-        return
+        return None
     walker = _Walker(memoryview(data), ts.is_implicit_VR, ts.is_little_endian)
     try:
         walker.walk()
@@ -196,10 +211,25 @@ def check_encoding(data: memoryview | bytes, transfer_syntax_uid: str, header: D
         # read tolerantly, like pydicom: an implicit VR data set sent as explicit VR
         walker = _Walker(memoryview(data), True, ts.is_little_endian)
         walker.walk()
-    if walker.pixel_data_length is not None and not ts.is_compressed:
-        needed = _native_pixel_bytes(header)
-        if needed is not None and walker.pixel_data_length < needed:
-            raise MalformedDicomError(
-                f"Pixel Data is {walker.pixel_data_length} bytes but Rows, Columns, Samples per "
-                f"Pixel, Number of Frames and Bits Allocated need {needed}; fix the sender"
-            )
+    return Walked(walker.implicit, walker.pixel_data_length, walker.top_level)
+
+
+def check_pixel_data_length(walked: Walked, transfer_syntax_uid: str, header: Dataset) -> None:
+    """`MalformedDicomError` when native Pixel Data is shorter than the image attributes of
+    `header` need."""
+    if walked.pixel_data_length is None or UID(transfer_syntax_uid).is_compressed:
+        return
+    needed = _native_pixel_bytes(header)
+    if needed is not None and walked.pixel_data_length < needed:
+        raise MalformedDicomError(
+            f"Pixel Data is {walked.pixel_data_length} bytes but Rows, Columns, Samples per "
+            f"Pixel, Number of Frames and Bits Allocated need {needed}; fix the sender"
+        )
+
+
+def check_encoding(data: memoryview | bytes, transfer_syntax_uid: str, header: Dataset) -> None:
+    """Raise `MalformedDicomError` with the reason when the encoding is broken (module
+    docstring). `header` is the parsed header (for the pixel data size check)."""
+    walked = walk_encoding(data, transfer_syntax_uid)
+    if walked is not None:
+        check_pixel_data_length(walked, transfer_syntax_uid, header)

@@ -60,7 +60,12 @@ from core.errors import (
     RadtriageError,
 )
 from core.uids import require_uid
-from dicom_node.encoding_check import check_encoding
+from dicom_node.encoding_check import (
+    Walked,
+    check_encoding,
+    check_pixel_data_length,
+    walk_encoding,
+)
 from imaging.request_attributes import requested_procedure_priority
 from store.index import Index, InstanceRecord
 from store.spool import Spool, encode_file_meta
@@ -104,6 +109,67 @@ def read_header(data: io.BytesIO | bytes | memoryview, transfer_syntax_uid: str)
         ) from exc
     finally:
         del raw
+
+
+#: The elements ingest reads from a header: `record_from_header`, the request priority
+#: (`imaging.request_attributes`), the Pixel Data size check and the character set.
+IDENTIFYING_TAGS = frozenset(
+    int(tag_for_keyword(keyword) or 0)
+    for keyword in (
+        "SpecificCharacterSet",
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "StudyDate",
+        "AccessionNumber",
+        "Modality",
+        "StudyDescription",
+        "SeriesDescription",
+        "PatientName",
+        "PatientID",
+        "IssuerOfPatientID",
+        "BodyPartExamined",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SeriesNumber",
+        "InstanceNumber",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+        "NumberOfFrames",
+        "Rows",
+        "Columns",
+        "BitsAllocated",
+        "RequestAttributesSequence",
+        "RequestedProcedurePriority",
+    )
+)
+
+
+def identify(
+    data: io.BytesIO | bytes | memoryview, payload: memoryview, transfer_syntax_uid: str
+) -> tuple[Dataset, Walked | None]:
+    """The header ingest needs, and the encoding walk when it passed.
+
+    Hot path: `walk_encoding` checks the whole encoding once and notes where every top-level
+    element starts; pydicom then parses only the `IDENTIFYING_TAGS` elements (copied out, a
+    few hundred bytes), not the hundred-odd elements of a full header. A deflated data set, a
+    syntax that is not walked or a broken encoding take the full `read_header` instead (the
+    walk's error is raised later by `check_encoding`, after the header and UID checks, so a
+    sender learns the same status as before)."""
+    try:
+        walked = walk_encoding(payload, transfer_syntax_uid)
+    except MalformedDicomError:
+        walked = None
+    if walked is None or walked.implicit_vr != UID(transfer_syntax_uid).is_implicit_VR:
+        return read_header(data, transfer_syntax_uid), None  # the tolerant path as before
+    starts = walked.top_level
+    wanted = bytearray()
+    for i, (tag, start) in enumerate(starts):
+        if tag >> 16 > _LAST_GROUP:
+            break
+        if tag in IDENTIFYING_TAGS:
+            end = starts[i + 1][1] if i + 1 < len(starts) else len(payload)
+            wanted += payload[start:end]
+    return read_header(bytes(wanted), transfer_syntax_uid), walked
 
 
 def _str(ds: Dataset, keyword: str) -> str:
@@ -259,7 +325,8 @@ class Ingest:
         """Store one encoded data set (no File Meta); see the module docstring for statuses."""
         shown_uid = ascii(sop_instance_uid)[:80]
         try:
-            header = read_header(data, transfer_syntax_uid)
+            payload = data.getbuffer() if isinstance(data, io.BytesIO) else memoryview(data)
+            header, walked = identify(data, payload, transfer_syntax_uid)
             rec = record_from_header(
                 header,
                 sop_class_uid=sop_class_uid,
@@ -274,8 +341,10 @@ class Ingest:
             meta = encode_file_meta(
                 rec.sop_class_uid, rec.sop_instance_uid, rec.transfer_syntax_uid, calling_ae_title
             )
-            payload = data.getbuffer() if isinstance(data, io.BytesIO) else memoryview(data)
-            check_encoding(payload, rec.transfer_syntax_uid, header)
+            if walked is None:
+                check_encoding(payload, rec.transfer_syntax_uid, header)
+            else:
+                check_pixel_data_length(walked, rec.transfer_syntax_uid, header)
             size = len(meta) + len(payload)
             path = self.spool.store(
                 rec.study_instance_uid, rec.series_instance_uid, rec.sop_instance_uid, meta, payload

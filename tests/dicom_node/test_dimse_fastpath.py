@@ -1,0 +1,106 @@
+"""The C-STORE command-set shortcuts give exactly what pynetdicom's own decode/encode give."""
+
+from __future__ import annotations
+
+from io import BytesIO
+from typing import Any
+
+import pytest
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+
+from dicom_node.dimse_fastpath import (
+    NotFast,
+    decode_store_request,
+    encode_store_response,
+    store_request_primitive,
+)
+
+MR = "1.2.840.10008.5.1.4.1.1.4"
+
+
+def _pynetdicom_command(primitive: C_STORE | C_ECHO, message: type) -> bytes:
+    msg = message()
+    msg.primitive_to_message(primitive)
+    [pdata, *_] = list(msg.encode_msg(1, 0))
+    [(_, pdv)] = pdata.presentation_data_value_list
+    assert pdv[0] == 0x03  # the last (only) command fragment
+    return bytes(pdv[1:])
+
+
+def _request(sop: str, *, move_aet: str | None = None) -> C_STORE:
+    rq = C_STORE()
+    rq.MessageID = 7
+    rq.AffectedSOPClassUID = MR
+    rq.AffectedSOPInstanceUID = sop
+    rq.Priority = 1
+    if move_aet is not None:
+        rq.MoveOriginatorApplicationEntityTitle = move_aet
+        rq.MoveOriginatorMessageID = 3
+    rq.DataSet = BytesIO(b"\x08\x00\x18\x00")
+    return rq
+
+
+def _assert_decodes_like_pynetdicom(command: bytes) -> None:
+    from pynetdicom.pdu_primitives import P_DATA
+
+    ours = store_request_primitive(decode_store_request(command), 5)
+    theirs = C_STORE_RQ()
+    pdata = P_DATA()
+    pdata.presentation_data_value_list = [[5, b"\x03" + command]]  # type: ignore[list-item]
+    pdata.presentation_data_value_list.append((5, b"\x02" + b"\x08\x00\x18\x00"))
+    assert theirs.decode_msg(pdata)
+    expected: Any = theirs.message_to_primitive()
+    for name in (
+        "MessageID",
+        "AffectedSOPClassUID",
+        "AffectedSOPInstanceUID",
+        "Priority",
+        "MoveOriginatorApplicationEntityTitle",
+        "MoveOriginatorMessageID",
+        "_context_id",
+    ):
+        assert getattr(ours, name) == getattr(expected, name), name
+    ours.DataSet = BytesIO(b"\x08\x00\x18\x00")
+    assert ours.is_valid_request == expected.is_valid_request
+
+
+@pytest.mark.parametrize(
+    ("sop", "move_aet"), [("1.2.3.4", None), ("1.2.3.45", None), ("1.2.3", "PACS")]
+)
+def test_request_decodes_like_pynetdicom(sop: str, move_aet: str | None) -> None:
+    _assert_decodes_like_pynetdicom(
+        _pynetdicom_command(_request(sop, move_aet=move_aet), C_STORE_RQ)
+    )
+
+
+def test_other_commands_are_left_to_pynetdicom() -> None:
+    echo = C_ECHO()
+    echo.MessageID = 1
+    echo.AffectedSOPClassUID = "1.2.840.10008.1.1"
+    with pytest.raises(NotFast):
+        decode_store_request(_pynetdicom_command(echo, C_ECHO_RQ))
+    command = _pynetdicom_command(_request("1.2.3.4"), C_STORE_RQ)
+    with pytest.raises(NotFast):  # truncated
+        decode_store_request(command[:-3])
+    with pytest.raises(NotFast):  # an element that is not part of a C-STORE-RQ
+        decode_store_request(command + b"\x00\x00\x02\x09\x02\x00\x00\x00\x01\x00")
+
+
+def test_nonconformant_uid_passes_as_in_pynetdicom() -> None:
+    """pynetdicom takes a non-conformant UID with a warning; ingest refuses it (0xA900)."""
+    command = _pynetdicom_command(_request("1.2.3.4"), C_STORE_RQ)
+    _assert_decodes_like_pynetdicom(command.replace(b"1.2.3.4\x00", b"1.2.x.4\x00"))
+
+
+@pytest.mark.parametrize("status", [0x0000, 0xA700, 0xA900, 0xC210, 0xC000])
+@pytest.mark.parametrize("sop", ["1.2.3.4", "1.2.3.45"])
+def test_response_encodes_like_pynetdicom(status: int, sop: str) -> None:
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 7
+    rsp.AffectedSOPClassUID = MR
+    rsp.AffectedSOPInstanceUID = sop
+    rsp.Status = status
+    assert encode_store_response(MR, 7, status, sop) == _pynetdicom_command(rsp, C_STORE_RSP)
+    rsp.AffectedSOPInstanceUID = None
+    assert encode_store_response(MR, 7, status, None) == _pynetdicom_command(rsp, C_STORE_RSP)
