@@ -58,6 +58,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import socket
 import ssl
 import struct
@@ -96,6 +97,9 @@ VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 #: Largest non-data PDU (A-ASSOCIATE-RQ with many presentation contexts, A-RELEASE, A-ABORT)
 #: read from a peer, whatever ``dicom.max_pdu_size`` says.
 MAX_CONTROL_PDU = 1 << 20
+#: How long a receiver holding more associations than the least busy one waits before it
+#: accepts (the others, woken by the same connection, take it first).
+BUSY_ACCEPT_DELAY_S = 0.002
 _P_DATA_TF = 0x04
 #: A-ABORT PDU (PS3.8 9.3.8): source 2 service-provider, reason 6 invalid PDU parameter value
 A_ABORT_INVALID_PDU_PARAMETER = b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x06"
@@ -356,15 +360,16 @@ class StorageSCP:
         settings: DicomSettings,
         handler: StoreHandler,
         *,
-        reuse_port: bool = False,
+        listen_fd: int | None = None,
         board: tuple[WorkerBoard, int] | None = None,
     ) -> None:
-        """`reuse_port`: bind with SO_REUSEPORT (several receiver processes on one port);
-        `board`: the shared association count and this process's row in it
-        (`dicom_node.workers`), so ``max_associations`` holds across processes."""
+        """`listen_fd`: accept on this inherited, non-blocking listening socket instead of
+        binding one (several receiver processes on one port); `board`: the shared association
+        count and this process's row in it (`dicom_node.workers`), so ``max_associations``
+        holds across processes and the least busy process accepts first."""
         self.settings = settings
         self.handler = handler
-        self.reuse_port = reuse_port
+        self.listen_fd = listen_fd
         self.board = board
         self._server: Any = None
         self._ae: Any = None
@@ -452,13 +457,34 @@ class StorageSCP:
                     assoc._target = _freeing_slot(assoc, assoc._target, *board)  # thread body
                 return assoc
 
+        listen_fd = self.listen_fd
+
         class Server(ThreadedAssociationServer):  # type: ignore[misc]
             def server_bind(self) -> None:
-                if reuse_port and self.socket is not None:
-                    self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                super().server_bind()
+                if listen_fd is None:
+                    super().server_bind()
+                    return
+                if self.socket is not None:  # the one socketserver made: use the shared one
+                    self.socket.close()
+                self.socket = socket.socket(fileno=os.dup(listen_fd))
+                self.server_address = self.socket.getsockname()
 
-        reuse_port = self.reuse_port
+            def server_activate(self) -> None:
+                if listen_fd is None:
+                    super().server_activate()  # the shared socket listens already
+
+            def server_close(self) -> None:
+                if listen_fd is None:
+                    super().server_close()
+                elif self.socket is not None:  # our descriptor only: shutdown() would stop
+                    self.socket.close()  # the socket of every worker
+
+            def get_request(self) -> Any:
+                # every worker wakes for a new connection; a busier one lets the others take
+                # it (accept on the non-blocking socket then fails, and socketserver moves on)
+                if board is not None and board[0].busier_than_least(board[1]):
+                    time.sleep(BUSY_ACCEPT_DELAY_S)
+                return super().get_request()
 
         ssl_context = server_ssl_context(s.tls) if s.tls is not None else None
         try:

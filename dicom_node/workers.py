@@ -1,9 +1,13 @@
 """Several receiver processes on one DICOM port (``dicom.workers``).
 
 `WorkerPool` (in the node's process) starts ``dicom.workers`` receiver processes
-(``python -m dicom_node.workers``), each running its own `dicom_node.scp.StorageSCP` bound to
-the same address with ``SO_REUSEPORT``: the kernel spreads new connections over them, and each
-association lives in one process from A-ASSOCIATE to release. Every worker has the node's store
+(``python -m dicom_node.workers``), each running its own `dicom_node.scp.StorageSCP` on one
+listening socket the pool opened and every worker inherits: one accept queue, so a connection
+waits for whichever worker takes it first, and a worker holding more associations than the least
+busy one gives the others a head start (`WorkerBoard.busier_than_least`). (``SO_REUSEPORT``, one
+queue per worker, hashed each connection to a worker: 4 connections split 2/2 only 3 times in 8,
+and a worker that died dropped the connections waiting in its queue.) Each association lives in
+one process from A-ASSOCIATE to release. Every worker has the node's store
 path (`dicom_node.ingest.Ingest`: validate, spool with fsync, index, then the status), its peer
 policy, PDU limits, quarantine and work-queue backpressure; the node's own process keeps the
 assembler, the analysis workers and the sender.
@@ -109,6 +113,12 @@ class WorkerBoard:
     def open_associations(self) -> int:
         return sum(self.row(i)["associations"] for i in range(self.workers))
 
+    def busier_than_least(self, worker: int) -> bool:
+        """Whether `worker` holds more open associations than the least busy worker (a read
+        without the lock: a hint for who accepts next, not a count that must hold)."""
+        counts = [self.row(i)["associations"] for i in range(self.workers)]
+        return counts[worker] > min(counts)
+
     def take_slot(self, worker: int, limit: int) -> bool:
         """Count one more open association for `worker` unless all workers hold `limit`."""
         with self.locked():
@@ -144,20 +154,22 @@ class WorkerPool:
         self._lock = threading.Lock()
 
     def _reserve_port(self) -> None:
-        """Bind (without listening) with SO_REUSEPORT: fixes a port 0 to a real one and tells
-        a port taken by another program apart before any worker starts."""
+        """The one listening socket every worker inherits (a port 0 becomes a real one; a port
+        taken by another program fails here, before any worker starts). Connections that
+        arrive while a worker restarts wait in its queue."""
         d = self.settings.dicom
         family = socket.AF_INET6 if ":" in d.bind_address else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             sock.bind((d.bind_address, d.port))
+            sock.listen(LISTEN_BACKLOG)
         except OSError as exc:
             sock.close()
             raise ConfigError(
                 f"cannot listen on {d.bind_address}:{d.port}: {exc}; choose a free dicom.port"
             ) from exc
+        sock.setblocking(False)  # workers race for each connection; the losers must not block
         self.port = int(sock.getsockname()[1])
         self._reservation = sock
 
@@ -175,13 +187,16 @@ class WorkerPool:
     def _spawn(self, worker: int) -> subprocess.Popen[bytes]:
         dicom = self.settings.dicom.model_copy(update={"port": self.port})
         settings = self.settings.model_copy(update={"dicom": dicom})
+        assert self._reservation is not None
+        listen_fd = self._reservation.fileno()
         cmd = [sys.executable, "-m", "dicom_node.workers", "--worker", str(worker)]
-        cmd += ["--workers", str(self.workers)]
+        cmd += ["--workers", str(self.workers), "--listen-fd", str(listen_fd)]
         proc = subprocess.Popen(
             cmd,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             cwd=Path(__file__).resolve().parents[1],
+            pass_fds=(listen_fd,),
         )
         assert proc.stdin is not None
         proc.stdin.write(settings.model_dump_json().encode() + b"\n")
@@ -283,10 +298,12 @@ class WorkerPool:
 
 #: GIL switch interval of a receiver process (Python's default is 5 ms)
 RECEIVER_SWITCH_INTERVAL_S = 0.0005
+#: Pending connections the shared listening socket holds (the kernel caps it at somaxconn).
+LISTEN_BACKLOG = 128
 
 
-def run_worker(settings: Settings, worker: int, workers: int) -> int:
-    """One receiver process: the node's store path behind an SO_REUSEPORT SCP."""
+def run_worker(settings: Settings, worker: int, workers: int, listen_fd: int) -> int:
+    """One receiver process: the node's store path behind an SCP on the pool's socket."""
     from dicom_node.node import WorkQueue
     from dicom_node.scp import StorageSCP, StoreHandler
     from store.index import Index
@@ -320,7 +337,7 @@ def run_worker(settings: Settings, worker: int, workers: int) -> int:
         )
 
     handler.after_store = publish
-    scp = StorageSCP(d, handler, reuse_port=True, board=(board, worker))
+    scp = StorageSCP(d, handler, listen_fd=listen_fd, board=(board, worker))
     scp.start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -347,13 +364,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dicom_node.workers", description=__doc__)
     parser.add_argument("--worker", type=int, required=True)
     parser.add_argument("--workers", type=int, required=True)
+    parser.add_argument("--listen-fd", type=int, required=True, help="the inherited socket")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO,
         format=f"%(asctime)s %(levelname)s %(name)s[worker {args.worker}]: %(message)s",
     )
     settings = Settings.model_validate(json.loads(sys.stdin.buffer.readline()))
-    return run_worker(settings, args.worker, args.workers)
+    return run_worker(settings, args.worker, args.workers, args.listen_fd)
 
 
 if __name__ == "__main__":
