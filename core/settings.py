@@ -115,7 +115,7 @@ class DicomSettings(_Section):
         default_factory=lambda: os.cpu_count() or 1,
         ge=1,
         le=64,
-        description="Receiver processes sharing the DICOM port (SO_REUSEPORT); default the core "
+        description="Receiver processes sharing the DICOM port (one accept queue); default the core "
         "count. 1 = receive in the node's own process",
     )
     max_instance_bytes: int = Field(
