@@ -115,8 +115,8 @@ class DicomSettings(_Section):
         default_factory=lambda: os.cpu_count() or 1,
         ge=1,
         le=64,
-        description="Receiver processes sharing the DICOM port (one accept queue); default the core "
-        "count. 1 = receive in the node's own process",
+        description="Receiver processes sharing the DICOM port (one accept queue); default "
+        "the core count. 1 = receive in the node's own process",
     )
     max_instance_bytes: int = Field(
         default=1 << 30,
