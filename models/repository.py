@@ -186,8 +186,7 @@ class ModelRepository:
         copied (editing the new card never edits the old). The original is untouched and
         nothing is promoted. `new_version` defaults to "<base>-t<n>", the next free n. Written
         into a temporary folder and renamed, so a half-written version never appears."""
-        source = self.resolve(ref)
-        source.read_verified()  # derive only from a version whose model file is intact
+        source = self.verify(ref)  # derive only from a version whose files are all intact
         name = source.metadata.name
         folder = self.root / name
         version = new_version or self._next_derived(name, source.metadata.version)

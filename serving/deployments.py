@@ -24,9 +24,10 @@ import asyncio
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 from ray import serve
@@ -53,6 +54,29 @@ DETECTOR_ROLES = frozenset({"detector", "shadow"})  # roles whose outputs set a 
 KEEP_VERSIONS = 3
 
 Pair = tuple[str, str]  # exact ("detector NAME:VERSION", "gland NAME:VERSION")
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _KeptVersions(Generic[K, V]):
+    """What a replica keeps per pinned version: the last `KEEP_VERSIONS` used, one loaded on
+    demand (thread-safe: model loads happen on worker threads)."""
+
+    def __init__(self, load: Callable[[K], V]) -> None:
+        self._load = load
+        self._kept: OrderedDict[K, V] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: K) -> V:
+        with self._lock:
+            value = self._kept.get(key)
+            if value is None:
+                value = self._load(key)
+                self._kept[key] = value
+                while len(self._kept) > KEEP_VERSIONS:
+                    self._kept.popitem(last=False)
+            self._kept.move_to_end(key)
+            return value
 
 
 def pin_versions(repository: Path | None, refs: dict[str, str]) -> dict[str, str]:
@@ -78,19 +102,14 @@ class _PipelineStage:
 
     def __init__(self, repository: str | None, detector: str, gland: str) -> None:
         self.repository = Path(repository) if repository else None
-        self._steps: OrderedDict[Pair, PipelineSteps] = OrderedDict()
+        self._steps: _KeptVersions[Pair, PipelineSteps] = _KeptVersions(
+            lambda pair: _steps(self.repository, pair)
+        )
         repo = ModelRepository(self.repository)
         self.steps_for((repo.exact(detector), repo.exact(gland)))
 
     def steps_for(self, pair: Pair) -> PipelineSteps:
-        steps = self._steps.get(pair)
-        if steps is None:
-            steps = _steps(self.repository, pair)
-            self._steps[pair] = steps
-            while len(self._steps) > KEEP_VERSIONS:
-                self._steps.popitem(last=False)
-        self._steps.move_to_end(pair)
-        return steps
+        return self._steps.get(pair)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Warm the steps of the configured pair; requests still say which pair they need."""
@@ -165,8 +184,7 @@ class OnnxModelDeployment:
         self.role = role
         self.repository = Path(repository) if repository else None
         self.device, self.threads = device, max(1, threads)
-        self._models: OrderedDict[str, OnnxModel] = OrderedDict()
-        self._lock = threading.Lock()  # loads happen on worker threads (on-demand pins)
+        self._models: _KeptVersions[str, OnnxModel] = _KeptVersions(self._load)
         self.requested = ref
         self.last_error: dict[str, str] | None = None
         self.model = self.model_for(ModelRepository(self.repository).exact(ref))
@@ -175,15 +193,7 @@ class OnnxModelDeployment:
 
     def model_for(self, exact: str) -> OnnxModel:
         """The loaded, verified version `exact` (NAME:VERSION), loading it when not kept."""
-        with self._lock:
-            model = self._models.get(exact)
-            if model is None:
-                model = self._load(exact)
-                self._models[exact] = model
-                while len(self._models) > KEEP_VERSIONS:
-                    self._models.popitem(last=False)
-            self._models.move_to_end(exact)
-            return model
+        return self._models.get(exact)
 
     def _load(self, ref: str) -> OnnxModel:
         model = OnnxModel.load(self.repository, ref, device=self.device, threads=self.threads)
@@ -234,9 +244,6 @@ class OnnxModelDeployment:
             ),
             "last_error": self.last_error,
         }
-
-    def ref(self) -> ModelRef:
-        return self.model.ref  # type: ignore[no-any-return]
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
     async def infer(self, items: list[tuple[str, np.ndarray]]) -> list[ModelAnswer]:
