@@ -146,6 +146,12 @@ def tree_cpu_s(pid: int) -> float:
     return sum(sum(int(f) for f in stats[p][1][11:15]) for p in tree) / tick
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(idle, total) clock ticks of the whole machine so far (/proc/stat; idle + iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[3] + fields[4], sum(fields[:8])
+
+
 def _send(files: Sequence[Path], port: int, called: str, parallel: int) -> float:
     exe = shutil.which("storescu") or "storescu"
     env = {**os.environ, "TCP_NODELAY": "1"}
@@ -246,25 +252,34 @@ def main(argv: list[str] | None = None) -> int:
         for name, (target, aet) in targets.items():
             if name not in only:
                 continue
-            for parallel in senders:
-                best, best_cpu = float("inf"), float("inf")
-                for rep in range(args.repeats):
+            # repeats outermost: a burst of load from elsewhere hits every sender count alike
+            samples: dict[int, list[tuple[float, float, float]]] = {p: [] for p in senders}
+            for rep in range(args.repeats):
+                for parallel in senders:
                     work = root / f"{name}-{parallel}-{rep}"
                     port = _free_port()
                     with target(work, port) as running:
                         wait_port(port)
                         time.sleep(0.5)  # let start-up work settle before counting CPU
-                        cpu0 = tree_cpu_s(_pid(running))
+                        cpu0, ticks0 = tree_cpu_s(_pid(running)), cpu_ticks()
                         seconds = _send(files, port, aet, parallel)
+                        ticks1 = cpu_ticks()
                         time.sleep(0.3)  # storescp's children exit and are reaped
                         cpu = tree_cpu_s(_pid(running)) - cpu0
-                        best, best_cpu = min(best, seconds), min(best_cpu, cpu)
+                    idle = (ticks1[0] - ticks0[0]) / max(1, ticks1[1] - ticks0[1])
+                    samples[parallel].append((seconds, cpu, idle))
                     shutil.rmtree(work, ignore_errors=True)
+            for parallel in senders:
+                best, best_cpu, best_idle = min(samples[parallel])  # the fastest run's figures
                 runs.setdefault(name, {})[f"{parallel}_sender"] = {
                     "seconds": round(best, 3),
                     "instances_per_s": round(len(files) / best, 1),
                     "mb_per_s": round(total_mb / best, 2),
                     "cpu_s_per_1000": round(best_cpu * 1000 / len(files), 2),
+                    "cores_idle_share": round(best_idle, 3),
+                    "all_runs_instances_per_s": [
+                        round(len(files) / s[0], 1) for s in samples[parallel]
+                    ],
                 }
                 print(name, parallel, runs[name][f"{parallel}_sender"], flush=True)
         ratios = {
