@@ -8,7 +8,7 @@ Also measures, for our node, the time from the last instance received to the res
 accepted by the destination (a storescp), with the small test analyser at the seam (so it is
 the node's own overhead: completeness check, queue, outbox and C-STORE; not model time).
 
-    .venv/bin/python -m benchmarks.ingest [--instances 320] [--rows 256] [--repeats 1]
+    .venv/bin/python -m benchmarks.ingest [--instances 1000] [--rows 256] [--repeats 1]
         [--workers N] [--senders 1,2,4,8] [--no-latency]
 
 Writes ``benchmarks/results/ingest.json``. Our SCP fsyncs every file and its directory before
@@ -228,7 +228,7 @@ def _sr_latency(files: Sequence[Path], root: Path) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--instances", type=int, default=320)
+    parser.add_argument("--instances", type=int, default=1000)
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -271,12 +271,14 @@ def main(argv: list[str] | None = None) -> int:
                     shutil.rmtree(work, ignore_errors=True)
             for parallel in senders:
                 best, best_cpu, best_idle = min(samples[parallel])  # the fastest run's figures
+                median = sorted(s[0] for s in samples[parallel])[len(samples[parallel]) // 2]
                 runs.setdefault(name, {})[f"{parallel}_sender"] = {
                     "seconds": round(best, 3),
                     "instances_per_s": round(len(files) / best, 1),
                     "mb_per_s": round(total_mb / best, 2),
                     "cpu_s_per_1000": round(best_cpu * 1000 / len(files), 2),
                     "cores_idle_share": round(best_idle, 3),
+                    "median_instances_per_s": round(len(files) / median, 1),
                     "all_runs_instances_per_s": [
                         round(len(files) / s[0], 1) for s in samples[parallel]
                     ],
@@ -293,11 +295,14 @@ def main(argv: list[str] | None = None) -> int:
             if "radtriage" in runs and peer in runs
         }
         scaling = {
-            f"{name}_{p}_vs_1_sender": round(
-                run[f"{p}_sender"]["instances_per_s"] / run["1_sender"]["instances_per_s"], 3
+            f"{name}_{p}_vs_1_sender{stat}": round(
+                run[f"{p}_sender"][f"{key}instances_per_s"]
+                / run["1_sender"][f"{key}instances_per_s"],
+                3,
             )
             for name, run in runs.items()
             for p in senders[1:]
+            for stat, key in (("", ""), ("_median", "median_"))
         }
         latency = {} if args.no_latency else _sr_latency(files[:60], root)
         result = {
@@ -315,8 +320,10 @@ def main(argv: list[str] | None = None) -> int:
             "notes": (
                 "radtriage fsyncs each file and directory and indexes it in SQLite before "
                 "the success status; storescp (--fork) and Orthanc (defaults, SQLite index) "
-                "do not fsync per instance. Best of --repeats runs. cpu_s_per_1000: the "
-                "receiver's process tree only (the storescu senders share the same cores)."
+                "do not fsync per instance. Best of --repeats runs (repeats interleaved: "
+                "1, 2, 4, 8 senders, then again), median also given. cpu_s_per_1000: the "
+                "receiver's process tree only (the storescu senders share the same cores). "
+                "cores_idle_share: idle + iowait of the whole machine while the senders ran."
             ),
             "radtriage_workers": args.workers or os.cpu_count(),
             "load_average_at_end": os.getloadavg(),

@@ -19,6 +19,15 @@ A C-STORE command set is a handful of Implicit VR Little Endian elements of grou
   Class/Instance UID, Message ID Being Responded To, Status) is encoded by hand into one
   P-DATA primitive.
 
+- `FastDimse.serve` (when the SCP gives one): a complete C-STORE-RQ is stored right there, in
+  the DUL thread that assembled it, and its C-STORE-RSP written to the socket as one P-DATA-TF
+  PDU (what pynetdicom's DT-1 action would write). pynetdicom would instead queue the request
+  to the association thread, run it through its service class and event dispatch, and queue
+  the response back to the DUL thread: two thread hand-offs and a state-machine turn per
+  instance. Served this way only while the association is established and not releasing,
+  for a request pynetdicom would serve (`is_valid_request`, an accepted presentation context);
+  an exception in `serve` answers 0xC211, as pynetdicom does for its handler.
+
 Anything else goes to pynetdicom unchanged: other messages (C-ECHO, N-EVENT-REPORT, C-CANCEL),
 a command set with an element outside the C-STORE-RQ set, a value pynetdicom would refuse
 (the fragments are replayed into pynetdicom, which then answers or aborts as it always did),
@@ -31,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Callable
 from io import BytesIO
 from typing import Any
 
@@ -68,6 +78,14 @@ _RQ_ELEMENTS = frozenset(
     )
 )
 _US_ELEMENTS = frozenset((_COMMAND_FIELD, _MESSAGE_ID, _PRIORITY, _DATA_SET_TYPE))
+
+
+#: pynetdicom's status for an exception raised by the ``EVT_C_STORE`` handler
+_HANDLER_EXCEPTION = 0xC211
+_P_DATA_TF = 0x04
+
+#: Serves a complete C-STORE request under its accepted presentation context: the status.
+Serve = Callable[[Any, Any], int]
 
 
 class NotFast(Exception):
@@ -158,11 +176,18 @@ def encode_store_response(
     return _implicit(_GROUP_LENGTH, struct.pack("<I", len(body))) + body
 
 
+def p_data_tf(context_id: int, command: bytes) -> bytes:
+    """One P-DATA-TF PDU carrying `command` as the last (only) command fragment (PS3.8 9.3.5)."""
+    item = struct.pack(">IBB", len(command) + 2, context_id, 0x03) + command
+    return struct.pack(">BBI", _P_DATA_TF, 0, len(item)) + item
+
+
 class FastDimse:
     """Stands in for two methods of one association's `DIMSEServiceProvider`."""
 
-    def __init__(self, assoc: Any) -> None:
+    def __init__(self, assoc: Any, serve: Serve | None = None) -> None:
         self.assoc = assoc
+        self.serve = serve
         self.dimse = assoc.dimse
         self.pynetdicom_receive = assoc.dimse.receive_primitive
         self.pynetdicom_send = assoc.dimse.send_msg
@@ -209,7 +234,50 @@ class FastDimse:
                 if control & 2:  # the last fragment
                     request, self.request = self.request, None
                     request.DataSet, self.data = self.data, None
-                    self.dimse.msg_queue.put((request._context_id, request))
+                    context = self._inline_context(request)
+                    if context is None:
+                        self.dimse.msg_queue.put((request._context_id, request))
+                    else:
+                        self._serve_inline(request, context)
+
+    def _inline_context(self, request: Any) -> Any:
+        """The accepted presentation context to serve `request` under here, or None when it
+        goes to pynetdicom (no `serve`, not established, releasing, a request pynetdicom
+        would not serve, or a handler bound to ``EVT_DIMSE_SENT``)."""
+        assoc = self.assoc
+        if (
+            self.serve is None
+            or not assoc.is_established
+            or assoc._sent_release
+            or not request.is_valid_request
+            or not self._usable(evt.EVT_DIMSE_SENT)
+        ):
+            return None
+        return assoc._accepted_cx.get(request._context_id)
+
+    def _serve_inline(self, request: Any, context: Any) -> None:
+        """Store `request` and write its C-STORE-RSP, in this (the DUL) thread."""
+        assert self.serve is not None
+        try:
+            status = self.serve(request, context)
+        except Exception:
+            log.exception("C-STORE from %s failed in its handler", self.assoc.requestor.address)
+            status = _HANDLER_EXCEPTION
+        command = self._response_command(
+            request.AffectedSOPClassUID,
+            request.MessageID,
+            status,
+            request.AffectedSOPInstanceUID,
+        )
+        if command is not None:
+            self.dimse.dul.socket.send(p_data_tf(request._context_id, command))
+            return
+        response = C_STORE()  # what pynetdicom's storage service class would send
+        response.MessageIDBeingRespondedTo = request.MessageID
+        response.AffectedSOPClassUID = request.AffectedSOPClassUID
+        response.AffectedSOPInstanceUID = request.AffectedSOPInstanceUID
+        response.Status = status
+        self.pynetdicom_send(response, request._context_id)
 
     def _replay(self, context_id: int, command: bytes, rest: list[tuple[int, bytes]]) -> None:
         """Give pynetdicom the whole command set and the `rest` of the primitive: it decodes,
@@ -226,6 +294,18 @@ class FastDimse:
         self.command.clear()
         self.dimse.dul.event_queue.put("Evt19")
 
+    def _response_command(
+        self, sop_class_uid: str | None, message_id: int, status: int, sop_instance_uid: str | None
+    ) -> bytes | None:
+        """The C-STORE-RSP command set, when it encodes and fits one P-DATA PDU of the
+        peer's maximum length; else None (pynetdicom encodes it)."""
+        try:
+            command = encode_store_response(sop_class_uid, message_id, status, sop_instance_uid)
+        except (UnicodeEncodeError, struct.error):
+            return None
+        limit = self.dimse.maximum_pdu_size
+        return command if limit == 0 or len(command) + 1 <= limit - 6 else None
+
     def send_msg(self, primitive: Any, context_id: int) -> None:
         """A plain C-STORE-RSP goes out as one P-DATA primitive; anything else via pynetdicom."""
         if (
@@ -236,17 +316,13 @@ class FastDimse:
             and primitive.OffendingElement is None
             and self._usable(evt.EVT_DIMSE_SENT)
         ):
-            try:
-                command = encode_store_response(
-                    primitive.AffectedSOPClassUID,
-                    primitive.MessageIDBeingRespondedTo,
-                    primitive.Status,
-                    primitive.AffectedSOPInstanceUID,
-                )
-            except (UnicodeEncodeError, struct.error):
-                command = b""
-            limit = self.dimse.maximum_pdu_size
-            if command and (limit == 0 or len(command) + 1 <= limit - 6):
+            command = self._response_command(
+                primitive.AffectedSOPClassUID,
+                primitive.MessageIDBeingRespondedTo,
+                primitive.Status,
+                primitive.AffectedSOPInstanceUID,
+            )
+            if command is not None:
                 pdata = P_DATA()
                 pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
                 self.dimse.dul.send_pdu(pdata)
@@ -254,9 +330,10 @@ class FastDimse:
         self.pynetdicom_send(primitive, context_id)
 
 
-def attach(assoc: Any) -> FastDimse:
-    """Route one association's C-STORE command sets through `FastDimse` (before it starts)."""
-    fast = FastDimse(assoc)
+def attach(assoc: Any, serve: Serve | None = None) -> FastDimse:
+    """Route one association's C-STORE command sets through `FastDimse` (before it starts);
+    with `serve`, complete C-STORE requests are served in the DUL thread."""
+    fast = FastDimse(assoc, serve)
     assoc.dimse.receive_primitive = fast.receive_primitive
     assoc.dimse.send_msg = fast.send_msg
     return fast

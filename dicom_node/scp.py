@@ -156,7 +156,16 @@ class StoreHandler:
 
     def handle_store(self, event: Any) -> int:
         """pynetdicom ``EVT_C_STORE`` handler."""
-        req = event.request
+        return self.serve(
+            event.request,
+            str(event.context.transfer_syntax),
+            str(event.assoc.requestor.ae_title),
+        )
+
+    def serve(self, req: Any, transfer_syntax_uid: str, calling_ae_title: str) -> int:
+        """One C-STORE request (pynetdicom's ``C_STORE`` primitive, its data set in a
+        `BytesIO`): the DIMSE status. Also called from the DUL thread by
+        `dicom_node.dimse_fastpath` (`StorageSCP` wires it)."""
         data = req.DataSet
         limit = self.max_instance_bytes
         if limit is not None and data.getbuffer().nbytes > limit:
@@ -168,8 +177,8 @@ class StoreHandler:
                 data,
                 sop_class_uid=str(req.AffectedSOPClassUID or ""),
                 sop_instance_uid=str(req.AffectedSOPInstanceUID or ""),
-                transfer_syntax_uid=str(event.context.transfer_syntax),
-                calling_ae_title=str(event.assoc.requestor.ae_title),
+                transfer_syntax_uid=transfer_syntax_uid,
+                calling_ae_title=calling_ae_title,
             )
         if self.after_store is not None:
             self.after_store()
@@ -334,6 +343,18 @@ def _freeing_slot(
     return run_and_free
 
 
+def _inline_store(assoc: Any, handler: StoreHandler) -> dimse_fastpath.Serve:
+    """What the DUL thread calls for a complete C-STORE request (`dimse_fastpath.FastDimse`):
+    the same `StoreHandler.serve` as the ``EVT_C_STORE`` handler."""
+
+    def serve(request: Any, context: Any) -> int:
+        return handler.serve(
+            request, str(context.transfer_syntax[0]), str(assoc.requestor.ae_title)
+        )
+
+    return serve
+
+
 def _decodes_as_request(raw: bytes) -> bool:
     """True when pynetdicom will decode `raw` as an A-ASSOCIATE-RQ (and queue it)."""
     from pynetdicom.pdu import A_ASSOCIATE_RQ
@@ -443,6 +464,7 @@ class StorageSCP:
         socket_class = _limited_socket_class(AssociationSocket)
         max_pdu_size = s.max_pdu_size
         board = self.board
+        store_handler = self.handler
 
         class LimitedRequestHandler(RequestHandler):  # type: ignore[misc]
             def _create_association(self) -> Any:
@@ -452,7 +474,7 @@ class StorageSCP:
                 sock.limits = _AbortingLimits(max_pdu_size)
                 assoc._serve_request = _abort_unanswerable(assoc, assoc._serve_request)
                 reactor_wakeup.attach(assoc)
-                dimse_fastpath.attach(assoc)
+                dimse_fastpath.attach(assoc, _inline_store(assoc, store_handler))
                 if board is not None:
                     assoc._target = _freeing_slot(assoc, assoc._target, *board)  # thread body
                 return assoc

@@ -13,6 +13,7 @@ from dicom_node.dimse_fastpath import (
     NotFast,
     decode_store_request,
     encode_store_response,
+    p_data_tf,
     store_request_primitive,
 )
 
@@ -104,3 +105,15 @@ def test_response_encodes_like_pynetdicom(status: int, sop: str) -> None:
     assert encode_store_response(MR, 7, status, sop) == _pynetdicom_command(rsp, C_STORE_RSP)
     rsp.AffectedSOPInstanceUID = None
     assert encode_store_response(MR, 7, status, None) == _pynetdicom_command(rsp, C_STORE_RSP)
+
+
+def test_response_pdu_encodes_like_pynetdicom() -> None:
+    from pynetdicom.pdu import P_DATA_TF
+    from pynetdicom.pdu_primitives import P_DATA
+
+    command = encode_store_response(MR, 7, 0x0000, "1.2.3.4")
+    pdata = P_DATA()
+    pdata.presentation_data_value_list.append((5, b"\x03" + command))
+    pdu = P_DATA_TF()
+    pdu.from_primitive(pdata)
+    assert p_data_tf(5, command) == pdu.encode()

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -99,6 +100,35 @@ def test_store_series_in_parallel_associations(make_scp: object, tmp_path: Path)
     assert storescu(files[:5], node.port).returncode == 0
     assert node.index.counts()["instances"] == 40
     assert node.scp.handler.stats.duplicates == 5
+
+
+def test_store_requests_are_served_in_the_dul_thread(make_scp: object, tmp_path: Path) -> None:
+    """`dimse_fastpath` stores each C-STORE in the thread that assembled it and answers from
+    there; an exception in the handler answers 0xC211 (as pynetdicom does) and the
+    association goes on."""
+    from pynetdicom.dul import DULServiceProvider
+
+    require_tool("storescu")
+    node = make_scp()  # type: ignore[operator]
+    handler = node.scp.handler
+    serve, threads = handler.serve, []
+
+    def recording(req: object, transfer_syntax_uid: str, calling_ae_title: str) -> int:
+        threads.append(threading.current_thread())
+        if len(threads) == 2:
+            raise RuntimeError("handler failure")
+        return serve(req, transfer_syntax_uid, calling_ae_title)
+
+    handler.serve = recording  # type: ignore[method-assign]
+    files = make_mr_series(tmp_path / "src", 4)
+    result = storescu(files, node.port, extra=["-v", "--no-halt"])
+    assert len(threads) == 4
+    assert all(isinstance(t, DULServiceProvider) for t in threads)
+    responses = [ln for ln in result.stderr.splitlines() if "Received Store Response" in ln]
+    assert len(responses) == 4  # 0xC211 is "Cannot understand" to DCMTK (class 0xCxxx)
+    assert "(Error: CannotUnderstand)" in responses[1]
+    assert all("(Success)" in r for r in responses[:1] + responses[2:]), responses
+    assert node.index.counts()["instances"] == 3  # the other three were stored
 
 
 def test_transfer_syntaxes_and_non_image_classes(
@@ -282,10 +312,7 @@ def test_instance_over_max_instance_bytes_is_refused_a700(tmp_path: Path) -> Non
         AffectedSOPClassUID = ds.SOPClassUID
         AffectedSOPInstanceUID = ds.SOPInstanceUID
 
-    class Event:
-        request = Request()
-
-    assert handler.handle_store(Event()) == 0xA700
+    assert handler.serve(Request(), "1.2.840.10008.1.2.1", "STORESCU") == 0xA700
     assert handler.stats.refused == {0xA700: 1}
     assert not list(spool.spool_dir.rglob("*.dcm"))  # nothing kept, nothing quarantined
     assert not list(spool.quarantine_dir.iterdir())
