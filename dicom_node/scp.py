@@ -330,7 +330,8 @@ def _abort_unanswerable(
 def _freeing_slot(
     assoc: Any, run: Callable[[], None], board: WorkerBoard, row: int
 ) -> Callable[[], None]:
-    """The association thread's body, giving its slot on the board back when it ends."""
+    """The association thread's body, giving its slot and its connection on the board back
+    when it ends."""
 
     def run_and_free() -> None:
         try:
@@ -339,6 +340,7 @@ def _freeing_slot(
             if getattr(assoc, "radtriage_slot", False):
                 assoc.radtriage_slot = False
                 board.free_slot(row)
+            board.add(row, "connections", -1)
 
     return run_and_free
 
@@ -477,7 +479,16 @@ class StorageSCP:
                 dimse_fastpath.attach(assoc, _inline_store(assoc, store_handler))
                 if board is not None:
                     assoc._target = _freeing_slot(assoc, assoc._target, *board)  # thread body
+                    self.radtriage_counted = True  # the association thread uncounts it
                 return assoc
+
+            def handle(self) -> None:
+                try:
+                    super().handle()
+                except BaseException:
+                    if board is not None and not getattr(self, "radtriage_counted", False):
+                        board[0].add(board[1], "connections", -1)  # accepted, never served
+                    raise
 
         listen_fd = self.listen_fd
 
@@ -506,7 +517,10 @@ class StorageSCP:
                 # it (accept on the non-blocking socket then fails, and socketserver moves on)
                 if board is not None and board[0].busier_than_least(board[1]):
                     time.sleep(BUSY_ACCEPT_DELAY_S)
-                return super().get_request()
+                request = super().get_request()
+                if board is not None:  # counted from accept on: the others see it at once
+                    board[0].add(board[1], "connections", 1)
+                return request
 
         ssl_context = server_ssl_context(s.tls) if s.tls is not None else None
         try:

@@ -3,8 +3,10 @@
 `WorkerPool` (in the node's process) starts ``dicom.workers`` receiver processes
 (``python -m dicom_node.workers``), each running its own `dicom_node.scp.StorageSCP` on one
 listening socket the pool opened and every worker inherits: one accept queue, so a connection
-waits for whichever worker takes it first, and a worker holding more associations than the least
-busy one gives the others a head start (`WorkerBoard.busier_than_least`). (``SO_REUSEPORT``, one
+waits for whichever worker takes it first, and a worker holding more connections than the least
+busy one gives the others a head start (`WorkerBoard.busier_than_least`; a connection counts
+from the moment it is accepted: counted at A-ASSOCIATE, four simultaneous senders split 3/1 in
+2 runs of 6). (``SO_REUSEPORT``, one
 queue per worker, hashed each connection to a worker: 4 connections split 2/2 only 3 times in 8,
 and a worker that died dropped the connections waiting in its queue.) Each association lives in
 one process from A-ASSOCIATE to release. Every worker has the node's store
@@ -14,8 +16,9 @@ assembler, the analysis workers and the sender.
 
 Shared between the processes, in ``<storage.root>/run/``:
 
-- ``ingest-workers.bin``: one row of counters per worker (`FIELDS`: open associations and the
-  ingest counters the metrics show), memory-mapped;
+- ``ingest-workers.bin``: one row per worker (`FIELDS`: open associations and connections,
+  and the ingest counters the metrics show), memory-mapped; each field is written alone, so
+  writers of different fields never undo each other;
 - ``associations.lock``: an ``flock`` held while a worker counts the open associations of all
   workers and takes a slot, so ``dicom.max_associations`` holds across workers. The kernel
   drops the lock of a process that dies, so a killed worker cannot wedge the others.
@@ -54,9 +57,13 @@ from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: Counters per worker row (int64 each).
-FIELDS = (
-    "associations",
+#: Gauges per worker row (int64 each): open associations (counted against
+#: ``dicom.max_associations``) and open connections (from accept to the end of the association
+#: thread: what the least busy worker is chosen by, since a connection just accepted has no
+#: association yet).
+GAUGES = ("associations", "connections")
+#: Counters per worker row: what the worker did since it started (kept when it dies).
+COUNTERS = (
     "stored",
     "duplicates",
     "bytes",
@@ -67,9 +74,13 @@ FIELDS = (
     "refused_other",
     "queue_refused_studies",
 )
+FIELDS = GAUGES + COUNTERS
+REFUSED = tuple(f for f in COUNTERS if f.startswith("refused_"))
 _REFUSED_FIELD = {0xA700: "refused_a700", 0xA900: "refused_a900", 0xC210: "refused_c210"}
 _REFUSED_FIELD |= {0xC000: "refused_c000"}
 _ROW = struct.Struct(f"<{len(FIELDS)}q")
+_FIELD = struct.Struct("<q")
+_OFFSET = {name: i * _FIELD.size for i, name in enumerate(FIELDS)}
 START_TIMEOUT_S = 120.0
 RESTART_MIN_INTERVAL_S = 1.0
 
@@ -107,16 +118,23 @@ class WorkerBoard:
         return dict(zip(FIELDS, _ROW.unpack_from(self._map, worker * _ROW.size), strict=True))
 
     def set(self, worker: int, **values: int) -> None:
-        row = self.row(worker) | values
-        _ROW.pack_into(self._map, worker * _ROW.size, *(row[f] for f in FIELDS))
+        """Write the named fields of `worker`'s row (only those: the receiver's threads write
+        its counters, gauges and connection count independently)."""
+        for name, value in values.items():
+            _FIELD.pack_into(self._map, worker * _ROW.size + _OFFSET[name], value)
+
+    def add(self, worker: int, field: str, delta: int) -> None:
+        """Add `delta` to one gauge of `worker` (never below 0), under the lock."""
+        with self.locked():
+            self.set(worker, **{field: max(0, self.row(worker)[field] + delta)})
 
     def open_associations(self) -> int:
         return sum(self.row(i)["associations"] for i in range(self.workers))
 
     def busier_than_least(self, worker: int) -> bool:
-        """Whether `worker` holds more open associations than the least busy worker (a read
+        """Whether `worker` holds more open connections than the least busy worker (a read
         without the lock: a hint for who accepts next, not a count that must hold)."""
-        counts = [self.row(i)["associations"] for i in range(self.workers)]
+        counts = [self.row(i)["connections"] for i in range(self.workers)]
         return counts[worker] > min(counts)
 
     def take_slot(self, worker: int, limit: int) -> bool:
@@ -128,8 +146,7 @@ class WorkerBoard:
             return True
 
     def free_slot(self, worker: int) -> None:
-        with self.locked():
-            self.set(worker, associations=max(0, self.row(worker)["associations"] - 1))
+        self.add(worker, "associations", -1)
 
 
 def refused_field(status: int) -> str:
@@ -250,7 +267,7 @@ class WorkerPool:
         assert board is not None
         with board.locked():
             row = board.row(worker)
-            for f in FIELDS[1:]:
+            for f in COUNTERS:
                 self._retired[f] += row[f]
             board.set(worker, **dict.fromkeys(FIELDS, 0))
 
@@ -260,7 +277,6 @@ class WorkerPool:
     def totals(self) -> dict[str, int]:
         """Counters summed over the workers (and the workers that died before)."""
         out = dict(self._retired)
-        out["associations"] = 0
         if self.board is not None:
             for i in range(self.workers):
                 for f, v in self.board.row(i).items():
@@ -324,7 +340,7 @@ def run_worker(settings: Settings, worker: int, workers: int, listen_fd: int) ->
 
     def publish() -> None:
         stats = handler.stats
-        refused = dict.fromkeys(FIELDS[4:9], 0)
+        refused = dict.fromkeys(REFUSED, 0)
         for status, n in stats.refused.items():
             refused[refused_field(status)] += n
         board.set(

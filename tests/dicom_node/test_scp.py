@@ -483,8 +483,50 @@ def test_worker_board_counts_associations_across_processes(tmp_path: Path) -> No
     assert worker0.take_slot(0, limit=2) and parent.row(0)["associations"] == 2
     worker0.set(0, stored=7)
     assert parent.row(0)["stored"] == 7
+    assert parent.row(0)["associations"] == 2  # writing a counter leaves the gauges alone
+    # the least busy worker by open connections (counted from accept) is chosen to accept
+    worker0.add(0, "connections", 1)
+    assert worker0.busier_than_least(0) and not worker1.busier_than_least(1)
+    worker1.add(1, "connections", 1)
+    assert not worker0.busier_than_least(0)
+    worker1.add(1, "connections", -5)
+    assert parent.row(1)["connections"] == 0  # never below 0
     for board in (parent, worker0, worker1):
         board.close()
+
+
+def test_an_accepted_connection_counts_before_its_association(tmp_path: Path) -> None:
+    """A connection counts on the board (what `busier_than_least` compares) from its accept,
+    before it has sent an A-ASSOCIATE-RQ, and uncounts when it ends."""
+    import socket
+
+    from dicom_node.node import DicomNode
+
+    from .peers import RecordingAnalyser
+
+    settings = _node_settings(tmp_path, workers=2)
+    with DicomNode(settings, RecordingAnalyser(tmp_path / "sr")) as node:  # type: ignore[arg-type]
+        board = node.pool.board  # type: ignore[union-attr]
+
+        def connections() -> list[int]:
+            return [board.row(i)["connections"] for i in range(2)]
+
+        deadline = time.monotonic() + 10
+
+        def wait_for(total: int) -> int:
+            while sum(connections()) != total and time.monotonic() < deadline:
+                time.sleep(0.02)
+            return sum(connections())
+
+        first = socket.create_connection(("127.0.0.1", node.port))
+        assert wait_for(1) == 1  # counted although no A-ASSOCIATE-RQ was sent
+        second = socket.create_connection(("127.0.0.1", node.port))
+        assert wait_for(2) == 2
+        first.close()
+        second.close()
+        assert wait_for(0) == 0
+        assert connections() == [0, 0]
+        assert connections() == [0, 0]
 
 
 def test_reactor_clock_sleeps_normally_outside_reactor_threads() -> None:
