@@ -18,7 +18,6 @@ A C-STORE command set is a handful of Implicit VR Little Endian elements of grou
 - `FastDimse.send_msg`: a C-STORE-RSP carrying only its usual parameters (Affected SOP
   Class/Instance UID, Message ID Being Responded To, Status) is encoded by hand into one
   P-DATA primitive.
-
 - `FastDimse.serve` (when the SCP gives one): a complete C-STORE-RQ is stored right there, in
   the DUL thread that assembled it, and its C-STORE-RSP written to the socket as one P-DATA-TF
   PDU (what pynetdicom's DT-1 action would write). pynetdicom would instead queue the request
@@ -82,7 +81,8 @@ _US_ELEMENTS = frozenset((_COMMAND_FIELD, _MESSAGE_ID, _PRIORITY, _DATA_SET_TYPE
 
 #: pynetdicom's status for an exception raised by the ``EVT_C_STORE`` handler
 _HANDLER_EXCEPTION = 0xC211
-_P_DATA_TF = 0x04
+#: PDU type of P-DATA-TF (PS3.8 9.3.1)
+P_DATA_TF = 0x04
 
 #: Serves a complete C-STORE request under its accepted presentation context: the status.
 Serve = Callable[[Any, Any], int]
@@ -179,7 +179,7 @@ def encode_store_response(
 def p_data_tf(context_id: int, command: bytes) -> bytes:
     """One P-DATA-TF PDU carrying `command` as the last (only) command fragment (PS3.8 9.3.5)."""
     item = struct.pack(">IBB", len(command) + 2, context_id, 0x03) + command
-    return struct.pack(">BBI", _P_DATA_TF, 0, len(item)) + item
+    return struct.pack(">BBI", P_DATA_TF, 0, len(item)) + item
 
 
 class FastDimse:

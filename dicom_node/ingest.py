@@ -154,13 +154,16 @@ def identify(
     few hundred bytes), not the hundred-odd elements of a full header. A deflated data set, a
     syntax that is not walked or a broken encoding take the full `read_header` instead (the
     walk's error is raised later by `check_encoding`, after the header and UID checks, so a
-    sender learns the same status as before)."""
+    sender learns the same status as before). An implicit VR data set sent as explicit is
+    read whole by pydicom's tolerant reader, and its walk is kept for the pixel size check."""
     try:
         walked = walk_encoding(payload, transfer_syntax_uid)
     except MalformedDicomError:
         walked = None
-    if walked is None or walked.implicit_vr != UID(transfer_syntax_uid).is_implicit_VR:
-        return read_header(data, transfer_syntax_uid), None  # the tolerant path as before
+    if walked is None:
+        return read_header(data, transfer_syntax_uid), None
+    if walked.implicit_vr != UID(transfer_syntax_uid).is_implicit_VR:
+        return read_header(data, transfer_syntax_uid), walked  # the tolerant path as before
     starts = walked.top_level
     wanted = bytearray()
     for i, (tag, start) in enumerate(starts):

@@ -107,7 +107,6 @@ def attach(assoc: Any) -> None:
     kill = assoc.kill
 
     def kill_and_wake() -> None:  # `_kill` is a flag: wake the reactor to see it
-        ready.set()
         kill()
         ready.set()
 

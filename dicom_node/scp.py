@@ -73,6 +73,7 @@ import pydicom.config
 from core import peers
 from core.settings import DicomSettings, TlsSettings
 from dicom_node import dimse_fastpath, reactor_wakeup
+from dicom_node.dimse_fastpath import P_DATA_TF
 from dicom_node.ingest import Ingest, IngestStats, read_header, record_from_header
 from store.index import Index
 from store.spool import Spool
@@ -97,10 +98,9 @@ VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 #: Largest non-data PDU (A-ASSOCIATE-RQ with many presentation contexts, A-RELEASE, A-ABORT)
 #: read from a peer, whatever ``dicom.max_pdu_size`` says.
 MAX_CONTROL_PDU = 1 << 20
-#: How long a receiver holding more associations than the least busy one waits before it
+#: How long a receiver holding more connections than the least busy one waits before it
 #: accepts (the others, woken by the same connection, take it first).
 BUSY_ACCEPT_DELAY_S = 0.002
-_P_DATA_TF = 0x04
 #: A-ABORT PDU (PS3.8 9.3.8): source 2 service-provider, reason 6 invalid PDU parameter value
 A_ABORT_INVALID_PDU_PARAMETER = b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x06"
 
@@ -242,7 +242,7 @@ class _AbortingLimits:
         pdu_type, _, _ = struct.unpack(">BBL", header)
         if 0x01 <= pdu_type <= 0x07:
             self.body_type, self.header = pdu_type, header
-            self.body_limit = self.max_pdu_size if pdu_type == _P_DATA_TF else MAX_CONTROL_PDU
+            self.body_limit = self.max_pdu_size if pdu_type == P_DATA_TF else MAX_CONTROL_PDU
 
 
 def _limited_socket_class(base: type) -> type:

@@ -326,10 +326,11 @@ def run_worker(settings: Settings, worker: int, workers: int, listen_fd: int) ->
     from store.spool import Spool
 
     d = settings.dicom
-    # Each association's DUL and handler threads block on I/O several times per instance
-    # (recv, write, fsync, rename, commit, send); with the default 5 ms switch interval a
-    # thread that wakes may wait that long for the GIL while another association computes.
-    # 0.5 ms: 4 senders on 2 receivers 376 -> 446 instances/s (docs/scaling.md).
+    # Each association's DUL thread (which also stores: dimse_fastpath) blocks on I/O several
+    # times per instance (recv, write, fsync, rename, commit, send); with the default 5 ms
+    # switch interval a thread that wakes may wait that long for the GIL while another
+    # association computes. 0.5 ms: 4 senders on 2 receivers 376 -> 446 instances/s; kept
+    # after the in-thread store, where 2 ms and 5 ms scaled worse (docs/scaling.md).
     sys.setswitchinterval(RECEIVER_SWITCH_INTERVAL_S)
     board = WorkerBoard(Path(settings.storage.root).resolve() / "run", workers, create=False)
     spool = Spool(settings.storage.root, d.low_water_mark_mb)
