@@ -43,7 +43,7 @@ from typing import Any
 
 from benchmarks.memory import TreeSampler, process_name
 from cli.demo import DemoStudy, push_direct, wait_ready, write_config
-from cli.demo.pacs import LocalPacs, free_port, stop_process
+from cli.demo.pacs import LocalPacs, free_ports, stop_process
 from core.errors import DestinationError, RadtriageError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _say("writing base phantoms")
         bases = base_phantoms(root / "base")
-        dicom_port, http_port = free_port(), free_port()
+        dicom_port, http_port = free_ports(2)
         config = root / "radtriage.toml"
         var = root / "var"
         write_config(config, var, dicom_port, http_port, pacs.aet, pacs.port)

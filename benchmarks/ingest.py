@@ -33,20 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from cli.demo.pacs import OrthancPacs as Orthanc
-from cli.demo.pacs import wait_port
+from cli.demo.pacs import free_port, free_ports, wait_port
 from tests.dicom_node.peers import make_mr_series, storescp
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "ingest.json"
 SENDERS = (1, 2, 4, 8)  # parallel storescu associations
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def bench_analyser(settings: Any) -> Any:
@@ -186,7 +178,8 @@ def _targets(workers: int | None) -> dict[str, tuple[Target, str]]:
 
     @contextmanager
     def orthanc(work: Path, port: int) -> Iterator[Orthanc]:
-        with Orthanc(work, port, _free_port()) as o:
+        http_port = next(p for p in free_ports(2) if p != port)  # never the DICOM port
+        with Orthanc(work, port, http_port) as o:
             yield o
 
     return {
@@ -200,7 +193,7 @@ def _sr_latency(files: Sequence[Path], root: Path) -> dict[str, float]:
     """Last instance received -> SR accepted by the destination, for our node."""
     from store.index import Index
 
-    port, dest = _free_port(), _free_port()
+    port, dest = free_ports(2)
     work = root / "latency"
     with storescp(work / "dest", dest, aet="STORESCP"), our_node(work, port, 1.0, dest):
         _send(files, port, "RADTRIAGE", 1)
@@ -257,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             for rep in range(args.repeats):
                 for parallel in senders:
                     work = root / f"{name}-{parallel}-{rep}"
-                    port = _free_port()
+                    port = free_port()
                     with target(work, port) as running:
                         wait_port(port)
                         time.sleep(0.5)  # let start-up work settle before counting CPU

@@ -22,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.ingest import _free_port, _send, our_node, tree_cpu_s
-from cli.demo.pacs import wait_port
+from benchmarks.ingest import _send, our_node, tree_cpu_s
+from cli.demo.pacs import free_port, wait_port
 from tests.dicom_node.peers import make_mr_series
 
 #: Stage of a sample: the first of these found in its stack (innermost frame first).
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="radtriage-profile-"))
     try:
         files = make_mr_series(root / "series", args.instances, rows=args.rows, columns=args.rows)
-        port = _free_port()
+        port = free_port()
         raw = root / "samples.txt"
         with our_node(root / "node", port, workers=args.workers or None) as proc:
             wait_port(port)

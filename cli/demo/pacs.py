@@ -46,6 +46,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free ports: all are held bound while chosen (`free_port` twice in a row
+    may return the same port, which a program given both refuses)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def orthanc_available() -> bool:
     return shutil.which("Orthanc") is not None
 

@@ -51,7 +51,8 @@ from typing import Any
 
 import pydicom
 
-from tests.campaigns.load_ingest import free_port, peak_rss_mb, process_tree
+from cli.demo.pacs import free_ports
+from tests.campaigns.load_ingest import peak_rss_mb, process_tree
 
 REPO = Path(__file__).resolve().parents[2]
 PHASES = ("ingest", "worker", "analysis", "sending")
@@ -365,7 +366,7 @@ def run_campaign(
     from cli.demo.pacs import OrthancPacs
 
     rng = random.Random(seed)
-    dicom_port, http_port = free_port(), free_port()
+    dicom_port, http_port = free_ports(2)
     with OrthancPacs(work / "orthanc") as orthanc:
         c = Campaign(
             work=work,

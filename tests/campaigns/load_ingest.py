@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,15 +38,11 @@ from typing import Any
 
 import pydicom
 
+from cli.demo.pacs import free_ports
+
 REPO = Path(__file__).resolve().parents[2]
 ANALYSIS_S = 0.5
 URGENT = "STAT"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class SlowAnalyser:
@@ -191,7 +186,7 @@ def run_campaign(
     sent_uids = {
         str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for s in series for f in s
     }
-    port, dest = free_port(), free_port()
+    port, dest = free_ports(2)
     cfg = node_config(work, port, dest, max_associations=senders + 2, workers=workers)
     var = work / "var"
     with ExitStack() as stack:

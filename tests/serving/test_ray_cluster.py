@@ -28,9 +28,9 @@ from pathlib import Path
 
 import pytest
 
+from cli.demo.pacs import free_ports
 from core.errors import ConfigError, ModelError
 from core.settings import Settings
-from tests.conftest import free_port
 
 ray = pytest.importorskip("ray")
 
@@ -39,16 +39,20 @@ pytestmark = pytest.mark.own_process  # Ray's driver state is process-wide: see 
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-def _ports() -> list[str]:
-    names = (
-        "node-manager-port",
-        "object-manager-port",
-        "dashboard-agent-listen-port",
-        "dashboard-agent-grpc-port",
-        "metrics-export-port",
-        "runtime-env-agent-port",
-    )
-    return [arg for name in names for arg in (f"--{name}", str(free_port()))]
+#: The ports each `ray start` is given (else Ray picks fixed defaults that two nodes share).
+PORT_FLAGS = (
+    "node-manager-port",
+    "object-manager-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "metrics-export-port",
+    "runtime-env-agent-port",
+)
+
+
+def _ports(ports: Iterator[int]) -> list[str]:
+    """`PORT_FLAGS` with the next ports of `ports` (distinct: Ray refuses a port given twice)."""
+    return [arg for name in PORT_FLAGS for arg in (f"--{name}", str(next(ports)))]
 
 
 def _end(proc: subprocess.Popen[bytes]) -> None:
@@ -107,7 +111,9 @@ def ray_cluster(node_disk: Path) -> Iterator[str]:
     """Head (2 CPUs, resource rt_head) + worker node (2 CPUs, resource rt_worker, `node_disk`
     hidden); yields the head address."""
     temp = Path(tempfile.mkdtemp(prefix="rt-ray-", dir="/tmp"))  # short: unix socket paths
-    port = free_port()
+    # every port of both nodes drawn at once, so that no two are the same
+    ports = iter(free_ports(3 + 2 * len(PORT_FLAGS)))
+    port = next(ports)
     address = f"127.0.0.1:{port}"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
@@ -115,10 +121,10 @@ def ray_cluster(node_disk: Path) -> Iterator[str]:
     head_cmd = [RAY, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1"]
     # the dashboard serves the state API (ray.util.state.list_actors) the test reads
     head_cmd += ["--resources", '{"rt_head": 1}', "--include-dashboard=true"]
-    head_cmd += ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(free_port())]
-    head_cmd += ["--ray-client-server-port", str(free_port()), *common, *_ports()]
+    head_cmd += ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(next(ports))]
+    head_cmd += ["--ray-client-server-port", str(next(ports)), *common, *_ports(ports)]
     worker_cmd = [RAY, "start", "--address", address, "--node-ip-address", "127.0.0.1"]
-    worker_cmd += ["--resources", '{"rt_worker": 100}', *common, *_ports()]
+    worker_cmd += ["--resources", '{"rt_worker": 100}', *common, *_ports(ports)]
     worker_cmd = _hide_from(worker_cmd, node_disk)
     procs: list[subprocess.Popen[bytes]] = []
     try:
