@@ -15,7 +15,9 @@ inflated whole); their header is still parsed on ingest.
 
 from __future__ import annotations
 
+import functools
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
@@ -35,6 +37,15 @@ _ITEM = (0xFFFE, 0xE000)
 _ITEM_END = (0xFFFE, 0xE00D)
 _SEQUENCE_END = (0xFFFE, 0xE0DD)
 _PIXEL_DATA = (0x7FE0, 0x0010)
+
+_PIXEL_DATA_TAG = 0x7FE00010
+#: 2-byte VR -> True for the VRs with a 4-byte length (PS3.5 7.1.2)
+_VR_KIND = {vr: vr in _LONG_VRS for vr in _VRS}
+# an element header read at once: group, element, VR, 2-byte length (explicit VR)
+_HEADER_LE = struct.Struct("<HH2sH").unpack_from
+_HEADER_BE = struct.Struct(">HH2sH").unpack_from
+_U32_LE = struct.Struct("<I").unpack_from
+_U32_BE = struct.Struct(">I").unpack_from
 
 _Frame = tuple[int | None, str, bool]
 
@@ -82,6 +93,10 @@ class _Walker:
                 raise _fail("an element runs past the end of its item or sequence", pos)
             if pos >= limit:
                 raise _fail(f"undefined-length {kind} has no delimiter", pos)
+            if kind == "dataset":
+                pos = self._simple_elements(pos, limit, implicit, len(stack) == 1)
+                if pos == end or pos >= limit:
+                    continue  # the frame ends here (or runs over: the checks above say so)
             tag = self._tag(pos)
             if kind in ("sequence", "fragments"):
                 pos = self._sequence_entry(tag, pos, kind, implicit, stack)
@@ -95,6 +110,41 @@ class _Walker:
             if tag[0] == 0xFFFE:
                 raise _fail(f"unexpected delimiter ({tag[0]:04X},{tag[1]:04X})", pos)
             pos = self._element(tag, pos, implicit, stack)
+
+    def _simple_elements(self, pos: int, limit: int, implicit: bool, top: bool) -> int:
+        """Skip the run of plain elements from `pos` (defined length, not a delimiter, not a
+        sequence to enter, a full header before `limit`), as `_element` would, in one tight
+        loop: the hot path, a few dozen elements per image. Returns where the run stops; the
+        element there (anything else, or an error) is left to the general walk."""
+        data, end_of_data = self.data, len(self.data)
+        header = _HEADER_LE if self.end_char == "<" else _HEADER_BE
+        long_length = _U32_LE if self.end_char == "<" else _U32_BE
+        top_level, kinds = self.top_level, _VR_KIND
+        while pos + 12 <= limit:
+            group, element, vr, short_length = header(data, pos)
+            if group == 0xFFFE:
+                break
+            if implicit:
+                length, start = long_length(data, pos + 4)[0], pos + 8
+            else:
+                kind = kinds.get(vr)
+                if kind is None:
+                    break
+                if kind:
+                    length, start = long_length(data, pos + 8)[0], pos + 12
+                else:
+                    length, start = short_length, pos + 8
+                if vr == b"SQ" and length:
+                    break
+            if length == _UNDEFINED or start + length > end_of_data:
+                break
+            if top:
+                tag = group << 16 | element
+                top_level.append((tag, pos))
+                if tag == _PIXEL_DATA_TAG:
+                    self.pixel_data_length = length
+            pos = start + length
+        return pos
 
     def _sequence_entry(
         self, tag: tuple[int, int], pos: int, kind: str, implicit: bool, stack: list[_Frame]
@@ -165,7 +215,7 @@ def _implicit_despite_explicit(data: memoryview | bytes, ts: UID) -> bool:
     return not ts.is_implicit_VR and len(data) >= 6 and bytes(data[4:6]) not in _VRS
 
 
-def _native_pixel_bytes(header: Dataset) -> int | None:
+def native_pixel_bytes(header: Dataset) -> int | None:
     """Bytes of native Pixel Data the image attributes call for, or None when they are not all
     there or not numbers (then nothing is checked)."""
     try:
@@ -177,10 +227,17 @@ def _native_pixel_bytes(header: Dataset) -> int | None:
         return None
     if min(rows, columns, bits, samples, frames) <= 0:
         return None
-    if str(header.get("PhotometricInterpretation", "")).strip() in (
-        "YBR_FULL_422",
-        "YBR_PARTIAL_422",
-    ):
+    photometric = str(header.get("PhotometricInterpretation", "")).strip()
+    return pixel_bytes_for(rows, columns, bits, samples, frames, photometric)
+
+
+def pixel_bytes_for(
+    rows: int, columns: int, bits: int, samples: int, frames: int, photometric: str
+) -> int | None:
+    """Bytes of native Pixel Data for these image attributes; None when one is not positive."""
+    if min(rows, columns, bits, samples, frames) <= 0:
+        return None
+    if photometric in ("YBR_FULL_422", "YBR_PARTIAL_422"):
         samples = 2  # two chroma values shared by two pixels (PS3.3 C.7.6.3.1.2)
     pixels = rows * columns * samples * frames
     return (pixels + 7) // 8 if bits == 1 else pixels * ((bits + 7) // 8)
@@ -196,30 +253,43 @@ class Walked:
     top_level: list[tuple[int, int]]
 
 
-def walk_encoding(data: memoryview | bytes, transfer_syntax_uid: str) -> Walked | None:
-    """Walk the whole encoding (module docstring); `MalformedDicomError` with the reason when
-    it is broken, None for a transfer syntax that is not walked (deflated, unknown)."""
+@functools.lru_cache(maxsize=64)
+def walked_encoding(transfer_syntax_uid: str) -> tuple[bool, bool] | None:
+    """(implicit VR, little endian) of a transfer syntax that is walked; None for one that is
+    not (deflated, unknown)."""
     ts = UID(transfer_syntax_uid)
     if ts == DeflatedExplicitVRLittleEndian or not ts.is_transfer_syntax:
         return None
-    walker = _Walker(memoryview(data), ts.is_implicit_VR, ts.is_little_endian)
+    return bool(ts.is_implicit_VR), bool(ts.is_little_endian)
+
+
+def walk_encoding(data: memoryview | bytes, transfer_syntax_uid: str) -> Walked | None:
+    """Walk the whole encoding (module docstring); `MalformedDicomError` with the reason when
+    it is broken, None for a transfer syntax that is not walked (deflated, unknown)."""
+    encoding = walked_encoding(transfer_syntax_uid)
+    if encoding is None:
+        return None
+    implicit, little = encoding
+    walker = _Walker(memoryview(data), implicit, little)
     try:
         walker.walk()
     except MalformedDicomError:
-        if not _implicit_despite_explicit(data, ts):
+        if not _implicit_despite_explicit(data, UID(transfer_syntax_uid)):
             raise
         # read tolerantly, like pydicom: an implicit VR data set sent as explicit VR
-        walker = _Walker(memoryview(data), True, ts.is_little_endian)
+        walker = _Walker(memoryview(data), True, little)
         walker.walk()
     return Walked(walker.implicit, walker.pixel_data_length, walker.top_level)
 
 
-def check_pixel_data_length(walked: Walked, transfer_syntax_uid: str, header: Dataset) -> None:
-    """`MalformedDicomError` when native Pixel Data is shorter than the image attributes of
-    `header` need."""
-    if walked.pixel_data_length is None or UID(transfer_syntax_uid).is_compressed:
+def check_pixel_data_length(
+    walked: Walked, transfer_syntax_uid: str, needed_bytes: Callable[[], int | None]
+) -> None:
+    """`MalformedDicomError` when native Pixel Data is shorter than the image attributes need
+    (`needed_bytes`, asked only when there is native Pixel Data to check)."""
+    if walked.pixel_data_length is None or _is_compressed(transfer_syntax_uid):
         return
-    needed = _native_pixel_bytes(header)
+    needed = needed_bytes()
     if needed is not None and walked.pixel_data_length < needed:
         raise MalformedDicomError(
             f"Pixel Data is {walked.pixel_data_length} bytes but Rows, Columns, Samples per "
@@ -232,4 +302,9 @@ def check_encoding(data: memoryview | bytes, transfer_syntax_uid: str, header: D
     docstring). `header` is the parsed header (for the pixel data size check)."""
     walked = walk_encoding(data, transfer_syntax_uid)
     if walked is not None:
-        check_pixel_data_length(walked, transfer_syntax_uid, header)
+        check_pixel_data_length(walked, transfer_syntax_uid, lambda: native_pixel_bytes(header))
+
+
+@functools.lru_cache(maxsize=64)
+def _is_compressed(transfer_syntax_uid: str) -> bool:
+    return bool(UID(transfer_syntax_uid).is_compressed)

@@ -47,7 +47,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
@@ -65,8 +64,9 @@ from dicom_node.encoding_check import (
     check_encoding,
     check_pixel_data_length,
     walk_encoding,
+    walked_encoding,
 )
-from imaging.request_attributes import requested_procedure_priority
+from dicom_node.ingest_header import LAST_GROUP, Header
 from store.index import Index, InstanceRecord
 from store.spool import Spool, encode_file_meta
 
@@ -74,7 +74,7 @@ log = logging.getLogger(__name__)
 
 # Header parsing stops after group 0x0040 (Requested Procedure Priority lives there); pixel
 # data and everything after it are never parsed on ingest.
-_LAST_GROUP = 0x0040
+_LAST_GROUP = LAST_GROUP
 # A deflated header is inflated at most this far (a deflate bomb stays small).
 _MAX_INFLATED_HEADER = 1 << 20
 
@@ -111,93 +111,42 @@ def read_header(data: io.BytesIO | bytes | memoryview, transfer_syntax_uid: str)
         del raw
 
 
-#: The elements ingest reads from a header: `record_from_header`, the request priority
-#: (`imaging.request_attributes`), the Pixel Data size check and the character set.
-IDENTIFYING_TAGS = frozenset(
-    int(tag_for_keyword(keyword) or 0)
-    for keyword in (
-        "SpecificCharacterSet",
-        "SOPClassUID",
-        "SOPInstanceUID",
-        "StudyDate",
-        "AccessionNumber",
-        "Modality",
-        "StudyDescription",
-        "SeriesDescription",
-        "PatientName",
-        "PatientID",
-        "IssuerOfPatientID",
-        "BodyPartExamined",
-        "StudyInstanceUID",
-        "SeriesInstanceUID",
-        "SeriesNumber",
-        "InstanceNumber",
-        "SamplesPerPixel",
-        "PhotometricInterpretation",
-        "NumberOfFrames",
-        "Rows",
-        "Columns",
-        "BitsAllocated",
-        "RequestAttributesSequence",
-        "RequestedProcedurePriority",
-    )
-)
-
-
 def identify(
     data: io.BytesIO | bytes | memoryview, payload: memoryview, transfer_syntax_uid: str
-) -> tuple[Dataset, Walked | None]:
+) -> tuple[Header, Walked | None]:
     """The header ingest needs, and the encoding walk when it passed.
 
     Hot path: `walk_encoding` checks the whole encoding once and notes where every top-level
-    element starts; pydicom then parses only the `IDENTIFYING_TAGS` elements (copied out, a
-    few hundred bytes), not the hundred-odd elements of a full header. A deflated data set, a
-    syntax that is not walked or a broken encoding take the full `read_header` instead (the
-    walk's error is raised later by `check_encoding`, after the header and UID checks, so a
-    sender learns the same status as before). An implicit VR data set sent as explicit is
-    read whole by pydicom's tolerant reader, and its walk is kept for the pixel size check."""
+    element starts; the identifying elements' values are then read from their bytes
+    (`dicom_node.ingest_header`), pydicom parsing them only for an unusual value. A deflated
+    or big endian data set, a syntax that is not walked or a broken encoding take the full
+    `read_header` instead (the walk's error is raised later by `check_encoding`, after the
+    header and UID checks, so a sender learns the same status as before). An implicit VR data
+    set sent as explicit is read whole by pydicom's tolerant reader, and its walk is kept for
+    the pixel size check."""
     try:
         walked = walk_encoding(payload, transfer_syntax_uid)
     except MalformedDicomError:
         walked = None
     if walked is None:
-        return read_header(data, transfer_syntax_uid), None
-    if walked.implicit_vr != UID(transfer_syntax_uid).is_implicit_VR:
-        return read_header(data, transfer_syntax_uid), walked  # the tolerant path as before
-    starts = walked.top_level
-    wanted = bytearray()
-    for i, (tag, start) in enumerate(starts):
-        if tag >> 16 > _LAST_GROUP:
-            break
-        if tag in IDENTIFYING_TAGS:
-            end = starts[i + 1][1] if i + 1 < len(starts) else len(payload)
-            wanted += payload[start:end]
-    return read_header(bytes(wanted), transfer_syntax_uid), walked
+        return Header.from_dataset(read_header(data, transfer_syntax_uid)), None
+    implicit, little = walked_encoding(transfer_syntax_uid) or (True, True)
+    if walked.implicit_vr != implicit or not little:
+        return Header.from_dataset(read_header(data, transfer_syntax_uid)), walked
+    header = Header.from_walk(payload, walked, lambda raw: read_header(raw, transfer_syntax_uid))
+    return header, walked
 
 
-def _str(ds: Dataset, keyword: str) -> str:
-    """An element's value as text. Raw ASCII values are decoded directly (this runs for every
-    instance); anything else goes through pydicom's conversion (character sets, sequences)."""
-    tag = tag_for_keyword(keyword)
-    if tag is None or tag not in ds:
-        return ""
-    raw = ds.get_item(tag).value
-    if isinstance(raw, bytes) and raw.isascii():
-        return raw.decode("ascii").strip("\x00 ")
-    value = ds[tag].value
-    return "" if value is None else str(value).strip("\x00 ")
-
-
-def _int(ds: Dataset, keyword: str) -> int | None:
+def _int(header: Header, keyword: str) -> int | None:
     try:
-        value = int(float(_str(ds, keyword).split("\\")[0]))
+        value = int(float(header.text(keyword).split("\\")[0]))
     except (ValueError, OverflowError):
         return None
     return value if -(2**31) <= value < 2**31 else None  # IS is a 32-bit integer
 
 
 def record_from_header(
-    ds: Dataset,
+    header: Header | Dataset,
     *,
     sop_class_uid: str,
     sop_instance_uid: str,
@@ -210,14 +159,16 @@ def record_from_header(
 
     Raises `InvalidUIDError` (a UID breaks the syntax), `MalformedDicomError` (UIDs missing or
     unreadable) or `DatasetMismatchError` (header and request disagree)."""
+    if isinstance(header, Dataset):
+        header = Header.from_dataset(header)
     sop_class_uid = require_uid(sop_class_uid, "AffectedSOPClassUID")
     sop_instance_uid = require_uid(sop_instance_uid, "AffectedSOPInstanceUID")
     transfer_syntax_uid = require_uid(transfer_syntax_uid, "TransferSyntaxUID")
     try:
-        study = _str(ds, "StudyInstanceUID")
-        series = _str(ds, "SeriesInstanceUID")
-        ds_sop_instance = _str(ds, "SOPInstanceUID")
-        ds_sop_class = _str(ds, "SOPClassUID")
+        study = header.text("StudyInstanceUID")
+        series = header.text("SeriesInstanceUID")
+        ds_sop_instance = header.text("SOPInstanceUID")
+        ds_sop_class = header.text("SOPClassUID")
     except Exception as exc:
         raise MalformedDicomError(f"unreadable UID elements: {ascii(str(exc))[:300]}") from exc
     if not study or not series:
@@ -245,18 +196,18 @@ def record_from_header(
             transfer_syntax_uid=transfer_syntax_uid,
             path=path,
             size_bytes=size_bytes,
-            patient_id=_str(ds, "PatientID")[:64],
-            issuer_of_patient_id=_str(ds, "IssuerOfPatientID")[:64],
-            patient_name=_str(ds, "PatientName")[:324],
-            accession_number=_str(ds, "AccessionNumber")[:64],
-            study_date=_str(ds, "StudyDate")[:8],
-            study_description=_str(ds, "StudyDescription")[:64],
-            modality=_str(ds, "Modality")[:16],
-            series_number=_int(ds, "SeriesNumber"),
-            series_description=_str(ds, "SeriesDescription")[:64],
-            body_part_examined=_str(ds, "BodyPartExamined")[:16],
-            instance_number=_int(ds, "InstanceNumber"),
-            requested_procedure_priority=requested_procedure_priority(ds)[:16],
+            patient_id=header.text("PatientID")[:64],
+            issuer_of_patient_id=header.text("IssuerOfPatientID")[:64],
+            patient_name=header.text("PatientName")[:324],
+            accession_number=header.text("AccessionNumber")[:64],
+            study_date=header.text("StudyDate")[:8],
+            study_description=header.text("StudyDescription")[:64],
+            modality=header.text("Modality")[:16],
+            series_number=_int(header, "SeriesNumber"),
+            series_description=header.text("SeriesDescription")[:64],
+            body_part_examined=header.text("BodyPartExamined")[:16],
+            instance_number=_int(header, "InstanceNumber"),
+            requested_procedure_priority=header.requested_procedure_priority()[:16],
             calling_ae_title=calling_ae_title[:16],
         )
     except Exception as exc:
@@ -345,9 +296,9 @@ class Ingest:
                 rec.sop_class_uid, rec.sop_instance_uid, rec.transfer_syntax_uid, calling_ae_title
             )
             if walked is None:
-                check_encoding(payload, rec.transfer_syntax_uid, header)
+                check_encoding(payload, rec.transfer_syntax_uid, header.dataset)
             else:
-                check_pixel_data_length(walked, rec.transfer_syntax_uid, header)
+                check_pixel_data_length(walked, rec.transfer_syntax_uid, header.native_pixel_bytes)
             size = len(meta) + len(payload)
             path = self.spool.store(
                 rec.study_instance_uid, rec.series_instance_uid, rec.sop_instance_uid, meta, payload

@@ -19,6 +19,7 @@ metrics can serialise them without touching ORM objects.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
@@ -55,6 +56,7 @@ from sqlalchemy.orm import (
     mapped_column,
     relationship,
 )
+from sqlalchemy.pool import PoolProxiedConnection
 
 from core.domain import ReferralUrgency, StudyStatus
 from core.errors import ConfigError, DatasetMismatchError
@@ -311,8 +313,14 @@ class Index:
             self._write_lock if self._sqlite else nullcontext()
         )
         self._series_ids: dict[str, tuple[int, int]] = {}
+        #: SQLite: the connection ingest keeps for instances of known series (under the lock)
+        self._ingest_connection: PoolProxiedConnection | None = None
 
     def close(self) -> None:
+        with self._write_lock:
+            if self._ingest_connection is not None:
+                self._ingest_connection.close()
+                self._ingest_connection = None
         self.engine.dispose()
 
     @property
@@ -400,6 +408,10 @@ class Index:
             return self._add_instance(rec, now)
 
     def _add_instance(self, rec: InstanceRecord, now: float) -> bool:
+        known = self._series_ids.get(rec.series_instance_uid)
+        if known is not None and self._sqlite:
+            with self._ingest_lock:
+                return self._add_to_known_series(rec, known, now)
         with self._ingest_lock, self.engine.begin() as conn:
             # SQLite: the four statements go straight to the driver's cursor (named
             # parameters, same SQL, same transaction), skipping SQLAlchemy's per-statement
@@ -418,21 +430,7 @@ class Index:
             if ids is None:
                 ids = self._create_series(conn, rec, now)
             study_id, series_id = ids
-            run(
-                _SQL_INSERT_INSTANCE,
-                {
-                    "sop": rec.sop_instance_uid,
-                    "series": series_id,
-                    "study": study_id,
-                    "cls": rec.sop_class_uid,
-                    "ts": rec.transfer_syntax_uid,
-                    "num": rec.instance_number,
-                    "path": str(rec.path),
-                    "size": rec.size_bytes,
-                    "aet": rec.calling_ae_title,
-                    "now": now,
-                },
-            )
+            run(_SQL_INSERT_INSTANCE, _instance_row(rec, study_id, series_id, now))
             run(_SQL_COUNT_SERIES, {"series": series_id})
             # only a new MR instance re-opens an analysed study: a late SR/KO/PR (e.g. our own
             # SR routed back by PACS) is no reason to analyse again
@@ -440,6 +438,33 @@ class Index:
             run(rerun_sql, {"study": study_id, "now": now})
         if created:  # cache row ids only once they are committed
             self._series_ids[rec.series_instance_uid] = ids
+        return True
+
+    def _add_to_known_series(self, rec: InstanceRecord, ids: tuple[int, int], now: float) -> bool:
+        """SQLite, a series whose rows exist: the same four statements and commit as
+        `_add_instance`, on one connection ingest keeps (no pool checkout, reset and
+        connection wrapper per instance: half the index's cost). Caller holds the lock."""
+        if self._ingest_connection is None:
+            self._ingest_connection = self.engine.raw_connection()
+        raw = self._ingest_connection.dbapi_connection
+        assert raw is not None
+        study_id, series_id = ids
+        try:
+            cursor = raw.cursor()
+            if cursor.execute(_SQL_DUPLICATE.text, {"sop": rec.sop_instance_uid}).fetchone():
+                return False
+            cursor.execute(_SQL_INSERT_INSTANCE.text, _instance_row(rec, study_id, series_id, now))
+            cursor.execute(_SQL_COUNT_SERIES.text, {"series": series_id})
+            rerun_sql = _SQL_COUNT_STUDY_MR if rec.modality.upper() == "MR" else _SQL_COUNT_STUDY
+            cursor.execute(rerun_sql.text, {"study": study_id, "now": now})
+            raw.commit()
+        except BaseException:
+            # a connection in an unknown state is not reused: the next instance gets a fresh one
+            connection, self._ingest_connection = self._ingest_connection, None
+            with contextlib.suppress(Exception):
+                raw.rollback()
+                connection.close()
+            raise
         return True
 
     def _create_series(self, conn: Connection, rec: InstanceRecord, now: float) -> tuple[int, int]:
@@ -783,6 +808,22 @@ _SQL_COUNT_STUDY_MR = text(
     f"analysis_failures = CASE WHEN status IN ({_RERUN_IN}) THEN 0 "
     "ELSE analysis_failures END WHERE id = :study"
 )
+
+
+def _instance_row(rec: InstanceRecord, study_id: int, series_id: int, now: float) -> dict[str, Any]:
+    """The parameters of `_SQL_INSERT_INSTANCE` for `rec`."""
+    return {
+        "sop": rec.sop_instance_uid,
+        "series": series_id,
+        "study": study_id,
+        "cls": rec.sop_class_uid,
+        "ts": rec.transfer_syntax_uid,
+        "num": rec.instance_number,
+        "path": str(rec.path),
+        "size": rec.size_bytes,
+        "aet": rec.calling_ae_title,
+        "now": now,
+    }
 
 
 def _study_dict(study: Study, patient: Patient) -> dict[str, Any]:
