@@ -149,6 +149,68 @@ def store_request_primitive(values: dict[int, bytes], context_id: int) -> Any:
     return primitive
 
 
+_PLAIN_ELEMENTS = frozenset(
+    (
+        _AFFECTED_SOP_CLASS,
+        _COMMAND_FIELD,
+        _MESSAGE_ID,
+        _PRIORITY,
+        _DATA_SET_TYPE,
+        _AFFECTED_SOP_INSTANCE,
+    )
+)
+_UID_CHARACTERS = frozenset(b"0123456789.")
+
+
+class StoreRequest:
+    """A C-STORE-RQ whose command set is the usual one with plain values, held as pynetdicom's
+    `C_STORE` would hold it but without its setters (their UID checks cost more than the rest
+    of the command's handling); `primitive` gives the real one when pynetdicom serves it."""
+
+    __slots__ = (
+        "AffectedSOPClassUID",
+        "AffectedSOPInstanceUID",
+        "DataSet",
+        "MessageID",
+        "Priority",
+        "_context_id",
+        "values",
+    )
+    is_valid_request = True
+
+    def __init__(self, values: dict[int, bytes], context_id: int, sop_class: str, sop: str):
+        self.values = values
+        self._context_id = context_id
+        self.MessageID = _us(values[_MESSAGE_ID])
+        self.Priority = _us(values[_PRIORITY])
+        self.AffectedSOPClassUID = sop_class
+        self.AffectedSOPInstanceUID = sop
+        self.DataSet: BytesIO | None = None
+
+    def primitive(self) -> Any:
+        """The same request as pynetdicom's `C_STORE` primitive."""
+        primitive = store_request_primitive(self.values, self._context_id)
+        primitive.DataSet = self.DataSet
+        return primitive
+
+
+def plain_store_request(values: dict[int, bytes], context_id: int) -> StoreRequest | None:
+    """A `StoreRequest` when the command holds exactly the usual elements (Command Group
+    Length optional), Priority is 0, 1 or 2 and both UIDs are 1 to 64 digits and dots (NUL
+    padded): values pynetdicom's setters take unchanged. None for anything else."""
+    if not _PLAIN_ELEMENTS <= values.keys() <= _PLAIN_ELEMENTS | {_GROUP_LENGTH}:
+        return None
+    if _us(values[_PRIORITY]) not in (0, 1, 2):
+        return None
+    uids = []
+    for element in (_AFFECTED_SOP_CLASS, _AFFECTED_SOP_INSTANCE):
+        raw = values[element].rstrip(b"\x00")
+        if not 0 < len(raw) <= 64 or not _UID_CHARACTERS.issuperset(raw):
+            return None
+        uids.append(raw.decode("ascii"))
+    return StoreRequest(values, context_id, uids[0], uids[1])
+
+
 def _implicit(element: int, value: bytes) -> bytes:
     return struct.pack("<HHI", 0x0000, element, len(value)) + value
 
@@ -219,9 +281,10 @@ class FastDimse:
                 command = bytes(self.command)
                 self.command.clear()
                 try:
-                    self.request = store_request_primitive(
-                        decode_store_request(command), context_id
-                    )
+                    values = decode_store_request(command)
+                    self.request = plain_store_request(
+                        values, context_id
+                    ) or store_request_primitive(values, context_id)
                 except Exception:  # NotFast, or a value pynetdicom's setters refuse
                     self._replay(context_id, command, pdvs[i + 1 :])
                     return
@@ -236,6 +299,8 @@ class FastDimse:
                     request.DataSet, self.data = self.data, None
                     context = self._inline_context(request)
                     if context is None:
+                        if isinstance(request, StoreRequest):
+                            request = request.primitive()
                         self.dimse.msg_queue.put((request._context_id, request))
                     else:
                         self._serve_inline(request, context)
@@ -330,10 +395,103 @@ class FastDimse:
         self.pynetdicom_send(primitive, context_id)
 
 
+class DirectPData:
+    """Stands in for the DUL's ``_read_pdu_data``: a P-DATA-TF PDU that arrives while the
+    association is established (Sta6) with no other event pending goes straight to the DIMSE
+    provider's ``receive_primitive``, which is what pynetdicom's state machine does for it
+    (Evt10 -> DT-2, staying in Sta6), without the PDU object, the event queue and the state
+    machine turn. Any other PDU, state or a bound ``EVT_DATA_RECV``, ``EVT_PDU_RECV`` or
+    ``EVT_FSM_TRANSITION`` handler goes through pynetdicom exactly as before."""
+
+    def __init__(self, assoc: Any) -> None:
+        self.assoc = assoc
+        self.dul = assoc.dul
+        self.pynetdicom_read = assoc.dul._read_pdu_data
+
+    def _direct(self) -> bool:
+        dul, assoc = self.dul, self.assoc
+        return (
+            dul.state_machine.current_state == "Sta6"
+            and dul.event_queue.empty()
+            and not assoc.get_handlers(evt.EVT_DATA_RECV)
+            and not assoc.get_handlers(evt.EVT_PDU_RECV)
+            and not assoc.get_handlers(evt.EVT_FSM_TRANSITION)
+        )
+
+    def read_pdu(self) -> None:
+        """Read one PDU from the socket (pynetdicom's reads, limits and events)."""
+        if not self._direct():
+            self.pynetdicom_read()
+            return
+        dul = self.dul
+        try:
+            header = dul.socket.recv(6)
+            pdu_type, _, length = struct.unpack(">BBL", header)
+        except (OSError, TimeoutError, struct.error):
+            dul.event_queue.put("Evt17")  # closed before a whole PDU header arrived
+            return
+        if pdu_type not in range(0x01, 0x08):
+            log.error("Unknown PDU type received '0x%02X'", pdu_type)
+            dul.event_queue.put("Evt19")
+            return
+        try:
+            body = dul.socket.recv(length)
+        except (OSError, TimeoutError):
+            dul.event_queue.put("Evt17")
+            return
+        if len(body) != length:
+            dul.event_queue.put("Evt17")  # the peer closed mid-PDU (or a limit refused it)
+            return
+        if pdu_type != P_DATA_TF:
+            self._decode(header + body)
+            return
+        pdvs = presentation_data_values(body)
+        if pdvs is None:
+            dul.event_queue.put("Evt19")  # as pynetdicom's decode of a broken item
+            return
+        primitive = P_DATA()
+        primitive.presentation_data_value_list.extend(pdvs)
+        self.assoc.dimse.receive_primitive(primitive)
+
+    def _decode(self, pdu: bytes) -> None:
+        """Any other PDU: pynetdicom decodes it and its state machine acts on it."""
+        dul = self.dul
+        try:
+            decoded, event = dul._decode_pdu(bytearray(pdu))
+        except Exception:
+            log.exception("Unable to decode the received PDU data")
+            dul.event_queue.put("Evt19")
+            return
+        dul.event_queue.put(event)
+        dul._recv_pdu.put(decoded)
+
+
+def presentation_data_values(body: bytes | bytearray) -> list[tuple[int, bytes]] | None:
+    """The (context ID, message control header + fragment) items of a P-DATA-TF PDU body
+    (PS3.8 9.3.5.1), as pynetdicom decodes them; None when an item is truncated or empty."""
+    pdvs: list[tuple[int, bytes]] = []
+    offset, end = 0, len(body)
+    view = memoryview(body)
+    with view:
+        while offset < end:
+            if offset + 5 > end:
+                return None
+            (item_length,) = struct.unpack_from(">L", body, offset)
+            start, stop = offset + 5, offset + 4 + item_length
+            if item_length < 1 or stop > end:
+                return None
+            pdvs.append((body[offset + 4], bytes(view[start:stop])))
+            offset = stop
+    return pdvs
+
+
 def attach(assoc: Any, serve: Serve | None = None) -> FastDimse:
     """Route one association's C-STORE command sets through `FastDimse` (before it starts);
-    with `serve`, complete C-STORE requests are served in the DUL thread."""
+    with `serve`, complete C-STORE requests are served in the DUL thread, and P-DATA-TF PDUs
+    are read by `DirectPData`."""
     fast = FastDimse(assoc, serve)
     assoc.dimse.receive_primitive = fast.receive_primitive
     assoc.dimse.send_msg = fast.send_msg
+    if serve is not None:
+        assoc.dul._read_pdu_data = DirectPData(assoc).read_pdu
     return fast
