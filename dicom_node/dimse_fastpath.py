@@ -159,7 +159,8 @@ _PLAIN_ELEMENTS = frozenset(
         _AFFECTED_SOP_INSTANCE,
     )
 )
-_UID_CHARACTERS = frozenset(b"0123456789.")
+_UID_CHARACTERS = b"0123456789."
+_PRIORITIES = frozenset(struct.pack("<H", priority) for priority in (0, 1, 2))
 
 
 class StoreRequest:
@@ -198,14 +199,16 @@ def plain_store_request(values: dict[int, bytes], context_id: int) -> StoreReque
     """A `StoreRequest` when the command holds exactly the usual elements (Command Group
     Length optional), Priority is 0, 1 or 2 and both UIDs are 1 to 64 digits and dots (NUL
     padded): values pynetdicom's setters take unchanged. None for anything else."""
-    if not _PLAIN_ELEMENTS <= values.keys() <= _PLAIN_ELEMENTS | {_GROUP_LENGTH}:
+    if len(values) - (_GROUP_LENGTH in values) != len(_PLAIN_ELEMENTS) or not all(
+        element in values for element in _PLAIN_ELEMENTS
+    ):
         return None
-    if _us(values[_PRIORITY]) not in (0, 1, 2):
+    if values[_PRIORITY] not in _PRIORITIES:
         return None
     uids = []
     for element in (_AFFECTED_SOP_CLASS, _AFFECTED_SOP_INSTANCE):
         raw = values[element].rstrip(b"\x00")
-        if not 0 < len(raw) <= 64 or not _UID_CHARACTERS.issuperset(raw):
+        if not 0 < len(raw) <= 64 or raw.translate(None, _UID_CHARACTERS):
             return None
         uids.append(raw.decode("ascii"))
     return StoreRequest(values, context_id, uids[0], uids[1])

@@ -81,7 +81,7 @@ def encode_file_meta(
     return _PREAMBLE + length + body
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -89,9 +89,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(target: Path, chunks: Sequence[bytes | memoryview], tmp_dir: Path) -> None:
+def write_atomic(
+    target: str | Path, chunks: Sequence[bytes | memoryview], tmp_dir: str | Path
+) -> None:
     """Write `chunks` to `target`: tmp file, fsync, rename, fsync of the target directory."""
-    tmp = tmp_dir / f"{uuid.uuid4().hex}.part"
+    target = os.fspath(target)
+    tmp = os.path.join(tmp_dir, f"{uuid.uuid4().hex}.part")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
         for chunk in chunks:
@@ -102,11 +105,12 @@ def write_atomic(target: Path, chunks: Sequence[bytes | memoryview], tmp_dir: Pa
         os.fsync(fd)
     except BaseException:
         os.close(fd)
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
     os.close(fd)
     os.replace(tmp, target)
-    fsync_dir(target.parent)
+    fsync_dir(os.path.dirname(target))
 
 
 class Spool:
@@ -121,7 +125,9 @@ class Spool:
         self.outbox_dir = self.root / "outbox"
         for d in (self.spool_dir, self.quarantine_dir, self.tmp_dir, self.outbox_dir):
             d.mkdir(parents=True, exist_ok=True)
-        self._known_dirs: set[Path] = set()
+        self._known_dirs: set[str] = set()
+        self._spool_dir = os.fspath(self.spool_dir)
+        self._tmp_dir = os.fspath(self.tmp_dir)
 
     def clean_tmp(self) -> int:
         """Remove half-written files left by a crash; returns how many."""
@@ -159,11 +165,14 @@ class Spool:
         """The study's folder for documents to send; `InvalidUIDError` for a bad UID."""
         return self.outbox_dir / require_uid(study_instance_uid, "StudyInstanceUID")
 
-    def _ensure_dir(self, path: Path) -> None:
+    def _ensure_dir(self, path: str) -> None:
         if path in self._known_dirs:
             return
-        missing = [p for p in (path, *path.parents) if not p.exists() and self.root in p.parents]
-        path.mkdir(parents=True, exist_ok=True)
+        folder = Path(path)
+        missing = [
+            p for p in (folder, *folder.parents) if not p.exists() and self.root in p.parents
+        ]
+        folder.mkdir(parents=True, exist_ok=True)
         for created in reversed(missing):
             fsync_dir(created.parent)
         self._known_dirs.add(path)
@@ -178,16 +187,23 @@ class Spool:
     ) -> Path:
         """Durably write one instance and return its path. Raises `OutOfResourcesError`."""
         self.check_space(len(file_meta) + len(dataset))
-        target = self.instance_path(study_instance_uid, series_instance_uid, sop_instance_uid)
-        self._ensure_dir(target.parent)
+        # `instance_path` with strings: this runs for every instance, pathlib is slow
+        folder = os.path.join(
+            self._spool_dir,
+            require_uid(study_instance_uid, "StudyInstanceUID"),
+            require_uid(series_instance_uid, "SeriesInstanceUID"),
+        )
+        name = f"{require_uid(sop_instance_uid, 'SOPInstanceUID')}.dcm"
+        self._ensure_dir(folder)
+        target = os.path.join(folder, name)
         try:
-            write_atomic(target, (file_meta, dataset), self.tmp_dir)
+            write_atomic(target, (file_meta, dataset), self._tmp_dir)
         except OSError as exc:
             raise OutOfResourcesError(
-                f"could not write {target.name} to the spool: {exc}; check the disk under "
+                f"could not write {name} to the spool: {exc}; check the disk under "
                 f"{self.root}, then resend"
             ) from exc
-        return target
+        return Path(target)
 
     def quarantine(self, claimed_sop_instance_uid: str, data: bytes, reason: str) -> Path:
         """Keep a refused instance with a reason sidecar for a person to look at.
