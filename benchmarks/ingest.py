@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -34,6 +35,7 @@ from typing import Any
 
 from cli.demo.pacs import OrthancPacs as Orthanc
 from cli.demo.pacs import free_port, free_ports, wait_port
+from store.spool import write_atomic
 from tests.dicom_node.peers import make_mr_series, storescp
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,10 +140,44 @@ def tree_cpu_s(pid: int) -> float:
     return sum(sum(int(f) for f in stats[p][1][11:15]) for p in tree) / tick
 
 
-def cpu_ticks() -> tuple[int, int]:
-    """(idle, total) clock ticks of the whole machine so far (/proc/stat; idle + iowait)."""
+def cpu_ticks() -> tuple[int, int, int]:
+    """(idle, stolen, total) clock ticks of the whole machine so far (/proc/stat; idle +
+    iowait, and steal: time the hypervisor gave this virtual machine's CPUs to others)."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return fields[3] + fields[4], sum(fields[:8])
+    return fields[3] + fields[4], fields[7], sum(fields[:8])
+
+
+def _durable_writer(folder: str, count: int, size: int) -> None:
+    data = os.urandom(size)
+    tmp = os.path.join(folder, "tmp")
+    os.makedirs(tmp)
+    for i in range(count):
+        write_atomic(os.path.join(folder, f"{i}.dcm"), (data,), tmp)
+
+
+def durable_write_ceiling(root: Path, size: int, writers: Sequence[int] = (1, 2, 4)) -> dict:
+    """Files per second that 1, 2 and 4 processes write with the spool's own durable write
+    (`store.spool.write_atomic`: tmp file, fsync, rename, directory fsync) and nothing else:
+    the ceiling every receiver that acknowledges only durable instances shares on this disk,
+    measured in the same run because this host's disk speed varies by several times."""
+    context = multiprocessing.get_context("fork")
+    result = {}
+    for n in writers:
+        per_writer = max(50, 400 // n)
+        folders = [root / f"durable-{n}-{w}" for w in range(n)]
+        procs = [
+            context.Process(target=_durable_writer, args=(str(f), per_writer, size))
+            for f in folders
+        ]
+        t0 = time.perf_counter()
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join()
+        result[f"{n}_writers"] = round(n * per_writer / (time.perf_counter() - t0), 1)
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+    return result
 
 
 def _send(files: Sequence[Path], port: int, called: str, parallel: int) -> float:
@@ -239,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         files = make_mr_series(root / "series", args.instances, rows=args.rows, columns=args.rows)
         total_mb = sum(f.stat().st_size for f in files) / 1e6
+        instance_bytes = int(total_mb * 1e6 / len(files))
+        durable = {"before": durable_write_ceiling(root, instance_bytes)}
+        print("durable writes/s before", durable["before"], flush=True)
         runs: dict[str, dict[str, Any]] = {}
         targets = _targets(args.workers)
         only = [x for x in args.only.split(",") if x] or list(targets)
@@ -246,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             if name not in only:
                 continue
             # repeats outermost: a burst of load from elsewhere hits every sender count alike
-            samples: dict[int, list[tuple[float, float, float]]] = {p: [] for p in senders}
+            samples: dict[int, list[tuple[float, float, float, float]]] = {p: [] for p in senders}
             for rep in range(args.repeats):
                 for parallel in senders:
                     work = root / f"{name}-{parallel}-{rep}"
@@ -259,14 +298,16 @@ def main(argv: list[str] | None = None) -> int:
                         ticks1 = cpu_ticks()
                         time.sleep(0.3)  # storescp's children exit and are reaped
                         cpu = tree_cpu_s(_pid(running)) - cpu0
-                    idle = (ticks1[0] - ticks0[0]) / max(1, ticks1[1] - ticks0[1])
-                    samples[parallel].append((seconds, cpu, idle))
+                    ticks = max(1, ticks1[2] - ticks0[2])
+                    idle = (ticks1[0] - ticks0[0]) / ticks
+                    stolen = (ticks1[1] - ticks0[1]) / ticks
+                    samples[parallel].append((seconds, cpu, idle, stolen))
                     # each run's files stay until the end: on ext4 a file created within a
                     # minute of mass deletion makes inode allocation skip the recently deleted
                     # inodes (`recently_deleted`, ~7 % of our receiver's CPU under perf when
                     # the previous run's 1,000 files had just been removed)
             for parallel in senders:
-                best, best_cpu, best_idle = min(samples[parallel])  # the fastest run's figures
+                best, best_cpu, best_idle, best_stolen = min(samples[parallel])  # fastest run
                 median = sorted(s[0] for s in samples[parallel])[len(samples[parallel]) // 2]
                 runs.setdefault(name, {})[f"{parallel}_sender"] = {
                     "seconds": round(best, 3),
@@ -274,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                     "mb_per_s": round(total_mb / best, 2),
                     "cpu_s_per_1000": round(best_cpu * 1000 / len(files), 2),
                     "cores_idle_share": round(best_idle, 3),
+                    "cores_stolen_share": round(best_stolen, 3),
                     "median_instances_per_s": round(len(files) / median, 1),
                     "all_runs_instances_per_s": [
                         round(len(files) / s[0], 1) for s in samples[parallel]
@@ -300,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
             for p in senders[1:]
             for stat, key in (("", ""), ("_median", "median_"))
         }
+        durable["after"] = durable_write_ceiling(root, instance_bytes)
+        print("durable writes/s after", durable["after"], flush=True)
         latency = {} if args.no_latency else _sr_latency(files[:60], root)
         result = {
             "series": {
@@ -313,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             "ratios": ratios,
             "scaling": scaling,
             "sr_latency": latency,
+            "durable_writes_per_s": durable,
             "notes": (
                 "radtriage fsyncs each file and directory and indexes it in SQLite before "
                 "the success status; storescp (--fork) and Orthanc (defaults, SQLite index) "
@@ -320,7 +365,12 @@ def main(argv: list[str] | None = None) -> int:
                 "1, 2, 4, 8 senders, then again; each run's files are deleted only at the end), "
                 "median also given. cpu_s_per_1000: the "
                 "receiver's process tree only (the storescu senders share the same cores). "
-                "cores_idle_share: idle + iowait of the whole machine while the senders ran."
+                "cores_idle_share: idle + iowait of the whole machine while the senders ran; "
+                "cores_stolen_share: CPU time the hypervisor gave to other machines. "
+                "durable_writes_per_s: files/s of 1, 2 and 4 processes doing only the spool's "
+                "durable write (store.spool.write_atomic) of one instance's size, before and "
+                "after the receivers ran: the ceiling of any receiver that acknowledges only "
+                "durable instances on this disk at that time."
             ),
             "radtriage_workers": args.workers or os.cpu_count(),
             "load_average_at_end": os.getloadavg(),

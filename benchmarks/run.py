@@ -218,6 +218,18 @@ def render_ingest(d: dict[str, Any]) -> str:
             f"{_fmt(lat['last_instance_to_sr_accepted_s'], 2)} s, of which quiet period "
             f"{_fmt(lat.get('of_which_quiet_period_s'))} s.",
         ]
+    durable = d.get("durable_writes_per_s")
+    if durable:
+        out += [
+            "",
+            "The durable write alone (`store.spool.write_atomic` of one instance, nothing else), "
+            "files/s by 1/2/4 writer processes: "
+            + "; ".join(
+                f"{when} {' / '.join(_fmt(v, 0) for v in rates.values())}"
+                for when, rates in durable.items()
+            )
+            + ".",
+        ]
     if d.get("notes"):
         out += ["", f"_{d['notes']}_"]
     return "\n".join(out)
