@@ -273,6 +273,9 @@ class FastDimse:
             return
         pdvs = primitive.presentation_data_value_list
         for i, (context_id, data) in enumerate(pdvs):
+            if not data:
+                self._abort("a presentation data value without its message control header")
+                return
             control = data[0]
             if control & 1:  # a command fragment
                 if self.request is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from io import BytesIO
 from typing import Any
 
@@ -14,6 +15,8 @@ from dicom_node.dimse_fastpath import (
     decode_store_request,
     encode_store_response,
     p_data_tf,
+    plain_store_request,
+    presentation_data_values,
     store_request_primitive,
 )
 
@@ -117,3 +120,70 @@ def test_response_pdu_encodes_like_pynetdicom() -> None:
     pdu = P_DATA_TF()
     pdu.from_primitive(pdata)
     assert p_data_tf(5, command) == pdu.encode()
+
+
+@pytest.mark.parametrize("sop", ["1.2.3.4", "1.2.3.45"])
+def test_plain_request_holds_what_pynetdicom_would(sop: str) -> None:
+    values = decode_store_request(_pynetdicom_command(_request(sop), C_STORE_RQ))
+    plain = plain_store_request(values, 5)
+    assert plain is not None
+    expected = store_request_primitive(values, 5)
+    for name in ("MessageID", "AffectedSOPClassUID", "AffectedSOPInstanceUID", "Priority"):
+        assert getattr(plain, name) == getattr(expected, name), name
+    plain.DataSet = BytesIO(b"\x08\x00\x18\x00")
+    real = plain.primitive()  # what goes to pynetdicom when it serves the request
+    assert type(real) is C_STORE and real.is_valid_request
+    assert real.AffectedSOPInstanceUID == sop and real.DataSet is plain.DataSet
+
+
+def test_unusual_requests_are_not_plain() -> None:
+    """Anything but the usual elements with plain values takes pynetdicom's setters."""
+    moved = decode_store_request(
+        _pynetdicom_command(_request("1.2.3", move_aet="PACS"), C_STORE_RQ)
+    )
+    assert plain_store_request(moved, 5) is None
+    values = decode_store_request(_pynetdicom_command(_request("1.2.3.4"), C_STORE_RQ))
+    for element, value in (
+        (0x1000, b"1.2.x.4\x00"),  # not digits and dots: pynetdicom warns, ingest refuses
+        (0x1000, b"1." + b"2" * 70),  # longer than 64: pynetdicom's setter refuses
+        (0x1000, b"\x00\x00"),  # empty once unpadded
+        (0x0700, b"\x03\x00"),  # Priority 3
+    ):
+        assert plain_store_request({**values, element: value}, 5) is None, (element, value)
+    assert plain_store_request({k: v for k, v in values.items() if k != 0x0700}, 5) is None
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        [(1, b"\x03" + b"\x00" * 10)],
+        [(1, b"\x00" + b"x" * 5), (3, b"\x02" + b"y" * 1000)],
+        [(1, b"\x02")],  # a control header only
+        [],
+    ],
+)
+def test_pdu_items_split_as_pynetdicom_splits_them(items: list[tuple[int, bytes]]) -> None:
+    from pynetdicom.pdu import P_DATA_TF
+
+    body = b"".join((len(data) + 1).to_bytes(4, "big") + bytes([cid]) + data for cid, data in items)
+    pdu = bytes([0x04, 0]) + len(body).to_bytes(4, "big") + body
+    theirs = P_DATA_TF()
+    theirs.decode(pdu)
+    expected = theirs.to_primitive().presentation_data_value_list
+    assert presentation_data_values(body) == [(cid, bytes(data)) for cid, data in expected]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\x00\x00\x00\x00\x01",  # an item of length 0
+        b"\x00\x00\x00\x09\x01\x02ab",  # an item longer than the PDU
+        b"\x00\x00\x00",  # a truncated item length
+    ],
+)
+def test_broken_pdu_items_are_refused_as_pynetdicom_refuses_them(body: bytes) -> None:
+    from pynetdicom.pdu import P_DATA_TF
+
+    with pytest.raises((AssertionError, struct.error)):
+        P_DATA_TF().decode(bytes([0x04, 0]) + len(body).to_bytes(4, "big") + body)
+    assert presentation_data_values(body) is None
