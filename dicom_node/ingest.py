@@ -72,9 +72,8 @@ from store.spool import Spool, encode_file_meta
 
 log = logging.getLogger(__name__)
 
-# Header parsing stops after group 0x0040 (Requested Procedure Priority lives there); pixel
-# data and everything after it are never parsed on ingest.
-_LAST_GROUP = LAST_GROUP
+# Header parsing stops after group 0x0040 (`LAST_GROUP`: Requested Procedure Priority lives
+# there); pixel data and everything after it are never parsed on ingest.
 # A deflated header is inflated at most this far (a deflate bomb stays small).
 _MAX_INFLATED_HEADER = 1 << 20
 
@@ -82,7 +81,7 @@ HTTP_FOR_STATUS = {0x0000: 200, 0xA700: 507, 0xA900: 409, 0xC210: 400, 0xC000: 5
 
 
 def _stop_after_header(tag: BaseTag, _vr: str | None, _length: int) -> bool:
-    return bool(tag.group > _LAST_GROUP)
+    return bool(tag.group > LAST_GROUP)
 
 
 def read_header(data: io.BytesIO | bytes | memoryview, transfer_syntax_uid: str) -> Dataset:
@@ -130,8 +129,8 @@ def identify(
         walked = None
     if walked is None:
         return Header.from_dataset(read_header(data, transfer_syntax_uid)), None
-    implicit, little = walked_encoding(transfer_syntax_uid) or (True, True)
-    if walked.implicit_vr != implicit or not little:
+    encoding = walked_encoding(transfer_syntax_uid)  # (implicit VR, little endian)
+    if encoding is None or walked.implicit_vr != encoding[0] or not encoding[1]:
         return Header.from_dataset(read_header(data, transfer_syntax_uid)), walked
     header = Header.from_walk(payload, walked, lambda raw: read_header(raw, transfer_syntax_uid))
     return header, walked
