@@ -149,16 +149,8 @@ def store_request_primitive(values: dict[int, bytes], context_id: int) -> Any:
     return primitive
 
 
-_PLAIN_ELEMENTS = frozenset(
-    (
-        _AFFECTED_SOP_CLASS,
-        _COMMAND_FIELD,
-        _MESSAGE_ID,
-        _PRIORITY,
-        _DATA_SET_TYPE,
-        _AFFECTED_SOP_INSTANCE,
-    )
-)
+#: the usual C-STORE-RQ command set besides its (optional) group length: no Move Originator
+_PLAIN_ELEMENTS = _RQ_ELEMENTS - {_GROUP_LENGTH, _MOVE_ORIGINATOR_AET, _MOVE_ORIGINATOR_ID}
 _UID_CHARACTERS = b"0123456789."
 _PRIORITIES = frozenset(struct.pack("<H", priority) for priority in (0, 1, 2))
 

@@ -31,16 +31,18 @@ _VRS = frozenset(
     b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN "
     b"UR US UT UV".split()
 )
-_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
-_UNDEFINED = 0xFFFFFFFF
+#: explicit VRs with a 4-byte value length (PS3.5 7.1.2)
+LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+#: the value length that means "undefined" (PS3.5 7.1.1)
+UNDEFINED_LENGTH = 0xFFFFFFFF
 _ITEM = (0xFFFE, 0xE000)
 _ITEM_END = (0xFFFE, 0xE00D)
 _SEQUENCE_END = (0xFFFE, 0xE0DD)
 _PIXEL_DATA = (0x7FE0, 0x0010)
 
-_PIXEL_DATA_TAG = 0x7FE00010
-#: 2-byte VR -> True for the VRs with a 4-byte length (PS3.5 7.1.2)
-_VR_KIND = {vr: vr in _LONG_VRS for vr in _VRS}
+_PIXEL_DATA_TAG = _PIXEL_DATA[0] << 16 | _PIXEL_DATA[1]
+#: 2-byte VR -> True for the VRs with a 4-byte length
+_VR_KIND = {vr: vr in LONG_VRS for vr in _VRS}
 # an element header read at once: group, element, VR, 2-byte length (explicit VR)
 _HEADER_LE = struct.Struct("<HH2sH").unpack_from
 _HEADER_BE = struct.Struct(">HH2sH").unpack_from
@@ -136,7 +138,7 @@ class _Walker:
                     length, start = short_length, pos + 8
                 if vr == b"SQ" and length:
                     break
-            if length == _UNDEFINED or start + length > end_of_data:
+            if length == UNDEFINED_LENGTH or start + length > end_of_data:
                 break
             if top:
                 tag = group << 16 | element
@@ -159,10 +161,10 @@ class _Walker:
             raise _fail(f"({tag[0]:04X},{tag[1]:04X}) where an item was expected", pos)
         start = pos + 8
         if kind == "fragments":
-            if length == _UNDEFINED or start + length > len(self.data):
+            if length == UNDEFINED_LENGTH or start + length > len(self.data):
                 raise _fail("pixel data fragment is truncated or has undefined length", pos)
             return start + length
-        end = None if length == _UNDEFINED else start + length
+        end = None if length == UNDEFINED_LENGTH else start + length
         self._push(stack, (end, "dataset", implicit), pos)
         return start
 
@@ -184,11 +186,11 @@ class _Walker:
             vr = bytes(self.data[pos + 4 : pos + 6])
             if vr not in _VRS:
                 raise _fail(f"{vr!r} of ({tag[0]:04X},{tag[1]:04X}) is not a DICOM VR", pos)
-            if vr in _LONG_VRS:
+            if vr in LONG_VRS:
                 length, start = self._length(pos + 8, "I"), pos + 12
             else:
                 length, start = self._length(pos + 6, "H"), pos + 8
-        if length == _UNDEFINED:
+        if length == UNDEFINED_LENGTH:
             if tag == _PIXEL_DATA and vr != b"UN":
                 self._push(stack, (None, "fragments", implicit), pos)
             elif implicit or vr in (b"SQ", b"UN"):

@@ -18,7 +18,13 @@ from functools import cached_property
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
-from dicom_node.encoding_check import Walked, native_pixel_bytes, pixel_bytes_for
+from dicom_node.encoding_check import (
+    LONG_VRS,
+    UNDEFINED_LENGTH,
+    Walked,
+    native_pixel_bytes,
+    pixel_bytes_for,
+)
 from imaging.request_attributes import requested_procedure_priority
 
 
@@ -60,8 +66,6 @@ IDENTIFYING_TAGS = frozenset(TAGS.values())
 #: the last group holding an identifying element (Requested Procedure Priority)
 LAST_GROUP = 0x0040
 
-_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
-_UNDEFINED = 0xFFFFFFFF
 _US_KEYWORDS = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel")
 
 
@@ -71,15 +75,22 @@ def _plain_text(raw: bytes | None) -> bool:
     return raw is not None and raw.isascii() and b"\\" not in raw and raw.decode().isprintable()
 
 
+def _ascii_text(raw: object) -> str | None:
+    """A raw ASCII value without its padding; None for anything else (pydicom reads it)."""
+    if isinstance(raw, bytes) and raw.isascii():
+        return raw.decode("ascii").strip("\x00 ")
+    return None
+
+
 def text_of(ds: Dataset, keyword: str) -> str:
     """An element's value as text, from a pydicom data set. Raw ASCII values are decoded
     directly; anything else goes through pydicom's conversion (character sets, sequences)."""
     tag = tag_for_keyword(keyword)
     if tag is None or tag not in ds:
         return ""
-    raw = ds.get_item(tag).value
-    if isinstance(raw, bytes) and raw.isascii():
-        return raw.decode("ascii").strip("\x00 ")
+    text = _ascii_text(ds.get_item(tag).value)
+    if text is not None:
+        return text
     value = ds[tag].value
     return "" if value is None else str(value).strip("\x00 ")
 
@@ -133,9 +144,9 @@ class Header:
             entry = values.get(TAGS[keyword])
             if entry is None:
                 return ""
-            raw = entry[1]
-            if raw is not None and raw.isascii():
-                return raw.decode("ascii").strip("\x00 ")
+            text = _ascii_text(entry[1])
+            if text is not None:
+                return text
         return text_of(self.dataset, keyword)
 
     def native_pixel_bytes(self) -> int | None:
@@ -207,12 +218,12 @@ def _value(element: memoryview, implicit: bool) -> tuple[bytes, bytes | None]:
         vr, start = b"", 8
     else:
         vr = bytes(element[4:6])
-        if vr in _LONG_VRS:
+        if vr in LONG_VRS:
             (length,) = struct.unpack_from("<I", element, 8)
             start = 12
         else:
             (length,) = struct.unpack_from("<H", element, 6)
             start = 8
-    if length == _UNDEFINED:
+    if length == UNDEFINED_LENGTH:
         return vr, None
     return vr, bytes(element[start : start + length])

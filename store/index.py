@@ -417,25 +417,14 @@ class Index:
             # parameters, same SQL, same transaction), skipping SQLAlchemy's per-statement
             # compile and result set-up, a third of the index's cost per instance
             raw = conn.connection.dbapi_connection if self._sqlite else None
-            run: Callable[[Any, dict[str, Any]], Any]
-            if raw is not None:
-                cursor = raw.cursor()
-                run = lambda sql, params: cursor.execute(sql.text, params)  # noqa: E731
-            else:
-                run = conn.execute
+            run = _on_cursor(raw.cursor()) if raw is not None else conn.execute
             if run(_SQL_DUPLICATE, {"sop": rec.sop_instance_uid}).fetchone() is not None:
                 return False
             ids = self._series_ids.get(rec.series_instance_uid)
             created = ids is None
             if ids is None:
                 ids = self._create_series(conn, rec, now)
-            study_id, series_id = ids
-            run(_SQL_INSERT_INSTANCE, _instance_row(rec, study_id, series_id, now))
-            run(_SQL_COUNT_SERIES, {"series": series_id})
-            # only a new MR instance re-opens an analysed study: a late SR/KO/PR (e.g. our own
-            # SR routed back by PACS) is no reason to analyse again
-            rerun_sql = _SQL_COUNT_STUDY_MR if rec.modality.upper() == "MR" else _SQL_COUNT_STUDY
-            run(rerun_sql, {"study": study_id, "now": now})
+            _insert_instance(run, rec, ids, now)
         if created:  # cache row ids only once they are committed
             self._series_ids[rec.series_instance_uid] = ids
         return True
@@ -448,15 +437,11 @@ class Index:
             self._ingest_connection = self.engine.raw_connection()
         raw = self._ingest_connection.dbapi_connection
         assert raw is not None
-        study_id, series_id = ids
         try:
             cursor = raw.cursor()
             if cursor.execute(_SQL_DUPLICATE.text, {"sop": rec.sop_instance_uid}).fetchone():
                 return False
-            cursor.execute(_SQL_INSERT_INSTANCE.text, _instance_row(rec, study_id, series_id, now))
-            cursor.execute(_SQL_COUNT_SERIES.text, {"series": series_id})
-            rerun_sql = _SQL_COUNT_STUDY_MR if rec.modality.upper() == "MR" else _SQL_COUNT_STUDY
-            cursor.execute(rerun_sql.text, {"study": study_id, "now": now})
+            _insert_instance(_on_cursor(cursor), rec, ids, now)
             raw.commit()
         except BaseException:
             # a connection in an unknown state is not reused: the next instance gets a fresh one
@@ -810,20 +795,37 @@ _SQL_COUNT_STUDY_MR = text(
 )
 
 
-def _instance_row(rec: InstanceRecord, study_id: int, series_id: int, now: float) -> dict[str, Any]:
-    """The parameters of `_SQL_INSERT_INSTANCE` for `rec`."""
-    return {
-        "sop": rec.sop_instance_uid,
-        "series": series_id,
-        "study": study_id,
-        "cls": rec.sop_class_uid,
-        "ts": rec.transfer_syntax_uid,
-        "num": rec.instance_number,
-        "path": str(rec.path),
-        "size": rec.size_bytes,
-        "aet": rec.calling_ae_title,
-        "now": now,
-    }
+def _on_cursor(cursor: Any) -> Callable[[Any, dict[str, Any]], Any]:
+    """Runs SQL text with named parameters straight on a DB-API cursor."""
+    return lambda sql, params: cursor.execute(sql.text, params)
+
+
+def _insert_instance(
+    run: Callable[[Any, dict[str, Any]], Any], rec: InstanceRecord, ids: tuple[int, int], now: float
+) -> None:
+    """The instance row of `rec` and its series' and study's counts, through `run` (SQL text,
+    parameters) in the caller's transaction."""
+    study_id, series_id = ids
+    run(
+        _SQL_INSERT_INSTANCE,
+        {
+            "sop": rec.sop_instance_uid,
+            "series": series_id,
+            "study": study_id,
+            "cls": rec.sop_class_uid,
+            "ts": rec.transfer_syntax_uid,
+            "num": rec.instance_number,
+            "path": str(rec.path),
+            "size": rec.size_bytes,
+            "aet": rec.calling_ae_title,
+            "now": now,
+        },
+    )
+    run(_SQL_COUNT_SERIES, {"series": series_id})
+    # only a new MR instance re-opens an analysed study: a late SR/KO/PR (e.g. our own SR
+    # routed back by PACS) is no reason to analyse again
+    rerun_sql = _SQL_COUNT_STUDY_MR if rec.modality.upper() == "MR" else _SQL_COUNT_STUDY
+    run(rerun_sql, {"study": study_id, "now": now})
 
 
 def _study_dict(study: Study, patient: Patient) -> dict[str, Any]:

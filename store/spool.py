@@ -126,8 +126,6 @@ class Spool:
         for d in (self.spool_dir, self.quarantine_dir, self.tmp_dir, self.outbox_dir):
             d.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[str] = set()
-        self._spool_dir = os.fspath(self.spool_dir)
-        self._tmp_dir = os.fspath(self.tmp_dir)
 
     def clean_tmp(self) -> int:
         """Remove half-written files left by a crash; returns how many."""
@@ -154,12 +152,21 @@ class Spool:
         self, study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str
     ) -> Path:
         """Where an instance lies; `InvalidUIDError` for any UID that breaks the syntax."""
-        return (
-            self.spool_dir
-            / require_uid(study_instance_uid, "StudyInstanceUID")
-            / require_uid(series_instance_uid, "SeriesInstanceUID")
-            / f"{require_uid(sop_instance_uid, 'SOPInstanceUID')}.dcm"
+        folder, name = self._instance_file(
+            study_instance_uid, series_instance_uid, sop_instance_uid
         )
+        return Path(folder, name)
+
+    def _instance_file(
+        self, study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str
+    ) -> tuple[str, str]:
+        """(folder, file name) of an instance as strings (pathlib is slow on the hot path)."""
+        folder = os.path.join(
+            self.spool_dir,
+            require_uid(study_instance_uid, "StudyInstanceUID"),
+            require_uid(series_instance_uid, "SeriesInstanceUID"),
+        )
+        return folder, f"{require_uid(sop_instance_uid, 'SOPInstanceUID')}.dcm"
 
     def outbox_folder(self, study_instance_uid: str) -> Path:
         """The study's folder for documents to send; `InvalidUIDError` for a bad UID."""
@@ -187,17 +194,13 @@ class Spool:
     ) -> Path:
         """Durably write one instance and return its path. Raises `OutOfResourcesError`."""
         self.check_space(len(file_meta) + len(dataset))
-        # `instance_path` with strings: this runs for every instance, pathlib is slow
-        folder = os.path.join(
-            self._spool_dir,
-            require_uid(study_instance_uid, "StudyInstanceUID"),
-            require_uid(series_instance_uid, "SeriesInstanceUID"),
+        folder, name = self._instance_file(
+            study_instance_uid, series_instance_uid, sop_instance_uid
         )
-        name = f"{require_uid(sop_instance_uid, 'SOPInstanceUID')}.dcm"
         self._ensure_dir(folder)
         target = os.path.join(folder, name)
         try:
-            write_atomic(target, (file_meta, dataset), self._tmp_dir)
+            write_atomic(target, (file_meta, dataset), self.tmp_dir)
         except OSError as exc:
             raise OutOfResourcesError(
                 f"could not write {name} to the spool: {exc}; check the disk under "
