@@ -9,7 +9,7 @@ accepted by the destination (a storescp), with the small test analyser at the se
 the node's own overhead: completeness check, queue, outbox and C-STORE; not model time).
 
     .venv/bin/python -m benchmarks.ingest [--instances 1000] [--rows 256] [--repeats 1]
-        [--workers N] [--senders 1,2,4,8] [--no-latency]
+        [--workers N] [--senders 1,2,4,8] [--associations 50] [--no-latency]
 
 Writes ``benchmarks/results/ingest.json``. Our SCP fsyncs every file and its directory before
 answering; storescp and Orthanc (defaults) do not, which the JSON records.
@@ -225,6 +225,33 @@ def _targets(workers: int | None) -> dict[str, tuple[Target, str]]:
     }
 
 
+def _one_per_association(
+    targets: dict[str, tuple[Target, str]], only: Sequence[str], files: Sequence[Path], root: Path
+) -> dict[str, dict[str, float]]:
+    """Each file in its own storescu association (storescu's default proposal of about 120
+    presentation contexts), one after another: what a modality that opens an association
+    per image or per series costs each receiver. The rate includes storescu's own start."""
+    out: dict[str, dict[str, float]] = {}
+    for name, (target, aet) in targets.items():
+        if name not in only:
+            continue
+        port = free_port()
+        with target(root / f"{name}-associations", port) as running:
+            wait_port(port)
+            time.sleep(0.5)
+            cpu0 = tree_cpu_s(_pid(running))
+            seconds = sum(_send([f], port, aet, 1) for f in files)
+            time.sleep(0.3)
+            cpu = tree_cpu_s(_pid(running)) - cpu0
+        out[name] = {
+            "associations": len(files),
+            "associations_per_s": round(len(files) / seconds, 1),
+            "cpu_ms_per_association": round(cpu * 1000 / len(files), 2),
+        }
+        print(name, "one instance per association", out[name], flush=True)
+    return out
+
+
 def _sr_latency(files: Sequence[Path], root: Path) -> dict[str, float]:
     """Last instance received -> SR accepted by the destination, for our node."""
     from store.index import Index
@@ -265,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--senders", default=",".join(map(str, SENDERS)))
     parser.add_argument("--no-latency", action="store_true", help="skip the SR latency run")
     parser.add_argument("--only", default="", help="comma-separated receivers (default all)")
+    parser.add_argument(
+        "--associations", type=int, default=50, help="associations of one instance each"
+    )
     args = parser.parse_args(argv)
     senders = tuple(int(x) for x in args.senders.split(","))
     for tool in ("storescu", "storescp", "Orthanc"):
@@ -342,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             for p in senders[1:]
             for stat, key in (("", ""), ("_median", "median_"))
         }
+        per_association = _one_per_association(targets, only, files[: args.associations], root)
         durable["after"] = durable_write_ceiling(root, instance_bytes)
         print("durable writes/s after", durable["after"], flush=True)
         latency = {} if args.no_latency else _sr_latency(files[:60], root)
@@ -357,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             "ratios": ratios,
             "scaling": scaling,
             "sr_latency": latency,
+            "one_instance_per_association": per_association,
             "durable_writes_per_s": durable,
             "notes": (
                 "radtriage fsyncs each file and directory and indexes it in SQLite before "
@@ -370,7 +402,9 @@ def main(argv: list[str] | None = None) -> int:
                 "durable_writes_per_s: files/s of 1, 2 and 4 processes doing only the spool's "
                 "durable write (store.spool.write_atomic) of one instance's size, before and "
                 "after the receivers ran: the ceiling of any receiver that acknowledges only "
-                "durable instances on this disk at that time."
+                "durable instances on this disk at that time. one_instance_per_association: "
+                "--associations storescu runs of one file each, one after another; the rate "
+                "includes storescu's start, the CPU is the receiver's."
             ),
             "radtriage_workers": args.workers or os.cpu_count(),
             "load_average_at_end": os.getloadavg(),

@@ -180,14 +180,12 @@ def render_ingest(d: dict[str, Any]) -> str:
                 f"**{name}**" if name == "radtriage" else name,
                 *(_fmt(r[k]["instances_per_s"]) for k in senders),
                 _fmt(r[senders[-1]]["mb_per_s"], 2),
+                " / ".join(_fmt(r[k].get("cpu_s_per_1000"), 2) for k in senders),
                 *(_ratio(r[k]["instances_per_s"], base) for k in senders[1:]),
-                *(
-                    ["(ours)"] * 2
-                    if name == "radtriage"
-                    else [
-                        _ratio(ours[k]["instances_per_s"], r[k]["instances_per_s"])
-                        for k in (senders[0], senders[-1])
-                    ]
+                "(ours)"
+                if name == "radtriage"
+                else " / ".join(
+                    _ratio(ours[k]["instances_per_s"], r[k]["instances_per_s"]) for k in senders
                 ),
             ]
         )
@@ -203,9 +201,9 @@ def render_ingest(d: dict[str, Any]) -> str:
                 "receiver",
                 *(f"{k} sender{'s' if k != '1' else ''} inst/s" for k in n),
                 f"{n[-1]} senders MB/s",
+                f"CPU s per 1,000 ({'/'.join(n)})",
                 *(f"{k} ÷ 1 sender" for k in n[1:]),
-                f"radtriage ÷ this ({n[0]})",
-                f"radtriage ÷ this ({n[-1]})",
+                f"radtriage ÷ this ({'/'.join(n)})",
             ],
             rows,
         ),
@@ -217,6 +215,18 @@ def render_ingest(d: dict[str, Any]) -> str:
             f"Node overhead, last instance -> SR accepted (test analyser, no model): "
             f"{_fmt(lat['last_instance_to_sr_accepted_s'], 2)} s, of which quiet period "
             f"{_fmt(lat.get('of_which_quiet_period_s'))} s.",
+        ]
+    per_association = d.get("one_instance_per_association")
+    if per_association:
+        out += [
+            "",
+            "One instance per association (storescu's default proposal, one after another): "
+            + "; ".join(
+                f"{name} {_fmt(r['associations_per_s'])} associations/s, "
+                f"{_fmt(r['cpu_ms_per_association'], 1)} ms CPU each"
+                for name, r in per_association.items()
+            )
+            + ".",
         ]
     durable = d.get("durable_writes_per_s")
     if durable:

@@ -72,7 +72,7 @@ import pydicom.config
 
 from core import peers
 from core.settings import DicomSettings, TlsSettings
-from dicom_node import dimse_fastpath, reactor_wakeup
+from dicom_node import dimse_fastpath, reactor_wakeup, uid_memo
 from dicom_node.dimse_fastpath import P_DATA_TF
 from dicom_node.ingest import Ingest, IngestStats, read_header, record_from_header
 from store.index import Index
@@ -231,9 +231,7 @@ class _AbortingLimits:
     def __init__(self, max_pdu_size: int) -> None:
         self.max_pdu_size = max_pdu_size
         self.body_limit: int | None = None  # set while a body is expected
-        self.body_type = 0
-        self.header = b""
-        self.requested = False  # a decodable A-ASSOCIATE-RQ was read (pynetdicom queues it)
+        self.requested = False  # pynetdicom decoded an A-ASSOCIATE-RQ (and queues it)
 
     def check_header(self, header: bytes) -> None:
         self.body_limit = None
@@ -241,7 +239,6 @@ class _AbortingLimits:
             return
         pdu_type, _, _ = struct.unpack(">BBL", header)
         if 0x01 <= pdu_type <= 0x07:
-            self.body_type, self.header = pdu_type, header
             self.body_limit = self.max_pdu_size if pdu_type == P_DATA_TF else MAX_CONTROL_PDU
 
 
@@ -275,8 +272,6 @@ def _limited_socket_class(base: type) -> type:
             body = self._recv_body(nr_bytes)
             if len(body) < nr_bytes:
                 self._ended()
-            elif limits.body_type == 0x01 and not limits.requested:
-                limits.requested = _decodes_as_request(limits.header + body)
             return body
 
         def _recv_body(self, nr_bytes: int) -> bytearray:
@@ -357,15 +352,18 @@ def _inline_store(assoc: Any, handler: StoreHandler) -> dimse_fastpath.Serve:
     return serve
 
 
-def _decodes_as_request(raw: bytes) -> bool:
-    """True when pynetdicom will decode `raw` as an A-ASSOCIATE-RQ (and queue it)."""
-    from pynetdicom.pdu import A_ASSOCIATE_RQ
+def _noting_request(decode: Callable[[bytearray], Any], limits: _AbortingLimits) -> Any:
+    """pynetdicom's ``_decode_pdu``, noting an A-ASSOCIATE-RQ it decoded (pynetdicom then
+    queues the request for the acceptor), so that a connection ending later does not also
+    wake the acceptor. One decode per request: it was decoded twice before."""
 
-    try:
-        A_ASSOCIATE_RQ().decode(raw)
-    except Exception:  # whatever pynetdicom's decoder raises for broken input
-        return False
-    return True
+    def decode_and_note(bytestream: bytearray) -> Any:
+        pdu, event = decode(bytestream)
+        if event == "Evt6":  # A-ASSOCIATE-RQ PDU received
+            limits.requested = True
+        return pdu, event
+
+    return decode_and_note
 
 
 def _peer_address(sock: Any) -> str:
@@ -442,6 +440,7 @@ class StorageSCP:
         # Accept any storage SOP Class (also private ones) and store it unparsed; answer
         # C-STORE from our handler only; no per-message debug logging.
         _config.UNRESTRICTED_STORAGE_SERVICE = True
+        uid_memo.install()  # each association's ~200 proposed UIDs are checked once
         _config.LOG_HANDLER_LEVEL = "none"
         logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
         # pydicom's value warnings quote raw header text (patient names, control characters)
@@ -474,6 +473,7 @@ class StorageSCP:
                 sock: Any = assoc.dul.socket
                 sock.__class__ = socket_class  # same object, limited recv (no second Evt5)
                 sock.limits = _AbortingLimits(max_pdu_size)
+                assoc.dul._decode_pdu = _noting_request(assoc.dul._decode_pdu, sock.limits)
                 assoc._serve_request = _abort_unanswerable(assoc, assoc._serve_request)
                 reactor_wakeup.attach(assoc)
                 dimse_fastpath.attach(assoc, _inline_store(assoc, store_handler))

@@ -28,7 +28,12 @@ INGEST = {
     "runs": {
         "radtriage": {
             "1_sender": {"seconds": 1.0, "instances_per_s": 100.0, "mb_per_s": 1.0},
-            "4_sender": {"seconds": 0.5, "instances_per_s": 200.0, "mb_per_s": 2.0},
+            "4_sender": {
+                "seconds": 0.5,
+                "instances_per_s": 200.0,
+                "mb_per_s": 2.0,
+                "cpu_s_per_1000": 1.25,
+            },
         },
         "storescp": {
             "1_sender": {"seconds": 0.1, "instances_per_s": 400.0, "mb_per_s": 4.0},
@@ -40,6 +45,9 @@ INGEST = {
         },
     },
     "sr_latency": {"last_instance_to_sr_accepted_s": 1.5, "of_which_quiet_period_s": 1.0},
+    "one_instance_per_association": {
+        "radtriage": {"associations": 5, "associations_per_s": 20.0, "cpu_ms_per_association": 9.5},
+    },
     "notes": "fake",
     "date": "2030-01-01T00:00:00Z",
 }
@@ -130,8 +138,10 @@ def test_render_tables_ratios_and_machine(tmp_path: Path) -> None:
         assert heading in text
     assert "Fake CPU" in text and "2030-01-01T00:00:00Z" in text
     # ingest: radtriage 100 inst/s vs storescp 400 and Orthanc 50 in the same run
-    assert "| storescp | 400.0 | 400.0 | 4.00 | 1.00x | 0.25x | 0.50x |" in text
-    assert "| orthanc | 50.0 | 80.0 | 0.80 | 1.60x | 2.00x | 2.50x |" in text
+    assert "| **radtriage** | 100.0 | 200.0 | 2.00 | - / 1.25 | 2.00x | (ours) |" in text
+    assert "| storescp | 400.0 | 400.0 | 4.00 | - / - | 1.00x | 0.25x / 0.50x |" in text
+    assert "| orthanc | 50.0 | 80.0 | 0.80 | - / - | 1.60x | 2.00x / 2.50x |" in text
+    assert "radtriage 20.0 associations/s, 9.5 ms CPU each" in text
     # inference: ORT vs torch eager
     assert "| 1 | 30.0 | 10.0 | 3.00x | 10.0 |" in text
     # end-to-end: levels, the verdict, the ratio to the inference benchmark, memory
