@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +198,11 @@ def _send(files: Sequence[Path], port: int, called: str, parallel: int) -> float
     return time.perf_counter() - t0
 
 
+def _send_each_alone(files: Sequence[Path], port: int, called: str) -> float:
+    """Each file in its own storescu association, one after another; the seconds."""
+    return sum(_send([f], port, called, 1) for f in files)
+
+
 Target = Callable[[Path, int], AbstractContextManager[Any]]
 
 
@@ -225,6 +231,24 @@ def _targets(workers: int | None) -> dict[str, tuple[Target, str]]:
     }
 
 
+def _measured(
+    target: Target, work: Path, send: Callable[[int], float]
+) -> tuple[float, float, float, float]:
+    """Start the receiver, run `send(port)` (its seconds) and return (seconds, the receiver's
+    CPU seconds, the machine's idle share, its stolen share) over that send."""
+    port = free_port()
+    with target(work, port) as running:
+        wait_port(port)
+        time.sleep(0.5)  # let start-up work settle before counting CPU
+        cpu0, ticks0 = tree_cpu_s(_pid(running)), cpu_ticks()
+        seconds = send(port)
+        ticks1 = cpu_ticks()
+        time.sleep(0.3)  # storescp's children exit and are reaped
+        cpu = tree_cpu_s(_pid(running)) - cpu0
+    ticks = max(1, ticks1[2] - ticks0[2])
+    return seconds, cpu, (ticks1[0] - ticks0[0]) / ticks, (ticks1[1] - ticks0[1]) / ticks
+
+
 def _one_per_association(
     targets: dict[str, tuple[Target, str]], only: Sequence[str], files: Sequence[Path], root: Path
 ) -> dict[str, dict[str, float]]:
@@ -235,14 +259,11 @@ def _one_per_association(
     for name, (target, aet) in targets.items():
         if name not in only:
             continue
-        port = free_port()
-        with target(root / f"{name}-associations", port) as running:
-            wait_port(port)
-            time.sleep(0.5)
-            cpu0 = tree_cpu_s(_pid(running))
-            seconds = sum(_send([f], port, aet, 1) for f in files)
-            time.sleep(0.3)
-            cpu = tree_cpu_s(_pid(running)) - cpu0
+        seconds, cpu, _, _ = _measured(
+            target,
+            root / f"{name}-associations",
+            partial(_send_each_alone, files, called=aet),
+        )
         out[name] = {
             "associations": len(files),
             "associations_per_s": round(len(files) / seconds, 1),
@@ -319,19 +340,8 @@ def main(argv: list[str] | None = None) -> int:
             for rep in range(args.repeats):
                 for parallel in senders:
                     work = root / f"{name}-{parallel}-{rep}"
-                    port = free_port()
-                    with target(work, port) as running:
-                        wait_port(port)
-                        time.sleep(0.5)  # let start-up work settle before counting CPU
-                        cpu0, ticks0 = tree_cpu_s(_pid(running)), cpu_ticks()
-                        seconds = _send(files, port, aet, parallel)
-                        ticks1 = cpu_ticks()
-                        time.sleep(0.3)  # storescp's children exit and are reaped
-                        cpu = tree_cpu_s(_pid(running)) - cpu0
-                    ticks = max(1, ticks1[2] - ticks0[2])
-                    idle = (ticks1[0] - ticks0[0]) / ticks
-                    stolen = (ticks1[1] - ticks0[1]) / ticks
-                    samples[parallel].append((seconds, cpu, idle, stolen))
+                    send = partial(_send, files, called=aet, parallel=parallel)
+                    samples[parallel].append(_measured(target, work, send))
                     # each run's files stay until the end: on ext4 a file created within a
                     # minute of mass deletion makes inode allocation skip the recently deleted
                     # inodes (`recently_deleted`, ~7 % of our receiver's CPU under perf when
